@@ -1,0 +1,234 @@
+"""The `forkd` command: parse, call, print. No decisions live here."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from forkd import __version__
+from forkd.config import OPTIONS, Config, default_name, merge, option_flag, parse_toml
+from forkd.errors import AppLoadError, BindError, ConfigError, ControlError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_CLICK_TYPES: dict[str, Any] = {
+    "workers": int, "max_requests": int, "max_requests_jitter": int, "reload_batch": int,
+    "backlog": int, "threads": int, "memory_samples": int, "limit_request_line": int,
+    "limit_request_fields": int, "limit_request_field_size": int,
+}
+_FLAGS = {"preload", "access_log"}
+_SHORT = {"bind": "-b", "workers": "-w"}
+
+
+def _start_options(func: Any) -> Any:
+    """Every start option from config.OPTIONS, each defaulting to None so that only
+    what was typed counts as 'given on the command line'."""
+    for option in reversed(OPTIONS):
+        names = [_SHORT[option.name]] if option.name in _SHORT else []
+        names.append(option_flag(option.name))
+        if option.name in _FLAGS:
+            flag = option_flag(option.name)
+            func = click.option(f"{flag}/--no-{flag[2:]}", option.name, default=None,
+                                help=option.help)(func)
+        elif option.name == "bind":
+            func = click.option(*names, option.name, multiple=True, metavar="ADDR",
+                                help=option.help + " (repeatable)")(func)
+        else:
+            func = click.option(*names, option.name, default=None, type=str,
+                                help=option.help)(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="forkd")
+def cli() -> None:
+    """forkd: a pre-fork process manager for Python WSGI and ASGI apps."""
+
+
+@cli.command(context_settings={"show_default": False})
+@click.argument("app", required=False)
+@_start_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML file of the same options (default: ./forkd.toml if present)")
+def start(app: str | None, config_file: str | None, **given: Any) -> None:
+    """Run APP (module:attr or module:factory()) under a primary in the foreground.
+
+    \b
+    Example:
+      forkd start sample_app.asgi:app -b 127.0.0.1:8000 -w 4 --max-memory 512M
+    """
+    from forkd.log import setup
+
+    setup("forkd")
+    given = {k: (list(v) if k == "bind" else v) for k, v in given.items()
+             if v is not None and v != ()}
+    try:
+        config = load_config(app, given, config_file, os.environ)
+    except ConfigError as exc:
+        _fail(f"error: {exc}", EXIT_USAGE)
+    sys.exit(run_start(config))
+
+
+def load_config(app: str | None, given: dict[str, Any], config_file: str | None,
+                env: Any) -> Config:
+    path = config_file or env.get("FORKD_CONFIG")
+    if path is None and Path("forkd.toml").is_file():
+        path = "forkd.toml"
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+        file_values = parse_toml(text, path)
+    return merge(app, given, env, file_values, path or "forkd.toml")
+
+
+def run_start(config: Config) -> int:
+    from forkd import control, process, systemd
+    from forkd.primary import Primary, PrimaryOptions
+    from forkd.sockets import open_listeners
+
+    name = config.name or default_name(config.app)
+    home = control.default_home(os.environ)
+    endpoint = config.control or control.endpoint_for(home, name)
+    try:
+        if endpoint.startswith("ipc://"):
+            control.ensure_home(home)
+        server = control.ControlServer(endpoint)
+    except ControlError as exc:
+        click.echo(f"forkd: error: {exc.message}", err=True)
+        return EXIT_FAILED
+    inherited = systemd.listen_fds(os.environ, os.getpid())
+    systemd.clear_listen_env(os.environ)
+    try:
+        listeners = open_listeners(config.binds, config.backlog, config.unix_mode, inherited)
+    except BindError as exc:
+        server.close()
+        click.echo(f"forkd: error: {exc}", err=True)
+        return EXIT_FAILED
+    app_object = None
+    interface = None if config.interface == "auto" else config.interface
+    if config.preload:
+        from forkd.http.loader import detect_interface, import_app
+
+        try:
+            app_object = import_app(config.app)
+        except AppLoadError as exc:
+            click.echo(f"forkd: error: {exc}", err=True)
+            server.close()
+            return EXIT_FAILED
+        except BaseException:
+            traceback.print_exc()
+            click.echo(f"forkd: error: cannot import {config.app}", err=True)
+            server.close()
+            return EXIT_FAILED
+        interface = interface or detect_interface(app_object)
+    workers = config.workers or process.usable_cpus()
+    options = PrimaryOptions(config=config, name=name, listeners=listeners, workers=workers,
+                             control=server, app=app_object, interface=interface)
+    return Primary(options).run()
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="seconds to wait for the whole reload")
+def reload(name: str | None, timeout: float) -> None:
+    """Replace every worker with a fresh one, one slot at a time, with no dropped request.
+
+    \b
+    Example:
+      forkd reload sample_app
+    """
+    from forkd import ctl
+
+    sys.exit(ctl.reload(name, _home(), timeout=timeout))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--now", "immediate", is_flag=True, help="stop at once, without draining")
+def stop(name: str | None, immediate: bool) -> None:
+    """Stop the primary: in-flight requests finish, then it exits 0.
+
+    \b
+    Example:
+      forkd stop sample_app
+    """
+    from forkd import ctl
+
+    sys.exit(ctl.stop(name, _home(), graceful=not immediate))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print the status document as JSON")
+def status(name: str | None, as_json: bool) -> None:
+    """One row per worker: slot, pid, state, uptime, restarts, memory, requests.
+
+    \b
+    Example:
+      forkd status sample_app --json
+    """
+    from forkd import ctl
+
+    sys.exit(ctl.status(name, _home(), as_json=as_json))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("words", nargs=-1, type=click.UNPROCESSED, metavar="[NAME] N|+N|-N")
+def scale(words: tuple[str, ...]) -> None:
+    """Set the number of workers: new ones start ready-gated, removed ones drain.
+
+    \b
+    Examples:
+      forkd scale web 8
+      forkd scale web -2
+    """
+    from forkd import ctl
+
+    if len(words) == 1:
+        name, count = None, words[0]
+    elif len(words) == 2:
+        name, count = words
+    else:
+        _fail("error: scale takes [NAME] N|+N|-N", EXIT_USAGE)
+    sys.exit(ctl.scale(name, _home(), count))
+
+
+@cli.command(name="ls")
+def list_primaries() -> None:
+    """Every forkd primary running under FORKD_HOME, one row each.
+
+    \b
+    Example:
+      forkd ls
+    """
+    from forkd import ctl
+
+    sys.exit(ctl.ls(_home()))
+
+
+def _home() -> Path:
+    from forkd.control import default_home
+
+    return default_home(os.environ)
+
+
+def _fail(message: str, code: int) -> Any:
+    click.echo(f"forkd: {message}", err=True)
+    sys.exit(code)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,331 @@
+"""forkd's configuration: one frozen dataclass, its validation, and the merge of
+command line, environment and forkd.toml. No I/O here: the caller reads the file
+and the environment and hands their contents in."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from forkd.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """`512M` -> 536870912. Units are powers of 1024, as `top` and PM2 count them."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = _SIZE_RE.match(str(text))
+        if not match:
+            raise ValueError(f"{text!r} is not a size (examples: 512M, 1G, 1048576)")
+        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than zero")
+    return value
+
+
+def format_size(value: float) -> str:
+    """536870912 -> `512M`; the inverse of parse_size, rounded to one unit."""
+    for unit in ("T", "G", "M", "K"):
+        scale = _SIZE_UNITS[unit.lower()]
+        if value >= scale:
+            return f"{value / scale:.0f}{unit}"
+    return f"{value:.0f}"
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a whole number")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a whole number") from None
+        if number < minimum:
+            raise ValueError(f"{number} is less than {minimum}")
+        return number
+
+    return parse
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number of seconds")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number of seconds") from None
+    if not number > 0:
+        raise ValueError(f"{value!r} must be more than zero")
+    return number
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).lower()
+        if text not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _binds(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else list(value)
+    if isinstance(value, str) and "," in value:  # FORKD_BIND=a,b
+        items = [part.strip() for part in value.split(",")]
+    if not items or not all(isinstance(item, str) and item for item in items):
+        raise ValueError(f"{value!r} is not a list of addresses")
+    for item in items:
+        parse_bind(item)
+    return tuple(items)
+
+
+def _optional_size(value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
+        return None
+    return parse_size(value)
+
+
+def _mode(value: Any) -> int:
+    try:
+        mode = int(str(value), 8) if not isinstance(value, int) else value
+    except ValueError:
+        raise ValueError(f"{value!r} is not an octal file mode like 660") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{value!r} is not a file mode")
+    return mode
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(f"{value!r} is not text")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Bind:
+    """One listener address: kind is tcp, unix or fd."""
+
+    kind: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    fd: int = -1
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "fd":
+            return f"fd://{self.fd}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_bind(text: str) -> Bind:
+    """`HOST:PORT`, `[IPV6]:PORT`, `unix:PATH` or `fd://N`."""
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ValueError(f"{text!r} has no path")
+        return Bind("unix", path=path)
+    if text.startswith("fd://"):
+        try:
+            fd = int(text[len("fd://") :])
+        except ValueError:
+            raise ValueError(f"{text!r}: fd://N takes a file descriptor number") from None
+        if fd < 0:
+            raise ValueError(f"{text!r}: a file descriptor is not negative")
+        return Bind("fd", fd=fd)
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{text!r} is not [IPV6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r} is not HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets, [::1]:8000")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{text!r}: the port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r}: the port must be 0 to 65535")
+    return Bind("tcp", host=host or "0.0.0.0", port=port)
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+
+
+# The single list of every `forkd start` option: the CLI, the environment
+# (FORKD_<NAME>) and forkd.toml all read from it.
+OPTIONS: tuple[Option, ...] = (
+    Option("bind", _binds, ("127.0.0.1:8000",), "HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N"),
+    Option("workers", _int(1), None, "number of workers (default: usable CPU cores)"),
+    Option("name", _text, None, "name of this primary (default: the app's top-level module)"),
+    Option("interface", _choice("auto", "asgi", "wsgi"), "auto", "how the app is called"),
+    Option("max_memory", _optional_size, None, "per-worker memory limit (512M, 1G)"),
+    Option("memory_metric", _choice("rss", "uss", "pss"), "rss", "what --max-memory judges"),
+    Option("memory_interval", _seconds, 1.0, "seconds between memory samples"),
+    Option("memory_samples", _int(1), 2, "consecutive samples over the limit before a replace"),
+    Option("memory_hard_limit", _optional_size, None, "SIGKILL above this (default 1.5x limit)"),
+    Option("timeout", _seconds, 30.0, "seconds of heartbeat silence before a worker is killed"),
+    Option("startup_timeout", _seconds, 60.0, "seconds a new worker may take to become ready"),
+    Option("graceful_timeout", _seconds, 30.0, "seconds a stopping worker may drain"),
+    Option("max_requests", _int(0), 0, "recycle a worker after this many requests (0: off)"),
+    Option("max_requests_jitter", _int(0), 0, "random extra requests before recycling"),
+    Option("preload", _bool, False, "import the app in the primary before forking"),
+    Option("control", _text, None, "ZeroMQ control endpoint (default ipc://FORKD_HOME/NAME.sock)"),
+    Option("reload_batch", _int(1), 1, "workers replaced at once during a reload"),
+    Option("backlog", _int(1), 2048, "listen backlog of each listener"),
+    Option("unix_mode", _mode, 0o660, "file mode of unix: listeners (octal)"),
+    Option("threads", _int(1), 8, "WSGI thread pool size per worker"),
+    Option("keepalive_timeout", _seconds, 5.0, "seconds an idle keep-alive connection is kept"),
+    Option("header_timeout", _seconds, 10.0, "seconds a client may take to send its headers"),
+    Option("max_body_size", parse_size, 100 << 20, "largest request body accepted (413 above)"),
+    Option("limit_request_line", _int(64), 8190, "longest request line accepted (431 above)"),
+    Option("limit_request_fields", _int(1), 100, "most header fields accepted (431 above)"),
+    Option("limit_request_field_size", _int(64), 8190, "longest header field accepted"),
+    Option("root_path", _text, "", "ASGI root_path / WSGI SCRIPT_NAME of the app"),
+    Option("access_log", _bool, False, "log every request in the combined format"),
+)
+OPTION_NAMES = frozenset(option.name for option in OPTIONS)
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    app: str
+    bind: tuple[str, ...] = ("127.0.0.1:8000",)
+    workers: int | None = None
+    name: str | None = None
+    interface: str = "auto"
+    max_memory: int | None = None
+    memory_metric: str = "rss"
+    memory_interval: float = 1.0
+    memory_samples: int = 2
+    memory_hard_limit: int | None = None
+    timeout: float = 30.0
+    startup_timeout: float = 60.0
+    graceful_timeout: float = 30.0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    preload: bool = False
+    control: str | None = None
+    reload_batch: int = 1
+    backlog: int = 2048
+    unix_mode: int = 0o660
+    threads: int = 8
+    keepalive_timeout: float = 5.0
+    header_timeout: float = 10.0
+    max_body_size: int = 100 << 20
+    limit_request_line: int = 8190
+    limit_request_fields: int = 100
+    limit_request_field_size: int = 8190
+    root_path: str = ""
+    access_log: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def binds(self) -> tuple[Bind, ...]:
+        return tuple(parse_bind(text) for text in self.bind)
+
+    @property
+    def hard_memory_limit(self) -> int | None:
+        if self.max_memory is None:
+            return None
+        return self.memory_hard_limit or int(self.max_memory * 1.5)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return "FORKD_" + name.upper()
+
+
+def _parse(name: str, value: Any, origin: str) -> Any:
+    try:
+        return _BY_NAME[name].parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def parse_toml(text: str, path: str) -> dict[str, Any]:
+    """forkd.toml's text -> {option: raw value}; unknown keys are an error."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    section = data.get("forkd", data) if isinstance(data.get("forkd"), dict) else data
+    for key in section:
+        if key not in OPTION_NAMES and key != "app":
+            raise ConfigError(f"{path}: unknown key {key!r}")
+    return dict(section)
+
+
+def merge(
+    app: str | None,
+    cli: Mapping[str, Any],
+    env: Mapping[str, str],
+    file_values: Mapping[str, Any],
+    file_path: str = "forkd.toml",
+) -> Config:
+    """Build the Config: command line, then environment, then file, then default.
+
+    `cli` holds only the options given on the command line; `env` is the whole
+    environment (only FORKD_<OPTION> keys are read)."""
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        name = option.name
+        if name in cli and cli[name] is not None:
+            values[name] = _parse(name, cli[name], option_flag(name))
+        elif env_name(name) in env:
+            values[name] = _parse(name, env[env_name(name)], env_name(name))
+        elif name in file_values:
+            values[name] = _parse(name, file_values[name], f"{file_path}: {name}")
+    app = app or file_values.get("app") or env.get("FORKD_APP")
+    if not app:
+        raise ConfigError("APP is missing: give it as module:attr (e.g. sample_app.asgi:app)")
+    if not isinstance(app, str) or ":" not in app and "." not in app:
+        raise ConfigError(f"APP {app!r} is not module:attr")
+    config = Config(app=app, **values)
+    if config.max_requests_jitter and not config.max_requests:
+        raise ConfigError("--max-requests-jitter: needs --max-requests")
+    return config
+
+
+def default_name(app: str) -> str:
+    """`sample_app.asgi:app` -> `sample_app`."""
+    return app.split(":", 1)[0].split(".", 1)[0] or "app"

@@ -1,0 +1,375 @@
+"""One HttpProtocol per connection: it owns the transport and httptools' parser
+callbacks, queues pipelined requests, enforces the limits on hostile input, and
+hands each request to a cycle object (asgi.ASGICycle or wsgi.WSGICycle)."""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from collections import deque
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any, Protocol
+
+import httptools
+
+from forkd.config import Config
+
+log = logging.getLogger("forkd.http")
+
+HIGH_WATER = 64 * 1024  # buffered request body above which reading pauses
+LINGER_SECONDS = 2.0  # how long a closing connection reads and drops the client's leftovers
+DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request on an idle connection
+
+
+def _status_line(code: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(code).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {code} {phrase}\r\n".encode("latin-1")
+
+
+STATUS_LINES: dict[int, bytes] = {int(s): _status_line(int(s)) for s in http.HTTPStatus}
+
+
+def status_line(code: int) -> bytes:
+    line = STATUS_LINES.get(code)
+    if line is None:
+        if not isinstance(code, int) or not 100 <= code <= 999:
+            raise ValueError(f"invalid HTTP status {code!r}")
+        line = STATUS_LINES[code] = _status_line(code)
+    return line
+
+
+class RequestError(Exception):
+    """A request that must be refused with `status` before it reaches the app."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Cycle(Protocol):
+    """What the protocol needs of one request/response cycle."""
+
+    def start(self) -> None: ...
+    def feed_body(self, body: bytes) -> None: ...
+    def body_complete(self) -> None: ...
+    def disconnect(self) -> None: ...
+    def body_buffered(self) -> int: ...
+
+
+CycleFactory = Callable[..., Cycle]
+
+
+class ServerState:
+    """What every connection of one worker shares: the app, the limits, a coarse
+    clock and the Date header (both refreshed by `tick`), and the counters the
+    heartbeat reports."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.connections: set[HttpProtocol] = set()
+        self.requests = 0
+        self.draining = False
+        self.drain_started = 0.0
+        self.now = loop.time()
+        self.date_header = b""
+        self.cycle_factory: CycleFactory | None = None
+        self.access_log = config.access_log
+        self.tick()
+
+    def tick(self) -> None:
+        self.now = self.loop.time()
+        self.date_header = b"date: " + formatdate(usegmt=True).encode("ascii") + b"\r\n"
+        for connection in list(self.connections):
+            connection.check_timeouts(self.now)
+
+    def start_drain(self) -> None:
+        self.draining = True
+        self.drain_started = self.now = self.loop.time()
+        for connection in list(self.connections):
+            connection.drain()
+
+
+def error_response(status: int, message: str, date_header: bytes) -> bytes:
+    body = message.encode("utf-8", "replace") + b"\n"
+    return b"".join(
+        (
+            status_line(status),
+            date_header,
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        )
+    )
+
+
+class HttpProtocol(asyncio.Protocol):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.loop = state.loop
+        config = state.config
+        self.limit_line = config.limit_request_line
+        self.limit_fields = config.limit_request_fields
+        self.limit_field = config.limit_request_field_size
+        self.max_body = config.max_body_size
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.server: tuple[str, int | None] | None = None
+        self.client: tuple[str, int] | None = None
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.cycle: Cycle | None = None  # the cycle whose response is being produced
+        self.parsing: Cycle | None = None  # the cycle whose body the parser is reading
+        self.pipeline: deque[Cycle] = deque()
+        self.read_paused = False
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.request_started: float | None = None
+        self.idle_since: float | None = None
+        self.linger_until: float | None = None
+        self.pending_error: tuple[int, str] | None = None
+        self.closed = False
+
+    # -- connection events ------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        self.state.connections.add(self)
+        sockname = transport.get_extra_info("sockname")
+        peername = transport.get_extra_info("peername")
+        if isinstance(sockname, tuple):
+            self.server = (str(sockname[0]), int(sockname[1]))
+        else:
+            self.server = (str(sockname or ""), None)
+        if isinstance(peername, tuple):
+            self.client = (str(peername[0]), int(peername[1]))
+        self.idle_since = self.state.now
+        if self.state.draining:
+            self.idle_since = None
+            self.request_started = self.state.now
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.state.connections.discard(self)
+        for cycle in (self.cycle, self.parsing, *self.pipeline):
+            if cycle is not None:
+                cycle.disconnect()
+        self.pipeline.clear()
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.linger_until is not None or self.pending_error is not None:
+            return  # a closing connection: drop what the client still sends
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no protocol switch here: the app answered the request as plain HTTP
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RequestError):
+                self.reject(cause.status, cause.reason)
+            else:
+                log.exception("error in the HTTP parser callback", exc_info=cause)
+                self.reject(500, "Internal Server Error")
+        except httptools.HttpParserError as exc:
+            self.reject(400, f"Bad Request: {exc}")
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    # -- write flow control -------------------------------------------------
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+        self.drain_waiter = None
+
+    async def wait_writable(self) -> None:
+        if self.write_paused and not self.closed:
+            if self.drain_waiter is None:
+                self.drain_waiter = self.loop.create_future()
+            await self.drain_waiter
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and not self.pipeline and self.transport is not None:
+            self.read_paused = False
+            if not self.closed:
+                self.transport.resume_reading()
+
+    # -- parser callbacks ---------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.idle_since = None
+        self.request_started = self.state.now
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limit_line:
+            raise RequestError(414, "URI Too Long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.headers
+        if len(headers) >= self.limit_fields:
+            raise RequestError(431, "Request Header Fields Too Large: too many header fields")
+        if len(name) + len(value) > self.limit_field:
+            raise RequestError(431, "Request Header Fields Too Large")
+        headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        content_length = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                content_length = int(value)  # llhttp has checked it is a number
+                break
+        if content_length is not None and content_length > self.max_body:
+            raise RequestError(413, "Content Too Large")
+        keep_alive = parser.should_keep_alive() and not self.state.draining
+        factory = self.state.cycle_factory
+        assert factory is not None
+        cycle = factory(
+            self,
+            parser.get_method().decode("ascii"),
+            self.url,
+            self.headers,
+            parser.get_http_version(),
+            keep_alive,
+        )
+        self.request_started = None
+        self.state.requests += 1
+        self.parsing = cycle
+        if self.cycle is None:
+            self.cycle = cycle
+            cycle.start()
+        else:
+            self.pipeline.append(cycle)
+            self.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.parsing
+        if cycle is None:
+            return
+        cycle.feed_body(body)
+        if cycle.body_buffered() > self.max_body:
+            raise RequestError(413, "Content Too Large")
+        if cycle.body_buffered() > HIGH_WATER:
+            self.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self.parsing is not None:
+            self.parsing.body_complete()
+            self.parsing = None
+
+    # -- called by cycles -----------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def response_done(self, cycle: Cycle, keep_alive: bool) -> None:
+        """The cycle's response is complete: start the next pipelined request, or go idle."""
+        if cycle is not self.cycle:
+            return
+        self.cycle = None
+        if self.closed:
+            return
+        if not keep_alive:
+            if self.parsing is cycle:  # the app answered before reading the whole body
+                self.parsing = None
+            self.close_gracefully()
+            return
+        if self.pipeline:
+            self.cycle = self.pipeline.popleft()
+            self.cycle.start()
+            return
+        if self.pending_error is not None:
+            status, message = self.pending_error
+            self.pending_error = None
+            self.reject(status, message)
+            return
+        self.idle_since = self.state.now
+        self.resume_reading()
+
+    def reject(self, status: int, message: str) -> None:
+        """Refuse a request before it reaches the app; the connection then closes."""
+        if self.cycle is not None:
+            # the current request is still being answered: refuse after it
+            self.pending_error = (status, message)
+            self.pause_reading()
+            return
+        log.info("refused a request from %s: %d %s", self.client, status, message)
+        self.write(error_response(status, message, self.state.date_header))
+        self.close_gracefully()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def close_gracefully(self) -> None:
+        """Close without resetting: send FIN after the response, then read and drop
+        what the client still sends until it closes too (or LINGER_SECONDS pass).
+        Closing with unread input would send a reset that can destroy the response."""
+        transport = self.transport
+        if transport is None or self.closed or self.linger_until is not None:
+            return
+        self.linger_until = self.state.now + LINGER_SECONDS
+        self.idle_since = None
+        self.request_started = None
+        if transport.can_write_eof():
+            transport.write_eof()
+            if self.read_paused:
+                self.read_paused = False
+                transport.resume_reading()
+        else:
+            transport.close()
+
+    # -- timeouts and drain ---------------------------------------------------
+    def check_timeouts(self, now: float) -> None:
+        config = self.state.config
+        if self.linger_until is not None:
+            if now >= self.linger_until and self.transport is not None:
+                self.transport.close()
+            return
+        if self.request_started is not None and self.cycle is None:
+            if now - self.request_started >= config.header_timeout:
+                if self.url or self.headers:
+                    self.reject(408, "Request Timeout")
+                else:
+                    self.close_gracefully()
+            return
+        if self.idle_since is not None:
+            limit = config.keepalive_timeout
+            if self.state.draining:
+                limit = min(limit, DRAIN_IDLE_GRACE)
+            if now - self.idle_since >= limit:
+                self.close_gracefully()
+
+    def drain(self) -> None:
+        """The worker is stopping. In-flight requests finish and are answered with
+        `connection: close`; an idle keep-alive connection is given a short grace in
+        which a request its client already sent is still answered (with close), since
+        cutting it at once would race with that request."""
+        if self.idle_since is not None:
+            self.idle_since = max(self.idle_since, self.state.drain_started)
+
+
+def make_protocol_factory(state: ServerState) -> Callable[[], Any]:
+    def factory() -> HttpProtocol:
+        return HttpProtocol(state)
+
+    return factory

@@ -1,0 +1,480 @@
+"""One WSGICycle per HTTP request (PEP 3333). The app runs in the worker's bounded
+thread pool so the event loop keeps serving other connections; the thread builds
+the response bytes and hands them to the loop, which alone touches the transport."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from typing import Any
+
+from forkd.http.asgi import decode_path, split_target
+from forkd.http.protocol import HIGH_WATER, HttpProtocol, error_response, status_line
+
+log = logging.getLogger("forkd.http")
+
+SMALL_BODY = 64 * 1024  # a body up to this size is read whole before the app is called
+FLUSH_AT = 64 * 1024  # response bytes gathered in the thread before a hand-off to the loop
+_NO_BODY_STATUSES = frozenset((204, 304))
+
+
+def build_environ(
+    *,
+    method: str,
+    raw_path: bytes,
+    query: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    http_version: str,
+    server: tuple[str, int | None] | None,
+    client: tuple[str, int] | None,
+    root_path: str,
+    body: Any,
+) -> dict[str, Any]:
+    """The PEP 3333 environ of one request; pure, so it is tested alone."""
+    path = decode_path(raw_path).encode("utf-8", "surrogateescape").decode("latin-1")
+    if root_path and (path == root_path or path.startswith(root_path + "/")):
+        path = path[len(root_path) :]
+    server_name, server_port = server if server else ("", None)
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": root_path,
+        "PATH_INFO": path,
+        "QUERY_STRING": query.decode("latin-1"),
+        "SERVER_NAME": server_name,
+        "SERVER_PORT": str(server_port) if server_port is not None else "",
+        "SERVER_PROTOCOL": "HTTP/" + http_version,
+        "REMOTE_ADDR": client[0] if client else "",
+        "REMOTE_PORT": str(client[1]) if client else "",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.input": body,
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+        "wsgi.file_wrapper": FileWrapper,
+    }
+    for name, value in headers:
+        if name == b"content-length":
+            environ["CONTENT_LENGTH"] = value.decode("latin-1")
+            continue
+        if name == b"content-type":
+            environ["CONTENT_TYPE"] = value.decode("latin-1")
+            continue
+        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+        text = value.decode("latin-1")
+        if key in environ:
+            text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
+        environ[key] = text
+    return environ
+
+
+class FileWrapper:
+    """wsgi.file_wrapper: iterate a file in blocks, and close it with the response."""
+
+    def __init__(self, filelike: Any, block_size: int = 65536) -> None:
+        self.filelike = filelike
+        self.block_size = block_size
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            block = self.filelike.read(self.block_size)
+            if not block:
+                return
+            yield block
+
+
+class _Empty(io.RawIOBase):
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return 0
+
+
+class BodyInput:
+    """wsgi.input for a body that streams in while the app runs: the loop feeds
+    it, the app's thread reads it, and reading resumes as the buffer drains."""
+
+    def __init__(self, resume: Callable[[], None]) -> None:
+        self.cond = threading.Condition()
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.done = False
+        self.aborted = False
+        self.resume = resume
+
+    # loop thread
+    def feed(self, data: bytes) -> None:
+        with self.cond:
+            self.chunks.append(data)
+            self.buffered += len(data)
+            self.cond.notify()
+
+    def finish(self, aborted: bool = False) -> None:
+        with self.cond:
+            self.done = True
+            self.aborted = aborted
+            self.cond.notify()
+
+    # app thread
+    def _take(self, size: int, until_newline: bool = False) -> bytes:
+        with self.cond:
+            while not self.chunks and not self.done:
+                self.cond.wait()
+            if not self.chunks:
+                if self.aborted:
+                    raise OSError("the client went away before sending the whole body")
+                return b""
+            was_full = self.buffered >= HIGH_WATER
+            out = bytearray()
+            while self.chunks and (size < 0 or len(out) < size):
+                chunk = self.chunks.popleft()
+                if until_newline and b"\n" in chunk:
+                    cut = chunk.index(b"\n") + 1
+                    chunk, rest = chunk[:cut], chunk[cut:]
+                    if rest:
+                        self.chunks.appendleft(rest)
+                    size = len(out) + len(chunk) if size < 0 else min(size, len(out) + len(chunk))
+                if size >= 0 and len(out) + len(chunk) > size:
+                    keep = size - len(out)
+                    self.chunks.appendleft(chunk[keep:])
+                    chunk = chunk[:keep]
+                out += chunk
+            self.buffered -= len(out)
+            if was_full and self.buffered < HIGH_WATER:
+                self.resume()
+            return bytes(out)
+
+    def read(self, size: int | None = -1) -> bytes:
+        size = -1 if size is None else size
+        if size < 0:
+            parts = []
+            while True:
+                part = self._take(-1)
+                if not part:
+                    return b"".join(parts)
+                parts.append(part)
+        return self._take(size) if size else b""
+
+    def readline(self, size: int | None = -1) -> bytes:
+        size = -1 if size is None else size
+        line = bytearray()
+        while size < 0 or len(line) < size:
+            part = self._take(size - len(line) if size >= 0 else -1, until_newline=True)
+            if not part:
+                break
+            line += part
+            if line.endswith(b"\n"):
+                break
+        return bytes(line)
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        lines = []
+        total = 0
+        while hint < 0 or total < hint:
+            line = self.readline()
+            if not line:
+                break
+            lines.append(line)
+            total += len(line)
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+
+class WSGICycle:
+    def __init__(
+        self,
+        proto: HttpProtocol,
+        app: Any,
+        executor: Executor,
+        root_path: str,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        http_version: str,
+        keep_alive: bool,
+    ) -> None:
+        self.proto = proto
+        self.app = app
+        self.executor = executor
+        self.root_path = root_path
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.http_version = http_version
+        self.keep_alive = keep_alive
+        self.body = b""
+        self.more_body = True
+        self.stream: BodyInput | None = None
+        self.wait_for_body = False
+        self.submitted = False
+        self.disconnected = False
+        self.writable = threading.Event()
+        self.writable.set()
+        self.expect_continue = False
+        length: int | None = 0
+        for name, value in headers:
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                length = None
+            elif name == b"expect" and value.lower() == b"100-continue":
+                self.expect_continue = http_version == "1.1"
+        self.length = length
+
+    # -- the protocol's side (loop thread) -------------------------------------------
+    def start(self) -> None:
+        if self.length == 0 or not self.more_body:
+            self._submit(_Empty() if not self.body else io.BytesIO(self.body))
+        elif self.length is not None and self.length <= SMALL_BODY:
+            self.wait_for_body = True
+            if self.expect_continue:
+                self.proto.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        else:
+            if self.expect_continue:
+                self.proto.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.stream = BodyInput(self._resume_soon)
+            if self.body:
+                self.stream.feed(self.body)
+                self.body = b""
+            self._submit(self.stream)
+
+    def _submit(self, body: Any) -> None:
+        self.submitted = True
+        self.executor.submit(self.run, body)
+
+    def _resume_soon(self) -> None:
+        self.proto.loop.call_soon_threadsafe(self.proto.resume_reading)
+
+    def feed_body(self, body: bytes) -> None:
+        if self.stream is not None:
+            self.stream.feed(body)
+        else:
+            self.body += body
+
+    def body_complete(self) -> None:
+        self.more_body = False
+        if self.stream is not None:
+            self.stream.finish()
+        elif self.wait_for_body and not self.submitted:
+            self._submit(io.BytesIO(self.body))
+            self.body = b""
+
+    def body_buffered(self) -> int:
+        return self.stream.buffered if self.stream is not None else len(self.body)
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+        if self.stream is not None:
+            self.stream.finish(aborted=True)
+        self.writable.set()
+
+    # -- the app's side (pool thread) ---------------------------------------------------
+    def run(self, body: Any) -> None:
+        proto = self.proto
+        raw_path, query = split_target(self.target)
+        environ = build_environ(
+            method=self.method,
+            raw_path=raw_path,
+            query=query,
+            headers=self.headers,
+            http_version=self.http_version,
+            server=proto.server,
+            client=proto.client,
+            root_path=self.root_path,
+            body=body,
+        )
+        response = _Response(self, environ)
+        result: Any = None
+        try:
+            result = self.app(environ, response.start_response)
+            for chunk in result:
+                if chunk:
+                    response.write(chunk)
+                if self.disconnected:
+                    break
+            response.finish()
+        except BaseException as exc:  # the app's code: anything can come out
+            log.error("exception in WSGI app for %s %s", self.method, environ["PATH_INFO"],
+                      exc_info=exc)
+            response.fail()
+        finally:
+            if result is not None and hasattr(result, "close"):
+                try:
+                    result.close()
+                except Exception as exc:
+                    log.error("exception in the WSGI result's close()", exc_info=exc)
+
+    def hand_off(self, data: bytes, final: bool, keep_alive: bool) -> None:
+        """Called in the app's thread: pass bytes to the loop; wait while the
+        client is not reading (write flow control)."""
+        if final:
+            self.proto.loop.call_soon_threadsafe(self._write_final, data, keep_alive)
+            return
+        self.writable.clear()
+        self.proto.loop.call_soon_threadsafe(self._write_more, data)
+        self.writable.wait()
+
+    def _write_more(self, data: bytes) -> None:
+        proto = self.proto
+        proto.write(data)
+        if not proto.write_paused or proto.closed:
+            self.writable.set()
+        else:
+            proto.loop.create_task(self._wait_writable())
+
+    async def _wait_writable(self) -> None:
+        await self.proto.wait_writable()
+        self.writable.set()
+
+    def _write_final(self, data: bytes, keep_alive: bool) -> None:
+        if data:
+            self.proto.write(data)
+        self.proto.response_done(self, keep_alive)
+
+    def abort(self) -> None:
+        self.proto.loop.call_soon_threadsafe(self.proto.abort)
+
+
+class _Response:
+    """start_response, write() and the framing of one WSGI response (app thread)."""
+
+    def __init__(self, cycle: WSGICycle, environ: dict[str, Any]) -> None:
+        self.cycle = cycle
+        self.environ = environ
+        self.status: int | None = None
+        self.status_text = ""
+        self.headers: list[tuple[str, str]] = []
+        self.head_sent = False
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.chunked = False
+        self.keep_alive = cycle.keep_alive
+        self.content_length: int | None = None
+        self.head_only = cycle.method == "HEAD"
+        self.no_body = False
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise RuntimeError("start_response called twice without exc_info")
+        if not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit():
+            raise ValueError(f"invalid WSGI status {status!r}")
+        self.status = int(status[:3])
+        self.status_text = status
+        self.headers = headers
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        if self.status is None:
+            raise RuntimeError("write() before start_response()")
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size >= FLUSH_AT:
+            self._flush(final=False)
+
+    def finish(self) -> None:
+        if self.status is None:
+            raise RuntimeError("the WSGI app returned without calling start_response")
+        self._flush(final=True)
+
+    def fail(self) -> None:
+        cycle = self.cycle
+        if self.head_sent:
+            cycle.abort()
+            return
+        data = error_response(500, "Internal Server Error", cycle.proto.state.date_header)
+        cycle.hand_off(data, final=True, keep_alive=False)
+
+    def _head(self, final: bool) -> list[bytes]:
+        status = self.status
+        assert status is not None
+        parts = [status_line(status) if self.status_text[3:4] in ("", " ") and
+                 self.status_text[4:] == _phrase(status) else
+                 b"HTTP/1.1 " + self.status_text.encode("latin-1") + b"\r\n"]
+        has_date = False
+        for name, value in self.headers:
+            if type(name) is not str or type(value) is not str:
+                raise TypeError(f"WSGI header {name!r}: {value!r} is not a pair of str")
+            lname = name.lower()
+            if lname == "content-length":
+                self.content_length = int(value)
+            elif lname == "connection":
+                if value.lower() == "close":
+                    self.keep_alive = False
+                continue
+            elif lname == "transfer-encoding":
+                continue
+            elif lname == "date":
+                has_date = True
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
+                raise ValueError(f"invalid character in WSGI header {name!r}")
+            parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+        proto = self.cycle.proto
+        if not has_date:
+            parts.append(proto.state.date_header)
+        self.no_body = status in _NO_BODY_STATUSES or status < 200
+        if not self.no_body and self.content_length is None:
+            if final:
+                parts.append(b"content-length: %d\r\n" % self.pending_size)
+            elif self.cycle.http_version == "1.1":
+                self.chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+            else:
+                self.keep_alive = False
+        if proto.state.draining and not proto.pipeline:
+            self.keep_alive = False
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif self.cycle.http_version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        return parts
+
+    def _flush(self, final: bool) -> None:
+        parts = [] if self.head_sent else self._head(final)
+        self.head_sent = True
+        if not (self.head_only or self.no_body):
+            if self.chunked:
+                if self.pending_size:
+                    parts += (b"%x\r\n" % self.pending_size, *self.pending, b"\r\n")
+                if final:
+                    parts.append(b"0\r\n\r\n")
+            else:
+                parts += self.pending
+        self.pending = []
+        self.pending_size = 0
+        self.cycle.hand_off(b"".join(parts), final, self.keep_alive)
+
+
+_PHRASES: dict[int, str] = {}
+
+
+def _phrase(status: int) -> str:
+    phrase = _PHRASES.get(status)
+    if phrase is None:
+        line = status_line(status).decode("latin-1")
+        phrase = _PHRASES[status] = line[13:-2]
+    return phrase

@@ -1,0 +1,363 @@
+"""The primary's loop: a thin shell around policy.Supervisor. It waits on the
+signal wakeup pipe, the workers' channels and the control socket, turns what it
+sees into events for the supervisor, and carries out the actions it returns."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from forkd import log, policy, process, protocol
+from forkd.config import Config
+from forkd.monitor import Monitor
+from forkd.sockets import Listener, close_listeners
+from forkd.systemd import Notifier, format_status, watchdog_interval
+from forkd.worker import WorkerSpec
+
+logger = logging.getLogger("forkd")
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+HOUSEKEEPING = 1.0  # seconds between the loop's periodic passes when nothing else is due
+STATUS_EVERY = 5.0  # seconds between systemd STATUS= updates
+
+
+@dataclass
+class Requester:
+    """Who asked for the running operation (None when a signal asked)."""
+
+    peer: Any
+    request_id: str
+    command: str
+
+
+@dataclass
+class PrimaryOptions:
+    config: Config
+    name: str
+    listeners: list[Listener]
+    workers: int
+    control: Any  # a control.ControlServer, or None
+    app: Any = None  # the preloaded app object, with --preload
+    interface: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+class Primary:
+    def __init__(self, options: PrimaryOptions) -> None:
+        self.options = options
+        self.config = options.config
+        self.supervisor = policy.Supervisor(options.config, options.workers, random.Random())
+        self.channels: dict[int, socket.socket] = {}  # pid -> our end of its channel
+        self.monitor = Monitor(options.config.memory_metric)
+        self.notifier = Notifier.from_env()
+        self.watchdog = watchdog_interval(os.environ, os.getpid())
+        self.requester: Requester | None = None
+        self.exit_code: int | None = None
+        self.interrupts = 0
+        self.poller = zmq.Poller()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.next_memory = 0.0
+        self.next_status = 0.0
+        self.next_watchdog = 0.0
+        self.last_requests: tuple[float, int] = (time.monotonic(), 0)
+        self.rate = 0.0
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        # The handlers do nothing: the wakeup fd carries each signal's number to the loop.
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, _record)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.poller.register(self.wake_r, zmq.POLLIN)
+        if self.options.control is not None:
+            for sock in self.options.control.sockets():
+                self.poller.register(sock, zmq.POLLIN)
+
+    def run(self) -> int:
+        self._install_signals()
+        listeners = ", ".join(listener.address for listener in self.options.listeners)
+        log.event("primary-started", name=self.options.name, pid=os.getpid(),
+                  app=self.config.app, workers=self.options.workers, listen=listeners,
+                  interface=self.options.interface or self.config.interface)
+        self._execute(self.supervisor.start(time.monotonic()))
+        try:
+            while self.exit_code is None:
+                self._wait_once()
+        finally:
+            self._shutdown()
+        return self.exit_code
+
+    def _shutdown(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
+        if self.options.control is not None:
+            self.options.control.close()
+        close_listeners(self.options.listeners, unlink=True)
+        self.notifier.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _wait_once(self) -> None:
+        now = time.monotonic()
+        due = now + HOUSEKEEPING
+        deadline = self.supervisor.next_deadline(now)
+        if deadline is not None:
+            due = min(due, deadline)
+        if self.config.max_memory is not None:
+            due = min(due, self.next_memory)
+        if self.watchdog is not None:
+            due = min(due, self.next_watchdog)
+        timeout_ms = max(0, int((due - now) * 1000) + 1)
+        ready = dict(self.poller.poll(timeout_ms))
+        if self.wake_r in ready:
+            self._on_signals()
+        for pid, channel in list(self.channels.items()):
+            if channel.fileno() in ready:
+                self._on_channel(pid, channel)
+        if self.options.control is not None and any(
+                sock in ready for sock in self.options.control.sockets()):
+            self._on_control()
+        self._housekeeping()
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        self._execute(self.supervisor.tick(now))
+        if self.config.max_memory is not None and now >= self.next_memory:
+            self.next_memory = now + self.config.memory_interval
+            samples = self.monitor.sample(list(self.supervisor.table.workers))
+            self._execute(self.supervisor.memory(
+                {pid: sample.memory for pid, sample in samples.items()}, now))
+        if self.watchdog is not None and now >= self.next_watchdog:
+            self.next_watchdog = now + self.watchdog
+            self.notifier.watchdog()
+        if now >= self.next_status and self.notifier.enabled:
+            self.next_status = now + STATUS_EVERY
+            self.notifier.status(self._status_line(now))
+
+    def _status_line(self, now: float) -> str:
+        total = sum(w.requests for w in self.supervisor.table.workers.values())
+        then, before = self.last_requests
+        if now > then and total >= before:
+            self.rate = (total - before) / (now - then)
+        self.last_requests = (now, total)
+        return format_status(self.supervisor.table.ready_count(), self.supervisor.target,
+                             self.rate)
+
+    def _on_signals(self) -> None:
+        try:
+            data = os.read(self.wake_r, 4096)
+        except BlockingIOError:
+            return
+        now = time.monotonic()
+        for signum in data:
+            if signum == signal.SIGCHLD:
+                self._reap()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.interrupts += 1
+                graceful = not (signum == signal.SIGINT and self.interrupts > 1)
+                log.event("signal", name=signal.Signals(signum).name, pid=os.getpid())
+                self._execute(self.supervisor.request_stop(graceful, now, forced=True))
+            elif signum == signal.SIGQUIT:
+                self._execute(self.supervisor.request_stop(False, now, forced=True))
+            elif signum == signal.SIGHUP:
+                self._operate("reload", lambda: self.supervisor.request_reload(now), None)
+            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+                step = 1 if signum == signal.SIGTTIN else -1
+                count = self.supervisor.target + step
+                self._operate("scale", lambda: self.supervisor.request_scale(count, now), None)
+        self._reap()  # a SIGCHLD coalesced with another signal loses nothing
+
+    def _reap(self) -> None:
+        for pid, code, signum in process.reap():
+            channel = self.channels.pop(pid, None)
+            if channel is not None:
+                self._drain_channel(pid, channel)
+                self.poller.unregister(channel)
+                channel.close()
+            self.monitor.forget(pid)
+            self._execute(self.supervisor.exited(pid, code, signum, time.monotonic()))
+
+    def _on_channel(self, pid: int, channel: socket.socket) -> None:
+        self._drain_channel(pid, channel)
+
+    def _drain_channel(self, pid: int, channel: socket.socket) -> None:
+        while True:
+            try:
+                data = channel.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self._execute(self.supervisor.message(pid, data, time.monotonic()))
+
+    # -- operations -------------------------------------------------------------------------------
+    def _operate(self, command: str, start: Callable[[], list[policy.Action]],
+                 requester: Requester | None) -> str | None:
+        """Start a mutating operation; the error text when it cannot start."""
+        try:
+            actions = start()
+        except policy.Busy as exc:
+            log.event("refused", level=logging.WARNING, command=command, why=str(exc))
+            return str(exc)
+        except ValueError as exc:
+            return str(exc)
+        self.requester = requester
+        self._execute(actions)
+        return None
+
+    def _on_control(self) -> None:
+        control = self.options.control
+        for peer, request in control.handle_ready():
+            try:
+                self._dispatch(peer, request)
+            except Exception as exc:  # a bug must not take the primary down
+                logger.exception("control request %s failed", request.command)
+                control.reply_error(peer, request.id, protocol.Code.FAILED, str(exc))
+
+    def _dispatch(self, peer: Any, request: Any) -> None:
+        control = self.options.control
+        now = time.monotonic()
+        command = request.command
+        if command == "ping":
+            control.reply_ok(peer, request.id, {"name": self.options.name, "pid": os.getpid()})
+            return
+        if command == "status":
+            control.reply_ok(peer, request.id, self.status_document(now))
+            return
+        who = Requester(peer, request.id, command)
+        if command == "reload":
+            error = self._operate("reload", lambda: self.supervisor.request_reload(now), who)
+        elif command == "scale":
+            try:
+                count = protocol.parse_scale(str(request.args["count"]), self.supervisor.target)
+            except (ValueError, protocol.ProtocolError) as exc:
+                control.reply_error(peer, request.id, protocol.Code.BAD_REQUEST,
+                                    getattr(exc, "message", str(exc)))
+                return
+            error = self._operate("scale", lambda: self.supervisor.request_scale(count, now),
+                                  who)
+        elif command == "stop":
+            graceful = bool(request.args.get("graceful", True))
+            error = self._operate("stop", lambda: self.supervisor.request_stop(graceful, now),
+                                  who)
+        else:
+            control.reply_error(peer, request.id, protocol.Code.UNKNOWN_COMMAND,
+                                f"unknown command {command!r}")
+            return
+        if error is not None:
+            code = protocol.Code.BUSY if error.startswith("busy") else protocol.Code.BAD_REQUEST
+            control.reply_error(peer, request.id, code, error)
+
+    # -- actions ----------------------------------------------------------------------------------
+    def _execute(self, actions: list[policy.Action]) -> None:
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            if isinstance(action, policy.Spawn):
+                queue[0:0] = self._spawn(action)
+            elif isinstance(action, policy.Signal):
+                process.send_signal(action.pid, action.signum)
+            elif isinstance(action, policy.Log):
+                level = getattr(logging, action.level.upper(), logging.INFO)
+                log.event(action.event, level=level, **action.fields)
+            elif isinstance(action, policy.Progress):
+                self._progress(action.text)
+            elif isinstance(action, policy.Finish):
+                self._finish(action)
+            elif isinstance(action, policy.Notify):
+                self._notify(action.kind)
+            elif isinstance(action, policy.Exit):
+                self.exit_code = action.code
+
+    def _spawn(self, action: policy.Spawn) -> list[policy.Action]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        ours.setblocking(False)
+        close_fds = [ours.fileno(), self.wake_r, self.wake_w]
+        close_fds += [channel.fileno() for channel in self.channels.values()]
+        spec = WorkerSpec(
+            slot=action.slot, workers=self.supervisor.target, name=self.options.name,
+            config=self.config, listeners=[listener.sock for listener in self.options.listeners],
+            channel=theirs, primary_pid=os.getpid(), close_fds=close_fds,
+            app=self.options.app, interface=self.options.interface)
+        now = time.monotonic()
+        # Signals wait until the child has put its own handlers in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = process.fork_worker(spec)
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            return self.supervisor.spawn_failed(action, str(exc), now)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        theirs.close()
+        self.channels[pid] = ours
+        self.poller.register(ours, zmq.POLLIN)
+        return self.supervisor.spawned(action, pid, now)
+
+    def _progress(self, text: str) -> None:
+        if self.requester is not None and self.options.control is not None:
+            self.options.control.progress(self.requester.peer, self.requester.request_id, text)
+
+    def _finish(self, action: policy.Finish) -> None:
+        requester, self.requester = self.requester, None
+        if requester is None or self.options.control is None:
+            if not action.ok:
+                log.event("operation-failed", level=logging.ERROR,
+                          why=action.message.splitlines()[0])
+            return
+        if action.ok:
+            self.options.control.reply_ok(requester.peer, requester.request_id,
+                                          {"message": action.message, **action.result})
+        else:
+            self.options.control.reply_error(requester.peer, requester.request_id,
+                                             protocol.Code.FAILED, action.message)
+
+    def _notify(self, kind: str) -> None:
+        if kind == "ready":
+            self.notifier.ready(self._status_line(time.monotonic()))
+        elif kind == "reloading":
+            self.notifier.reloading()
+        elif kind == "stopping":
+            self.notifier.stopping()
+
+    # -- status --------------------------------------------------------------------------------------
+    def status_document(self, now: float) -> dict[str, Any]:
+        wall_offset = time.time() - now
+        rows = self.supervisor.status_rows(now)
+        pids = [row["pid"] for row in rows if row["pid"] is not None]
+        samples = self.monitor.sample(pids, "rss")
+        for row in rows:
+            sample = samples.get(row["pid"]) if row["pid"] is not None else None
+            if row["started_at"] is not None:
+                row["started_at"] = round(row["started_at"] + wall_offset, 3)
+            row["rss"] = sample.rss if sample else None
+            row["cpu_percent"] = round(sample.cpu_percent, 1) if sample else None
+        operation = self.supervisor.operation
+        return {
+            "name": self.options.name,
+            "pid": os.getpid(),
+            "app": self.config.app,
+            "bind": [listener.address for listener in self.options.listeners],
+            "started_at": self.options.started_at,
+            "workers": rows,
+            "target": self.supervisor.target,
+            "operation": operation.describe() if operation is not None else None,
+        }
+
+
+def _record(signum: int, frame: Any) -> None:
+    """Signal handler: nothing to do, the wakeup fd has carried the number."""

@@ -1,0 +1,97 @@
+"""The worker table: pure records of slots and the worker processes in them, and
+the legal moves between worker states. No I/O."""
+
+from __future__ import annotations
+
+import enum
+import signal
+from dataclasses import dataclass, field
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+_LEGAL: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.STARTING: frozenset({WorkerState.READY, WorkerState.DRAINING}),
+    WorkerState.READY: frozenset({WorkerState.DRAINING}),
+    WorkerState.DRAINING: frozenset(),
+}
+
+
+class IllegalTransition(Exception):
+    """A worker was asked to move between states in a way that cannot happen."""
+
+
+@dataclass
+class Worker:
+    pid: int
+    slot: int
+    started_at: float
+    last_seen: float
+    state: WorkerState = WorkerState.STARTING
+    ready_at: float | None = None
+    requests: int = 0
+    request_limit: int | None = None
+    leave_reason: str | None = None  # why forkd asked it to go; None until then
+    kill_at: float | None = None  # SIGKILL when still alive at this time
+    aborted: bool = False  # SIGABRT sent for a hang
+    memory_strikes: int = 0
+    error: str | None = None  # what it reported before failing
+
+    def move(self, new: WorkerState) -> None:
+        if new not in _LEGAL[self.state]:
+            raise IllegalTransition(f"worker {self.pid}: {self.state.value} -> {new.value}")
+        self.state = new
+
+
+@dataclass
+class Slot:
+    id: int
+    pid: int | None = None  # the occupant: the worker that serves for this slot
+    replacement: int | None = None  # a worker starting to take over from the occupant
+    replace_reason: str | None = None
+    replace_pending: bool = False  # a replacement was asked for and not yet forked
+    restarts: int = 0
+    last_exit: str | None = None
+    fast_deaths: int = 0
+    respawn_at: float | None = None  # a dead slot's next spawn time (back-off)
+    spawn_pending: bool = False  # an occupant was asked for and not yet forked
+
+
+@dataclass
+class WorkerTable:
+    workers: dict[int, Worker] = field(default_factory=dict)
+    slots: dict[int, Slot] = field(default_factory=dict)
+
+    def occupant(self, slot: Slot) -> Worker | None:
+        return self.workers.get(slot.pid) if slot.pid is not None else None
+
+    def ready_count(self) -> int:
+        count = 0
+        for slot in self.slots.values():
+            worker = self.occupant(slot)
+            if worker is not None and worker.state is WorkerState.READY:
+                count += 1
+        return count
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def exit_words(code: int | None, signum: int | None) -> str:
+    """An exit status for a log line: `exit 0`, `SIGKILL`."""
+    return signal_name(signum) if signum is not None else f"exit {code}"
+
+
+def describe_exit(code: int | None, signum: int | None) -> str:
+    """An exit status as `last_exit` words: `crashed: exit 1`, `killed: SIGKILL`."""
+    if signum is not None:
+        return f"killed: {signal_name(signum)}"
+    return f"crashed: exit {code}"

@@ -1,0 +1,238 @@
+"""The worker: what a forked child runs. It resets what it inherited, loads the
+app, builds its own uvloop loop, serves the shared listeners, reports readiness
+and heartbeats to the primary over its channel, drains on SIGTERM, and always
+ends with os._exit in the try/finally it owns."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from forkd import log as forkd_log
+from forkd.config import Config
+from forkd.errors import AppLoadError
+
+logger = logging.getLogger("forkd.worker")
+
+EXIT_OK = 0
+EXIT_APP_LOAD = 3  # the app failed to import, or its lifespan startup failed
+EXIT_BOOT = 4  # the worker itself could not start
+TICK = 0.5  # seconds between the loop's housekeeping passes (clock, Date, timeouts)
+PR_SET_PDEATHSIG = 1
+MAX_ERROR = 60_000  # bytes of an error text sent to the primary (one datagram)
+
+
+@dataclass
+class WorkerSpec:
+    slot: int
+    workers: int
+    name: str
+    config: Config
+    listeners: list[socket.socket]
+    channel: socket.socket  # the worker's end of its datagram pair with the primary
+    primary_pid: int
+    close_fds: list[int]  # the primary's descriptors this child must not keep
+    app: Any = None  # the app object when --preload imported it in the primary
+    interface: str | None = None
+
+
+def run(spec: WorkerSpec) -> NoReturn:
+    """The child's entry right after fork; never returns into the primary's code."""
+    code = EXIT_BOOT
+    try:
+        code = _main(spec)
+    except AppLoadError as exc:
+        code = EXIT_APP_LOAD
+        _report_error(spec.channel, f"{exc}\n")
+    except BaseException as exc:  # anything at all: the child must still _exit
+        code = EXIT_APP_LOAD if isinstance(exc, ImportError | SyntaxError) else EXIT_BOOT
+        _report_error(spec.channel, "".join(traceback.format_exception(exc)))
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _report_error(channel: socket.socket, text: str) -> None:
+    sys.stderr.write(text)
+    try:
+        channel.send(b"error " + text.encode("utf-8", "replace")[-MAX_ERROR:])
+    except OSError:
+        pass
+
+
+def _reset_inherited(spec: WorkerSpec) -> None:
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    # Die with the primary, and close the race where it died before prctl ran.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != spec.primary_pid:
+        os._exit(EXIT_BOOT)
+    for fd in spec.close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _set_title(spec: WorkerSpec) -> None:
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(f"forkd: worker {spec.slot} [{spec.name}] {spec.config.app}")
+
+
+def _main(spec: WorkerSpec) -> int:
+    _reset_inherited(spec)
+    os.environ["FORKD_WORKER_ID"] = str(spec.slot)
+    os.environ["FORKD_WORKERS"] = str(spec.workers)
+    forkd_log.setup(f"forkd.worker.{spec.slot}")
+    _set_title(spec)
+    faulthandler.enable(file=sys.stderr, all_threads=True)  # SIGABRT on a hang shows where
+
+    from forkd.http.loader import detect_interface, import_app
+
+    app = spec.app if spec.app is not None else import_app(spec.config.app)
+    interface = spec.interface or spec.config.interface
+    if interface == "auto":
+        interface = detect_interface(app)
+
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_serve(spec, app, interface, loop))
+    finally:
+        loop.close()
+
+
+async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.AbstractEventLoop
+                 ) -> int:
+    from forkd.http.protocol import ServerState, make_protocol_factory
+
+    config = spec.config
+    state = ServerState(config, loop)
+    lifespan = None
+    executor: ThreadPoolExecutor | None = None
+    if interface == "asgi":
+        from forkd.http.asgi import ASGICycle
+        from forkd.http.lifespan import Lifespan, LifespanFailed
+
+        lifespan = Lifespan(app, loop)
+        try:
+            await lifespan.startup()
+        except LifespanFailed as exc:
+            _report_error(spec.channel, f"lifespan startup failed: {exc}\n")
+            return EXIT_APP_LOAD
+        state.cycle_factory = _positional(ASGICycle, app, lifespan.state, config.root_path)
+    else:
+        from forkd.http.wsgi import WSGICycle
+
+        executor = ThreadPoolExecutor(config.threads, thread_name_prefix="forkd-wsgi")
+        state.cycle_factory = _positional(WSGICycle, app, executor, config.root_path)
+
+    factory = make_protocol_factory(state)
+    servers = [await loop.create_server(factory, sock=sock, backlog=config.backlog)
+               for sock in spec.listeners]
+    stop = loop.create_future()
+
+    def on_signal(signum: int) -> None:
+        if signum == signal.SIGQUIT:
+            os._exit(EXIT_OK)  # immediate stop: no drain
+        if not stop.done():
+            stop.set_result(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    channel = spec.channel
+    channel.setblocking(False)
+    _send(channel, b"ready " + interface.encode())
+    beat = _Heartbeat(state, channel, loop)
+    beat.schedule()
+    await stop
+
+    # Drain: stop accepting at once; what is in the shared accept queue stays there
+    # for the other workers. Then let the connections we hold finish.
+    for server in servers:
+        server.close()
+    for sock in spec.listeners:
+        sock.close()
+    state.start_drain()
+    deadline = loop.time() + config.graceful_timeout
+    while state.connections and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if state.connections:
+        logger.warning("graceful timeout: closing %d connection(s)", len(state.connections))
+        for connection in list(state.connections):
+            connection.abort()
+    beat.stop()
+    if lifespan is not None:
+        try:
+            await asyncio.wait_for(lifespan.shutdown(), max(1.0, deadline - loop.time()))
+        except TimeoutError:
+            logger.error("lifespan shutdown did not finish in time")
+    if executor is not None:
+        executor.shutdown(wait=False, cancel_futures=True)
+    return EXIT_OK
+
+
+def _positional(cls: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
+    def make(proto: Any, method: str, target: bytes, headers: Any, version: str,
+             keep_alive: bool) -> Any:
+        return cls(proto, *bound, method, target, headers, version, keep_alive)
+
+    return make
+
+
+def _send(channel: socket.socket, message: bytes) -> None:
+    try:
+        channel.send(message)
+    except (BlockingIOError, InterruptedError):
+        pass  # the primary is behind; the next beat carries the same news
+    except OSError:
+        pass  # the primary is gone; PDEATHSIG ends us
+
+
+class _Heartbeat:
+    """Runs on the loop every TICK: refreshes the coarse clock and Date header,
+    applies connection timeouts, and tells the primary we are alive. A blocked
+    loop falls silent, which is the point."""
+
+    def __init__(self, state: Any, channel: socket.socket, loop: asyncio.AbstractEventLoop
+                 ) -> None:
+        self.state = state
+        self.channel = channel
+        self.loop = loop
+        self.handle: asyncio.TimerHandle | None = None
+
+    def schedule(self) -> None:
+        self.handle = self.loop.call_later(TICK, self.beat)
+
+    def beat(self) -> None:
+        self.state.tick()
+        _send(self.channel, b"hb %d" % self.state.requests)
+        self.schedule()
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
