@@ -177,7 +177,8 @@ class Primary:
             elif signum in (signal.SIGTTIN, signal.SIGTTOU):
                 step = 1 if signum == signal.SIGTTIN else -1
                 count = self.supervisor.target + step
-                self._operate("scale", lambda: self.supervisor.request_scale(count, now), None)
+                self._operate("scale", lambda n=count: self.supervisor.request_scale(n, now),
+                              None)
         self._reap()  # a SIGCHLD coalesced with another signal loses nothing
 
     def _reap(self) -> None:
@@ -334,7 +335,7 @@ class Primary:
         elif kind == "stopping":
             self.notifier.stopping()
 
-    # -- status --------------------------------------------------------------------------------------
+    # -- status ---------------------------------------------------------------------
     def status_document(self, now: float) -> dict[str, Any]:
         wall_offset = time.time() - now
         rows = self.supervisor.status_rows(now)
