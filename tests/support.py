@@ -41,7 +41,7 @@ class Forkd:
 
     def __init__(self, args: list[str], home: Path, log_path: Path, cwd: Path = APPS,
                  env: dict[str, str] | None = None, command: str = "start",
-                 wrap: list[str] | None = None) -> None:
+                 wrap: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.args = args
         self.home = home
         self.log_path = log_path
@@ -56,7 +56,8 @@ class Forkd:
         argv = [sys.executable, "-m", "forkd", command, *args]
         self.proc = subprocess.Popen((wrap or []) + argv, cwd=cwd, env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     pass_fds=pass_fds)
         self.pid = self.proc.pid
 
     # -- reading -------------------------------------------------------------
@@ -70,8 +71,10 @@ class Forkd:
     def port(self, timeout: float = 15.0) -> int:
         """The real port of the first TCP listener (tests bind port 0)."""
         def found() -> int | None:
-            match = re.search(r"event=primary-started .*listen=\"?[^ ]*?:(\d+)", self.output())
-            return int(match.group(1)) if match else None
+            match = re.search(r"event=primary-started .*?listen=\"?([^ \",]+)", self.output())
+            if not match or match.group(1).startswith("unix:"):
+                return None
+            return int(match.group(1).rpartition(":")[2])
         return int(wait_until(found, timeout, message=self.describe))
 
     def wait_ready(self, workers: int, timeout: float = 20.0) -> None:
