@@ -102,6 +102,9 @@ def run_start(config: Config) -> int:
         if endpoint.startswith("ipc://"):
             control.ensure_home(home)
         server = control.ControlServer(endpoint)
+    except ConfigError as exc:
+        click.echo(f"forkd: error: {exc}", err=True)
+        return EXIT_USAGE
     except ControlError as exc:
         click.echo(f"forkd: error: {exc.message}", err=True)
         return EXIT_FAILED

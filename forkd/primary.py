@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import zmq
@@ -64,6 +65,7 @@ class Primary:
         self.requester: Requester | None = None
         self.exit_code: int | None = None
         self.interrupts = 0
+        self.deferred: list[int] = []  # operator signals waiting for the running operation
         self.poller = zmq.Poller()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.next_memory = 0.0
@@ -131,6 +133,7 @@ class Primary:
                 sock in ready for sock in self.options.control.sockets()):
             self._on_control()
         self._housekeeping()
+        self._run_deferred()
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -172,14 +175,27 @@ class Primary:
                 self._execute(self.supervisor.request_stop(graceful, now, forced=True))
             elif signum == signal.SIGQUIT:
                 self._execute(self.supervisor.request_stop(False, now, forced=True))
-            elif signum == signal.SIGHUP:
-                self._operate("reload", lambda: self.supervisor.request_reload(now), None)
-            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
-                step = 1 if signum == signal.SIGTTIN else -1
-                count = self.supervisor.target + step
-                self._operate("scale", lambda n=count: self.supervisor.request_scale(n, now),
-                              None)
+            elif signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+                self.deferred.append(signum)
         self._reap()  # a SIGCHLD coalesced with another signal loses nothing
+
+    def _run_deferred(self) -> None:
+        """Operator signals wait their turn: one arriving while an operation runs is
+        carried out after it (repeated SIGHUPs fold into one reload)."""
+        while self.deferred and self.supervisor.operation is None:
+            signum = self.deferred.pop(0)
+            now = time.monotonic()
+            if signum == signal.SIGHUP:
+                while signal.SIGHUP in self.deferred:
+                    self.deferred.remove(signal.SIGHUP)
+                self._operate("reload", partial(self.supervisor.request_reload, now), None)
+            else:
+                step = 1 if signum == signal.SIGTTIN else -1
+                self._operate("scale", self._scale_by(step, now), None)
+
+    def _scale_by(self, step: int, now: float) -> Callable[[], list[policy.Action]]:
+        count = self.supervisor.target + step
+        return lambda: self.supervisor.request_scale(count, now)
 
     def _reap(self) -> None:
         for pid, code, signum in process.reap():
