@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from support import raw_exchange, request, responds, wait_until
 
 pytestmark = pytest.mark.integration
