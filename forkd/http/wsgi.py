@@ -157,7 +157,7 @@ class BodyInput:
     def read(self, size: int | None = -1) -> bytes:
         size = -1 if size is None else size
         if size < 0:
-            parts = []
+            parts: list[bytes] = []
             while True:
                 part = self._take(-1)
                 if not part:
