@@ -1,0 +1,302 @@
+"""`forkd reload|stop|status|scale|ls` as a user sees them: output and exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from forkd import ctl
+from forkd.control import ControlServer, endpoint_for, ensure_home
+from forkd.errors import ProtocolError
+from forkd.protocol import parse_scale
+
+TRACEBACK = (
+    "Traceback (most recent call last):\n"
+    '  File "/srv/app/web.py", line 3, in <module>\n'
+    "    import missing_module\n"
+    "ModuleNotFoundError: No module named 'missing_module'\n"
+)
+
+
+class Primary:
+    """A ControlServer in a thread answering like a primary would (in miniature)."""
+
+    def __init__(self, home: Path, name: str, workers: int = 2) -> None:
+        self.name = name
+        self.endpoint = endpoint_for(home, name)
+        self.workers = workers
+        self.received: list[str] = []
+        self.reload_fails = False
+        self.busy: str | None = None  # when set, mutating commands answer "busy" with it
+        self.exit_without_answer = False
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Primary:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _run(self) -> None:
+        with ControlServer(self.endpoint) as server:
+            poller = zmq.Poller()
+            for sock in server.sockets():
+                poller.register(sock, zmq.POLLIN)
+            self._ready.set()
+            while not self._stop.is_set():
+                poller.poll(10)
+                for peer, request in server.handle_ready():
+                    self.received.append(request.command)
+                    result = self._answer(request.command, request.args, request.mutates,
+                                          lambda m, p=peer, r=request.id: server.progress(p, r, m))
+                    if self._stop.is_set() and self.exit_without_answer:
+                        return
+                    if isinstance(result, tuple):
+                        server.reply_error(peer, request.id, *result)
+                    else:
+                        server.reply_ok(peer, request.id, result)
+
+    def _answer(
+        self, command: str, args: dict[str, Any], mutates: bool, progress: Any
+    ) -> dict[str, Any] | tuple[str, str]:
+        if mutates and self.busy:
+            return ("busy", self.busy)
+        if command == "status":
+            return status_doc(self.name, self.workers)
+        if command == "reload":
+            for slot in range(self.workers):
+                progress(f"slot {slot + 1}/{self.workers}: pid {slot + 10} → {slot + 20}, "
+                         "ready in 180 ms")
+                if self.reload_fails:
+                    return ("failed", TRACEBACK)
+            return {"message": f"reloaded {self.workers} workers"}
+        if command == "scale":
+            try:
+                self.workers = parse_scale(args["count"], self.workers)
+            except ProtocolError as exc:
+                return (exc.code, exc.message)
+            return {"message": f"scaled to {self.workers} workers"}
+        if command == "stop":
+            self._stop.set()
+            return {"message": "stopped" + ("" if args["graceful"] else " (immediately)")}
+        raise AssertionError(command)
+
+
+def status_doc(name: str, workers: int) -> dict[str, Any]:
+    return {
+        "name": name, "pid": os.getpid(), "app": f"{name}.asgi:app",
+        "bind": ["127.0.0.1:8000"], "started_at": 1700000000.0,
+        "workers": [
+            {"id": i, "pid": 4250 + i, "state": "ready", "started_at": 1700000001.2,
+             "restarts": i, "last_exit": "crashed: exit 1" if i else None,
+             "rss": 41234432, "cpu_percent": 3.5, "requests": 1234}
+            for i in range(workers)
+        ],
+    }
+
+
+class Streams:
+    def __init__(self) -> None:
+        self.out, self.err = io.StringIO(), io.StringIO()
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return ensure_home(tmp_path / "home")
+
+
+@pytest.fixture
+def web(home: Path) -> Iterator[Primary]:
+    with Primary(home, "web") as primary:
+        yield primary
+
+
+@pytest.fixture
+def io_() -> Streams:
+    return Streams()
+
+
+# ------------------------------------------------------------------------------ status
+
+
+def test_status_prints_one_row_per_worker(web: Primary, home: Path, io_: Streams) -> None:
+    assert ctl.status(None, home, out=io_.out, err=io_.err) == 0
+    lines = io_.out.getvalue().splitlines()
+    assert lines[0].startswith(f"web  pid {os.getpid()}  app web.asgi:app  up ")
+    assert lines[0].endswith("bind 127.0.0.1:8000")
+    assert lines[1].split() == ["slot", "pid", "state", "uptime", "restarts", "last",
+                                "exit", "cpu%", "mem", "requests"]
+    assert lines[2].split()[:3] == ["0", "4250", "ready"]
+    assert lines[2].split()[-5:] == ["0", "-", "3.5", "39.3M", "1234"]
+    assert "crashed: exit 1" in lines[3]
+    assert len(lines) == 4 and io_.err.getvalue() == ""
+
+
+def test_status_json_is_the_document(web: Primary, home: Path, io_: Streams) -> None:
+    assert ctl.status("web", home, True, out=io_.out, err=io_.err) == 0
+    assert json.loads(io_.out.getvalue()) == status_doc("web", 2)
+
+
+def test_status_with_no_primary_exits_2(home: Path, io_: Streams) -> None:
+    assert ctl.status(None, home, out=io_.out, err=io_.err) == 2
+    assert io_.out.getvalue() == ""
+    assert f"no primary running under FORKD_HOME {home}" in io_.err.getvalue()
+
+
+def test_status_of_a_missing_home_or_unknown_name_exits_2(
+    web: Primary, home: Path, tmp_path: Path, io_: Streams
+) -> None:
+    assert ctl.status(None, tmp_path / "nowhere", out=io_.out, err=io_.err) == 2
+    assert ctl.status("api", home, out=io_.out, err=io_.err) == 2
+    assert "no primary named 'api'" in io_.err.getvalue()
+    assert ctl.status("../x", home, out=io_.out, err=io_.err) == 2
+
+
+def test_several_primaries_need_a_name(home: Path, io_: Streams) -> None:
+    with Primary(home, "api"), Primary(home, "web"):
+        assert ctl.status(None, home, out=io_.out, err=io_.err) == 2
+        assert "several primaries run: api, web; name one" in io_.err.getvalue()
+        assert ctl.status("api", home, True, out=io_.out, err=io_.err) == 0
+        assert json.loads(io_.out.getvalue())["name"] == "api"
+
+
+def test_format_status_tolerates_missing_and_extra_fields() -> None:
+    doc = {"name": "x", "workers": [
+        {"id": 1, "state": "starting", "future_field": [1, 2]},
+        {"id": 0, "pid": 7, "state": "draining", "started_at": 100.0, "rss": 3 * 1024 ** 3,
+         "cpu_percent": None, "last_exit": "memory: 612M > 512M"},
+    ]}
+    lines = ctl.format_status(doc, now=100.0 + 2 * 86400 + 3 * 3600).splitlines()
+    assert lines[0] == "x  pid -  app -  up -"
+    assert lines[2].split() == ["0", "7", "draining", "2d", "3h", "-", "memory:", "612M", ">",
+                                "512M", "-", "3.0G", "-"]
+    assert lines[3].split() == ["1", "-", "starting", "-", "-", "-", "-", "-", "-"]
+
+
+@pytest.mark.parametrize(
+    ("size", "text"), [(0, "0B"), (1023, "1023B"), (1536, "1.5K"), (41234432, "39.3M"),
+                       (5 * 1024 ** 4, "5120.0G")],
+)
+def test_format_size(size: int, text: str) -> None:
+    assert ctl.format_size(size) == text
+
+
+# -------------------------------------------------------------------------------- ls
+
+
+def test_ls_lists_every_primary(home: Path, io_: Streams) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(home / "old.sock"))  # a stale socket: not listed
+    dead.close()
+    with Primary(home, "api", workers=3), Primary(home, "web", workers=2):
+        assert ctl.ls(home, out=io_.out, err=io_.err) == 0
+    rows = [line.split() for line in io_.out.getvalue().splitlines()]
+    pid = str(os.getpid())
+    assert rows == [
+        ["name", "pid", "workers", "app", "endpoint"],
+        ["api", pid, "3", "api.asgi:app", endpoint_for(home, "api")],
+        ["web", pid, "2", "web.asgi:app", endpoint_for(home, "web")],
+    ]
+
+
+def test_ls_with_none_prints_only_the_header(home: Path, io_: Streams) -> None:
+    assert ctl.ls(home, out=io_.out, err=io_.err) == 0
+    assert io_.out.getvalue().split() == ["name", "pid", "workers", "app", "endpoint"]
+
+
+# ---------------------------------------------------------------------------- reload
+
+
+def test_reload_prints_each_step_then_exits_0(web: Primary, home: Path, io_: Streams) -> None:
+    assert ctl.reload(None, home, io_.out, err=io_.err) == 0
+    assert io_.out.getvalue().splitlines() == [
+        "slot 1/2: pid 10 → 20, ready in 180 ms",
+        "slot 2/2: pid 11 → 21, ready in 180 ms",
+        "reloaded 2 workers",
+    ]
+
+
+def test_failed_reload_prints_the_traceback_and_exits_1(
+    web: Primary, home: Path, io_: Streams
+) -> None:
+    web.reload_fails = True
+    assert ctl.reload("web", home, io_.out, err=io_.err) == 1
+    assert io_.out.getvalue() == "slot 1/2: pid 10 → 20, ready in 180 ms\n"
+    assert io_.err.getvalue() == "forkd reload: failed:\n" + TRACEBACK
+
+
+def test_busy_is_reported_and_exits_1(web: Primary, home: Path, io_: Streams) -> None:
+    web.busy = "reload in progress (3/8)"
+    assert ctl.scale("web", home, "+1", out=io_.out, err=io_.err) == 1
+    assert io_.err.getvalue() == "forkd scale: busy: reload in progress (3/8)\n"
+    assert web.workers == 2
+
+
+# ----------------------------------------------------------------------------- scale
+
+
+@pytest.mark.parametrize(("text", "workers"), [("+2", 4), ("-1", 1), ("5", 5)])
+def test_scale(web: Primary, home: Path, io_: Streams, text: str, workers: int) -> None:
+    assert ctl.scale(None, home, text, out=io_.out, err=io_.err) == 0
+    assert web.workers == workers
+    assert io_.out.getvalue() == f"scaled to {workers} workers\n"
+
+
+def test_scale_with_a_bad_count_exits_2_without_asking(
+    web: Primary, home: Path, io_: Streams
+) -> None:
+    assert ctl.scale("web", home, "lots", out=io_.out, err=io_.err) == 2
+    assert "count must be N, +N or -N" in io_.err.getvalue()
+    assert web.received == []
+
+
+def test_scale_below_one_worker_is_refused_by_the_primary_with_2(
+    web: Primary, home: Path, io_: Streams
+) -> None:
+    assert ctl.scale("web", home, "-2", out=io_.out, err=io_.err) == 2
+    assert "cannot scale to 0 workers (now 2)" in io_.err.getvalue()
+    assert web.workers == 2
+
+
+# ------------------------------------------------------------------------------ stop
+
+
+def test_stop(web: Primary, home: Path, io_: Streams) -> None:
+    assert ctl.stop(None, home, out=io_.out, err=io_.err) == 0
+    assert io_.out.getvalue() == "stopped\n" and web.stopped
+
+
+def test_stop_not_graceful(web: Primary, home: Path, io_: Streams) -> None:
+    assert ctl.stop("web", home, graceful=False, out=io_.out, err=io_.err) == 0
+    assert io_.out.getvalue() == "stopped (immediately)\n"
+
+
+def test_stop_of_a_primary_that_exits_before_answering_is_done(
+    web: Primary, home: Path, io_: Streams
+) -> None:
+    web.exit_without_answer = True
+    assert ctl.stop("web", home, out=io_.out, err=io_.err) == 0
+    assert io_.out.getvalue() == "stopped (the primary exited)\n"
+
+
+def test_stop_with_no_primary_exits_2(home: Path, io_: Streams) -> None:
+    assert ctl.stop("web", home, out=io_.out, err=io_.err) == 2
+    assert "no primary named 'web'" in io_.err.getvalue()
