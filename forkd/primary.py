@@ -248,9 +248,6 @@ class Primary:
         control = self.options.control
         now = time.monotonic()
         command = request.command
-        if command == "ping":
-            control.reply_ok(peer, request.id, {"name": self.options.name, "pid": os.getpid()})
-            return
         if command == "status":
             control.reply_ok(peer, request.id, self.status_document(now))
             return
@@ -260,9 +257,11 @@ class Primary:
         elif command == "scale":
             try:
                 count = protocol.parse_scale(str(request.args["count"]), self.supervisor.target)
-            except (ValueError, protocol.ProtocolError) as exc:
-                control.reply_error(peer, request.id, protocol.Code.BAD_REQUEST,
-                                    getattr(exc, "message", str(exc)))
+            except protocol.ProtocolError as exc:
+                control.reply_error(peer, request.id, exc.code, exc.message)
+                return
+            except ValueError as exc:
+                control.reply_error(peer, request.id, protocol.Code.BAD_REQUEST, str(exc))
                 return
             error = self._operate("scale", lambda: self.supervisor.request_scale(count, now),
                                   who)
@@ -303,6 +302,8 @@ class Primary:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         ours.setblocking(False)
         close_fds = [ours.fileno(), self.wake_r, self.wake_w]
+        if self.options.control is not None:
+            close_fds += self.options.control.child_close_fds()
         close_fds += [channel.fileno() for channel in self.channels.values()]
         spec = WorkerSpec(
             slot=action.slot, workers=self.supervisor.target, name=self.options.name,
