@@ -80,6 +80,9 @@ class Reload:
     started_at: float
     done: int = 0
     active: dict[int, float] = field(default_factory=dict)  # slot -> step start
+    # replaced workers that may still accept: the reload is done only once each has
+    # closed its listeners (or exited), so no request reaches old code afterwards
+    old_accepting: set[int] = field(default_factory=set)
 
     def describe(self) -> str:
         return f"reload in progress ({self.done}/{self.total})"
@@ -217,8 +220,18 @@ class Supervisor:
             return self._check_requests(worker, now)
         if data.startswith(b"ready"):
             return self._ready(worker, data[6:].decode("ascii", "replace") or None, now)
+        if data == b"draining":
+            return self._stopped_accepting(worker, now)
         if data.startswith(b"error "):
             worker.error = data[6:].decode("utf-8", "replace")
+        return []
+
+    def _stopped_accepting(self, worker: Worker, now: float) -> list[Action]:
+        worker.stopped_accepting = True
+        op = self.operation
+        if isinstance(op, Reload) and worker.pid in op.old_accepting:
+            op.old_accepting.discard(worker.pid)
+            return self._reload_next(now)
         return []
 
     def _ready(self, worker: Worker, interface: str | None, now: float) -> list[Action]:
@@ -265,6 +278,8 @@ class Supervisor:
             op = self.operation
             op.active.pop(slot.id)
             op.done += 1
+            if old is not None and not old.stopped_accepting:
+                op.old_accepting.add(old.pid)
             old_pid = old.pid if old is not None else "-"
             actions.append(Progress(
                 f"slot {slot.id} ({op.done}/{op.total}): pid {old_pid} → {new.pid}, "
@@ -357,6 +372,9 @@ class Supervisor:
             self.operation.removing.discard(pid)
             actions.append(Progress(f"slot {worker.slot}: pid {pid} drained"))
             actions += self._maybe_finish_scale()
+        if isinstance(self.operation, Reload) and pid in self.operation.old_accepting:
+            self.operation.old_accepting.discard(pid)
+            actions += self._reload_next(now)
         if slot is None:
             return actions
         if slot.replacement == pid:
@@ -494,7 +512,7 @@ class Supervisor:
             slot.replace_reason = "reload"
             slot.replace_pending = True
             actions.append(Spawn(slot.id, replacement=True))
-        if not op.slots and not op.active:
+        if not op.slots and not op.active and not op.old_accepting:
             self.operation = None
             self.announced_ready = self.all_ready()
             seconds = now - op.started_at

@@ -39,6 +39,7 @@ class Worker:
     kill_at: float | None = None  # SIGKILL when still alive at this time
     aborted: bool = False  # SIGABRT sent for a hang
     memory_strikes: int = 0
+    stopped_accepting: bool = False  # it said it closed its listeners (draining)
     error: str | None = None  # what it reported before failing
 
     def move(self, new: WorkerState) -> None:

@@ -177,6 +177,7 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         server.close()
     for sock in spec.listeners:
         sock.close()
+    _send(channel, b"draining")
     state.start_drain()
     deadline = loop.time() + config.graceful_timeout
     while state.connections and loop.time() < deadline:

@@ -172,11 +172,16 @@ def test_rolling_reload_replaces_one_slot_at_a_time_ready_first_then_drains_the_
     assert new1 is not None
     actions = h.run(sup.message(new1, b"ready", 10.4), 10.4)
     assert Signal(old[1], signal.SIGTERM) in actions
+    # not done while an old worker may still accept a connection
+    assert not any(isinstance(a, Finish) for a in actions)
+    assert h.run(sup.message(old[0], b"draining", 10.5), 10.5) == []
+    actions = h.run(sup.message(old[1], b"draining", 10.6), 10.6)
     finish = [a for a in actions if isinstance(a, Finish)]
     assert finish and finish[0].ok
     assert Notify("ready") in actions
     assert {occupant(sup, 0), occupant(sup, 1)} == {new0, new1}
     # the drained workers leave; nothing respawns and nothing counts as a restart
+    assert sup.operation is None
     for pid in old:
         assert not any(isinstance(a, Spawn) for a in h.run(sup.exited(pid, 0, None, 11), 11))
     assert [s.restarts for s in sup.table.slots.values()] == [0, 0]
