@@ -131,6 +131,9 @@ class Supervisor:
         self.any_ready = False
         self.announced_ready = False
         self.exit_code: int | None = None
+        # replacements for health reasons since start, by kind (shown in status)
+        self.counters: dict[str, int] = {"crashed": 0, "killed": 0, "memory": 0,
+                                         "timeout": 0, "max-requests": 0}
         for slot_id in range(workers):
             self.table.slots[slot_id] = Slot(slot_id)
 
@@ -270,6 +273,7 @@ class Supervisor:
         if old is not None:
             if reason not in ("reload", "scale"):
                 slot.restarts += 1
+                self._count(reason)
             slot.last_exit = reason
             actions += self._drain(old, reason, now)
             actions.append(Log("worker-replaced", {"slot": slot.id, "old": old.pid,
@@ -391,6 +395,7 @@ class Supervisor:
         slot.pid = None
         slot.last_exit = reason
         slot.restarts += 1
+        self._count(reason)
         actions: list[Action] = []
         if (not self.any_ready and worker.ready_at is None
                 and code in (EXIT_APP_LOAD, EXIT_BOOT)):
@@ -421,6 +426,11 @@ class Supervisor:
             return actions
         slot.spawn_pending = True
         return actions + [Spawn(slot.id)]
+
+    def _count(self, reason: str) -> None:
+        kind = reason.split(":", 1)[0]
+        if kind in self.counters:
+            self.counters[kind] += 1
 
     # -- time --------------------------------------------------------------------------------------
     def tick(self, now: float) -> list[Action]:

@@ -149,6 +149,9 @@ class Primary:
         if now >= self.next_status and self.notifier.enabled:
             self.next_status = now + STATUS_EVERY
             self.notifier.status(self._status_line(now))
+            if self.supervisor.operation is not None or not self.supervisor.announced_ready:
+                # a long start-up, reload or drain is progressing: ask systemd for more time
+                self.notifier.extend_timeout(STATUS_EVERY * 3)
 
     def _status_line(self, now: float) -> str:
         total = sum(w.requests for w in self.supervisor.table.workers.values())
@@ -373,6 +376,7 @@ class Primary:
             "started_at": self.options.started_at,
             "workers": rows,
             "target": self.supervisor.target,
+            "health": dict(self.supervisor.counters),
             "operation": operation.describe() if operation is not None else None,
         }
 

@@ -104,6 +104,7 @@ def _main(spec: WorkerSpec) -> int:
     _reset_inherited(spec)
     os.environ["FORKD_WORKER_ID"] = str(spec.slot)
     os.environ["FORKD_WORKERS"] = str(spec.workers)
+    os.environ.pop("NOTIFY_SOCKET", None)  # only the primary speaks to systemd
     forkd_log.setup(f"forkd.worker.{spec.slot}")
     _set_title(spec)
     faulthandler.enable(file=sys.stderr, all_threads=True)  # SIGABRT on a hang shows where

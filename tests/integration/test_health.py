@@ -53,6 +53,7 @@ def test_worker_over_the_memory_limit_is_replaced_without_failing_a_request(
     assert worker["pid"] != old and worker["restarts"] == 1
     assert worker["last_exit"].startswith("memory: ") and worker["last_exit"].endswith("> 150M")
     assert "event=worker-replacing slot=0" in proc.output()
+    assert status(proc.env)["health"]["memory"] == 1
 
 
 @pytest.mark.timeout(90)
