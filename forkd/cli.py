@@ -206,6 +206,42 @@ def scale(words: tuple[str, ...]) -> None:
     sys.exit(ctl.scale(name, _home(), count))
 
 
+@cli.command(name="systemd-unit")
+@click.argument("app")
+@_start_options
+@click.option("--user", default="forkd", show_default=True, help="the unit's User=")
+@click.option("--exec-path", default=None,
+              help="absolute path of the forkd command (default: this forkd)")
+@click.option("--working-directory", default=None,
+              help="the app's directory (default: the current directory)")
+@click.option("--socket", "socket_activated", is_flag=True,
+              help="also print a .socket unit: systemd binds, forkd inherits")
+def systemd_unit(app: str, user: str, exec_path: str | None, working_directory: str | None,
+                 socket_activated: bool, **given: Any) -> None:
+    """Print a systemd service unit (Type=notify, hardened) that runs APP with these options.
+
+    \b
+    Example:
+      forkd systemd-unit sample_app.asgi:app -w 4 --max-memory 512M > forkd-sample_app.service
+    """
+    import shutil
+
+    from forkd.units import render_service, render_socket
+
+    options = {k: (list(v) if k == "bind" else v) for k, v in given.items()
+               if v is not None and v != ()}
+    exec_path = exec_path or shutil.which("forkd") or str(Path(sys.argv[0]).resolve())
+    try:
+        text = render_service(app, options, user=user, exec_path=exec_path,
+                              working_directory=working_directory or os.getcwd(),
+                              socket_activated=socket_activated)
+        if socket_activated:
+            text += "\n" + render_socket(app, options)
+    except ConfigError as exc:
+        _fail(f"error: {exc}", EXIT_USAGE)
+    click.echo(text, nl=False)
+
+
 @cli.command(name="ls")
 def list_primaries() -> None:
     """Every forkd primary running under FORKD_HOME, one row each.
