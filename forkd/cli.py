@@ -230,7 +230,9 @@ def systemd_unit(app: str, user: str, exec_path: str | None, working_directory: 
 
     options = {k: (list(v) if k == "bind" else v) for k, v in given.items()
                if v is not None and v != ()}
-    exec_path = exec_path or shutil.which("forkd") or str(Path(sys.argv[0]).resolve())
+    beside_python = Path(sys.executable).parent / "forkd"
+    exec_path = exec_path or (str(beside_python) if beside_python.is_file() else None) \
+        or shutil.which("forkd") or "/usr/local/bin/forkd"
     try:
         text = render_service(app, options, user=user, exec_path=exec_path,
                               working_directory=working_directory or os.getcwd(),
