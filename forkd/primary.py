@@ -136,6 +136,7 @@ class Primary:
         self._run_deferred()
 
     def _housekeeping(self) -> None:
+        self._reap()  # cheap, and no exit waits for a SIGCHLD that was folded into another
         now = time.monotonic()
         self._execute(self.supervisor.tick(now))
         if self.config.max_memory is not None and now >= self.next_memory:

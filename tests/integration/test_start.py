@@ -40,6 +40,13 @@ def test_start_serve_and_graceful_stop(run_forkd) -> None:
     assert len(proc.worker_pids()) == 2
     seen = {json.loads(request(port, path="/pid")[2])["workers"] for _ in range(5)}
     assert seen == {"2"}
+    try:
+        import setproctitle  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        titles = sorted(" ".join(psutil.Process(pid).cmdline()) for pid in proc.worker_pids())
+        assert titles[0].startswith("forkd: worker 0 [testapp] testapp:app"), titles
     proc.signal(signal.SIGTERM)
     assert proc.wait(30) == 0, proc.describe()
     out = proc.output()
