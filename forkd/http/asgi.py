@@ -156,7 +156,7 @@ class ASGICycle:
             return
         proto = self.proto
         self.complete = True
-        if self.started:
+        if self.started and not self.status:  # status is cleared once the head is written
             proto.abort()  # part of a response is out: the client must see it is cut
         else:
             proto.write(error_response(500, "Internal Server Error", proto.state.date_header))
@@ -166,7 +166,7 @@ class ASGICycle:
         if self.expect_continue:
             self.expect_continue = False
             if not self.started and self.more_body:
-                self.proto.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.proto.send_continue()
         if not self.delivered_last:
             while not self.body and self.more_body and not self.disconnected:
                 await self._wait()

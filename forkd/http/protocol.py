@@ -135,6 +135,8 @@ class HttpProtocol(asyncio.Protocol):
         self.idle_since: float | None = None
         self.linger_until: float | None = None
         self.pending_error: tuple[int, str] | None = None
+        self.body_received = 0  # body bytes of the request being parsed, for --max-body-size
+        self.response_begun = False  # bytes of the current cycle's final response are out
         self.closed = False
 
     # -- connection events ------------------------------------------------
@@ -215,8 +217,11 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
+        self.body_received = 0
         self.idle_since = None
-        self.request_started = self.state.now
+        # the exact time, not the coarse clock (up to a tick old): a client gets its
+        # whole --header-timeout, never less
+        self.request_started = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -229,26 +234,44 @@ class HttpProtocol(asyncio.Protocol):
             raise RequestError(431, "Request Header Fields Too Large: too many header fields")
         if len(name) + len(value) > self.limit_field:
             raise RequestError(431, "Request Header Fields Too Large")
-        headers.append((name.lower(), value))
+        # llhttp drops the whitespace before a value but not after it (RFC 9112 5: not part of it)
+        headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):  # llhttp also parses HTTP/0.9 and HTTP/2.0 lines
+            raise RequestError(505, "HTTP Version Not Supported")
+        target = self.url
+        if target[:1] != b"/" and target != b"*":
+            try:  # absolute-form; anything else (authority-form of CONNECT) is refused
+                httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                raise RequestError(400, "Bad Request: invalid request target") from None
         content_length = None
+        hosts = 0
         for name, value in self.headers:
             if name == b"content-length":
                 content_length = int(value)  # llhttp has checked it is a number
-                break
+            elif name == b"host":
+                hosts += 1
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            # RFC 9112 3.2: a 1.1 request has exactly one Host; two invite cache poisoning
+            raise RequestError(400, "Bad Request: an HTTP/1.1 request needs one Host header")
         if content_length is not None and content_length > self.max_body:
             raise RequestError(413, "Content Too Large")
-        keep_alive = parser.should_keep_alive() and not self.state.draining
+        # An Upgrade is never performed, and httptools drops every byte after an upgrade
+        # request: the connection cannot carry another request, so it closes after this one.
+        keep_alive = (parser.should_keep_alive() and not self.state.draining
+                      and not parser.should_upgrade())
         factory = self.state.cycle_factory
         assert factory is not None
         cycle = factory(
             self,
             parser.get_method().decode("ascii"),
-            self.url,
+            target,
             self.headers,
-            parser.get_http_version(),
+            version,
             keep_alive,
         )
         self.request_started = None
@@ -256,6 +279,7 @@ class HttpProtocol(asyncio.Protocol):
         self.parsing = cycle
         if self.cycle is None:
             self.cycle = cycle
+            self.response_begun = False
             cycle.start()
         else:
             self.pipeline.append(cycle)
@@ -265,9 +289,12 @@ class HttpProtocol(asyncio.Protocol):
         cycle = self.parsing
         if cycle is None:
             return
-        cycle.feed_body(body)
-        if cycle.body_buffered() > self.max_body:
+        # the whole body counts, not what is buffered: an app draining it as it
+        # arrives must still never be handed more than the limit
+        self.body_received += len(body)
+        if self.body_received > self.max_body:
             raise RequestError(413, "Content Too Large")
+        cycle.feed_body(body)
         if cycle.body_buffered() > HIGH_WATER:
             self.pause_reading()
 
@@ -278,8 +305,15 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- called by cycles -----------------------------------------------------
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
+        # nothing more goes out once closing began (a cycle detached by reject may still write)
+        if not self.closed and self.transport is not None and self.linger_until is None:
+            self.response_begun = True
             self.transport.write(data)
+
+    def send_continue(self) -> None:
+        """The interim 100 (Continue): not the start of the final response."""
+        if not self.closed and self.transport is not None and self.linger_until is None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def response_done(self, cycle: Cycle, keep_alive: bool) -> None:
         """The cycle's response is complete: start the next pipelined request, or go idle."""
@@ -295,6 +329,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.pipeline:
             self.cycle = self.pipeline.popleft()
+            self.response_begun = False
             self.cycle.start()
             return
         if self.pending_error is not None:
@@ -307,6 +342,20 @@ class HttpProtocol(asyncio.Protocol):
 
     def reject(self, status: int, message: str) -> None:
         """Refuse a request before it reaches the app; the connection then closes."""
+        broken = self.parsing  # a request whose body can now never arrive whole
+        self.parsing = None
+        if broken is not None and broken is not self.cycle:
+            self.pipeline.remove(broken)  # queued, never started: the error answers it
+        elif broken is not None:
+            # The request being answered lost its body: its app is told the client went,
+            # and the error replaces its response, unless that response is already going
+            # out (then only a cut connection can tell the client).
+            self.cycle = None
+            broken.disconnect()
+            if self.response_begun:
+                log.info("cut a response to %s: %d %s", self.client, status, message)
+                self.abort()
+                return
         if self.cycle is not None:
             # the current request is still being answered: refuse after it
             self.pending_error = (status, message)

@@ -163,7 +163,17 @@ class BodyInput:
                 if not part:
                     return b"".join(parts)
                 parts.append(part)
-        return self._take(size) if size else b""
+        # read(n) returns n bytes unless the body ends first, as a file does: apps
+        # read(int(CONTENT_LENGTH)) once and take a short read for the whole body.
+        parts = []
+        missing = size
+        while missing > 0:
+            part = self._take(missing)
+            if not part:
+                break
+            parts.append(part)
+            missing -= len(part)
+        return b"".join(parts)
 
     def readline(self, size: int | None = -1) -> bytes:
         size = -1 if size is None else size
@@ -244,10 +254,10 @@ class WSGICycle:
         elif self.length is not None and self.length <= SMALL_BODY:
             self.wait_for_body = True
             if self.expect_continue:
-                self.proto.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.proto.send_continue()
         else:
             if self.expect_continue:
-                self.proto.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.proto.send_continue()
             self.stream = BodyInput(self._resume_soon)
             if self.body:
                 self.stream.feed(self.body)

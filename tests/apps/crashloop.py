@@ -5,7 +5,7 @@ import threading
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        message = await receive()
+        await receive()
         await send({"type": "lifespan.startup.complete"})
         threading.Timer(0.05, os._exit, (1,)).start()
         await receive()

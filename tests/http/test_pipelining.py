@@ -1,0 +1,192 @@
+"""Connection reuse on both interfaces: pipelined requests answered in order, keep-alive,
+HTTP/1.0, `Expect: 100-continue`, HEAD framing, absolute-form targets, and an Upgrade
+the server does not perform."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from httpkit import Conn, Served, pattern
+
+pytestmark = pytest.mark.integration
+
+APPS = {"asgi": "http_asgi_probe:app", "wsgi": "http_wsgi_validate:app"}
+
+
+@pytest.fixture(scope="module", params=sorted(APPS))
+def server(request: pytest.FixtureRequest, serve) -> Served:
+    return serve(APPS[request.param])
+
+
+def get(target: str, extra: str = "", version: str = "1.1") -> bytes:
+    return f"GET {target} HTTP/{version}\r\nHost: test\r\n{extra}\r\n".encode("latin-1")
+
+
+def post(target: str, body: bytes, extra: str = "") -> bytes:
+    head = f"POST {target} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    return head.encode("latin-1") + body
+
+
+@pytest.mark.timeout(30)
+def test_pipelined_requests_are_answered_in_order(server: Served) -> None:
+    """A slow first request must not let the quick ones behind it overtake it."""
+    with Conn.open(server.port) as conn:
+        conn.send(get("/slow?ms=300") + get("/sized?n=3") + post("/echo", b"ping")
+                  + get("/slow?ms=10") + get("/sized?n=1"))
+        bodies = [conn.read_response().body for _ in range(5)]
+        assert bodies == [b"slow 300", b"xxx", b"ping", b"slow 10", b"x"]
+        conn.send(get("/sized?n=2"))
+        response = conn.read_response()
+        assert (response.status, response.body) == (200, b"xx")
+        assert not conn.server_closed(0.2)
+
+
+@pytest.mark.timeout(30)
+def test_many_pipelined_requests_in_one_write(server: Served) -> None:
+    count = 60
+    with Conn.open(server.port) as conn:
+        conn.send(b"".join(get(f"/sized?n={n}") for n in range(count)))
+        sizes = [len(conn.read_response().body) for _ in range(count)]
+        assert sizes == list(range(count))
+        assert not conn.server_closed(0.2)
+
+
+@pytest.mark.timeout(30)
+def test_keep_alive_serves_many_requests_on_one_connection(server: Served) -> None:
+    with Conn.open(server.port) as conn:
+        for n in range(1, 8):
+            conn.send(get(f"/sized?n={n}") if n % 2 else post("/echo", b"b" * n))
+            response = conn.read_response()
+            assert response.status == 200
+            assert len(response.body) == n
+            assert not response.closes
+        assert not conn.server_closed(0.2)
+
+
+@pytest.mark.timeout(30)
+def test_connection_close_ends_the_pipeline(server: Served) -> None:
+    with Conn.open(server.port) as conn:
+        conn.send(get("/sized?n=1", "Connection: close\r\n") + get("/sized?n=2"))
+        response = conn.read_response()
+        assert (response.status, response.body) == (200, b"x")
+        assert response.closes
+        assert conn.server_closed()  # the second request is not answered
+
+
+@pytest.mark.timeout(30)
+def test_http10_closes_by_default(server: Served) -> None:
+    with Conn.open(server.port) as conn:
+        conn.send(b"GET /sized?n=5 HTTP/1.0\r\n\r\n")
+        response = conn.read_response()
+        assert (response.status, response.body) == (200, b"xxxxx")
+        assert response.header("content-length") == "5"
+        assert conn.server_closed()
+
+
+@pytest.mark.timeout(30)
+def test_http10_keep_alive(server: Served) -> None:
+    with Conn.open(server.port) as conn:
+        for n in (3, 4):
+            conn.send(get(f"/sized?n={n}", "Connection: keep-alive\r\n", "1.0"))
+            response = conn.read_response()
+            assert (response.status, len(response.body)) == (200, n)
+            assert (response.header("connection") or "").lower() == "keep-alive"
+        assert not conn.server_closed(0.2)
+
+
+@pytest.mark.timeout(30)
+def test_http10_streamed_response_is_close_delimited(server: Served) -> None:
+    """HTTP/1.0 has no chunked coding: a body of unknown length ends with the connection."""
+    size = 300_000
+    with Conn.open(server.port) as conn:
+        conn.send(get(f"/stream?n={size}&chunk=7000", "Connection: keep-alive\r\n", "1.0"))
+        response = conn.read_response()
+        assert response.status == 200
+        assert response.header("transfer-encoding") is None
+        assert hashlib.sha256(response.body).digest() == hashlib.sha256(pattern(size)).digest()
+
+
+@pytest.mark.timeout(30)
+def test_expect_100_continue(server: Served) -> None:
+    body = b"the body, sent only when invited"
+    with Conn.open(server.port) as conn:
+        conn.send(post("/echo", b"", "Expect: 100-continue\r\n").replace(
+            b"Content-Length: 0", b"Content-Length: %d" % len(body)))
+        interim = conn.read_response()
+        assert interim.status == 100
+        conn.send(body)
+        final = conn.read_response()
+        assert (final.status, final.body) == (200, body)
+        conn.send(get("/sized?n=2"))  # the connection is still good
+        assert conn.read_response().body == b"xx"
+
+
+@pytest.mark.timeout(30)
+def test_expect_100_continue_with_a_large_body(server: Served) -> None:
+    body = pattern(500_000)
+    with Conn.open(server.port) as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        assert conn.read_response().status == 100
+        conn.send(body)
+        final = conn.read_response()
+        assert final.status == 200
+        assert final.body == body
+
+
+@pytest.mark.timeout(30)
+def test_expect_is_ignored_for_http10(server: Served) -> None:
+    body = b"0123456789"
+    with Conn.open(server.port) as conn:
+        conn.send(b"POST /echo HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n"
+                  + body)
+        response = conn.read_response()
+        assert (response.status, response.body) == (200, body)  # no interim 100 first
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("target", ["/sized?n=1234", "/stream?n=5000&chunk=1000"])
+def test_head_has_headers_but_no_body(server: Served, target: str) -> None:
+    """HEAD gets the GET's headers (a sized body's content-length included) and not
+    one body byte: a stray byte would corrupt the next response on the connection."""
+    with Conn.open(server.port) as conn:
+        conn.send(get(target))
+        as_get = conn.read_response()
+        conn.send(get(target).replace(b"GET", b"HEAD", 1) + get("/sized?n=2"))
+        as_head = conn.read_response(method="HEAD")
+        after = conn.read_response()
+    assert as_head.status == as_get.status == 200
+    if "sized" in target:
+        assert as_head.header("content-length") == "1234" == as_get.header("content-length")
+    else:
+        assert len(as_get.body) == 5000
+    assert as_head.header("content-type") == as_get.header("content-type")
+    assert (after.status, after.body) == (200, b"xx")
+
+
+@pytest.mark.timeout(30)
+def test_absolute_form_target(server: Served) -> None:
+    with Conn.open(server.port) as conn:
+        conn.send(b"GET http://example.com:8080/sized?n=4 HTTP/1.1\r\nHost: example.com:8080"
+                  b"\r\n\r\n")
+        response = conn.read_response()
+        assert (response.status, response.body) == (200, b"xxxx")
+
+
+@pytest.mark.timeout(30)
+def test_unperformed_upgrade_leaves_the_connection_usable(server: Served) -> None:
+    """The server ignores `Upgrade` (RFC 9110 7.8 allows it) and answers in HTTP/1.1;
+    a request pipelined behind it is then answered too, unless the first answer said
+    it closes the connection."""
+    with Conn.open(server.port, timeout=4) as conn:
+        conn.send(get("/sized?n=3", "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                                    "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n")
+                  + get("/sized?n=2"))
+        first = conn.read_response()
+        assert (first.status, first.body) == (200, b"xxx")
+        if first.closes:
+            assert conn.server_closed()
+        else:
+            second = conn.read_response()
+            assert (second.status, second.body) == (200, b"xx")
