@@ -31,9 +31,11 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
 
 
 def decode_path(raw_path: bytes) -> str:
+    """The ASGI `path`: percent-decoded UTF-8; invalid bytes become U+FFFD (the exact
+    bytes stay in `raw_path`)."""
     if b"%" not in raw_path:
-        return raw_path.decode("latin-1")
-    return unquote_to_bytes(raw_path).decode("utf-8", "surrogateescape")
+        return raw_path.decode("latin-1")  # llhttp lets only ASCII through
+    return unquote_to_bytes(raw_path).decode("utf-8", "replace")
 
 
 class ASGICycle:

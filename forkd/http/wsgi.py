@@ -12,8 +12,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
-from forkd.http.asgi import decode_path, split_target
+from forkd.http.asgi import split_target
 from forkd.http.protocol import HIGH_WATER, HttpProtocol, error_response, status_line
 
 log = logging.getLogger("forkd.http")
@@ -36,7 +37,8 @@ def build_environ(
     body: Any,
 ) -> dict[str, Any]:
     """The PEP 3333 environ of one request; pure, so it is tested alone."""
-    path = decode_path(raw_path).encode("utf-8", "surrogateescape").decode("latin-1")
+    # PEP 3333: the percent-decoded bytes, as latin-1 text
+    path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode("latin-1")
     if root_path and (path == root_path or path.startswith(root_path + "/")):
         path = path[len(root_path) :]
     server_name, server_port = server if server else ("", None)
@@ -66,6 +68,10 @@ def build_environ(
             continue
         if name == b"content-type":
             environ["CONTENT_TYPE"] = value.decode("latin-1")
+            continue
+        if b"_" in name:
+            # X_User would land on the same key as X-User: a proxy that strips or checks
+            # one spelling could be bypassed with the other, so underscores are dropped
             continue
         key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
         text = value.decode("latin-1")

@@ -53,9 +53,10 @@ def test_decode_path(raw: bytes, expected: str) -> None:
     assert decode_path(raw) == expected
 
 
-def test_decode_path_keeps_invalid_utf8_recoverable() -> None:
+def test_decode_path_replaces_invalid_utf8_so_apps_can_encode_it() -> None:
     text = decode_path(b"/%FF%FE")
-    assert text.encode("utf-8", "surrogateescape") == b"/\xff\xfe"
+    assert text == "/\ufffd\ufffd"
+    assert text.encode("utf-8")  # an app calling path.encode() does not crash
 
 
 def _environ(**overrides: Any) -> dict[str, Any]:
@@ -129,6 +130,7 @@ def test_environ_headers() -> None:
         (b"cookie", b"b=2"),
         (b"accept", b"text/html"),
         (b"x-latin", b"caf\xe9"),
+        (b"x_forwarded_for", b"6.6.6.6"),  # would pose as X-Forwarded-For
     ])
     assert environ["CONTENT_TYPE"] == "application/json"
     assert environ["CONTENT_LENGTH"] == "12"
@@ -136,6 +138,7 @@ def test_environ_headers() -> None:
     assert "HTTP_CONTENT_LENGTH" not in environ
     assert environ["HTTP_HOST"] == "example.com"
     assert environ["HTTP_X_FORWARDED_FOR"] == "1.1.1.1,2.2.2.2"  # RFC 9110 5.3 list join
+    # (and the underscore spelling is dropped rather than merged in)
     assert environ["HTTP_COOKIE"] == "a=1; b=2"  # cookies join with "; " (RFC 6265 5.4)
     assert environ["HTTP_ACCEPT"] == "text/html"
     assert environ["HTTP_X_LATIN"] == "caf\u00e9"  # bytes as latin-1
