@@ -41,13 +41,9 @@ def reload(
     timeout: float = LONG_TIMEOUT,
 ) -> int:
     """Rolling reload, printing each step as the primary reports it."""
-    out, err = out or sys.stdout, err or sys.stderr
-    code, result = _request(
-        "reload", {}, name, home, out, err, endpoint=endpoint, timeout=timeout, progress=True
+    return _act(
+        "reload", {}, "reload complete", name, home, out, err, endpoint=endpoint, timeout=timeout
     )
-    if result is not None:
-        _print(out, _message(result, "reload complete"))
-    return code
 
 
 def stop(
@@ -61,14 +57,10 @@ def stop(
     timeout: float = LONG_TIMEOUT,
 ) -> int:
     """Stop the primary (gracefully: in-flight requests finish first)."""
-    out, err = out or sys.stdout, err or sys.stderr
-    code, result = _request(
-        "stop", {"graceful": graceful}, name, home, out, err,
-        endpoint=endpoint, timeout=timeout, progress=True, gone_is_done=True,
-    )
-    if result is not None:
-        _print(out, _message(result, "stopped"))
-    return code
+    return _act(
+        "stop", {"graceful": graceful}, "stopped", name, home, out, err,
+        endpoint=endpoint, timeout=timeout, gone_is_done=True,
+    )  # fmt: skip
 
 
 def scale(
@@ -82,18 +74,15 @@ def scale(
     timeout: float = LONG_TIMEOUT,
 ) -> int:
     """Set the worker count: "N", "+N" or "-N"."""
-    out, err = out or sys.stdout, err or sys.stderr
     try:
         args = validate_args("scale", {"count": count_text})
     except ProtocolError as exc:
-        _print(err, f"forkd {exc.message}")  # the message starts with "scale: "
+        _print(err or sys.stderr, f"forkd {exc.message}")  # the message starts with "scale: "
         return EXIT_USAGE
-    code, result = _request(
-        "scale", args, name, home, out, err, endpoint=endpoint, timeout=timeout, progress=True
-    )
-    if result is not None:
-        _print(out, _message(result, f"scaled ({count_text})"))
-    return code
+    return _act(
+        "scale", args, f"scaled ({count_text})", name, home, out, err,
+        endpoint=endpoint, timeout=timeout,
+    )  # fmt: skip
 
 
 def status(
@@ -125,6 +114,7 @@ def ls(
     *,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    endpoint: str | None = None,
     timeout: float = STATUS_TIMEOUT,
 ) -> int:
     """One row per primary under FORKD_HOME (name, pid, workers, app, endpoint)."""
@@ -246,6 +236,30 @@ def _sort_number(value: object) -> float:
 
 
 # ------------------------------------------------------------------------- plumbing
+
+
+def _act(
+    command: str,
+    args: dict[str, Any],
+    done: str,
+    name: str | None,
+    home: Path,
+    out: TextIO | None,
+    err: TextIO | None,
+    *,
+    endpoint: str | None,
+    timeout: float,
+    gone_is_done: bool = False,
+) -> int:
+    """A mutating command: progress lines as they come, then the result's message or `done`."""
+    out, err = out or sys.stdout, err or sys.stderr
+    code, result = _request(
+        command, args, name, home, out, err,
+        endpoint=endpoint, timeout=timeout, progress=True, gone_is_done=gone_is_done,
+    )  # fmt: skip
+    if result is not None:
+        _print(out, _message(result, done))
+    return code
 
 
 def _request(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -18,52 +17,30 @@ from typing import cast
 
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sample_app import redis_common as rc
 from sample_app.core import Visit
-from sample_app.settings import Settings, redis_location
-from sample_app.store import StoreUnavailable, new_sid
+from sample_app.settings import Settings
+from sample_app.store import new_sid
 
 log = logging.getLogger("sample_app")
-_RESUBSCRIBE_MAX_DELAY_S = 1.0
 
 
-class AsyncRedisStore:
+class AsyncRedisStore(rc.RedisStoreBase):
     def __init__(self, settings: Settings) -> None:
-        if not settings.redis_url:
-            raise ValueError("AsyncRedisStore needs settings.redis_url")
-        self._location = redis_location(settings.redis_url)
-        self._session_ttl = settings.session_ttl
-        # Blocking pool: under a burst, a request waits briefly for a free connection instead
-        # of failing at once; the wait is bounded by the same short timeout.
+        super().__init__(settings)
         self._pool = aredis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_pool_size,
-            timeout=settings.redis_timeout,
-            socket_timeout=settings.redis_timeout,
-            socket_connect_timeout=settings.redis_timeout,
-            # One immediate retry replaces a pooled connection that died with a Redis restart;
-            # redis-py's default (many retries with backoff) would hold a request for seconds.
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=10,
+            self._url, **rc.pool_options(settings, Retry)
         )
         self._client = aredis.Redis(connection_pool=self._pool)
         self._count_visit = self._client.register_script(rc.COUNT_VISIT_LUA)
-        self._cache = rc.SubscribedCache(settings.cache_size, settings.cache_ttl)
         self._listener: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
     def pool_size(self) -> int:
         return int(self._pool.max_connections)
-
-    @property
-    def subscribed(self) -> bool:
-        return self._cache.subscribed
 
     async def start(self) -> None:
         """Start the invalidation listener. Redis may be down: it keeps retrying."""
@@ -113,75 +90,45 @@ class AsyncRedisStore:
         async with self._errors():
             previous = await self._client.set(rc.item_key(item_id), value, get=True)
             self._cache.invalidate(item_id)
-            token = secrets.token_hex(8)
-            message = rc.encode_invalidation(item_id, token)
+            token, message = rc.new_invalidation(item_id)
             receivers = int(await self._client.publish(rc.INVALIDATION_CHANNEL, message))
             await self._collect_acks(token, receivers, item_id)
         return previous is None
 
     async def _collect_acks(self, token: str, receivers: int, item_id: str) -> None:
         key = rc.ack_key(token)
-        deadline = time.monotonic() + rc.ACK_TIMEOUT_S
-        acked = 0
-        while acked < receivers:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                log.warning(
-                    "item %r: %d of %d workers confirmed the invalidation within %.1fs",
-                    item_id,
-                    acked,
-                    receivers,
-                    rc.ACK_TIMEOUT_S,
-                )
-                break
-            # BLPOP's timeout 0 means "forever": never let the rounding reach it.
-            wait = max(0.01, min(remaining, rc.ACK_POLL_S))
-            if await self._client.blpop([key], timeout=wait) is not None:
-                acked += 1
+        acks = rc.AckWait(item_id, receivers, time.monotonic())
+        while (wait := acks.next_wait(time.monotonic())) is not None:
+            acks.popped(await self._client.blpop([key], timeout=wait))
         await self._client.delete(key)
 
     async def _listen(self) -> None:
-        delay = 0.05
         while not self._stopping:
             pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(rc.INVALIDATION_CHANNEL)
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
-                        self._cache.subscribed_now()
-                        delay = 0.05
-                    elif message["type"] == "message":
-                        await self._invalidate(message["data"])
+                    ack_list = self._feed.on_message(message)
+                    if ack_list is not None:
+                        await self._acknowledge(ack_list)
             except (RedisError, OSError) as exc:
-                if self._cache.subscribed:
-                    log.warning("invalidation channel lost (%s); item cache off until back", exc)
+                self._feed.lost(exc)
             finally:
-                self._cache.unsubscribed_now()
+                delay = self._feed.closed()
                 with suppress(RedisError, OSError):
                     await pubsub.aclose()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _RESUBSCRIBE_MAX_DELAY_S)
 
-    async def _invalidate(self, data: bytes) -> None:
-        decoded = rc.decode_invalidation(data)
-        if decoded is None:
-            return
-        item_id, token = decoded
-        self._cache.invalidate(item_id)
-        key = rc.ack_key(token)
+    async def _acknowledge(self, ack_list: str) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, os.getpid())
-            pipe.expire(key, rc.ACK_LIST_TTL_S)
+            pipe.rpush(ack_list, os.getpid())
+            pipe.expire(ack_list, rc.ACK_LIST_TTL_S)
             await pipe.execute()
 
     @asynccontextmanager
     async def _errors(self) -> AsyncIterator[None]:
         try:
             yield
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(
-                f"Redis at {self._location} is unavailable: {exc or type(exc).__name__}"
-            ) from exc
+        except rc.UNAVAILABLE_ERRORS as exc:
+            raise rc.unavailable(self._location, exc) from exc

@@ -7,9 +7,7 @@ connection. The invalidation listener is a daemon thread with its own pub/sub co
 
 from __future__ import annotations
 
-import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -17,50 +15,29 @@ from contextlib import contextmanager, suppress
 from typing import cast
 
 import redis
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from sample_app import redis_common as rc
 from sample_app.core import Visit
-from sample_app.settings import Settings, redis_location
-from sample_app.store import StoreUnavailable, new_sid
-
-log = logging.getLogger("sample_app")
-_RESUBSCRIBE_MAX_DELAY_S = 1.0
+from sample_app.settings import Settings
+from sample_app.store import new_sid
 
 
-class RedisStore:
+class RedisStore(rc.RedisStoreBase):
     def __init__(self, settings: Settings) -> None:
-        if not settings.redis_url:
-            raise ValueError("RedisStore needs settings.redis_url")
-        self._location = redis_location(settings.redis_url)
-        self._session_ttl = settings.session_ttl
-        # See redis_async for why the pool blocks briefly and retries only once, at once.
+        super().__init__(settings)
         self._pool = redis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_pool_size,
-            timeout=settings.redis_timeout,
-            socket_timeout=settings.redis_timeout,
-            socket_connect_timeout=settings.redis_timeout,
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=10,
+            self._url, **rc.pool_options(settings, Retry)
         )
         self._client = redis.Redis(connection_pool=self._pool)
         self._count_visit = self._client.register_script(rc.COUNT_VISIT_LUA)
-        self._cache = rc.SubscribedCache(settings.cache_size, settings.cache_ttl)
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
 
     @property
     def pool_size(self) -> int:
         return int(self._pool.max_connections)
-
-    @property
-    def subscribed(self) -> bool:
-        return self._cache.subscribed
 
     def start(self) -> None:
         """Start the invalidation listener thread. Redis may be down: it keeps retrying."""
@@ -105,34 +82,19 @@ class RedisStore:
         with self._errors():
             previous = self._client.set(rc.item_key(item_id), value, get=True)
             self._cache.invalidate(item_id)
-            token = secrets.token_hex(8)
-            message = rc.encode_invalidation(item_id, token)
+            token, message = rc.new_invalidation(item_id)
             receivers = int(self._client.publish(rc.INVALIDATION_CHANNEL, message))
             self._collect_acks(token, receivers, item_id)
         return previous is None
 
     def _collect_acks(self, token: str, receivers: int, item_id: str) -> None:
         key = rc.ack_key(token)
-        deadline = time.monotonic() + rc.ACK_TIMEOUT_S
-        acked = 0
-        while acked < receivers:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                log.warning(
-                    "item %r: %d of %d workers confirmed the invalidation within %.1fs",
-                    item_id,
-                    acked,
-                    receivers,
-                    rc.ACK_TIMEOUT_S,
-                )
-                break
-            wait = max(0.01, min(remaining, rc.ACK_POLL_S))
-            if self._client.blpop([key], timeout=wait) is not None:
-                acked += 1
+        acks = rc.AckWait(item_id, receivers, time.monotonic())
+        while (wait := acks.next_wait(time.monotonic())) is not None:
+            acks.popped(self._client.blpop([key], timeout=wait))
         self._client.delete(key)
 
     def _listen(self) -> None:
-        delay = 0.05
         while not self._stopping.is_set():
             pubsub = self._client.pubsub()
             try:
@@ -140,40 +102,26 @@ class RedisStore:
                 while not self._stopping.is_set():
                     # A short wait so that close() is noticed quickly.
                     message = pubsub.get_message(timeout=0.25)
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
-                        self._cache.subscribed_now()
-                        delay = 0.05
-                    elif message["type"] == "message":
-                        self._invalidate(message["data"])
+                    ack_list = self._feed.on_message(message)
+                    if ack_list is not None:
+                        self._acknowledge(ack_list)
             except (RedisError, OSError) as exc:
-                if self._cache.subscribed:
-                    log.warning("invalidation channel lost (%s); item cache off until back", exc)
+                self._feed.lost(exc)
             finally:
-                self._cache.unsubscribed_now()
+                delay = self._feed.closed()
                 with suppress(RedisError, OSError):
                     pubsub.close()
             self._stopping.wait(delay)
-            delay = min(delay * 2, _RESUBSCRIBE_MAX_DELAY_S)
 
-    def _invalidate(self, data: bytes) -> None:
-        decoded = rc.decode_invalidation(data)
-        if decoded is None:
-            return
-        item_id, token = decoded
-        self._cache.invalidate(item_id)
-        key = rc.ack_key(token)
+    def _acknowledge(self, ack_list: str) -> None:
         with self._client.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, os.getpid())
-            pipe.expire(key, rc.ACK_LIST_TTL_S)
+            pipe.rpush(ack_list, os.getpid())
+            pipe.expire(ack_list, rc.ACK_LIST_TTL_S)
             pipe.execute()
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(
-                f"Redis at {self._location} is unavailable: {exc or type(exc).__name__}"
-            ) from exc
+        except rc.UNAVAILABLE_ERRORS as exc:
+            raise rc.unavailable(self._location, exc) from exc

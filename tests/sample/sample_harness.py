@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +65,21 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def spawn(
+    args: list[str], log_path: Path, mode: str = "ab", **popen: Any
+) -> subprocess.Popen[bytes]:
+    """Start a process in its own session, its output (both streams) appended to a file."""
+    with open(log_path, mode) as log:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **popen,
+        )
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now (for servers that cannot bind port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -75,7 +90,46 @@ def free_port() -> int:
 # --- in-process clients ---------------------------------------------------------------------
 
 
-class AsgiClient:
+@dataclass(frozen=True)
+class Call:
+    """One request for an in-process client; ``chunks`` sends the body in parts, unsized."""
+
+    method: str
+    path: str
+    query: str = ""
+    headers: Sequence[tuple[str, str]] = ()
+    body: bytes = b""
+    chunks: list[bytes] | None = None
+    scheme: str = "http"
+
+
+class InProcessClient:
+    """What both in-process clients offer: `request` builds a `Call` and `send`s it."""
+
+    def start(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def send(self, call: Call) -> Reply:
+        raise NotImplementedError
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: str = "",
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        chunks: list[bytes] | None = None,
+        scheme: str = "http",
+    ) -> Reply:
+        return self.send(Call(method, path, query, tuple(headers), body, chunks, scheme))
+
+
+class AsgiClient(InProcessClient):
     """Calls an ASGI app on an event loop; `start`/`stop` run the lifespan protocol.
 
     Apps that must run side by side (two "workers" whose background tasks talk to each
@@ -100,49 +154,25 @@ class AsgiClient:
         if self._owns_runner:
             self.runner.close()
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: str = "",
-        headers: Iterable[tuple[str, str]] = (),
-        body: bytes = b"",
-        chunks: list[bytes] | None = None,
-        scheme: str = "http",
-    ) -> Reply:
-        return self.runner.run(
-            self.arequest(
-                method, path, query=query, headers=headers, body=body, chunks=chunks, scheme=scheme
-            )
-        )
+    def send(self, call: Call) -> Reply:
+        return self.runner.run(self.asend(call))
 
     def run(self, coro: Any) -> Any:
         return self.runner.run(coro)
 
-    async def arequest(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: str = "",
-        headers: Iterable[tuple[str, str]] = (),
-        body: bytes = b"",
-        chunks: list[bytes] | None = None,
-        scheme: str = "http",
-    ) -> Reply:
-        parts = chunks if chunks is not None else [body]
+    async def asend(self, call: Call) -> Reply:
+        parts = call.chunks if call.chunks is not None else [call.body]
         scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
             "http_version": "1.1",
-            "method": method,
-            "scheme": scheme,
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": query.encode(),
+            "method": call.method,
+            "scheme": call.scheme,
+            "path": call.path,
+            "raw_path": call.path.encode(),
+            "query_string": call.query.encode(),
             "root_path": "",
-            "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+            "headers": [(k.lower().encode(), v.encode()) for k, v in call.headers],
             "client": ("127.0.0.1", 50000),
             "server": ("127.0.0.1", 8000),
         }
@@ -186,7 +216,7 @@ class AsgiClient:
         await asyncio.wait_for(self._lifespan_task, timeout=10)
 
 
-class WsgiClient:
+class WsgiClient(InProcessClient):
     """Calls a WSGI app through wsgiref.validate, which checks both sides of PEP 3333."""
 
     def __init__(self, app: Any) -> None:
@@ -198,31 +228,21 @@ class WsgiClient:
     def stop(self) -> None:
         self.app.close()
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: str = "",
-        headers: Iterable[tuple[str, str]] = (),
-        body: bytes = b"",
-        chunks: list[bytes] | None = None,
-        scheme: str = "http",
-    ) -> Reply:
-        data = b"".join(chunks) if chunks is not None else body
+    def send(self, call: Call) -> Reply:
+        data = b"".join(call.chunks) if call.chunks is not None else call.body
         environ: dict[str, Any] = {
-            "REQUEST_METHOD": method,
+            "REQUEST_METHOD": call.method,
             "SCRIPT_NAME": "",
-            "PATH_INFO": path.encode().decode("latin-1"),
-            "QUERY_STRING": query,
+            "PATH_INFO": call.path.encode().decode("latin-1"),
+            "QUERY_STRING": call.query,
             "wsgi.input": io.BytesIO(data),
-            "wsgi.url_scheme": scheme,
+            "wsgi.url_scheme": call.scheme,
         }
-        if chunks is not None:
+        if call.chunks is not None:
             environ["wsgi.input_terminated"] = True
         else:
             environ["CONTENT_LENGTH"] = str(len(data))
-        for name, value in headers:
+        for name, value in call.headers:
             key = name.upper().replace("-", "_")
             if key == "CONTENT_TYPE":
                 environ["CONTENT_TYPE"] = value
@@ -292,14 +312,7 @@ class RedisServer:
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
         ]  # fmt: skip
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = spawn(args, self.log_path)
         if not wait_until(self.ping, timeout):
             self.stop()
             log_text = self.log_path.read_text(errors="replace")
@@ -363,16 +376,7 @@ class Forkd:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_timeout: float = 30.0) -> Forkd:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.args,
-                cwd=REPO,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = spawn(self.args, self.log_path, "wb", cwd=REPO, env=self.env)
         # /health proves one worker serves; `forkd status --json` says when all of them do.
         deadline = time.monotonic() + ready_timeout
         if not wait_until(self._healthy, ready_timeout, interval=0.05) or not wait_until(

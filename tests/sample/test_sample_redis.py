@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis
-from sample_harness import AsgiClient, RedisServer, Reply, WsgiClient, wait_until
+from sample_harness import AsgiClient, Call, RedisServer, Reply, WsgiClient, wait_until
 
 from sample_app.asgi import ASGIApp
 from sample_app.wsgi import WSGIApp
@@ -59,7 +59,7 @@ class Pair:
             clients = [self.a, self.b]
 
             async def burst() -> list[Reply]:
-                calls = [clients[i % 2].arequest(method, path, **kwargs) for i in range(count)]
+                calls = [clients[i % 2].asend(Call(method, path, **kwargs)) for i in range(count)]
                 return list(await asyncio.gather(*calls))
 
             return self.a.run(burst())  # type: ignore[no-any-return]
