@@ -139,11 +139,17 @@ def run_start(config: Config) -> int:
     return Primary(options).run()
 
 
+_control_option = click.option(
+    "--control", "endpoint", envvar="FORKD_CONTROL", default=None, metavar="ENDPOINT",
+    help="the primary's control endpoint, when it was started with --control")
+
+
 @cli.command()
 @click.argument("name", required=False)
-@click.option("--timeout", type=float, default=600.0, show_default=True,
-              help="seconds to wait for the whole reload")
-def reload(name: str | None, timeout: float) -> None:
+@click.option("--timeout", type=float, default=None,
+              help="seconds to wait for the whole reload (default: an hour)")
+@_control_option
+def reload(name: str | None, timeout: float | None, endpoint: str | None) -> None:
     """Replace every worker with a fresh one, one slot at a time, with no dropped request.
 
     \b
@@ -152,13 +158,15 @@ def reload(name: str | None, timeout: float) -> None:
     """
     from forkd import ctl
 
-    sys.exit(ctl.reload(name, _home(), timeout=timeout))
+    sys.exit(ctl.reload(name, _home(), endpoint=endpoint,
+                        timeout=ctl.LONG_TIMEOUT if timeout is None else timeout))
 
 
 @cli.command()
 @click.argument("name", required=False)
 @click.option("--now", "immediate", is_flag=True, help="stop at once, without draining")
-def stop(name: str | None, immediate: bool) -> None:
+@_control_option
+def stop(name: str | None, immediate: bool, endpoint: str | None) -> None:
     """Stop the primary: in-flight requests finish, then it exits 0.
 
     \b
@@ -167,13 +175,14 @@ def stop(name: str | None, immediate: bool) -> None:
     """
     from forkd import ctl
 
-    sys.exit(ctl.stop(name, _home(), graceful=not immediate))
+    sys.exit(ctl.stop(name, _home(), graceful=not immediate, endpoint=endpoint))
 
 
 @cli.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="print the status document as JSON")
-def status(name: str | None, as_json: bool) -> None:
+@_control_option
+def status(name: str | None, as_json: bool, endpoint: str | None) -> None:
     """One row per worker: slot, pid, state, uptime, restarts, memory, requests.
 
     \b
@@ -182,12 +191,13 @@ def status(name: str | None, as_json: bool) -> None:
     """
     from forkd import ctl
 
-    sys.exit(ctl.status(name, _home(), as_json=as_json))
+    sys.exit(ctl.status(name, _home(), as_json=as_json, endpoint=endpoint))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("words", nargs=-1, type=click.UNPROCESSED, metavar="[NAME] N|+N|-N")
-def scale(words: tuple[str, ...]) -> None:
+@_control_option
+def scale(words: tuple[str, ...], endpoint: str | None) -> None:
     """Set the number of workers: new ones start ready-gated, removed ones drain.
 
     \b
@@ -203,7 +213,7 @@ def scale(words: tuple[str, ...]) -> None:
         name, count = words
     else:
         _fail("error: scale takes [NAME] N|+N|-N", EXIT_USAGE)
-    sys.exit(ctl.scale(name, _home(), count))
+    sys.exit(ctl.scale(name, _home(), count, endpoint=endpoint))
 
 
 @cli.command(name="systemd-unit")

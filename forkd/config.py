@@ -315,7 +315,7 @@ def merge(
             values[name] = _parse(name, env[env_name(name)], env_name(name))
         elif name in file_values:
             values[name] = _parse(name, file_values[name], f"{file_path}: {name}")
-    app = app or file_values.get("app") or env.get("FORKD_APP")
+    app = app or env.get("FORKD_APP") or file_values.get("app")
     if not app:
         raise ConfigError("APP is missing: give it as module:attr (e.g. sample_app.asgi:app)")
     if not isinstance(app, str) or ":" not in app and "." not in app:
@@ -323,6 +323,9 @@ def merge(
     config = Config(app=app, **values)
     if config.max_requests_jitter and not config.max_requests:
         raise ConfigError("--max-requests-jitter: needs --max-requests")
+    if config.memory_hard_limit is not None and (
+            config.max_memory is None or config.memory_hard_limit <= config.max_memory):
+        raise ConfigError("--memory-hard-limit: must be above --max-memory")
     return config
 
 

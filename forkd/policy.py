@@ -20,7 +20,8 @@ MIN_UPTIME = 1.0  # a worker that dies younger than this (or before ready) died 
 STABLE_AFTER = 10.0  # a run this long resets a slot's back-off
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
-DRAIN_MARGIN = 1.0  # beyond --graceful-timeout before a draining worker is killed
+DRAIN_MARGIN = 5.0  # beyond --graceful-timeout before a draining worker is killed: room for
+# the app's lifespan shutdown (worker.LIFESPAN_SHUTDOWN) after its requests are done
 ABORT_GRACE = 3.0  # after SIGABRT (a hang) before SIGKILL
 QUIT_GRACE = 2.0  # after SIGQUIT (immediate stop) before SIGKILL
 
@@ -269,6 +270,7 @@ class Supervisor:
         slot.pid = new.pid
         slot.replacement = None
         slot.replace_reason = None
+        slot.replace_failures = 0
         actions: list[Action] = []
         if old is not None:
             if reason not in ("reload", "scale"):
@@ -308,7 +310,7 @@ class Supervisor:
     # -- replacements ------------------------------------------------------------------------------
     def _replace(self, slot: Slot, reason: str, now: float,
                  figures: dict[str, Any] | None = None) -> list[Action]:
-        if slot.replacement is not None or slot.replace_pending:
+        if slot.replacement is not None or slot.replace_pending or now < slot.replace_after:
             return []
         slot.replace_reason = reason
         slot.replace_pending = True
@@ -321,6 +323,10 @@ class Supervisor:
         slot.replacement = None
         reason = slot.replace_reason
         slot.replace_reason = None
+        # a replacement that cannot start (new code on disk that does not import, say) is
+        # not retried by the health checks at every beat, but after a growing pause
+        slot.replace_failures += 1
+        slot.replace_after = now + max(BACKOFF_BASE, backoff_delay(slot.replace_failures + 1))
         actions: list[Action] = [Log("replacement-failed", {
             "slot": slot.id, "pid": worker.pid if worker else None, "reason": reason,
             "why": why.strip().splitlines()[-1] if why.strip() else why}, "error")]
@@ -329,7 +335,8 @@ class Supervisor:
             self.operation = None
             for other_id in op.active:
                 other = self.table.slots.get(other_id)
-                if other is not None and other_id != slot.id and other.replacement is not None:
+                if (other is not None and other_id != slot.id and other.replacement is not None
+                        and other.pid is not None):  # (one with no occupant left stays)
                     pending = self.table.workers.get(other.replacement)
                     other.replacement = None
                     other.replace_reason = None
@@ -342,6 +349,8 @@ class Supervisor:
                                                   "total": op.total}, "error"))
             actions.append(Finish(False, message))
             actions.append(Notify("ready"))
+        if slot.pid is None and not self.stopping:
+            actions += self._respawn(slot, now)  # its occupant died meanwhile
         return actions
 
     def _drain(self, worker: Worker, reason: str, now: float) -> list[Action]:
@@ -412,20 +421,21 @@ class Supervisor:
             slot.fast_deaths = 0
         if isinstance(self.operation, Scale):
             self.operation.adding.discard(slot.id)
-        if slot.replacement is not None:
-            # a replacement is already on its way: it takes over the slot
-            slot.pid = slot.replacement
-            slot.replacement = None
-            slot.replace_reason = None
+        if slot.replacement is not None or slot.replace_pending:
+            # a replacement is already on its way: once ready it takes the empty slot
+            # (through _promote, so a reload waiting on it goes on)
             return actions
+        return actions + self._respawn(slot, now)
+
+    def _respawn(self, slot: Slot, now: float) -> list[Action]:
+        """A worker for an empty slot: at once, or after the slot's back-off."""
         delay = backoff_delay(slot.fast_deaths)
         if delay > 0:
             slot.respawn_at = now + delay
-            actions.append(Log("slot-backoff", {"slot": slot.id, "delay": f"{delay:g}s",
-                                                "fast_deaths": slot.fast_deaths}, "warning"))
-            return actions
+            return [Log("slot-backoff", {"slot": slot.id, "delay": f"{delay:g}s",
+                                         "fast_deaths": slot.fast_deaths}, "warning")]
         slot.spawn_pending = True
-        return actions + [Spawn(slot.id)]
+        return [Spawn(slot.id)]
 
     def _count(self, reason: str) -> None:
         kind = reason.split(":", 1)[0]

@@ -94,7 +94,12 @@ class Primary:
         self._execute(self.supervisor.start(time.monotonic()))
         try:
             while self.exit_code is None:
-                self._wait_once()
+                try:
+                    self._wait_once()
+                except Exception:  # a bug or a passing OS error must not end the primary:
+                    # its death would take every worker (and request) with it
+                    logger.exception("error in the primary's loop; going on")
+                    time.sleep(0.1)  # no hot loop if it repeats
         finally:
             self._shutdown()
         return self.exit_code
@@ -234,8 +239,10 @@ class Primary:
             log.event("refused", level=logging.WARNING, command=command, why=str(exc))
             return str(exc)
         except ValueError as exc:
+            log.event("refused", level=logging.WARNING, command=command, why=str(exc))
             return str(exc)
-        self.requester = requester
+        if actions:  # (a repeated stop changes nothing: the first asker keeps the answer)
+            self.requester = requester
         self._execute(actions)
         return None
 
@@ -303,11 +310,15 @@ class Primary:
                 self.exit_code = action.code
 
     def _spawn(self, action: policy.Spawn) -> list[policy.Action]:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        except OSError as exc:  # out of descriptors, say: a failed spawn, not a dead primary
+            return self.supervisor.spawn_failed(action, str(exc), time.monotonic())
         ours.setblocking(False)
         close_fds = [ours.fileno(), self.wake_r, self.wake_w]
         if self.options.control is not None:
             close_fds += self.options.control.child_close_fds()
+        close_fds += self.notifier.child_close_fds()
         close_fds += [channel.fileno() for channel in self.channels.values()]
         spec = WorkerSpec(
             slot=action.slot, workers=self.supervisor.target, name=self.options.name,

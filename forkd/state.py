@@ -55,6 +55,8 @@ class Slot:
     replacement: int | None = None  # a worker starting to take over from the occupant
     replace_reason: str | None = None
     replace_pending: bool = False  # a replacement was asked for and not yet forked
+    replace_failures: int = 0  # replacements in a row that never became ready
+    replace_after: float = 0.0  # no health replacement before this time (after failures)
     restarts: int = 0
     last_exit: str | None = None
     fast_deaths: int = 0

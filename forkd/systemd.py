@@ -121,6 +121,10 @@ class Notifier:
         usec = max(1, math.ceil(seconds * 1_000_000))
         return self.notify(f"EXTEND_TIMEOUT_USEC={usec}")
 
+    def child_close_fds(self) -> list[int]:
+        """The descriptor a forked worker must not keep: only the primary notifies."""
+        return [] if self._sock is None else [self._sock.fileno()]
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()

@@ -28,6 +28,7 @@ logger = logging.getLogger("forkd.worker")
 EXIT_OK = 0
 EXIT_APP_LOAD = 3  # the app failed to import, or its lifespan startup failed
 EXIT_BOOT = 4  # the worker itself could not start
+LIFESPAN_SHUTDOWN = 3.0  # seconds the app's lifespan shutdown may take after the drain
 TICK = 0.5  # seconds between the loop's housekeeping passes (clock, Date, timeouts)
 PR_SET_PDEATHSIG = 1
 MAX_ERROR = 60_000  # bytes of an error text sent to the primary (one datagram)
@@ -76,9 +77,13 @@ def _report_error(channel: socket.socket, text: str) -> None:
 
 def _reset_inherited(spec: WorkerSpec) -> None:
     signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
+                   signal.SIGUSR1):
         signal.signal(signum, signal.SIG_DFL)
+    # Meant for the primary: a hang-up or a SIGHUP to the whole process group must not
+    # kill every worker at once, nor SIGTTIN/SIGTTOU stop them.
+    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     # Die with the primary, and close the race where it died before prctl ran.
     libc = ctypes.CDLL(None, use_errno=True)
@@ -166,8 +171,12 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         loop.add_signal_handler(signum, on_signal, signum)
 
     channel = spec.channel
+    channel.settimeout(5.0)  # "ready" must not be lost to a full buffer, unlike a beat
+    try:
+        channel.send(b"ready " + interface.encode())
+    except OSError:
+        pass  # the primary is gone; PDEATHSIG ends us
     channel.setblocking(False)
-    _send(channel, b"ready " + interface.encode())
     beat = _Heartbeat(state, channel, loop)
     beat.schedule()
     await stop
@@ -189,8 +198,8 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
             connection.abort()
     beat.stop()
     if lifespan is not None:
-        try:
-            await asyncio.wait_for(lifespan.shutdown(), max(1.0, deadline - loop.time()))
+        try:  # within the primary's margin past --graceful-timeout (policy.DRAIN_MARGIN)
+            await asyncio.wait_for(lifespan.shutdown(), LIFESPAN_SHUTDOWN)
         except TimeoutError:
             logger.error("lifespan shutdown did not finish in time")
     if executor is not None:

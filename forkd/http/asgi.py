@@ -110,7 +110,10 @@ class ASGICycle:
 
     # -- the protocol's side ----------------------------------------------------
     def start(self) -> None:
-        self.proto.loop.create_task(self.run())
+        tasks = self.proto.state.tasks
+        task = self.proto.loop.create_task(self.run())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def feed_body(self, body: bytes) -> None:
         if not self.complete:  # after the response, the rest of the body is dropped

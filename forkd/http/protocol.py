@@ -74,6 +74,7 @@ class ServerState:
         self.config = config
         self.loop = loop
         self.connections: set[HttpProtocol] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps tasks only weakly
         self.requests = 0
         self.draining = False
         self.drain_started = 0.0

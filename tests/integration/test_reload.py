@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -204,3 +205,31 @@ def test_garbage_on_the_control_socket_leaves_the_primary_serving(run_forkd) -> 
     assert request(port)[0] == 200
     assert forkd_cli(proc.env, "stop", "g").returncode == 0
     assert proc.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_commands_reach_a_primary_on_a_custom_control_endpoint(run_forkd, tmp_path: Path
+                                                               ) -> None:
+    endpoint = f"ipc://{tmp_path}/ctl/custom.sock"
+    (tmp_path / "ctl").mkdir(mode=0o700)
+    proc = run_forkd("testapp:app", "-b", "127.0.0.1:0", "-w", "1", "--control", endpoint)
+    proc.port()
+    proc.wait_ready(1)
+    env = {**proc.env, "FORKD_CONTROL": endpoint}
+    assert forkd_cli(env, "status").returncode == 0
+    result = forkd_cli(proc.env, "reload", "--control", endpoint)
+    assert result.returncode == 0, result.stderr
+    assert forkd_cli(proc.env, "stop", "--control", endpoint).returncode == 0
+    assert proc.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_sighup_to_the_whole_process_group_reloads_without_killing_workers(deployed) -> None:
+    proc, port, app_dir = deployed
+    before = set(proc.worker_pids())
+    deploy(app_dir, "5")
+    os.killpg(proc.pid, signal.SIGHUP)  # a terminal hang-up reaches every process
+    wait_until(lambda: "event=reload-done" in proc.output(), 30, message=proc.describe)
+    assert versions(port) == {"5"}
+    assert "killed: SIGHUP" not in proc.output() and "status=SIGHUP" not in proc.output()
+    assert not before & set(proc.worker_pids())

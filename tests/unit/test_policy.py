@@ -356,3 +356,56 @@ def test_next_deadline_covers_backoff_kills_and_heartbeats() -> None:
     assert sup.next_deadline(0.0) == pytest.approx(30.0)
     h.run(sup.request_stop(True, 1.0), 1.0)
     assert sup.next_deadline(1.0) == pytest.approx(min(30.0, 1.0 + 30.0 + policy.DRAIN_MARGIN))
+
+
+def test_old_worker_dying_while_its_reload_replacement_starts_does_not_stall_the_reload() -> None:
+    sup = make(2)
+    h = Harness(sup)
+    old = h.start(0.0)
+    h.run(sup.request_reload(1.0), 1.0)
+    new0 = sup.table.slots[0].replacement
+    assert new0 is not None
+    actions = h.run(sup.exited(old[0], None, signal.SIGKILL, 1.5), 1.5)
+    assert not any(isinstance(a, Spawn) for a in actions)  # the replacement will take it
+    actions = h.run(sup.message(new0, b"ready", 2.0), 2.0)
+    assert occupant(sup, 0) == new0
+    assert Spawn(1, replacement=True) in actions
+    new1 = sup.table.slots[1].replacement
+    assert new1 is not None
+    h.run(sup.message(new1, b"ready", 2.5), 2.5)
+    actions = h.run(sup.message(old[1], b"draining", 2.6), 2.6)
+    assert any(isinstance(a, Finish) and a.ok for a in actions)
+    assert sup.operation is None
+    assert any(isinstance(a, Spawn) for a in h.run(sup.request_reload(3.0), 3.0))
+
+
+def test_replacement_failing_after_its_old_worker_died_respawns_the_empty_slot() -> None:
+    sup = make(1)
+    h = Harness(sup)
+    (old,) = h.start(0.0)
+    h.run(sup.request_reload(20.0), 20.0)
+    new = sup.table.slots[0].replacement
+    assert new is not None
+    h.run(sup.exited(old, None, signal.SIGKILL, 20.1), 20.1)
+    actions = h.run(sup.exited(new, policy.EXIT_APP_LOAD, None, 20.2), 20.2)
+    assert any(isinstance(a, Finish) and not a.ok for a in actions)
+    assert Spawn(0) in actions or sup.table.slots[0].respawn_at is not None
+
+
+def test_a_health_replacement_that_keeps_failing_is_retried_with_a_growing_pause() -> None:
+    sup = make(1, max_requests=10)
+    h = Harness(sup)
+    (pid,) = h.start(0.0)
+    forks = 0
+    now = 1.0
+    while now < 4.0:
+        actions = h.run(sup.message(pid, b"hb 50", now), now)
+        for action in actions:
+            if isinstance(action, Spawn):
+                forks += 1
+                new = sup.table.slots[0].replacement
+                assert new is not None
+                h.run(sup.exited(new, policy.EXIT_APP_LOAD, None, now + 0.05), now + 0.05)
+        now += 0.5
+    assert forks <= 3  # not one per heartbeat (that would be 6)
+    assert occupant(sup, 0) == pid  # the serving worker was never touched
