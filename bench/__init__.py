@@ -1,0 +1,1 @@
+"""forkd's benchmark suite: see bench/README.md (nothing here is imported by forkd)."""

@@ -1,0 +1,1 @@
+"""Minimal apps that every benchmarked server serves identically."""

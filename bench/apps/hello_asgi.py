@@ -1,0 +1,48 @@
+"""ASGI hello world: GET / -> 200 text/plain "Hello, world!" (any other path: 404)."""
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bench.apps._marker import mark_loaded
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+BODY = b"Hello, world!"
+# Built once: the benchmark measures the server, not header construction in the app.
+OK_START: Message = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(BODY)).encode())],
+}
+OK_BODY: Message = {"type": "http.response.body", "body": BODY}
+NOT_FOUND_START: Message = {
+    "type": "http.response.start",
+    "status": 404,
+    "headers": [(b"content-type", b"text/plain"), (b"content-length", b"9")],
+}
+NOT_FOUND_BODY: Message = {"type": "http.response.body", "body": b"Not Found"}
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "http":
+        if scope["path"] == "/":
+            await send(OK_START)
+            await send(OK_BODY)
+        else:
+            await send(NOT_FOUND_START)
+            await send(NOT_FOUND_BODY)
+    elif scope["type"] == "lifespan":
+        # Answer lifespan properly so no server logs a lifespan failure or skips startup.
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+mark_loaded()
