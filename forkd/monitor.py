@@ -20,7 +20,9 @@ class Monitor:
         self.metric = metric
         self.processes: dict[int, psutil.Process] = {}
 
-    def sample(self, pids: list[int], metric: str | None = None) -> dict[int, Sample]:
+    def sample(self, pids: list[int], metric: str | None = None, cpu: bool = True
+               ) -> dict[int, Sample]:
+        """One pass over `pids`; `cpu` also reads CPU use (since the last such read)."""
         metric = metric or self.metric
         samples: dict[int, Sample] = {}
         for pid in pids:
@@ -28,14 +30,14 @@ class Monitor:
             try:
                 if process is None:
                     process = self.processes[pid] = psutil.Process(pid)
-                    process.cpu_percent()  # the first call only starts the measure
+                    process.cpu_percent()  # the first read only starts the measure
                 if metric == "rss":
                     rss = used = process.memory_info().rss
                 else:
                     full = process.memory_full_info()  # reads smaps: costlier, so only here
                     rss = full.rss
                     used = getattr(full, metric)
-                samples[pid] = Sample(rss, used, process.cpu_percent())
+                samples[pid] = Sample(rss, used, process.cpu_percent() if cpu else 0.0)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 self.processes.pop(pid, None)
         return samples

@@ -69,6 +69,9 @@ class Primary:
         self.poller = zmq.Poller()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.next_memory = 0.0
+        self.due = 0.0  # when housekeeping must next run
+        self.changed = True  # the table changed since the last housekeeping
+        self.channel_owner: dict[int, int] = {}  # our channel end's fd -> worker pid
         self.next_status = 0.0
         self.next_watchdog = 0.0
         self.last_requests: tuple[float, int] = (time.monotonic(), 0)
@@ -118,7 +121,24 @@ class Primary:
 
     # -- the loop -------------------------------------------------------------------------------
     def _wait_once(self) -> None:
-        now = time.monotonic()
+        timeout_ms = max(0, int((self.due - time.monotonic()) * 1000) + 1)
+        ready = dict(self.poller.poll(timeout_ms))
+        if self.wake_r in ready:
+            self._on_signals()
+        for key in ready:
+            pid = self.channel_owner.get(key)  # (the poller reports sockets by fd)
+            if pid is not None:
+                self._on_channel(pid, self.channels[pid])
+        if self.options.control is not None and any(
+                sock in ready for sock in self.options.control.sockets()):
+            self._on_control()
+        # Housekeeping (an O(workers) pass) runs when something is due or the table
+        # changed, not after every heartbeat: 64 workers beat 64 times a second.
+        if self.changed or time.monotonic() >= self.due:
+            self._housekeeping()
+        self._run_deferred()
+
+    def _next_due(self, now: float) -> float:
         due = now + HOUSEKEEPING
         deadline = self.supervisor.next_deadline(now)
         if deadline is not None:
@@ -127,18 +147,7 @@ class Primary:
             due = min(due, self.next_memory)
         if self.watchdog is not None:
             due = min(due, self.next_watchdog)
-        timeout_ms = max(0, int((due - now) * 1000) + 1)
-        ready = dict(self.poller.poll(timeout_ms))
-        if self.wake_r in ready:
-            self._on_signals()
-        for pid, channel in list(self.channels.items()):
-            if channel.fileno() in ready:
-                self._on_channel(pid, channel)
-        if self.options.control is not None and any(
-                sock in ready for sock in self.options.control.sockets()):
-            self._on_control()
-        self._housekeeping()
-        self._run_deferred()
+        return due
 
     def _housekeeping(self) -> None:
         self._reap()  # cheap, and no exit waits for a SIGCHLD that was folded into another
@@ -146,7 +155,7 @@ class Primary:
         self._execute(self.supervisor.tick(now))
         if self.config.max_memory is not None and now >= self.next_memory:
             self.next_memory = now + self.config.memory_interval
-            samples = self.monitor.sample(list(self.supervisor.table.workers))
+            samples = self.monitor.sample(list(self.supervisor.table.workers), cpu=False)
             self._execute(self.supervisor.memory(
                 {pid: sample.memory for pid, sample in samples.items()}, now))
         if self.watchdog is not None and now >= self.next_watchdog:
@@ -158,6 +167,8 @@ class Primary:
             if self.supervisor.operation is not None or not self.supervisor.announced_ready:
                 # a long start-up, reload or drain is progressing: ask systemd for more time
                 self.notifier.extend_timeout(STATUS_EVERY * 3)
+        self.changed = False
+        self.due = self._next_due(time.monotonic())
 
     def _status_line(self, now: float) -> str:
         total = sum(w.requests for w in self.supervisor.table.workers.values())
@@ -210,6 +221,7 @@ class Primary:
         for pid, code, signum in process.reap():
             channel = self.channels.pop(pid, None)
             if channel is not None:
+                self.channel_owner.pop(channel.fileno(), None)
                 self._drain_channel(pid, channel)
                 self.poller.unregister(channel)
                 channel.close()
@@ -290,6 +302,8 @@ class Primary:
 
     # -- actions ----------------------------------------------------------------------------------
     def _execute(self, actions: list[policy.Action]) -> None:
+        if actions:
+            self.changed = True
         queue = list(actions)
         while queue:
             action = queue.pop(0)
@@ -338,6 +352,7 @@ class Primary:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         theirs.close()
         self.channels[pid] = ours
+        self.channel_owner[ours.fileno()] = pid
         self.poller.register(ours, zmq.POLLIN)
         return self.supervisor.spawned(action, pid, now)
 

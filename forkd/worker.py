@@ -30,6 +30,7 @@ EXIT_APP_LOAD = 3  # the app failed to import, or its lifespan startup failed
 EXIT_BOOT = 4  # the worker itself could not start
 LIFESPAN_SHUTDOWN = 3.0  # seconds the app's lifespan shutdown may take after the drain
 TICK = 0.5  # seconds between the loop's housekeeping passes (clock, Date, timeouts)
+BEAT_EVERY = 2  # ticks per heartbeat to the primary: one a second is plenty for --timeout
 PR_SET_PDEATHSIG = 1
 MAX_ERROR = 60_000  # bytes of an error text sent to the primary (one datagram)
 
@@ -235,13 +236,16 @@ class _Heartbeat:
         self.channel = channel
         self.loop = loop
         self.handle: asyncio.TimerHandle | None = None
+        self.ticks = 0
 
     def schedule(self) -> None:
         self.handle = self.loop.call_later(TICK, self.beat)
 
     def beat(self) -> None:
         self.state.tick()
-        _send(self.channel, b"hb %d" % self.state.requests)
+        self.ticks += 1
+        if self.ticks % BEAT_EVERY == 0:
+            _send(self.channel, b"hb %d" % self.state.requests)
         self.schedule()
 
     def stop(self) -> None:

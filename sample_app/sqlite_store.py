@@ -176,16 +176,30 @@ class SqliteStore:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             # NORMAL is safe with WAL (no corruption); a power cut may lose the last commits.
             conn.execute("PRAGMA synchronous = NORMAL")
-            if not self._schema_ready:
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.executescript(_SCHEMA)
-                self._schema_ready = True
+            with self._lock:  # one thread of this process sets the file up
+                if not self._schema_ready:
+                    self._set_up(conn)
+                    self._schema_ready = True
         except BaseException:
             conn.close()
             raise
         with self._lock:
             self._connections.append(conn)
         return conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """WAL mode and the schema. Switching the journal mode does not wait on the busy
+        handler, so workers starting together on a new file retry until the deadline."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)  # another process holds the lock for a moment
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

@@ -138,7 +138,6 @@ class HttpProtocol(asyncio.Protocol):
         self.pending_error: tuple[int, str] | None = None
         self.body_received = 0  # body bytes of the request being parsed, for --max-body-size
         self.response_begun = False  # bytes of the current cycle's final response are out
-        self.client_done = False  # the client half-closed: close after this response
         self.closed = False
 
     # -- connection events ------------------------------------------------
@@ -186,11 +185,9 @@ class HttpProtocol(asyncio.Protocol):
             self.reject(400, f"Bad Request: {exc}")
 
     def eof_received(self) -> bool | None:
-        if self.cycle is not None and self.linger_until is None:
-            # the client half-closed after its request: answer it, then close
-            self.client_done = True
-            return True
-        return None  # nothing in flight: close our side too
+        # A FIN cannot be told apart from a client that went away, and apps rely on
+        # http.disconnect to stop work nobody waits for (as with uvicorn): close.
+        return None
 
     # -- write flow control -------------------------------------------------
     def pause_writing(self) -> None:
@@ -328,7 +325,7 @@ class HttpProtocol(asyncio.Protocol):
         self.cycle = None
         if self.closed:
             return
-        if not keep_alive or (self.client_done and not self.pipeline):
+        if not keep_alive:
             if self.parsing is cycle:  # the app answered before reading the whole body
                 self.parsing = None
             self.close_gracefully()
@@ -385,9 +382,7 @@ class HttpProtocol(asyncio.Protocol):
         self.linger_until = self.state.now + LINGER_SECONDS
         self.idle_since = None
         self.request_started = None
-        if self.client_done:
-            transport.close()  # the client sent all it will: nothing unread to reset
-        elif transport.can_write_eof():
+        if transport.can_write_eof():
             transport.write_eof()
             if self.read_paused:
                 self.read_paused = False

@@ -5,7 +5,6 @@ the server does not perform."""
 from __future__ import annotations
 
 import hashlib
-import socket
 
 import pytest
 from httpkit import Conn, Served, pattern
@@ -192,14 +191,3 @@ def test_unperformed_upgrade_leaves_the_connection_usable(server: Served) -> Non
             second = conn.read_response()
             assert (second.status, second.body) == (200, b"xx")
 
-
-@pytest.mark.timeout(30)
-def test_a_client_that_half_closes_after_its_requests_still_gets_the_answers(
-        server: Served) -> None:
-    """Like `printf 'GET ...' | nc`: the FIN after the request is not a disconnect."""
-    with Conn.open(server.port) as conn:
-        conn.send(get("/slow?ms=200") + get("/sized?n=4"))
-        conn.sock.shutdown(socket.SHUT_WR)
-        assert conn.read_response().body == b"slow 200"
-        assert conn.read_response().body == b"xxxx"
-        assert conn.server_closed(2.0)
