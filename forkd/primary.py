@@ -4,6 +4,7 @@ sees into events for the supervisor, and carries out the actions it returns."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -342,6 +343,9 @@ class Primary:
         now = time.monotonic()
         # Signals wait until the child has put its own handlers in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        # What exists now (a preloaded app above all) goes to the permanent generation,
+        # so the child's collector never writes to those pages and they stay shared.
+        gc.freeze()
         try:
             pid = process.fork_worker(spec)
         except OSError as exc:
