@@ -101,13 +101,18 @@ def run_start(config: Config) -> int:
     try:
         if endpoint.startswith("ipc://"):
             control.ensure_home(home)
-        server = control.ControlServer(endpoint)
+        keys = control.load_curve_keys(config.control_keys) if config.control_keys else None
+        server = control.ControlServer(
+            endpoint, curve_secret_key=keys.secret if keys else None,
+            curve_public_key=keys.public if keys else None)
     except ConfigError as exc:
         click.echo(f"forkd: error: {exc}", err=True)
         return EXIT_USAGE
     except ControlError as exc:
+        from forkd.protocol import USAGE_CODES
+
         click.echo(f"forkd: error: {exc.message}", err=True)
-        return EXIT_FAILED
+        return EXIT_USAGE if exc.code in USAGE_CODES else EXIT_FAILED
     inherited = systemd.listen_fds(os.environ, os.getpid())
     systemd.clear_listen_env(os.environ)
     try:
@@ -252,6 +257,25 @@ def systemd_unit(app: str, user: str, exec_path: str | None, working_directory: 
     except ConfigError as exc:
         _fail(f"error: {exc}", EXIT_USAGE)
     click.echo(text, nl=False)
+
+
+@cli.command(name="control-keys")
+@click.argument("directory", type=click.Path(file_okay=False))
+def control_keys(directory: str) -> None:
+    """Create the CURVE key pair a tcp:// control endpoint needs.
+
+    The primary gets --control-keys DIRECTORY/forkd.key_secret; every client
+    (reload, status, ...) the same file in FORKD_CONTROL_KEYS. Keep it secret.
+
+    \b
+    Example:
+      forkd control-keys /etc/forkd/keys
+      forkd start app:main --control tcp://10.0.0.5:7000 \\
+          --control-keys /etc/forkd/keys/forkd.key_secret
+    """
+    from forkd.control import create_curve_keys
+
+    click.echo(create_curve_keys(Path(directory)))
 
 
 @cli.command(name="ls")

@@ -203,6 +203,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_requests_jitter", _int(0), 0, "random extra requests before recycling"),
     Option("preload", _bool, False, "import the app in the primary before forking"),
     Option("control", _text, None, "ZeroMQ control endpoint (default ipc://FORKD_HOME/NAME.sock)"),
+    Option("control_keys", _text, None,
+           "CURVE secret key file for a tcp:// control endpoint (see forkd control-keys)"),
     Option("reload_batch", _int(1), 1, "workers replaced at once during a reload"),
     Option("backlog", _int(1), 2048, "listen backlog of each listener"),
     Option("unix_mode", _mode, 0o660, "file mode of unix: listeners (octal)"),
@@ -239,6 +241,7 @@ class Config:
     max_requests_jitter: int = 0
     preload: bool = False
     control: str | None = None
+    control_keys: str | None = None
     reload_batch: int = 1
     backlog: int = 2048
     unix_mode: int = 0o660

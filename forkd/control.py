@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+import zmq.auth
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
@@ -223,6 +224,35 @@ def _z85_key(key: bytes) -> bytes:
     if len(key) == 40:
         return key
     raise ControlError(f"a CURVE key is 32 raw or 40 z85 bytes, not {len(key)}", Code.BAD_ARGS)
+
+
+def create_curve_keys(directory: Path) -> Path:
+    """Write a new CURVE key pair as DIRECTORY/forkd.key_secret (0600, with its public
+    half in forkd.key); the primary and every client of a tcp:// endpoint use that file."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    old_umask = os.umask(0o077)
+    try:
+        _, secret_file = zmq.auth.create_certificates(str(directory), "forkd")
+    finally:
+        os.umask(old_umask)
+    return Path(secret_file)
+
+
+def load_curve_keys(path: str) -> CurveKeys:
+    """The key pair in a secret certificate file (from create_curve_keys)."""
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"control keys {path}: {exc}") from None
+    if not secret:
+        raise ConfigError(f"control keys {path}: no secret key (use the .key_secret file)")
+    return CurveKeys(public=public, secret=secret)
+
+
+def curve_from_env(env: Mapping[str, str]) -> CurveKeys | None:
+    """A client's keys: FORKD_CONTROL_KEYS names the primary's secret certificate."""
+    path = env.get("FORKD_CONTROL_KEYS")
+    return load_curve_keys(path) if path else None
 
 
 # ----------------------------------------------------------------------------- server

@@ -12,13 +12,14 @@ status document, which is exactly the result.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from forkd.control import call, list_primaries, resolve
+from forkd.control import call, curve_from_env, list_primaries, resolve
 from forkd.errors import ConfigError, ControlError, NoPrimary, ProtocolError
 from forkd.protocol import USAGE_CODES, Code, validate_args
 
@@ -283,7 +284,8 @@ def _request(
     try:
         target = endpoint or resolve(home, name)
         result = call(target, command, args, timeout=timeout,
-                      on_progress=show if progress else None)
+                      on_progress=show if progress else None,
+                      curve=curve_from_env(os.environ))
     except ConfigError as exc:
         _print(err, f"forkd {command}: {exc}")
         return EXIT_USAGE, None

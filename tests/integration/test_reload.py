@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -233,3 +234,31 @@ def test_sighup_to_the_whole_process_group_reloads_without_killing_workers(deplo
     assert versions(port) == {"5"}
     assert "killed: SIGHUP" not in proc.output() and "status=SIGHUP" not in proc.output()
     assert not before & set(proc.worker_pids())
+
+
+@pytest.mark.timeout(60)
+def test_tcp_control_needs_curve_keys_and_works_with_them(run_forkd, tmp_path: Path) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    refused = run_forkd("testapp:app", "-b", "127.0.0.1:0", "-w", "1", "--control", endpoint)
+    assert refused.wait(15) == 2
+    assert "needs CURVE keys" in refused.output()
+    made = forkd_cli(refused.env, "control-keys", str(tmp_path / "keys"))
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    assert oct(os.stat(secret).st_mode & 0o777) == "0o600"
+    proc = run_forkd("testapp:app", "-b", "127.0.0.1:0", "-w", "1", "--control", endpoint,
+                     "--control-keys", secret)
+    proc.port()
+    proc.wait_ready(1)
+    with_keys = {**proc.env, "FORKD_CONTROL": endpoint, "FORKD_CONTROL_KEYS": secret}
+    assert forkd_cli(with_keys, "status").returncode == 0
+    other = forkd_cli(proc.env, "control-keys", str(tmp_path / "other"))
+    wrong = {**with_keys, "FORKD_CONTROL_KEYS": other.stdout.strip()}
+    denied = forkd_cli(wrong, "status", timeout=30)
+    assert denied.returncode != 0
+    assert forkd_cli(with_keys, "stop").returncode == 0
+    assert proc.wait(15) == 0
