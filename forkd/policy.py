@@ -117,10 +117,11 @@ class Busy(Exception):
 
 def backoff_delay(fast_deaths: int) -> float:
     """Seconds before a slot that died fast `fast_deaths` times in a row respawns:
-    the first death respawns at once, then 0.5 s, 1 s, 2 s ... up to 30 s."""
-    if fast_deaths <= 1:
+    twice at once (a worker killed twice in quick succession, by an operator or the
+    OOM killer, is not a crash loop), then 0.5 s, 1 s, 2 s ... up to 30 s."""
+    if fast_deaths <= 2:
         return 0.0
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (fast_deaths - 2))
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (fast_deaths - 3))
 
 
 class Supervisor:
