@@ -16,7 +16,7 @@ from forkd.state import Slot, Worker, WorkerState, WorkerTable, describe_exit, e
 
 EXIT_APP_LOAD = 3  # kept equal to worker.EXIT_APP_LOAD (the worker module imports uvloop)
 EXIT_BOOT = 4
-MIN_UPTIME = 1.0  # a worker that dies younger than this (or before ready) died "fast"
+MIN_UPTIME = 0.5  # a worker that dies younger than this (or before ready) died "fast"
 STABLE_AFTER = 10.0  # a run this long resets a slot's back-off
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
