@@ -122,7 +122,7 @@ class Primary:
 
     # -- the loop -------------------------------------------------------------------------------
     def _wait_once(self) -> None:
-        timeout_ms = max(0, int((self.due - time.monotonic()) * 1000) + 1)
+        timeout_ms = 0 if self.changed else max(0, int((self.due - time.monotonic()) * 1000) + 1)
         ready = dict(self.poller.poll(timeout_ms))
         if self.wake_r in ready:
             self._on_signals()
@@ -344,7 +344,8 @@ class Primary:
         # Signals wait until the child has put its own handlers in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         # What exists now (a preloaded app above all) goes to the permanent generation,
-        # so the child's collector never writes to those pages and they stay shared.
+        # so the child's collector never writes to those pages and they stay shared;
+        # the primary itself unfreezes after the fork, so its own garbage is collected.
         gc.freeze()
         try:
             pid = process.fork_worker(spec)
@@ -353,6 +354,7 @@ class Primary:
             theirs.close()
             return self.supervisor.spawn_failed(action, str(exc), now)
         finally:
+            gc.unfreeze()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         theirs.close()
         self.channels[pid] = ours

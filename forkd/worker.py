@@ -195,18 +195,18 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     _send(channel, b"draining")
     state.start_drain()
     deadline = loop.time() + config.graceful_timeout
-    while state.connections and loop.time() < deadline:
+    while (state.connections or state.calls) and loop.time() < deadline:
         await asyncio.sleep(0.05)
     if state.connections:
         logger.warning("graceful timeout: closing %d connection(s)", len(state.connections))
         for connection in list(state.connections):
             connection.abort()
-    beat.stop()
     if lifespan is not None:
         try:  # within the primary's margin past --graceful-timeout (policy.DRAIN_MARGIN)
             await asyncio.wait_for(lifespan.shutdown(), LIFESPAN_SHUTDOWN)
         except TimeoutError:
             logger.error("lifespan shutdown did not finish in time")
+    beat.stop()  # (beating through the shutdown: a short --timeout must not kill it)
     if executor is not None:
         executor.shutdown(wait=False, cancel_futures=True)
     return EXIT_OK

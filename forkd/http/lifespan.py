@@ -50,7 +50,11 @@ class Lifespan:
     async def _run(self, scope: dict[str, Any]) -> None:
         try:
             await self.app(scope, self._receive, self._send)
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:  # the app's code: anything can come out
+            if self.startup_done.done() and self.startup_done.result() is None:
+                log.error("the app's lifespan task failed after startup", exc_info=exc)
             if not self.received_startup:
                 self.supported = False
                 log.info("the app does not support the ASGI lifespan protocol (%r)", exc)

@@ -28,7 +28,9 @@ def import_app(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        # only when APP's own module (or a package on its path) is missing; a missing
+        # dependency inside it keeps its own traceback
+        if exc.name == module_name or (exc.name and module_name.startswith(exc.name + ".")):
             raise AppLoadError(f"no module named {module_name!r} (from APP {spec!r})") from exc
         raise
     target: Any = module
@@ -54,7 +56,7 @@ def detect_interface(app: Any) -> str:
         params = [
             p
             for p in inspect.signature(app).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
         ]
     except (TypeError, ValueError):
         return "wsgi"

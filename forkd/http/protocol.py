@@ -76,6 +76,7 @@ class ServerState:
         self.connections: set[HttpProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps tasks only weakly
         self.requests = 0
+        self.calls = 0  # WSGI calls still running in the pool (close() included)
         self.draining = False
         self.drain_started = 0.0
         self.now = loop.time()
@@ -395,7 +396,7 @@ class HttpProtocol(asyncio.Protocol):
         config = self.state.config
         if self.linger_until is not None:
             if now >= self.linger_until and self.transport is not None:
-                self.transport.close()
+                self.transport.abort()  # close() would wait on a client that reads nothing
             return
         if self.request_started is not None and self.cycle is None:
             if now - self.request_started >= config.header_timeout:

@@ -20,7 +20,7 @@ from forkd.http.protocol import HIGH_WATER, HttpProtocol, error_response, status
 log = logging.getLogger("forkd.http")
 
 SMALL_BODY = 64 * 1024  # a body up to this size is read whole before the app is called
-FLUSH_AT = 64 * 1024  # response bytes gathered in the thread before a hand-off to the loop
+MAX_IN_FLIGHT = 4  # response blocks handed to the loop and not yet written, at most
 _NO_BODY_STATUSES = frozenset((204, 304))
 
 
@@ -110,7 +110,8 @@ class BodyInput:
     """wsgi.input for a body that streams in while the app runs: the loop feeds
     it, the app's thread reads it, and reading resumes as the buffer drains."""
 
-    def __init__(self, resume: Callable[[], None]) -> None:
+    def __init__(self, resume: Callable[[], None], stall: float) -> None:
+        self.stall = stall  # seconds the client may send nothing while the app waits
         self.cond = threading.Condition()
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -135,7 +136,8 @@ class BodyInput:
     def _take(self, size: int, until_newline: bool = False) -> bytes:
         with self.cond:
             while not self.chunks and not self.done:
-                self.cond.wait()
+                if not self.cond.wait(self.stall):
+                    raise OSError(f"the request body stalled for {self.stall:g}s")
             if not self.chunks:
                 if self.aborted:
                     raise OSError("the client went away before sending the whole body")
@@ -196,7 +198,7 @@ class BodyInput:
     def readlines(self, hint: int = -1) -> list[bytes]:
         lines = []
         total = 0
-        while hint < 0 or total < hint:
+        while hint <= 0 or total < hint:
             line = self.readline()
             if not line:
                 break
@@ -240,8 +242,11 @@ class WSGICycle:
         self.wait_for_body = False
         self.submitted = False
         self.disconnected = False
-        self.writable = threading.Event()
-        self.writable.set()
+        # write flow control between the app's thread and the loop
+        self.flow = threading.Condition()
+        self.in_flight = 0  # blocks handed to the loop, not yet written
+        self.blocked = False  # the client is not reading: the transport paused writing
+        self.stall = proto.state.config.header_timeout
         self.expect_continue = False
         length: int | None = 0
         for name, value in headers:
@@ -261,18 +266,24 @@ class WSGICycle:
             self.wait_for_body = True
             if self.expect_continue:
                 self.proto.send_continue()
+            self.proto.resume_reading()  # (paused if this request was pipelined)
         else:
             if self.expect_continue:
                 self.proto.send_continue()
-            self.stream = BodyInput(self._resume_soon)
+            self.stream = BodyInput(self._resume_soon, self.stall)
             if self.body:
                 self.stream.feed(self.body)
                 self.body = b""
             self._submit(self.stream)
+            self.proto.resume_reading()
 
     def _submit(self, body: Any) -> None:
         self.submitted = True
+        self.proto.state.calls += 1  # a drain waits for it, close() included
         self.executor.submit(self.run, body)
+
+    def _call_ended(self) -> None:
+        self.proto.state.calls -= 1
 
     def _resume_soon(self) -> None:
         self.proto.loop.call_soon_threadsafe(self.proto.resume_reading)
@@ -298,7 +309,8 @@ class WSGICycle:
         self.disconnected = True
         if self.stream is not None:
             self.stream.finish(aborted=True)
-        self.writable.set()
+        with self.flow:
+            self.flow.notify_all()
 
     # -- the app's side (pool thread) ---------------------------------------------------
     def run(self, body: Any) -> None:
@@ -319,44 +331,63 @@ class WSGICycle:
         result: Any = None
         try:
             result = self.app(environ, response.start_response)
-            for chunk in result:
-                if chunk:
-                    response.write(chunk)
-                if self.disconnected:
-                    break
+            if isinstance(result, list | tuple):
+                for chunk in result:  # all there already: one write, with a content-length
+                    response.gather(chunk)
+            else:
+                for chunk in result:  # each block goes out as it comes (PEP 3333)
+                    if chunk:
+                        response.write(chunk)
+                    if self.disconnected:
+                        break
             response.finish()
         except BaseException as exc:  # the app's code: anything can come out
             log.error("exception in WSGI app for %s %s", self.method, environ["PATH_INFO"],
                       exc_info=exc)
             response.fail()
         finally:
-            if result is not None and hasattr(result, "close"):
-                try:
+            try:
+                if result is not None and hasattr(result, "close"):
                     result.close()
-                except Exception as exc:
-                    log.error("exception in the WSGI result's close()", exc_info=exc)
+            except Exception as exc:
+                log.error("exception in the WSGI result's close()", exc_info=exc)
+            finally:
+                proto.loop.call_soon_threadsafe(self._call_ended)
 
     def hand_off(self, data: bytes, final: bool, keep_alive: bool) -> None:
-        """Called in the app's thread: pass bytes to the loop; wait while the
-        client is not reading (write flow control)."""
+        """Called in the app's thread: pass bytes to the loop. The thread waits only
+        while the client is not reading (or several blocks are queued), and gives up
+        when that lasts longer than the stall limit."""
+        loop = self.proto.loop
         if final:
-            self.proto.loop.call_soon_threadsafe(self._write_final, data, keep_alive)
+            loop.call_soon_threadsafe(self._write_final, data, keep_alive)
             return
-        self.writable.clear()
-        self.proto.loop.call_soon_threadsafe(self._write_more, data)
-        self.writable.wait()
+        with self.flow:
+            self.in_flight += 1
+            loop.call_soon_threadsafe(self._write_more, data)
+            while (self.blocked or self.in_flight > MAX_IN_FLIGHT) and not self.disconnected:
+                if not self.flow.wait(self.stall):
+                    loop.call_soon_threadsafe(self.proto.abort)
+                    raise OSError(f"the client read nothing for {self.stall:g}s")
+        if self.disconnected:
+            raise OSError("the client went away")
 
     def _write_more(self, data: bytes) -> None:
         proto = self.proto
         proto.write(data)
-        if not proto.write_paused or proto.closed:
-            self.writable.set()
-        else:
+        blocked = proto.write_paused and not proto.closed
+        with self.flow:
+            self.in_flight -= 1
+            self.blocked = blocked
+            self.flow.notify_all()
+        if blocked:
             proto.loop.create_task(self._wait_writable())
 
     async def _wait_writable(self) -> None:
         await self.proto.wait_writable()
-        self.writable.set()
+        with self.flow:
+            self.blocked = False
+            self.flow.notify_all()
 
     def _write_final(self, data: bytes, keep_alive: bool) -> None:
         if data:
@@ -382,6 +413,7 @@ class _Response:
         self.chunked = False
         self.keep_alive = cycle.keep_alive
         self.content_length: int | None = None
+        self.body_sent = 0  # body bytes handed on, checked against content_length
         self.head_only = cycle.method == "HEAD"
         self.no_body = False
 
@@ -403,13 +435,19 @@ class _Response:
         self.headers = headers
         return self.write
 
-    def write(self, data: bytes) -> None:
+    def gather(self, data: bytes) -> None:
+        """Keep a block for the final write (a list result: it is all there)."""
+        if type(data) is not bytes:
+            raise TypeError(f"a WSGI body block must be bytes, not {type(data).__name__}")
         if self.status is None:
-            raise RuntimeError("write() before start_response()")
+            raise RuntimeError("the WSGI app returned a body without calling start_response")
         self.pending.append(data)
         self.pending_size += len(data)
-        if self.pending_size >= FLUSH_AT:
-            self._flush(final=False)
+
+    def write(self, data: bytes) -> None:
+        """The write() callable, and each block of an iterable result: sent at once."""
+        self.gather(data)
+        self._flush(final=False)
 
     def finish(self) -> None:
         if self.status is None:
@@ -449,11 +487,15 @@ class _Response:
                 raise ValueError(f"invalid character in WSGI header {name!r}")
             parts.append(f"{name}: {value}\r\n".encode("latin-1"))
         proto = self.cycle.proto
+        if final and self.cycle.more_body:
+            self.keep_alive = False  # answered before its body was read: the rest is unread
         if not has_date:
             parts.append(proto.state.date_header)
         self.no_body = status in _NO_BODY_STATUSES or status < 200
         if not self.no_body and self.content_length is None:
-            if final:
+            if final and self.head_only and not self.pending_size:
+                pass  # a HEAD answered without a body: the length is unknown, not 0
+            elif final:
                 parts.append(b"content-length: %d\r\n" % self.pending_size)
             elif self.cycle.http_version == "1.1":
                 self.chunked = True
@@ -472,17 +514,33 @@ class _Response:
     def _flush(self, final: bool) -> None:
         parts = [] if self.head_sent else self._head(final)
         self.head_sent = True
+        keep_alive = self.keep_alive
+        body = self.pending
+        if self.content_length is not None and not (self.head_only or self.no_body):
+            room = self.content_length - self.body_sent
+            if self.pending_size > room:
+                log.error("WSGI app sent more than its content-length %d: the rest is dropped",
+                          self.content_length)
+                body = [b"".join(body)[: max(room, 0)]]
+                self.pending_size = max(room, 0)
+            if final and self.body_sent + self.pending_size < self.content_length:
+                log.error("WSGI app sent less than its content-length %d: closing",
+                          self.content_length)
+                keep_alive = False  # the client sees the close and knows it is short
+        self.body_sent += self.pending_size
         if not (self.head_only or self.no_body):
             if self.chunked:
                 if self.pending_size:
-                    parts += (b"%x\r\n" % self.pending_size, *self.pending, b"\r\n")
+                    parts += (b"%x\r\n" % self.pending_size, *body, b"\r\n")
                 if final:
                     parts.append(b"0\r\n\r\n")
             else:
-                parts += self.pending
+                parts += body
         self.pending = []
         self.pending_size = 0
-        self.cycle.hand_off(b"".join(parts), final, self.keep_alive)
+        if final and self.cycle.more_body:
+            keep_alive = False  # answered before its body was read: the rest is unread
+        self.cycle.hand_off(b"".join(parts), final, keep_alive)
 
 
 _PHRASES: dict[int, str] = {}

@@ -80,7 +80,9 @@ def test_http10_closes_by_default(server: Served) -> None:
         conn.send(b"GET /sized?n=5 HTTP/1.0\r\n\r\n")
         response = conn.read_response()
         assert (response.status, response.body) == (200, b"xxxxx")
-        assert response.header("content-length") == "5"
+        # sized by the server (ASGI), or ended by the close (WSGI: wsgiref.validate hands
+        # the server an iterator, whose blocks go out as they come, PEP 3333)
+        assert response.header("content-length") in ("5", None)
         assert conn.server_closed()
 
 
@@ -91,6 +93,11 @@ def test_http10_keep_alive(server: Served) -> None:
             conn.send(get(f"/sized?n={n}", "Connection: keep-alive\r\n", "1.0"))
             response = conn.read_response()
             assert (response.status, len(response.body)) == (200, n)
+            if response.header("content-length") is None:
+                # a streamed WSGI body: HTTP/1.0 has no chunks, so the close ends it
+                assert (response.header("connection") or "").lower() == "close"
+                assert conn.server_closed()
+                return
             assert (response.header("connection") or "").lower() == "keep-alive"
         assert not conn.server_closed(0.2)
 
@@ -157,8 +164,11 @@ def test_head_has_headers_but_no_body(server: Served, target: str) -> None:
         as_head = conn.read_response(method="HEAD")
         after = conn.read_response()
     assert as_head.status == as_get.status == 200
+    # the same framing headers as the GET's
+    assert as_head.header("content-length") == as_get.header("content-length")
+    assert as_head.header("transfer-encoding") == as_get.header("transfer-encoding")
     if "sized" in target:
-        assert as_head.header("content-length") == "1234" == as_get.header("content-length")
+        assert len(as_get.body) == 1234
     else:
         assert len(as_get.body) == 5000
     assert as_head.header("content-type") == as_get.header("content-type")

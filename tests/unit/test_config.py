@@ -115,3 +115,24 @@ def test_interface_detection() -> None:
 
     assert detect_interface(asgi) == "asgi" and detect_interface(AsgiObject()) == "asgi"
     assert detect_interface(wsgi) == "wsgi" and detect_interface(WsgiObject()) == "wsgi"
+
+
+def test_interface_detection_ignores_optional_parameters() -> None:
+    def wsgi(environ, start_response, extra=None): ...  # noqa: ANN001
+
+    assert detect_interface(wsgi) == "wsgi"
+
+
+def test_a_missing_dependency_is_not_reported_as_a_missing_app(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    from forkd.errors import AppLoadError
+    from forkd.http.loader import import_app
+
+    (tmp_path / "appx_needs_dep.py").write_text("import no_such_dependency_xyz\napp = 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        import_app("appx_needs_dep:app")
+    with pytest.raises(AppLoadError, match="no module named 'no_such_app_xyz'"):
+        import_app("no_such_app_xyz:app")
