@@ -349,7 +349,9 @@ class HttpProtocol(asyncio.Protocol):
         broken = self.parsing  # a request whose body can now never arrive whole
         self.parsing = None
         if broken is not None and broken is not self.cycle:
-            self.pipeline.remove(broken)  # queued, never started: the error answers it
+            if broken in self.pipeline:  # queued, never started: the error answers it
+                self.pipeline.remove(broken)
+            # (else its response is done already: only its unread body was broken)
         elif broken is not None:
             # The request being answered lost its body: its app is told the client went,
             # and the error replaces its response, unless that response is already going
