@@ -386,9 +386,7 @@ class Supervisor:
             self.operation.removing.discard(pid)
             actions.append(Progress(f"slot {worker.slot}: pid {pid} drained"))
             actions += self._maybe_finish_scale()
-        if isinstance(self.operation, Reload) and pid in self.operation.old_accepting:
-            self.operation.old_accepting.discard(pid)
-            actions += self._reload_next(now)
+        actions += self._stopped_accepting(worker, now)  # an exited worker accepts nothing
         if slot is None:
             return actions
         if slot.replacement == pid:

@@ -129,7 +129,7 @@ class Primary:
         for key in ready:
             pid = self.channel_owner.get(key)  # (the poller reports sockets by fd)
             if pid is not None:
-                self._on_channel(pid, self.channels[pid])
+                self._drain_channel(pid, self.channels[pid])
         if self.options.control is not None and any(
                 sock in ready for sock in self.options.control.sockets()):
             self._on_control()
@@ -211,12 +211,8 @@ class Primary:
                     self.deferred.remove(signal.SIGHUP)
                 self._operate("reload", partial(self.supervisor.request_reload, now), None)
             else:
-                step = 1 if signum == signal.SIGTTIN else -1
-                self._operate("scale", self._scale_by(step, now), None)
-
-    def _scale_by(self, step: int, now: float) -> Callable[[], list[policy.Action]]:
-        count = self.supervisor.target + step
-        return lambda: self.supervisor.request_scale(count, now)
+                count = self.supervisor.target + (1 if signum == signal.SIGTTIN else -1)
+                self._operate("scale", partial(self.supervisor.request_scale, count, now), None)
 
     def _reap(self) -> None:
         for pid, code, signum in process.reap():
@@ -228,9 +224,6 @@ class Primary:
                 channel.close()
             self.monitor.forget(pid)
             self._execute(self.supervisor.exited(pid, code, signum, time.monotonic()))
-
-    def _on_channel(self, pid: int, channel: socket.socket) -> None:
-        self._drain_channel(pid, channel)
 
     def _drain_channel(self, pid: int, channel: socket.socket) -> None:
         while True:
@@ -283,9 +276,6 @@ class Primary:
                 count = protocol.parse_scale(str(request.args["count"]), self.supervisor.target)
             except protocol.ProtocolError as exc:
                 control.reply_error(peer, request.id, exc.code, exc.message)
-                return
-            except ValueError as exc:
-                control.reply_error(peer, request.id, protocol.Code.BAD_REQUEST, str(exc))
                 return
             error = self._operate("scale", lambda: self.supervisor.request_scale(count, now),
                                   who)

@@ -176,12 +176,8 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         loop.add_signal_handler(signum, on_signal, signum)
 
     channel = spec.channel
-    channel.settimeout(5.0)  # "ready" must not be lost to a full buffer, unlike a beat
-    try:
-        channel.send(b"ready " + interface.encode())
-    except OSError:
-        pass  # the primary is gone; PDEATHSIG ends us
     channel.setblocking(False)
+    _send(channel, b"ready " + interface.encode(), surely=True)
     beat = _Heartbeat(state, channel, loop)
     beat.schedule()
     await stop
@@ -192,7 +188,7 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         server.close()
     for sock in spec.listeners:
         sock.close()
-    _send(channel, b"draining")
+    _send(channel, b"draining", surely=True)
     state.start_drain()
     deadline = loop.time() + config.graceful_timeout
     while (state.connections or state.calls) and loop.time() < deadline:
@@ -220,13 +216,20 @@ def _positional(cls: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
     return make
 
 
-def _send(channel: socket.socket, message: bytes) -> None:
+def _send(channel: socket.socket, message: bytes, surely: bool = False) -> None:
+    """A beat may be dropped when the primary is behind (the next one carries the same
+    news); `surely` waits up to 5 s for room instead, for news sent only once."""
     try:
+        if surely:
+            channel.settimeout(5.0)
         channel.send(message)
-    except (BlockingIOError, InterruptedError):
-        pass  # the primary is behind; the next beat carries the same news
+    except (BlockingIOError, InterruptedError, TimeoutError):
+        pass
     except OSError:
         pass  # the primary is gone; PDEATHSIG ends us
+    finally:
+        if surely:
+            channel.setblocking(False)
 
 
 class _Heartbeat:

@@ -367,7 +367,7 @@ class WSGICycle:
             loop.call_soon_threadsafe(self._write_more, data)
             while (self.blocked or self.in_flight > MAX_IN_FLIGHT) and not self.disconnected:
                 if not self.flow.wait(self.stall):
-                    loop.call_soon_threadsafe(self.proto.abort)
+                    self.abort()
                     raise OSError(f"the client read nothing for {self.stall:g}s")
         if self.disconnected:
             raise OSError("the client went away")
