@@ -7,7 +7,7 @@ accepts)."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import click
@@ -296,9 +296,13 @@ def test_the_pod_runs_as_non_root_on_a_read_only_root_filesystem() -> None:
     env = {e["name"]: e["value"] for e in container["env"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    for path in (env["FORKD_HOME"], env["TMPDIR"]):
-        assert path in mounts, f"{path} is not on a volume"
-        assert "emptyDir" in volumes[mounts[path]]
+    assert env["TMPDIR"] in mounts and "emptyDir" in volumes[mounts[env["TMPDIR"]]]
+    # forkd refuses a FORKD_HOME owned by another uid, and a volume's root belongs to root:
+    # the home must be a directory forkd creates below the mount.
+    home = PurePosixPath(env["FORKD_HOME"])
+    parents = [m for m in mounts if PurePosixPath(m) in home.parents]
+    assert parents, f"FORKD_HOME {home} is not below a mounted volume"
+    assert "emptyDir" in volumes[mounts[parents[0]]]
 
 
 def test_the_image_user_is_the_pods_user_and_exposes_its_ports() -> None:
@@ -311,6 +315,8 @@ def test_the_image_user_is_the_pods_user_and_exposes_its_ports() -> None:
                for p in line.split()}
     assert {p["containerPort"] for p in container["ports"]} <= exposed
     assert re.search(r'^ENTRYPOINT\s+\["forkd"\]', text, re.MULTILINE)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert f"FORKD_HOME={env['FORKD_HOME']}" in text, "image and pod agree on FORKD_HOME"
     # Every source the build copies exists in the repository.
     for line in re.findall(r"^COPY\s+(?!--from)(.+)$", text, re.MULTILINE):
         for source in line.split()[:-1]:
