@@ -72,7 +72,25 @@ def start(app: str | None, config_file: str | None, **given: Any) -> None:
         config = load_config(app, given, config_file, os.environ)
     except ConfigError as exc:
         _fail(f"error: {exc}", EXIT_USAGE)
+    config = config.replace(chdir=working_directory(config.chdir, os.environ))
     sys.exit(run_start(config))
+
+
+def working_directory(chdir: str | None, env: Any) -> str:
+    """--chdir as an absolute path, kept as typed (a `current` symlink stays one). The
+    default is the directory forkd start ran in as the shell names it: $PWD, when
+    that names the same directory as the resolved one the kernel reports."""
+    here = os.getcwd()
+    logical = env.get("PWD")
+    if logical and os.path.isabs(logical):
+        try:
+            if os.path.samefile(logical, here):
+                here = logical
+        except OSError:
+            pass
+    if not chdir:
+        return here
+    return os.path.normpath(os.path.join(here, chdir))
 
 
 def load_config(app: str | None, given: dict[str, Any], config_file: str | None,
@@ -124,9 +142,10 @@ def run_start(config: Config) -> int:
     app_object = None
     interface = None if config.interface == "auto" else config.interface
     if config.preload:
-        from forkd.http.loader import detect_interface, import_app
+        from forkd.http.loader import detect_interface, enter_directory, import_app
 
         try:
+            enter_directory(config.chdir)  # the primary imports the app: from there
             app_object = import_app(config.app)
         except AppLoadError as exc:
             click.echo(f"forkd: error: {exc}", err=True)

@@ -201,6 +201,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("graceful_timeout", _seconds, 30.0, "seconds a stopping worker may drain"),
     Option("max_requests", _int(0), 0, "recycle a worker after this many requests (0: off)"),
     Option("max_requests_jitter", _int(0), 0, "random extra requests before recycling"),
+    Option("chdir", _text, None, "directory each new worker changes to and imports the app "
+           "from (default: where forkd start ran, as typed: a symlink stays a path)"),
     Option("preload", _bool, False, "import the app in the primary before forking"),
     Option("control", _text, None, "ZeroMQ control endpoint (default ipc://FORKD_HOME/NAME.sock)"),
     Option("control_keys", _text, None,
@@ -239,6 +241,7 @@ class Config:
     graceful_timeout: float = 30.0
     max_requests: int = 0
     max_requests_jitter: int = 0
+    chdir: str | None = None
     preload: bool = False
     control: str | None = None
     control_keys: str | None = None

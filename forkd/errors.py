@@ -11,6 +11,11 @@
 
 from __future__ import annotations
 
+# A worker's exit codes: the one definition, read by the worker and the supervisor core.
+EXIT_OK = 0
+EXIT_APP_LOAD = 3  # the app failed to import, or its lifespan startup failed
+EXIT_BOOT = 4  # the worker itself could not start
+
 
 class ForkdError(Exception):
     """Base of the errors forkd raises on purpose."""

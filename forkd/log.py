@@ -58,3 +58,9 @@ def format_event(name: str, fields: dict[str, Any]) -> str:
 
 def event(_event: str, level: int = logging.INFO, **fields: Any) -> None:
     _logger.log(level, format_event(_event, fields))
+
+
+def reopen() -> None:
+    """SIGUSR1: reopen the log file. Every line goes to stderr until the primary
+    writes a --log-file of its own, so there is nothing to reopen yet: say so."""
+    event("logs-reopen", target="stderr")

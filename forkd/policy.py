@@ -1,21 +1,45 @@
-"""The supervisor's decisions, with no I/O: events (a worker forked, became
-ready, beat, exited; a memory sample; a reload, scale or stop request; time
-passing) go in, and actions (spawn, signal, log, report, notify, exit) come out.
-The primary's loop (primary.py) carries the actions out; the tests feed events
-and read actions, with `now` passed in."""
+"""The supervisor's decisions, with no I/O. One entry point:
+`Supervisor.handle(event, now) -> list[Action]`. Events are the typed values of
+forkd.events (a worker forked, became ready, beat, reached its request limit,
+exited; a memory sample; time passing; an operator's signal or control request);
+actions (spawn, signal, log, reply, notify, exit, ...) come out.
+
+`Driver` is the one action loop: it hands each action to an `Effects` (the
+primary's shell, or the unit tests' fake) and feeds the outcome of a spawn back
+in as an event, so the tests run exactly the loop the primary runs.
+
+Where things live: events and the worker codec in events.py; the worker table and
+its legal moves in state.py; operations (Reload, Scale, Stop) below, each holding
+its own progress and its requester; max-requests and memory recycles are
+replacements (`_replace`) rather than operations, so several may overlap.
+"""
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from forkd import events as ev
 from forkd.config import Config, format_size
-from forkd.state import Slot, Worker, WorkerState, WorkerTable, describe_exit, exit_words
+from forkd.errors import EXIT_APP_LOAD, EXIT_BOOT, ProtocolError
+from forkd.protocol import Code, resolve_scale
+from forkd.state import (
+    Cause,
+    Reason,
+    Slot,
+    Worker,
+    WorkerState,
+    WorkerTable,
+    exit_reason,
+    exit_words,
+)
 
-EXIT_APP_LOAD = 3  # kept equal to worker.EXIT_APP_LOAD (the worker module imports uvloop)
-EXIT_BOOT = 4
+__all__ = ["EXIT_APP_LOAD", "EXIT_BOOT"]
 MIN_UPTIME = 0.5  # a worker that dies younger than this (or before ready) died "fast"
 STABLE_AFTER = 10.0  # a run this long resets a slot's back-off
 BACKOFF_BASE = 0.5
@@ -31,6 +55,7 @@ QUIT_GRACE = 2.0  # after SIGQUIT (immediate stop) before SIGKILL
 class Spawn:
     slot: int
     replacement: bool = False
+    request_limit: int | None = None  # --max-requests (+ jitter) for the new worker
 
 
 @dataclass(frozen=True)
@@ -43,20 +68,26 @@ class Signal:
 class Log:
     event: str
     fields: dict[str, Any]
-    level: str = "info"
+    level: int = logging.INFO
 
 
 @dataclass(frozen=True)
 class Progress:
+    """A line of progress for whoever asked for the running operation."""
+
+    requester: Any
     text: str
 
 
 @dataclass(frozen=True)
-class Finish:
-    """The running operation ended; its requester gets ok or the error."""
+class Reply:
+    """The answer to a control request: ok with a result, or an error code and why.
+    A requester of None is a signal: nobody to answer (a failure is also logged)."""
 
+    requester: Any
     ok: bool
     message: str
+    code: Code | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,7 +101,17 @@ class Exit:
     code: int
 
 
-Action = Spawn | Signal | Log | Progress | Finish | Notify | Exit
+@dataclass(frozen=True)
+class ReopenLogs:
+    """SIGUSR1: reopen the log file (after a rotation by logrotate, say)."""
+
+
+@dataclass(frozen=True)
+class StartUpgrade:
+    """SIGUSR2: replace the primary itself (as `forkd upgrade`)."""
+
+
+Action = Spawn | Signal | Log | Progress | Reply | Notify | Exit | ReopenLogs | StartUpgrade
 
 
 # -- operations ------------------------------------------------------------------------------
@@ -79,11 +120,14 @@ class Reload:
     slots: list[int]
     total: int
     started_at: float
+    requester: Any = None
     done: int = 0
     active: dict[int, float] = field(default_factory=dict)  # slot -> step start
     # replaced workers that may still accept: the reload is done only once each has
     # closed its listeners (or exited), so no request reaches old code afterwards
     old_accepting: set[int] = field(default_factory=set)
+
+    noun = "reload"
 
     def describe(self) -> str:
         return f"reload in progress ({self.done}/{self.total})"
@@ -92,8 +136,11 @@ class Reload:
 @dataclass
 class Scale:
     target: int
+    requester: Any = None
     adding: set[int] = field(default_factory=set)
     removing: set[int] = field(default_factory=set)  # pids draining away
+
+    noun = "scale"
 
     def describe(self) -> str:
         return f"scale to {self.target} in progress"
@@ -103,16 +150,15 @@ class Scale:
 class Stop:
     graceful: bool
     exit_code: int = 0
+    requesters: list[Any] = field(default_factory=list)  # each stop asker gets the answer
+
+    noun = "stop"
 
     def describe(self) -> str:
         return "stop in progress"
 
 
 Operation = Reload | Scale | Stop
-
-
-class Busy(Exception):
-    """A second mutating request while one runs."""
 
 
 def backoff_delay(fast_deaths: int) -> float:
@@ -124,6 +170,12 @@ def backoff_delay(fast_deaths: int) -> float:
     return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (fast_deaths - 3))
 
 
+WARNING = logging.WARNING
+ERROR = logging.ERROR
+_HEALTH = (Cause.CRASHED, Cause.KILLED, Cause.MEMORY, Cause.TIMEOUT, Cause.MAX_REQUESTS)
+_DEFERRED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+
+
 class Supervisor:
     def __init__(self, config: Config, workers: int, rng: random.Random | None = None) -> None:
         self.config = config
@@ -132,12 +184,27 @@ class Supervisor:
         self.operation: Operation | None = None
         self.any_ready = False
         self.announced_ready = False
-        self.exit_code: int | None = None
-        # replacements for health reasons since start, by kind (shown in status)
-        self.counters: dict[str, int] = {"crashed": 0, "killed": 0, "memory": 0,
-                                         "timeout": 0, "max-requests": 0}
+        self.interrupts = 0  # SIGINTs so far: the second means "now"
+        self.deferred: list[int] = []  # operator signals waiting for the running operation
+        # replacements for health reasons since start, by cause (shown in status)
+        self.counters: dict[str, int] = {cause.value: 0 for cause in _HEALTH}
         for slot_id in range(workers):
             self.table.slots[slot_id] = Slot(slot_id)
+
+    # -- the entry point ---------------------------------------------------------------------
+    def handle(self, event: ev.Event, now: float) -> list[Action]:
+        """Everything that happens to the primary comes in here, typed."""
+        if isinstance(event, ev.FromWorker):
+            worker = self.table.workers.get(event.pid)
+            if worker is None:
+                return []
+            worker.last_seen = now
+            actions = _WORKER_HANDLERS[type(event.message)](self, worker, event.message, now)
+        else:
+            actions = _HANDLERS[type(event)](self, event, now)
+        if self.deferred and self.operation is None:
+            actions += self._run_deferred(now)
+        return actions
 
     # -- queries -----------------------------------------------------------------------------
     @property
@@ -171,65 +238,67 @@ class Supervisor:
             return max(self.config.startup_timeout, self.config.timeout)
         return self.config.timeout
 
-    # -- start ---------------------------------------------------------------------------------
-    def start(self, now: float) -> list[Action]:
+    # -- start and spawns ----------------------------------------------------------------------
+    def _start(self, event: ev.Start, now: float) -> list[Action]:
         actions: list[Action] = []
         for slot in self.table.slots.values():
             slot.spawn_pending = True
-            actions.append(Spawn(slot.id))
+            actions.append(self._spawn(slot.id))
         return actions
 
-    def spawned(self, spawn: Spawn, pid: int, now: float) -> list[Action]:
-        slot = self.table.slots.get(spawn.slot)
-        worker = Worker(pid=pid, slot=spawn.slot, started_at=now, last_seen=now)
+    def _spawn(self, slot_id: int, replacement: bool = False) -> Spawn:
+        limit = None
         if self.config.max_requests:
-            worker.request_limit = self.config.max_requests + self.rng.randint(
+            limit = self.config.max_requests + self.rng.randint(
                 0, self.config.max_requests_jitter)
-        self.table.workers[pid] = worker
+        return Spawn(slot_id, replacement, limit)
+
+    def _spawned(self, event: ev.Spawned, now: float) -> list[Action]:
+        slot = self.table.slots.get(event.slot)
+        worker = Worker(pid=event.pid, slot=event.slot, started_at=now, last_seen=now,
+                        request_limit=event.request_limit)
+        self.table.workers[event.pid] = worker
         if slot is None:  # scaled away meanwhile: let it go at once
-            return self._drain(worker, "scale", now)
-        if spawn.replacement:
+            return self._drain(worker, Reason(Cause.SCALE), now)
+        if event.replacement:
             slot.replace_pending = False
-            slot.replacement = pid
+            slot.replacement = event.pid
         else:
             slot.spawn_pending = False
-            slot.pid = pid
-        return [Log("worker-started", {"slot": spawn.slot, "pid": pid,
-                                       "role": "replacement" if spawn.replacement else None})]
+            slot.pid = event.pid
+        return [Log("worker-started", {"slot": event.slot, "pid": event.pid,
+                                       "role": "replacement" if event.replacement else None})]
 
-    def spawn_failed(self, spawn: Spawn, error: str, now: float) -> list[Action]:
-        slot = self.table.slots.get(spawn.slot)
-        actions: list[Action] = [Log("spawn-failed", {"slot": spawn.slot, "error": error},
-                                     "error")]
+    def _spawn_failed(self, event: ev.SpawnFailed, now: float) -> list[Action]:
+        slot = self.table.slots.get(event.slot)
+        actions: list[Action] = [Log("spawn-failed", {"slot": event.slot,
+                                                      "error": event.error}, ERROR)]
         if slot is None:
             return actions
-        if spawn.replacement:
+        if event.replacement:
             slot.replace_pending = False
-            return actions + self._replacement_failed(slot, None, f"fork failed: {error}", now)
+            return actions + self._replacement_failed(slot, None, f"fork failed: {event.error}",
+                                                      now)
         slot.spawn_pending = False
         slot.fast_deaths += 1
         slot.respawn_at = now + max(backoff_delay(slot.fast_deaths), BACKOFF_BASE)
         return actions
 
     # -- messages from workers ---------------------------------------------------------------
-    def message(self, pid: int, data: bytes, now: float) -> list[Action]:
-        worker = self.table.workers.get(pid)
-        if worker is None:
-            return []
-        worker.last_seen = now
-        if data.startswith(b"hb "):
-            try:
-                worker.requests = int(data[3:])
-            except ValueError:
-                return []
-            return self._check_requests(worker, now)
-        if data.startswith(b"ready"):
-            return self._ready(worker, data[6:].decode("ascii", "replace") or None, now)
-        if data == b"draining":
-            return self._stopped_accepting(worker, now)
-        if data.startswith(b"error "):
-            worker.error = data[6:].decode("utf-8", "replace")
+    def _on_beat(self, worker: Worker, msg: ev.Beat, now: float) -> list[Action]:
+        worker.requests = max(worker.requests, msg.requests)
+        return self._check_requests(worker, now)
+
+    def _on_limit(self, worker: Worker, msg: ev.LimitReached, now: float) -> list[Action]:
+        worker.requests = max(worker.requests, msg.requests)
+        return self._check_requests(worker, now)
+
+    def _on_failed(self, worker: Worker, msg: ev.Failed, now: float) -> list[Action]:
+        worker.error = msg.error
         return []
+
+    def _on_draining(self, worker: Worker, msg: ev.Draining, now: float) -> list[Action]:
+        return self._stopped_accepting(worker, now)
 
     def _stopped_accepting(self, worker: Worker, now: float) -> list[Action]:
         worker.stopped_accepting = True
@@ -239,24 +308,26 @@ class Supervisor:
             return self._reload_next(now)
         return []
 
-    def _ready(self, worker: Worker, interface: str | None, now: float) -> list[Action]:
+    def _on_ready(self, worker: Worker, msg: ev.Ready, now: float) -> list[Action]:
         if worker.state is not WorkerState.STARTING:
             return []
         worker.move(WorkerState.READY)
         worker.ready_at = now
+        worker.cwd = msg.cwd
         self.any_ready = True
         actions: list[Action] = [Log("worker-ready", {
-            "slot": worker.slot, "pid": worker.pid, "interface": interface,
-            "ms": round((now - worker.started_at) * 1000)})]
+            "slot": worker.slot, "pid": worker.pid, "interface": msg.interface,
+            "cwd": msg.cwd, "ms": round((now - worker.started_at) * 1000)})]
         slot = self.table.slots.get(worker.slot)
         if slot is None:
             return actions
         if slot.replacement == worker.pid:
             actions += self._promote(slot, worker, now)
-        if isinstance(self.operation, Scale) and worker.slot in self.operation.adding:
-            self.operation.adding.discard(worker.slot)
-            actions.append(Progress(f"slot {worker.slot}: pid {worker.pid} ready in "
-                                    f"{(now - worker.started_at) * 1000:.0f} ms"))
+        op = self.operation
+        if isinstance(op, Scale) and worker.slot in op.adding:
+            op.adding.discard(worker.slot)
+            actions.append(Progress(op.requester, f"slot {worker.slot}: pid {worker.pid} ready "
+                                    f"in {(now - worker.started_at) * 1000:.0f} ms"))
             actions += self._maybe_finish_scale()
         if self.operation is None and not self.announced_ready and self.all_ready():
             self.announced_ready = True
@@ -266,7 +337,7 @@ class Supervisor:
 
     def _promote(self, slot: Slot, new: Worker, now: float) -> list[Action]:
         """The replacement is ready: it becomes the occupant, the old one drains."""
-        reason = slot.replace_reason or "reload"
+        reason = slot.replace_reason or Reason(Cause.RELOAD)
         old = self.table.occupant(slot)
         slot.pid = new.pid
         slot.replacement = None
@@ -274,13 +345,13 @@ class Supervisor:
         slot.replace_failures = 0
         actions: list[Action] = []
         if old is not None:
-            if reason not in ("reload", "scale"):
+            if reason.cause in _HEALTH:
                 slot.restarts += 1
                 self._count(reason)
             slot.last_exit = reason
             actions += self._drain(old, reason, now)
             actions.append(Log("worker-replaced", {"slot": slot.id, "old": old.pid,
-                                                   "new": new.pid, "reason": reason}))
+                                                   "new": new.pid, "reason": str(reason)}))
         if isinstance(self.operation, Reload) and slot.id in self.operation.active:
             op = self.operation
             op.active.pop(slot.id)
@@ -288,36 +359,36 @@ class Supervisor:
             if old is not None and not old.stopped_accepting:
                 op.old_accepting.add(old.pid)
             old_pid = old.pid if old is not None else "-"
-            actions.append(Progress(
+            actions.append(Progress(op.requester,
                 f"slot {slot.id} ({op.done}/{op.total}): pid {old_pid} → {new.pid}, "
                 f"ready in {(now - new.started_at) * 1000:.0f} ms"))
             actions += self._reload_next(now)
         return actions
 
     def _check_requests(self, worker: Worker, now: float) -> list[Action]:
+        """A worker at its --max-requests is replaced at once: ready-gated as every
+        replacement (the old one serves until the new one is ready), so recycles of
+        several slots may overlap without the ready count falling below the target."""
         limit = worker.request_limit
-        if limit is None or worker.requests < limit or worker.state is not WorkerState.READY:
+        if (limit is None or worker.requests < limit or worker.state is not WorkerState.READY
+                or self.stopping):
             return []
         slot = self.table.slots.get(worker.slot)
-        if slot is None or slot.pid != worker.pid or self.operation is not None:
+        if slot is None or slot.pid != worker.pid:
             return []
-        # never all at once: one max-requests recycle in flight at a time
-        for other in self.table.slots.values():
-            if other.replace_reason == "max-requests":
-                return []
-        return self._replace(slot, "max-requests", now,
+        return self._replace(slot, Reason(Cause.MAX_REQUESTS), now,
                              {"requests": worker.requests, "limit": limit})
 
     # -- replacements ------------------------------------------------------------------------------
-    def _replace(self, slot: Slot, reason: str, now: float,
+    def _replace(self, slot: Slot, reason: Reason, now: float,
                  figures: dict[str, Any] | None = None) -> list[Action]:
         if slot.replacement is not None or slot.replace_pending or now < slot.replace_after:
             return []
         slot.replace_reason = reason
         slot.replace_pending = True
-        fields: dict[str, Any] = {"slot": slot.id, "pid": slot.pid, "reason": reason}
+        fields: dict[str, Any] = {"slot": slot.id, "pid": slot.pid, "reason": str(reason)}
         fields.update(figures or {})
-        return [Log("worker-replacing", fields), Spawn(slot.id, replacement=True)]
+        return [Log("worker-replacing", fields), self._spawn(slot.id, replacement=True)]
 
     def _replacement_failed(self, slot: Slot, worker: Worker | None, why: str, now: float
                             ) -> list[Action]:
@@ -329,8 +400,9 @@ class Supervisor:
         slot.replace_failures += 1
         slot.replace_after = now + max(BACKOFF_BASE, backoff_delay(slot.replace_failures + 1))
         actions: list[Action] = [Log("replacement-failed", {
-            "slot": slot.id, "pid": worker.pid if worker else None, "reason": reason,
-            "why": why.strip().splitlines()[-1] if why.strip() else why}, "error")]
+            "slot": slot.id, "pid": worker.pid if worker else None,
+            "reason": str(reason) if reason else None,
+            "why": why.strip().splitlines()[-1] if why.strip() else why}, ERROR)]
         if isinstance(self.operation, Reload) and slot.id in self.operation.active:
             op = self.operation
             self.operation = None
@@ -342,19 +414,19 @@ class Supervisor:
                     other.replacement = None
                     other.replace_reason = None
                     if pending is not None:
-                        actions += self._drain(pending, "reload aborted", now)
+                        actions += self._drain(pending, Reason(Cause.RELOAD_ABORTED), now)
             message = (f"reload aborted: the replacement for slot {slot.id} failed ({why.strip()})"
                        if "\n" not in why.strip() else
                        f"reload aborted: the replacement for slot {slot.id} failed:\n{why}")
             actions.append(Log("reload-aborted", {"slot": slot.id, "done": op.done,
-                                                  "total": op.total}, "error"))
-            actions.append(Finish(False, message))
+                                                  "total": op.total}, ERROR))
+            actions += self._reply(op.requester, False, message, Code.FAILED)
             actions.append(Notify("ready"))
         if slot.pid is None and not self.stopping:
             actions += self._respawn(slot, now)  # its occupant died meanwhile
         return actions
 
-    def _drain(self, worker: Worker, reason: str, now: float) -> list[Action]:
+    def _drain(self, worker: Worker, reason: Reason, now: float) -> list[Action]:
         if worker.state is WorkerState.DRAINING:
             return []
         worker.move(WorkerState.DRAINING)
@@ -363,34 +435,34 @@ class Supervisor:
         return [Signal(worker.pid, signal.SIGTERM)]
 
     # -- exits -----------------------------------------------------------------------------------
-    def exited(self, pid: int, code: int | None, signum: int | None, now: float
-               ) -> list[Action]:
+    def _exited(self, event: ev.Exited, now: float) -> list[Action]:
+        pid, code, signum = event.pid, event.code, event.signum
         worker = self.table.workers.pop(pid, None)
         if worker is None:
             return []
-        status = describe_exit(code, signum)
-        reason = worker.leave_reason or status
+        reason = worker.leave_reason or exit_reason(code, signum)
         actions: list[Action] = [Log("worker-exited", {
             "slot": worker.slot, "pid": pid, "status": exit_words(code, signum),
-            "reason": reason,
+            "reason": str(reason),
             "uptime": f"{now - worker.started_at:.1f}s"},
-            "info" if worker.leave_reason else "warning")]
+            logging.INFO if worker.leave_reason else WARNING)]
         if worker.error and worker.ready_at is None:
             actions.append(Log("worker-error", {"slot": worker.slot, "pid": pid,
                                                 "error": worker.error.strip().splitlines()[-1]},
-                               "error"))
+                               ERROR))
         slot = self.table.slots.get(worker.slot)
         if self.stopping:
             return actions + self._maybe_exit()
-        if isinstance(self.operation, Scale) and pid in self.operation.removing:
-            self.operation.removing.discard(pid)
-            actions.append(Progress(f"slot {worker.slot}: pid {pid} drained"))
+        op = self.operation
+        if isinstance(op, Scale) and pid in op.removing:
+            op.removing.discard(pid)
+            actions.append(Progress(op.requester, f"slot {worker.slot}: pid {pid} drained"))
             actions += self._maybe_finish_scale()
         actions += self._stopped_accepting(worker, now)  # an exited worker accepts nothing
         if slot is None:
             return actions
         if slot.replacement == pid:
-            why = worker.error or f"{status} before it was ready"
+            why = worker.error or f"{exit_reason(code, signum)} before it was ready"
             if worker.aborted:
                 why = worker.error or f"not ready within {self.config.timeout:g}s"
             return actions + self._replacement_failed(slot, worker, why, now)
@@ -398,7 +470,7 @@ class Supervisor:
             return actions  # an old occupant finished draining
         return actions + self._occupant_died(slot, worker, reason, code, now)
 
-    def _occupant_died(self, slot: Slot, worker: Worker, reason: str, code: int | None,
+    def _occupant_died(self, slot: Slot, worker: Worker, reason: Reason, code: int | None,
                        now: float) -> list[Action]:
         slot.pid = None
         slot.last_exit = reason
@@ -410,7 +482,7 @@ class Supervisor:
             # The app cannot load in the first generation: respawning would only loop.
             message = (worker.error or "the app failed to load").rstrip()
             actions.append(Log("app-load-failed", {"slot": slot.id, "pid": worker.pid,
-                                                   "code": code}, "error"))
+                                                   "code": code}, ERROR))
             return actions + self._begin_stop(graceful=False, now=now, exit_code=1,
                                               why=message)
         uptime = now - worker.started_at
@@ -432,84 +504,139 @@ class Supervisor:
         if delay > 0:
             slot.respawn_at = now + delay
             return [Log("slot-backoff", {"slot": slot.id, "delay": f"{delay:g}s",
-                                         "fast_deaths": slot.fast_deaths}, "warning")]
+                                         "fast_deaths": slot.fast_deaths}, WARNING)]
         slot.spawn_pending = True
-        return [Spawn(slot.id)]
+        return [self._spawn(slot.id)]
 
-    def _count(self, reason: str) -> None:
-        kind = reason.split(":", 1)[0]
-        if kind in self.counters:
-            self.counters[kind] += 1
+    def _count(self, reason: Reason) -> None:
+        if reason.cause.value in self.counters:
+            self.counters[reason.cause.value] += 1
 
     # -- time --------------------------------------------------------------------------------------
-    def tick(self, now: float) -> list[Action]:
+    def _tick(self, event: ev.Tick, now: float) -> list[Action]:
         actions: list[Action] = []
         for slot in self.table.slots.values():
             if slot.respawn_at is not None and now >= slot.respawn_at and slot.pid is None:
                 slot.respawn_at = None
                 if not self.stopping:
                     slot.spawn_pending = True
-                    actions.append(Spawn(slot.id))
+                    actions.append(self._spawn(slot.id))
         for worker in list(self.table.workers.values()):
             if worker.kill_at is not None and now >= worker.kill_at:
                 worker.kill_at = None
+                why = str(worker.leave_reason) if worker.leave_reason else None
                 actions.append(Log("worker-kill", {"slot": worker.slot, "pid": worker.pid,
-                                                   "why": worker.leave_reason}, "warning"))
+                                                   "why": why}, WARNING))
                 actions.append(Signal(worker.pid, signal.SIGKILL))
             elif not worker.aborted and now - worker.last_seen >= self._silence_limit(worker):
                 worker.aborted = True
                 silent = now - worker.last_seen
                 if worker.leave_reason is None:
-                    worker.leave_reason = "timeout"
+                    worker.leave_reason = Reason(Cause.TIMEOUT)
                 worker.kill_at = now + ABORT_GRACE
                 actions.append(Log("worker-timeout", {
                     "slot": worker.slot, "pid": worker.pid, "state": worker.state.value,
-                    "silent": f"{silent:.1f}s"}, "error"))
+                    "silent": f"{silent:.1f}s"}, ERROR))
                 actions.append(Signal(worker.pid, signal.SIGABRT))
         return actions
 
-    def memory(self, samples: dict[int, int], now: float) -> list[Action]:
+    def _memory(self, event: ev.MemorySample, now: float) -> list[Action]:
         limit = self.config.max_memory
         hard = self.config.hard_memory_limit
         if limit is None or hard is None or self.stopping:
             return []
         actions: list[Action] = []
-        for pid, used in samples.items():
+        for pid, used in event.used.items():
             worker = self.table.workers.get(pid)
             if worker is None or worker.state is not WorkerState.READY:
                 continue
             slot = self.table.slots.get(worker.slot)
             if slot is None or slot.pid != pid:
                 continue
-            words = f"memory: {format_size(used)} > {format_size(limit)}"
+            reason = Reason(Cause.MEMORY, f"{format_size(used)} > {format_size(limit)}")
             if used > hard:
-                worker.leave_reason = words
+                worker.leave_reason = reason
                 worker.kill_at = None
                 actions.append(Log("worker-memory-kill", {
-                    "slot": slot.id, "pid": pid, "used": used, "hard_limit": hard}, "error"))
+                    "slot": slot.id, "pid": pid, "used": used, "hard_limit": hard}, ERROR))
                 actions.append(Signal(pid, signal.SIGKILL))
             elif used > limit:
                 worker.memory_strikes += 1
                 if worker.memory_strikes >= self.config.memory_samples:
-                    actions += self._replace(slot, words, now,
-                                             {"used": used, "limit": limit})
+                    actions += self._replace(slot, reason, now, {"used": used, "limit": limit})
             else:
                 worker.memory_strikes = 0
         return actions
 
-    # -- operator requests ----------------------------------------------------------------------
-    def _check_busy(self) -> None:
-        if self.operation is not None:
-            raise Busy(f"busy: {self.operation.describe()}")
+    # -- operator signals ---------------------------------------------------------------------
+    def _signal(self, event: ev.OperatorSignal, now: float) -> list[Action]:
+        signum = event.signum
+        name = signal.Signals(signum).name
+        if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            if signum == signal.SIGINT:
+                self.interrupts += 1
+            # a second Ctrl-C means "now", as with every foreground server
+            graceful = signum == signal.SIGTERM or (
+                signum == signal.SIGINT and self.interrupts == 1)
+            return ([Log("signal", {"name": name})]
+                    + self._stop(graceful, None, now, forced=True))
+        if signum in _DEFERRED:
+            # carried out once the running operation (if any) ends: see _run_deferred
+            self.deferred.append(signum)
+            return []
+        if signum == signal.SIGUSR1:
+            return [ReopenLogs()]
+        if signum == signal.SIGUSR2:
+            if self.stopping:
+                return [Log("refused", {"command": "upgrade", "why": "forkd is stopping"},
+                            WARNING)]
+            return [Log("signal", {"name": name}), StartUpgrade()]
+        return []
 
-    def request_reload(self, now: float) -> list[Action]:
-        self._check_busy()
+    def _run_deferred(self, now: float) -> list[Action]:
+        """Operator signals wait their turn; repeated SIGHUPs fold into one reload and
+        SIGTTIN/SIGTTOU add up one worker each."""
+        actions: list[Action] = []
+        while self.deferred and self.operation is None:
+            signum = self.deferred.pop(0)
+            if signum == signal.SIGHUP:
+                self.deferred = [s for s in self.deferred if s != signal.SIGHUP]
+                actions += self._reload(ev.ReloadRequest(None), now)
+            else:
+                step = 1 if signum == signal.SIGTTIN else -1
+                actions += self._scale(ev.ScaleRequest(step, relative=True), now)
+        if self.stopping:
+            self.deferred.clear()
+        return actions
+
+    # -- operator requests ----------------------------------------------------------------------
+    def _reply(self, requester: Any, ok: bool, message: str, code: Code | None = None,
+               result: dict[str, Any] | None = None) -> list[Action]:
+        actions: list[Action] = [Reply(requester, ok, message, code, result or {})]
+        if requester is None and not ok:  # a signal asked: nobody to tell but the log
+            actions.insert(0, Log("operation-failed", {"why": message.splitlines()[0]}, ERROR))
+        return actions
+
+    def _refuse(self, command: str, requester: Any, code: Code, why: str) -> list[Action]:
+        return [Log("refused", {"command": command, "why": why}, WARNING),
+                Reply(requester, False, why, code)]
+
+    def _busy(self, command: str, requester: Any) -> list[Action] | None:
+        if self.operation is None:
+            return None
+        return self._refuse(command, requester, Code.BUSY, f"busy: {self.operation.describe()}")
+
+    def _reload(self, event: ev.ReloadRequest, now: float) -> list[Action]:
+        busy = self._busy("reload", event.requester)
+        if busy is not None:
+            return busy
         slots = sorted(self.table.slots)
-        self.operation = Reload(slots=slots, total=len(slots), started_at=now)
+        self.operation = Reload(slots=slots, total=len(slots), started_at=now,
+                                requester=event.requester)
         actions: list[Action] = [
             Log("reload-start", {"workers": len(slots)}),
             Notify("reloading"),
-            Progress(f"reloading {len(slots)} worker(s), "
+            Progress(event.requester, f"reloading {len(slots)} worker(s), "
                      f"{self.config.reload_batch} at a time"),
         ]
         return actions + self._reload_next(now)
@@ -524,29 +651,33 @@ class Supervisor:
                 op.total -= 1
                 continue
             op.active[slot.id] = now
+            slot.replace_reason = Reason(Cause.RELOAD)
             if slot.replacement is not None or slot.replace_pending:
-                slot.replace_reason = "reload"  # a health replacement already on its way
-                continue
+                continue  # a health replacement already on its way serves the reload
             slot.respawn_at = None
-            slot.replace_reason = "reload"
             slot.replace_pending = True
-            actions.append(Spawn(slot.id, replacement=True))
+            actions.append(self._spawn(slot.id, replacement=True))
         if not op.slots and not op.active and not op.old_accepting:
             self.operation = None
             self.announced_ready = self.all_ready()
             seconds = now - op.started_at
             actions.append(Log("reload-done", {"workers": op.total,
                                                "seconds": f"{seconds:.2f}"}))
-            actions.append(Finish(True, f"reloaded {op.total} worker(s) in {seconds:.1f}s",
-                                  {"workers": op.total}))
+            actions += self._reply(op.requester, True,
+                                   f"reloaded {op.total} worker(s) in {seconds:.1f}s",
+                                   result={"workers": op.total})
             actions.append(Notify("ready"))
         return actions
 
-    def request_scale(self, count: int, now: float) -> list[Action]:
-        self._check_busy()
-        if count < 1:
-            raise ValueError(f"cannot scale to {count}: at least one worker is needed")
-        op = Scale(target=count)
+    def _scale(self, event: ev.ScaleRequest, now: float) -> list[Action]:
+        busy = self._busy("scale", event.requester)
+        if busy is not None:
+            return busy
+        try:
+            count = resolve_scale(event.count, event.relative, self.target)
+        except ProtocolError as exc:
+            return self._refuse("scale", event.requester, Code(exc.code), exc.message)
+        op = Scale(target=count, requester=event.requester)
         self.operation = op
         actions: list[Action] = [Log("scale", {"from": self.target, "to": count})]
         slots = self.table.slots
@@ -554,14 +685,14 @@ class Supervisor:
             slot_id = next(i for i in range(count) if i not in slots)
             slots[slot_id] = Slot(slot_id, spawn_pending=True)
             op.adding.add(slot_id)
-            actions.append(Spawn(slot_id))
+            actions.append(self._spawn(slot_id))
         for slot_id in sorted(slots, reverse=True)[: max(0, len(slots) - count)]:
             slot = slots.pop(slot_id)
             for pid in (slot.pid, slot.replacement):
                 worker = self.table.workers.get(pid) if pid is not None else None
                 if worker is not None:
                     op.removing.add(worker.pid)
-                    actions += self._drain(worker, "scale", now)
+                    actions += self._drain(worker, Reason(Cause.SCALE), now)
         return actions + self._maybe_finish_scale()
 
     def _maybe_finish_scale(self) -> list[Action]:
@@ -570,39 +701,49 @@ class Supervisor:
             return []
         self.operation = None
         return [Log("scale-done", {"workers": self.target}),
-                Finish(True, f"{self.target} worker(s) running", {"workers": self.target})]
+                *self._reply(op.requester, True, f"{self.target} worker(s) running",
+                             result={"workers": self.target})]
 
-    def request_stop(self, graceful: bool, now: float, forced: bool = False) -> list[Action]:
+    def _stop_request(self, event: ev.StopRequest, now: float) -> list[Action]:
+        return self._stop(event.graceful, event.requester, now, forced=False)
+
+    def _stop(self, graceful: bool, requester: Any, now: float, forced: bool) -> list[Action]:
         """forced: a signal asked, which no running operation may refuse."""
-        if isinstance(self.operation, Stop):
-            if graceful or not self.operation.graceful:
+        op = self.operation
+        if isinstance(op, Stop):
+            if requester is not None:
+                op.requesters.append(requester)  # answered when the stop ends
+            if graceful or not op.graceful:
                 return []
-            return self._begin_stop(graceful=False, now=now, exit_code=0)
+            return self._begin_stop(graceful=False, now=now, exit_code=op.exit_code,
+                                    requesters=op.requesters)
         actions: list[Action] = []
-        if self.operation is not None:
+        if op is not None:
             if not forced:
-                self._check_busy()
-            actions.append(Finish(False, f"{self.operation.describe().split(' in ')[0]} "
-                                         "cancelled: forkd is stopping"))
-        return actions + self._begin_stop(graceful=graceful, now=now, exit_code=0)
+                return self._refuse("stop", requester, Code.BUSY, f"busy: {op.describe()}")
+            actions += self._reply(op.requester, False,
+                                   f"{op.noun} cancelled: forkd is stopping", Code.FAILED)
+        return actions + self._begin_stop(graceful=graceful, now=now, exit_code=0,
+                                          requesters=[requester] if requester else [])
 
-    def _begin_stop(self, graceful: bool, now: float, exit_code: int, why: str = ""
-                    ) -> list[Action]:
-        self.operation = Stop(graceful=graceful, exit_code=exit_code)
+    def _begin_stop(self, graceful: bool, now: float, exit_code: int, why: str = "",
+                    requesters: list[Any] | None = None) -> list[Action]:
+        self.operation = Stop(graceful=graceful, exit_code=exit_code,
+                              requesters=list(requesters or []))
         actions: list[Action] = [Log("stopping", {"graceful": graceful,
                                                   "workers": len(self.table.workers)}),
                                  Notify("stopping")]
         if why:
-            actions.append(Log("stop-reason", {"why": why.splitlines()[-1]}, "error"))
+            actions.append(Log("stop-reason", {"why": why.splitlines()[-1]}, ERROR))
         for worker in self.table.workers.values():
             if graceful:
                 if worker.state is not WorkerState.DRAINING:
                     worker.move(WorkerState.DRAINING)
-                    worker.leave_reason = worker.leave_reason or "stop"
+                    worker.leave_reason = worker.leave_reason or Reason(Cause.STOP)
                     actions.append(Signal(worker.pid, signal.SIGTERM))
                 worker.kill_at = now + self.config.graceful_timeout + DRAIN_MARGIN
             else:
-                worker.leave_reason = worker.leave_reason or "stop"
+                worker.leave_reason = worker.leave_reason or Reason(Cause.STOP)
                 actions.append(Signal(worker.pid, signal.SIGQUIT))
                 worker.kill_at = now + QUIT_GRACE
         for slot in self.table.slots.values():
@@ -614,9 +755,10 @@ class Supervisor:
         assert isinstance(op, Stop)
         if self.table.workers:
             return []
-        self.exit_code = op.exit_code
-        return [Log("stopped", {"code": op.exit_code}), Finish(True, "stopped"),
-                Exit(op.exit_code)]
+        actions: list[Action] = [Log("stopped", {"code": op.exit_code})]
+        for requester in op.requesters:
+            actions.append(Reply(requester, True, "stopped"))
+        return actions + [Exit(op.exit_code)]
 
     # -- status ----------------------------------------------------------------------------------
     def status_rows(self, now: float) -> list[dict[str, Any]]:
@@ -633,7 +775,8 @@ class Supervisor:
             if slot.pid is None and slot.respawn_at is not None:
                 rows.append({"id": slot.id, "pid": None, "state": "starting",
                              "started_at": None, "restarts": slot.restarts,
-                             "last_exit": slot.last_exit, "requests": 0,
+                             "last_exit": _words(slot.last_exit), "requests": 0,
+                             "cwd": None,
                              "backoff": round(max(0.0, slot.respawn_at - now), 1)})
         for worker in self.table.workers.values():
             if worker.pid not in seen:
@@ -645,4 +788,78 @@ class Supervisor:
     def _row(slot: Slot, worker: Worker) -> dict[str, Any]:
         return {"id": slot.id, "pid": worker.pid, "state": worker.state.value,
                 "started_at": worker.started_at, "restarts": slot.restarts,
-                "last_exit": slot.last_exit, "requests": worker.requests}
+                "last_exit": _words(slot.last_exit), "requests": worker.requests,
+                "cwd": worker.cwd}
+
+
+def _words(reason: Reason | None) -> str | None:
+    return str(reason) if reason is not None else None
+
+
+_Handler = Callable[[Supervisor, Any, float], list[Action]]
+_HANDLERS: dict[type, _Handler] = {
+    ev.Start: Supervisor._start,
+    ev.Spawned: Supervisor._spawned,
+    ev.SpawnFailed: Supervisor._spawn_failed,
+    ev.Exited: Supervisor._exited,
+    ev.MemorySample: Supervisor._memory,
+    ev.Tick: Supervisor._tick,
+    ev.OperatorSignal: Supervisor._signal,
+    ev.ReloadRequest: Supervisor._reload,
+    ev.ScaleRequest: Supervisor._scale,
+    ev.StopRequest: Supervisor._stop_request,
+}
+_WorkerHandler = Callable[[Supervisor, Worker, Any, float], list[Action]]
+_WORKER_HANDLERS: dict[type, _WorkerHandler] = {
+    ev.Ready: Supervisor._on_ready,
+    ev.Beat: Supervisor._on_beat,
+    ev.LimitReached: Supervisor._on_limit,
+    ev.Draining: Supervisor._on_draining,
+    ev.Failed: Supervisor._on_failed,
+}
+
+
+# -- the action loop ------------------------------------------------------------------------------
+class Effects(Protocol):
+    """What carries actions out: the primary's shell, or a test's fake."""
+
+    def spawn(self, action: Spawn) -> int:
+        """Fork the worker; its pid. Raises OSError when it cannot."""
+        ...
+
+    def perform(self, action: Action) -> None:
+        """Carry out any other action."""
+        ...
+
+
+class Driver:
+    """The one action loop: the primary runs it, and so do the unit tests."""
+
+    def __init__(self, supervisor: Supervisor, effects: Effects) -> None:
+        self.supervisor = supervisor
+        self.effects = effects
+
+    def feed(self, event: ev.Event, now: float) -> list[Action]:
+        """Hand the core an event and carry out every action it leads to, in order;
+        a spawn's outcome goes back in as Spawned/SpawnFailed before the next action."""
+        return self.run(self.supervisor.handle(event, now), now)
+
+    def run(self, actions: list[Action], now: float) -> list[Action]:
+        done: list[Action] = []
+        queue = deque(actions)
+        while queue:
+            action = queue.popleft()
+            done.append(action)
+            if isinstance(action, Spawn):
+                outcome: ev.Event
+                try:
+                    pid = self.effects.spawn(action)
+                except OSError as exc:
+                    outcome = ev.SpawnFailed(action.slot, action.replacement, str(exc))
+                else:
+                    outcome = ev.Spawned(action.slot, action.replacement, pid,
+                                         action.request_limit)
+                queue.extendleft(reversed(self.supervisor.handle(outcome, now)))
+            else:
+                self.effects.perform(action)
+        return done

@@ -1,6 +1,7 @@
 """The primary's loop: a thin shell around policy.Supervisor. It waits on the
 signal wakeup pipe, the workers' channels and the control socket, turns what it
-sees into events for the supervisor, and carries out the actions it returns."""
+sees into typed events (forkd.events) for the supervisor, and carries out the
+actions it returns through policy.Driver, the action loop the unit tests run too."""
 
 from __future__ import annotations
 
@@ -11,14 +12,12 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import zmq
 
-from forkd import log, policy, process, protocol
+from forkd import events, log, policy, process, protocol
 from forkd.config import Config
 from forkd.monitor import Monitor
 from forkd.sockets import Listener, close_listeners
@@ -28,18 +27,18 @@ from forkd.worker import WorkerSpec
 logger = logging.getLogger("forkd")
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2,
+                   signal.SIGCHLD)
 HOUSEKEEPING = 1.0  # seconds between the loop's periodic passes when nothing else is due
 STATUS_EVERY = 5.0  # seconds between systemd STATUS= updates
 
 
-@dataclass
+@dataclass(frozen=True)
 class Requester:
-    """Who asked for the running operation (None when a signal asked)."""
+    """Who asked for an operation: the core hands it back in Progress and Reply."""
 
     peer: Any
     request_id: str
-    command: str
 
 
 @dataclass
@@ -59,14 +58,12 @@ class Primary:
         self.options = options
         self.config = options.config
         self.supervisor = policy.Supervisor(options.config, options.workers, random.Random())
+        self.driver = policy.Driver(self.supervisor, self)
         self.channels: dict[int, socket.socket] = {}  # pid -> our end of its channel
         self.monitor = Monitor(options.config.memory_metric)
         self.notifier = Notifier.from_env()
         self.watchdog = watchdog_interval(os.environ, os.getpid())
-        self.requester: Requester | None = None
         self.exit_code: int | None = None
-        self.interrupts = 0
-        self.deferred: list[int] = []  # operator signals waiting for the running operation
         self.poller = zmq.Poller()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.next_memory = 0.0
@@ -95,7 +92,7 @@ class Primary:
         log.event("primary-started", name=self.options.name, pid=os.getpid(),
                   app=self.config.app, workers=self.options.workers, listen=listeners,
                   interface=self.options.interface or self.config.interface)
-        self._execute(self.supervisor.start(time.monotonic()))
+        self._feed(events.Start())
         try:
             while self.exit_code is None:
                 try:
@@ -137,7 +134,6 @@ class Primary:
         # changed, not after every heartbeat: 64 workers beat 64 times a second.
         if self.changed or time.monotonic() >= self.due:
             self._housekeeping()
-        self._run_deferred()
 
     def _next_due(self, now: float) -> float:
         due = now + HOUSEKEEPING
@@ -153,12 +149,12 @@ class Primary:
     def _housekeeping(self) -> None:
         self._reap()  # cheap, and no exit waits for a SIGCHLD that was folded into another
         now = time.monotonic()
-        self._execute(self.supervisor.tick(now))
+        self._feed(events.Tick(), now)
         if self.config.max_memory is not None and now >= self.next_memory:
             self.next_memory = now + self.config.memory_interval
             samples = self.monitor.sample(list(self.supervisor.table.workers), cpu=False)
-            self._execute(self.supervisor.memory(
-                {pid: sample.memory for pid, sample in samples.items()}, now))
+            self._feed(events.MemorySample(
+                {pid: sample.memory for pid, sample in samples.items()}), now)
         if self.watchdog is not None and now >= self.next_watchdog:
             self.next_watchdog = now + self.watchdog
             self.notifier.watchdog()
@@ -185,34 +181,10 @@ class Primary:
             data = os.read(self.wake_r, 4096)
         except BlockingIOError:
             return
-        now = time.monotonic()
         for signum in data:
-            if signum == signal.SIGCHLD:
-                self._reap()
-            elif signum in (signal.SIGTERM, signal.SIGINT):
-                self.interrupts += 1
-                graceful = not (signum == signal.SIGINT and self.interrupts > 1)
-                log.event("signal", name=signal.Signals(signum).name, pid=os.getpid())
-                self._execute(self.supervisor.request_stop(graceful, now, forced=True))
-            elif signum == signal.SIGQUIT:
-                self._execute(self.supervisor.request_stop(False, now, forced=True))
-            elif signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-                self.deferred.append(signum)
+            if signum != signal.SIGCHLD:  # (a SIGCHLD only says: reap, as below)
+                self._feed(events.OperatorSignal(signum))
         self._reap()  # a SIGCHLD coalesced with another signal loses nothing
-
-    def _run_deferred(self) -> None:
-        """Operator signals wait their turn: one arriving while an operation runs is
-        carried out after it (repeated SIGHUPs fold into one reload)."""
-        while self.deferred and self.supervisor.operation is None:
-            signum = self.deferred.pop(0)
-            now = time.monotonic()
-            if signum == signal.SIGHUP:
-                while signal.SIGHUP in self.deferred:
-                    self.deferred.remove(signal.SIGHUP)
-                self._operate("reload", partial(self.supervisor.request_reload, now), None)
-            else:
-                count = self.supervisor.target + (1 if signum == signal.SIGTTIN else -1)
-                self._operate("scale", partial(self.supervisor.request_scale, count, now), None)
 
     def _reap(self) -> None:
         for pid, code, signum in process.reap():
@@ -223,7 +195,7 @@ class Primary:
                 self.poller.unregister(channel)
                 channel.close()
             self.monitor.forget(pid)
-            self._execute(self.supervisor.exited(pid, code, signum, time.monotonic()))
+            self._feed(events.Exited(pid, code, signum))
 
     def _drain_channel(self, pid: int, channel: socket.socket) -> None:
         while True:
@@ -233,25 +205,19 @@ class Primary:
                 return
             except OSError:
                 return
-            self._execute(self.supervisor.message(pid, data, time.monotonic()))
+            message = events.decode(data)
+            if message is None:
+                log.event("bad-worker-message", level=logging.WARNING, pid=pid,
+                          data=repr(data[:40]))
+                continue
+            self._feed(events.FromWorker(pid, message))
 
-    # -- operations -------------------------------------------------------------------------------
-    def _operate(self, command: str, start: Callable[[], list[policy.Action]],
-                 requester: Requester | None) -> str | None:
-        """Start a mutating operation; the error text when it cannot start."""
-        try:
-            actions = start()
-        except policy.Busy as exc:
-            log.event("refused", level=logging.WARNING, command=command, why=str(exc))
-            return str(exc)
-        except ValueError as exc:
-            log.event("refused", level=logging.WARNING, command=command, why=str(exc))
-            return str(exc)
-        if actions:  # (a repeated stop changes nothing: the first asker keeps the answer)
-            self.requester = requester
-        self._execute(actions)
-        return None
+    def _feed(self, event: events.Event, now: float | None = None) -> None:
+        actions = self.driver.feed(event, time.monotonic() if now is None else now)
+        if actions:
+            self.changed = True
 
+    # -- control requests -------------------------------------------------------------------
     def _on_control(self) -> None:
         control = self.options.control
         for peer, request in control.handle_ready():
@@ -263,62 +229,54 @@ class Primary:
 
     def _dispatch(self, peer: Any, request: Any) -> None:
         control = self.options.control
-        now = time.monotonic()
         command = request.command
         if command == "status":
-            control.reply_ok(peer, request.id, self.status_document(now))
+            control.reply_ok(peer, request.id, self.status_document(time.monotonic()))
             return
-        who = Requester(peer, request.id, command)
+        who = Requester(peer, request.id)
+        event: events.ControlRequest
         if command == "reload":
-            error = self._operate("reload", lambda: self.supervisor.request_reload(now), who)
+            event = events.ReloadRequest(who)
         elif command == "scale":
             try:
-                count = protocol.parse_scale(str(request.args["count"]), self.supervisor.target)
+                count, relative = protocol.parse_scale_words(str(request.args["count"]))
             except protocol.ProtocolError as exc:
                 control.reply_error(peer, request.id, exc.code, exc.message)
                 return
-            error = self._operate("scale", lambda: self.supervisor.request_scale(count, now),
-                                  who)
+            event = events.ScaleRequest(count, relative, who)
         elif command == "stop":
-            graceful = bool(request.args.get("graceful", True))
-            error = self._operate("stop", lambda: self.supervisor.request_stop(graceful, now),
-                                  who)
+            event = events.StopRequest(bool(request.args.get("graceful", True)), who)
         else:
             control.reply_error(peer, request.id, protocol.Code.UNKNOWN_COMMAND,
                                 f"unknown command {command!r}")
             return
-        if error is not None:
-            code = protocol.Code.BUSY if error.startswith("busy") else protocol.Code.BAD_REQUEST
-            control.reply_error(peer, request.id, code, error)
+        self._feed(event)
 
-    # -- actions ----------------------------------------------------------------------------------
-    def _execute(self, actions: list[policy.Action]) -> None:
-        if actions:
-            self.changed = True
-        queue = list(actions)
-        while queue:
-            action = queue.pop(0)
-            if isinstance(action, policy.Spawn):
-                queue[0:0] = self._spawn(action)
-            elif isinstance(action, policy.Signal):
-                process.send_signal(action.pid, action.signum)
-            elif isinstance(action, policy.Log):
-                level = getattr(logging, action.level.upper(), logging.INFO)
-                log.event(action.event, level=level, **action.fields)
-            elif isinstance(action, policy.Progress):
-                self._progress(action.text)
-            elif isinstance(action, policy.Finish):
-                self._finish(action)
-            elif isinstance(action, policy.Notify):
-                self._notify(action.kind)
-            elif isinstance(action, policy.Exit):
-                self.exit_code = action.code
+    # -- actions (policy.Effects) -------------------------------------------------------------
+    def perform(self, action: policy.Action) -> None:
+        if isinstance(action, policy.Signal):
+            process.send_signal(action.pid, action.signum)
+        elif isinstance(action, policy.Log):
+            log.event(action.event, level=action.level, **action.fields)
+        elif isinstance(action, policy.Progress):
+            self._progress(action.requester, action.text)
+        elif isinstance(action, policy.Reply):
+            self._reply(action)
+        elif isinstance(action, policy.Notify):
+            self._notify(action.kind)
+        elif isinstance(action, policy.Exit):
+            self.exit_code = action.code
+        elif isinstance(action, policy.ReopenLogs):
+            log.reopen()
+        elif isinstance(action, policy.StartUpgrade):
+            # the core decides; carrying out an upgrade of the primary is issue work
+            # still to come (SPEC: forkd upgrade), so say so rather than pretend
+            log.event("upgrade-unavailable", level=logging.WARNING,
+                      why="this forkd cannot upgrade its primary yet; restart it instead")
 
-    def _spawn(self, action: policy.Spawn) -> list[policy.Action]:
-        try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        except OSError as exc:  # out of descriptors, say: a failed spawn, not a dead primary
-            return self.supervisor.spawn_failed(action, str(exc), time.monotonic())
+    def spawn(self, action: policy.Spawn) -> int:
+        """Fork a worker for the slot; its pid (OSError when it cannot)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         ours.setblocking(False)
         close_fds = [ours.fileno(), self.wake_r, self.wake_w]
         if self.options.control is not None:
@@ -329,8 +287,8 @@ class Primary:
             slot=action.slot, workers=self.supervisor.target, name=self.options.name,
             config=self.config, listeners=[listener.sock for listener in self.options.listeners],
             channel=theirs, primary_pid=os.getpid(), close_fds=close_fds,
-            app=self.options.app, interface=self.options.interface)
-        now = time.monotonic()
+            app=self.options.app, interface=self.options.interface,
+            request_limit=action.request_limit or 0)
         # Signals wait until the child has put its own handlers in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         # What exists now (a preloaded app above all) goes to the permanent generation,
@@ -339,10 +297,10 @@ class Primary:
         gc.freeze()
         try:
             pid = process.fork_worker(spec)
-        except OSError as exc:
+        except OSError:
             ours.close()
             theirs.close()
-            return self.supervisor.spawn_failed(action, str(exc), now)
+            raise
         finally:
             gc.unfreeze()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
@@ -350,25 +308,23 @@ class Primary:
         self.channels[pid] = ours
         self.channel_owner[ours.fileno()] = pid
         self.poller.register(ours, zmq.POLLIN)
-        return self.supervisor.spawned(action, pid, now)
+        return pid
 
-    def _progress(self, text: str) -> None:
-        if self.requester is not None and self.options.control is not None:
-            self.options.control.progress(self.requester.peer, self.requester.request_id, text)
+    def _progress(self, requester: Any, text: str) -> None:
+        if isinstance(requester, Requester) and self.options.control is not None:
+            self.options.control.progress(requester.peer, requester.request_id, text)
 
-    def _finish(self, action: policy.Finish) -> None:
-        requester, self.requester = self.requester, None
-        if requester is None or self.options.control is None:
-            if not action.ok:
-                log.event("operation-failed", level=logging.ERROR,
-                          why=action.message.splitlines()[0])
-            return
+    def _reply(self, action: policy.Reply) -> None:
+        requester = action.requester
+        if not isinstance(requester, Requester) or self.options.control is None:
+            return  # a signal asked (the core has logged a failure)
         if action.ok:
             self.options.control.reply_ok(requester.peer, requester.request_id,
                                           {"message": action.message, **action.result})
         else:
             self.options.control.reply_error(requester.peer, requester.request_id,
-                                             protocol.Code.FAILED, action.message)
+                                             action.code or protocol.Code.FAILED,
+                                             action.message)
 
     def _notify(self, kind: str) -> None:
         if kind == "ready":

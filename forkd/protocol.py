@@ -203,10 +203,21 @@ def parse_scale(text: str, current: int, *, maximum: int | None = None) -> int:
 
     "4" sets the count, "+2" / "-2" change it. The result must be at least 1 (stopping
     every worker is `forkd stop`) and at most `maximum` when one is given."""
+    number, relative = parse_scale_words(text)
+    return resolve_scale(number, relative, current, maximum=maximum)
+
+
+def parse_scale_words(text: str) -> tuple[int, bool]:
+    """`forkd scale` words -> (number, relative): "4" -> (4, False), "-2" -> (-2, True)."""
     if not _SCALE_RE.fullmatch(text):
         raise ProtocolError(Code.BAD_ARGS, f"scale: expected N, +N or -N, not {text!r}")
-    number = int(text)
-    target = current + number if text[0] in "+-" else number
+    return int(text), text[0] in "+-"
+
+
+def resolve_scale(number: int, relative: bool, current: int, *,
+                  maximum: int | None = None) -> int:
+    """The worker count asked for; at least 1, at most `maximum` when one is given."""
+    target = current + number if relative else number
     if target < 1:
         raise ProtocolError(
             Code.BAD_ARGS,

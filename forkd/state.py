@@ -21,6 +21,33 @@ _LEGAL: dict[WorkerState, frozenset[WorkerState]] = {
 }
 
 
+class Cause(enum.Enum):
+    """Why a worker left (or was asked to); the value is the word status and the
+    metrics' `reason` label show."""
+
+    CRASHED = "crashed"
+    KILLED = "killed"
+    MEMORY = "memory"
+    TIMEOUT = "timeout"
+    MAX_REQUESTS = "max-requests"
+    RELOAD = "reload"
+    SCALE = "scale"
+    STOP = "stop"
+    RELOAD_ABORTED = "reload aborted"
+
+
+@dataclass(frozen=True)
+class Reason:
+    """A cause and its detail: `Reason(Cause.CRASHED, "exit 1")` reads `crashed: exit 1`,
+    as SPEC's `last_exit` shows it."""
+
+    cause: Cause
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.cause.value}: {self.detail}" if self.detail else self.cause.value
+
+
 class IllegalTransition(Exception):
     """A worker was asked to move between states in a way that cannot happen."""
 
@@ -35,12 +62,13 @@ class Worker:
     ready_at: float | None = None
     requests: int = 0
     request_limit: int | None = None
-    leave_reason: str | None = None  # why forkd asked it to go; None until then
+    leave_reason: Reason | None = None  # why forkd asked it to go; None until then
     kill_at: float | None = None  # SIGKILL when still alive at this time
     aborted: bool = False  # SIGABRT sent for a hang
     memory_strikes: int = 0
     stopped_accepting: bool = False  # it said it closed its listeners (draining)
     error: str | None = None  # what it reported before failing
+    cwd: str | None = None  # the directory it resolved --chdir to (its release)
 
     def move(self, new: WorkerState) -> None:
         if new not in _LEGAL[self.state]:
@@ -53,12 +81,12 @@ class Slot:
     id: int
     pid: int | None = None  # the occupant: the worker that serves for this slot
     replacement: int | None = None  # a worker starting to take over from the occupant
-    replace_reason: str | None = None
+    replace_reason: Reason | None = None
     replace_pending: bool = False  # a replacement was asked for and not yet forked
     replace_failures: int = 0  # replacements in a row that never became ready
     replace_after: float = 0.0  # no health replacement before this time (after failures)
     restarts: int = 0
-    last_exit: str | None = None
+    last_exit: Reason | None = None
     fast_deaths: int = 0
     respawn_at: float | None = None  # a dead slot's next spawn time (back-off)
     spawn_pending: bool = False  # an occupant was asked for and not yet forked
@@ -93,8 +121,8 @@ def exit_words(code: int | None, signum: int | None) -> str:
     return signal_name(signum) if signum is not None else f"exit {code}"
 
 
-def describe_exit(code: int | None, signum: int | None) -> str:
-    """An exit status as `last_exit` words: `crashed: exit 1`, `killed: SIGKILL`."""
+def exit_reason(code: int | None, signum: int | None) -> Reason:
+    """An unasked-for exit: `crashed: exit 1`, `killed: SIGKILL`."""
     if signum is not None:
-        return f"killed: {signal_name(signum)}"
-    return f"crashed: exit {code}"
+        return Reason(Cause.KILLED, signal_name(signum))
+    return Reason(Cause.CRASHED, f"exit {code}")

@@ -20,20 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from forkd import events
 from forkd import log as forkd_log
 from forkd.config import Config
-from forkd.errors import AppLoadError
+from forkd.errors import EXIT_APP_LOAD, EXIT_BOOT, EXIT_OK, AppLoadError
 
 logger = logging.getLogger("forkd.worker")
 
-EXIT_OK = 0
-EXIT_APP_LOAD = 3  # the app failed to import, or its lifespan startup failed
-EXIT_BOOT = 4  # the worker itself could not start
 LIFESPAN_SHUTDOWN = 3.0  # seconds the app's lifespan shutdown may take after the drain
 TICK = 0.5  # seconds between the loop's housekeeping passes (clock, Date, timeouts)
 BEAT_EVERY = 2  # ticks per heartbeat to the primary: one a second is plenty for --timeout
 PR_SET_PDEATHSIG = 1
-MAX_ERROR = 60_000  # bytes of an error text sent to the primary (one datagram)
 
 
 @dataclass
@@ -48,6 +45,7 @@ class WorkerSpec:
     close_fds: list[int]  # the primary's descriptors this child must not keep
     app: Any = None  # the app object when --preload imported it in the primary
     interface: str | None = None
+    request_limit: int = 0  # --max-requests (+ jitter) for this worker; 0: none
 
 
 def run(spec: WorkerSpec) -> NoReturn:
@@ -72,7 +70,7 @@ def run(spec: WorkerSpec) -> NoReturn:
 def _report_error(channel: socket.socket, text: str) -> None:
     sys.stderr.write(text)
     try:
-        channel.send(b"error " + text.encode("utf-8", "replace")[-MAX_ERROR:])
+        channel.send(events.encode(events.Failed(text[-events.MAX_ERROR:])))
     except OSError:
         pass
 
@@ -116,8 +114,9 @@ def _main(spec: WorkerSpec) -> int:
     _set_title(spec)
     faulthandler.enable(file=sys.stderr, all_threads=True)  # SIGABRT on a hang shows where
 
-    from forkd.http.loader import detect_interface, import_app
+    from forkd.http.loader import detect_interface, enter_directory, import_app
 
+    cwd = enter_directory(spec.config.chdir)
     app = spec.app if spec.app is not None else import_app(spec.config.app)
     interface = spec.interface or spec.config.interface
     if interface == "auto":
@@ -128,17 +127,25 @@ def _main(spec: WorkerSpec) -> int:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_serve(spec, app, interface, loop))
+        return loop.run_until_complete(_serve(spec, app, interface, loop, cwd))
     finally:
         loop.close()
 
 
-async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.AbstractEventLoop
-                 ) -> int:
+async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.AbstractEventLoop,
+                 cwd: str) -> int:
     from forkd.http.protocol import ServerState, make_protocol_factory
 
     config = spec.config
     state = ServerState(config, loop)
+    channel = spec.channel
+    channel.setblocking(False)
+    state.request_limit = spec.request_limit
+
+    def limit_reached() -> None:  # the primary starts this worker's replacement at once
+        _send(channel, events.encode(events.LimitReached(state.requests)))
+
+    state.on_limit = limit_reached
     lifespan = None
     executor: ThreadPoolExecutor | None = None
     if interface == "asgi":
@@ -175,9 +182,7 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    channel = spec.channel
-    channel.setblocking(False)
-    _send(channel, b"ready " + interface.encode(), surely=True)
+    _send(channel, events.encode(events.Ready(interface, cwd)), surely=True)
     beat = _Heartbeat(state, channel, loop)
     beat.schedule()
     await stop
@@ -188,7 +193,7 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         server.close()
     for sock in spec.listeners:
         sock.close()
-    _send(channel, b"draining", surely=True)
+    _send(channel, events.encode(events.Draining()), surely=True)
     state.start_drain()
     deadline = loop.time() + config.graceful_timeout
     while (state.connections or state.calls) and loop.time() < deadline:
@@ -252,7 +257,7 @@ class _Heartbeat:
         self.state.tick()
         self.ticks += 1
         if self.ticks % BEAT_EVERY == 0:
-            _send(self.channel, b"hb %d" % self.state.requests)
+            _send(self.channel, events.encode(events.Beat(self.state.requests)))
         self.schedule()
 
     def stop(self) -> None:

@@ -12,6 +12,23 @@ from typing import Any
 from forkd.errors import AppLoadError
 
 
+def enter_directory(path: str | None) -> str:
+    """--chdir: change to `path` and import from it afresh; the directory reached.
+
+    `path` is kept as a path, not resolved: after a deploy switched a `current`
+    symlink, a new worker lands in the new release. The primary's own directory (the
+    release it started in, resolved) leaves sys.path, so no module is found there."""
+    if path:
+        before = os.getcwd()
+        try:
+            os.chdir(path)
+        except OSError as exc:
+            raise AppLoadError(f"--chdir {path}: {exc.strerror}") from None
+        sys.path[:] = [path] + [p for p in sys.path if p not in ("", ".", before, path)]
+        importlib.invalidate_caches()
+    return os.getcwd()
+
+
 def import_app(spec: str) -> Any:
     """Import `module:attr` (dots in attr walk attributes) or call `module:factory()`.
 

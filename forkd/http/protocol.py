@@ -76,6 +76,8 @@ class ServerState:
         self.connections: set[HttpProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps tasks only weakly
         self.requests = 0
+        self.request_limit = 0  # --max-requests: on_limit runs as this request starts
+        self.on_limit: Callable[[], None] | None = None
         self.calls = 0  # WSGI calls still running in the pool (close() included)
         self.draining = False
         self.drain_started = 0.0
@@ -279,7 +281,10 @@ class HttpProtocol(asyncio.Protocol):
             keep_alive,
         )
         self.request_started = None
-        self.state.requests += 1
+        state = self.state
+        state.requests += 1
+        if state.requests == state.request_limit and state.on_limit is not None:
+            state.on_limit()
         self.parsing = cycle
         if self.cycle is None:
             self.cycle = cycle
