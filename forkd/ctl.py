@@ -161,7 +161,7 @@ def format_status(doc: dict[str, Any], now: float) -> str:
     workers.sort(key=lambda w: (_sort_number(w.get("id")), _sort_number(w.get("started_at"))))
     rows = [_worker_row(w, now) for w in workers]
     columns = ["slot", "pid", "state", "uptime", "restarts", "last exit", "cpu%", "mem",
-               "requests"]
+               "requests", "dir"]
     return header + "\n" + format_table(columns, rows, right={0, 1, 3, 4, 6, 7, 8})
 
 
@@ -183,6 +183,7 @@ def _worker_row(worker: dict[str, Any], now: float) -> list[str]:
         f"{cpu:.1f}" if isinstance(cpu, int | float) else "-",
         format_size(rss) if isinstance(rss, int) else "-",
         _text(worker.get("requests")),
+        _text(worker.get("cwd")),  # the release directory the worker resolved (--chdir)
     ]
 
 

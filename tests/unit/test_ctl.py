@@ -143,9 +143,9 @@ def test_status_prints_one_row_per_worker(web: Primary, home: Path, io_: Streams
     assert lines[0].startswith(f"web  pid {os.getpid()}  app web.asgi:app  up ")
     assert lines[0].endswith("bind 127.0.0.1:8000")
     assert lines[1].split() == ["slot", "pid", "state", "uptime", "restarts", "last",
-                                "exit", "cpu%", "mem", "requests"]
+                                "exit", "cpu%", "mem", "requests", "dir"]
     assert lines[2].split()[:3] == ["0", "4250", "ready"]
-    assert lines[2].split()[-5:] == ["0", "-", "3.5", "39.3M", "1234"]
+    assert lines[2].split()[-6:] == ["0", "-", "3.5", "39.3M", "1234", "-"]
     assert "crashed: exit 1" in lines[3]
     assert len(lines) == 4 and io_.err.getvalue() == ""
 
@@ -182,13 +182,14 @@ def test_format_status_tolerates_missing_and_extra_fields() -> None:
     doc = {"name": "x", "workers": [
         {"id": 1, "state": "starting", "future_field": [1, 2]},
         {"id": 0, "pid": 7, "state": "draining", "started_at": 100.0, "rss": 3 * 1024 ** 3,
-         "cpu_percent": None, "last_exit": "memory: 612M > 512M"},
+         "cpu_percent": None, "last_exit": "memory: 612M > 512M",
+         "cwd": "/srv/app/releases/7"},
     ]}
     lines = ctl.format_status(doc, now=100.0 + 2 * 86400 + 3 * 3600).splitlines()
     assert lines[0] == "x  pid -  app -  up -"
     assert lines[2].split() == ["0", "7", "draining", "2d", "3h", "-", "memory:", "612M", ">",
-                                "512M", "-", "3.0G", "-"]
-    assert lines[3].split() == ["1", "-", "starting", "-", "-", "-", "-", "-", "-"]
+                                "512M", "-", "3.0G", "-", "/srv/app/releases/7"]
+    assert lines[3].split() == ["1", "-", "starting", "-", "-", "-", "-", "-", "-", "-"]
 
 
 @pytest.mark.parametrize(
