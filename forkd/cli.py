@@ -246,11 +246,12 @@ def scale(words: tuple[str, ...], endpoint: str | None) -> None:
 @click.option("--user", default="forkd", show_default=True, help="the unit's User=")
 @click.option("--exec-path", default=None,
               help="absolute path of the forkd command (default: this forkd)")
-@click.option("--working-directory", default=None,
-              help="the app's directory (default: the current directory)")
+@click.option("--working-directory", "given_directory", default=None,
+              help="the app's directory, also passed as --chdir (default: the current "
+                   "directory, as the shell names it)")
 @click.option("--socket", "socket_activated", is_flag=True,
               help="also print a .socket unit: systemd binds, forkd inherits")
-def systemd_unit(app: str, user: str, exec_path: str | None, working_directory: str | None,
+def systemd_unit(app: str, user: str, exec_path: str | None, given_directory: str | None,
                  socket_activated: bool, **given: Any) -> None:
     """Print a systemd service unit (Type=notify, hardened) that runs APP with these options.
 
@@ -269,7 +270,8 @@ def systemd_unit(app: str, user: str, exec_path: str | None, working_directory: 
         or shutil.which("forkd") or "/usr/local/bin/forkd"
     try:
         text = render_service(app, options, user=user, exec_path=exec_path,
-                              working_directory=working_directory or os.getcwd(),
+                              working_directory=working_directory(
+                                  given_directory or given.get("chdir"), os.environ),
                               socket_activated=socket_activated)
         if socket_activated:
             text += "\n" + render_socket(app, options)

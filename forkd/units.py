@@ -146,6 +146,10 @@ def render_service(
         if key == "name" or (socket_activated and key == "bind"):
             continue
         start_args += _flag_args(key, value)
+    if working_directory and "chdir" not in normalised:
+        # systemd sets no $PWD: without --chdir, forkd would resolve a `current` symlink
+        # once at start and every reload would serve the release it found then
+        start_args += ["--chdir", working_directory]
     paths = [exec_path] + ([working_directory] if working_directory else [])
     hidden_home = any(path.startswith(_HOME_PREFIXES) for path in paths)
 

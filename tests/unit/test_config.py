@@ -136,3 +136,20 @@ def test_a_missing_dependency_is_not_reported_as_a_missing_app(tmp_path: Path,
         import_app("appx_needs_dep:app")
     with pytest.raises(AppLoadError, match="no module named 'no_such_app_xyz'"):
         import_app("no_such_app_xyz:app")
+
+
+def test_chdir_defaults_to_the_directory_as_the_shell_names_it(tmp_path, monkeypatch) -> None:
+    from forkd.cli import working_directory
+
+    release = tmp_path / "releases" / "1"
+    release.mkdir(parents=True)
+    current = tmp_path / "current"
+    current.symlink_to(release)
+    monkeypatch.chdir(current)  # the kernel reports the resolved directory ...
+    assert working_directory(None, {"PWD": str(current)}) == str(current)  # ... $PWD the path
+    # a stale or foreign $PWD is not believed
+    assert working_directory(None, {"PWD": str(tmp_path)}) == str(release.resolve())
+    assert working_directory(None, {}) == str(release.resolve())
+    # an explicit --chdir is kept as typed, relative ones made absolute from there
+    assert working_directory("/srv/app/current", {}) == "/srv/app/current"
+    assert working_directory("../current", {"PWD": str(current)}) == str(tmp_path / "current")

@@ -69,8 +69,8 @@ def test_name_user_paths_and_runtime_directory() -> None:
     assert values(text, "Service", "RuntimeDirectory") == ["forkd-shop"]
     assert "FORKD_HOME=%t/forkd-shop" in values(text, "Service", "Environment")
     assert values(text, "Service", "EnvironmentFile") == ["-/etc/forkd/shop.env"]
-    assert values(text, "Service", "ExecStart")[0].startswith(
-        "/opt/shop/venv/bin/forkd start sample_app.asgi:app --name shop")
+    assert values(text, "Service", "ExecStart") == [
+        "/opt/shop/venv/bin/forkd start sample_app.asgi:app --name shop --chdir /srv/shop"]
     assert values(text, "Service", "ExecReload") == ["/opt/shop/venv/bin/forkd reload shop"]
     assert values(text, "Service", "ProtectHome") == ["yes"]
     assert values(text, "Install", "WantedBy") == ["multi-user.target"]
@@ -207,3 +207,11 @@ def test_bad_input_is_refused_with_the_culprit_named(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         render_service(APP, options, **kwargs)  # type: ignore[arg-type]
+
+
+def test_an_explicit_chdir_is_kept_and_not_repeated() -> None:
+    text = render_service(APP, {"name": "shop", "chdir": "/srv/shop/current"},
+                          working_directory="/srv/shop/current")
+    (exec_start,) = values(text, "Service", "ExecStart")
+    assert exec_start.count("--chdir") == 1
+    assert exec_start.endswith("--chdir /srv/shop/current")
