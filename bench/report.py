@@ -14,7 +14,7 @@ from typing import Any
 from bench.harness import BENCH
 
 RESULTS_DIR = BENCH / "results"
-ORDER = ["throughput", "kills", "reload", "hooks"]
+ORDER = ["throughput", "kills", "reload", "hooks", "recycle"]
 
 
 def save(name: str, data: dict[str, Any]) -> Path:
@@ -81,6 +81,7 @@ TITLES = {
     "kills": "2. Worker kills under load",
     "reload": "3. Zero-downtime reload under load",
     "hooks": "4. Hooks: memory recycle, primary CPU",
+    "recycle": "5. --max-requests 1000 under load (2 workers)",
 }
 
 
@@ -304,7 +305,30 @@ Run {data["meta"]["date"]}.
 """
 
 
-SECTIONS = {"throughput": _throughput, "kills": _kills, "reload": _reload, "hooks": _hooks}
+def _recycle(data: dict[str, Any]) -> str:
+    rows = []
+    for name, entry in data["servers"].items():
+        if "failed" in entry:
+            rows.append(f"| {name} | {_failed(entry)} | | | | |")
+            continue
+        load = entry["load"]
+        rows.append(f"| {name} | {entry['workers']} | {_n(entry['median'])} | "
+                    f"{_n(entry['max'])} | {_n(load['failures'])} | {_n(load['rps'])} |")
+    return f"""## {TITLES["recycle"]}
+
+Run {data["meta"]["date"]}. `wrk -t1 -c32 -d{data["seconds"]}s`, `--max-requests
+{data["limit"]}`; requests each worker process served before it left, counted by the app.
+
+| server | workers seen | median served | max served | wrk failures | req/s |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+{_commands({k: v for k, v in data["servers"].items() if "command" in v})}
+"""
+
+
+SECTIONS = {"throughput": _throughput, "kills": _kills, "reload": _reload, "hooks": _hooks,
+            "recycle": _recycle}
 
 
 def write(path: Path | None = None) -> Path:
