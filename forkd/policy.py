@@ -32,6 +32,7 @@ from forkd.state import (
     Cause,
     Reason,
     Slot,
+    SlotState,
     Worker,
     WorkerState,
     WorkerTable,
@@ -242,7 +243,7 @@ class Supervisor:
     def _start(self, event: ev.Start, now: float) -> list[Action]:
         actions: list[Action] = []
         for slot in self.table.slots.values():
-            slot.spawn_pending = True
+            slot.move(SlotState.SPAWNING)
             actions.append(self._spawn(slot.id))
         return actions
 
@@ -261,10 +262,9 @@ class Supervisor:
         if slot is None:  # scaled away meanwhile: let it go at once
             return self._drain(worker, Reason(Cause.SCALE), now)
         if event.replacement:
-            slot.replace_pending = False
-            slot.replacement = event.pid
+            slot.replacement = event.pid  # (the slot is REPLACING already)
         else:
-            slot.spawn_pending = False
+            slot.move(SlotState.OCCUPIED)
             slot.pid = event.pid
         return [Log("worker-started", {"slot": event.slot, "pid": event.pid,
                                        "role": "replacement" if event.replacement else None})]
@@ -276,11 +276,10 @@ class Supervisor:
         if slot is None:
             return actions
         if event.replacement:
-            slot.replace_pending = False
             return actions + self._replacement_failed(slot, None, f"fork failed: {event.error}",
                                                       now)
-        slot.spawn_pending = False
         slot.fast_deaths += 1
+        slot.move(SlotState.BACKING_OFF)
         slot.respawn_at = now + max(backoff_delay(slot.fast_deaths), BACKOFF_BASE)
         return actions
 
@@ -339,6 +338,7 @@ class Supervisor:
         """The replacement is ready: it becomes the occupant, the old one drains."""
         reason = slot.replace_reason or Reason(Cause.RELOAD)
         old = self.table.occupant(slot)
+        slot.move(SlotState.OCCUPIED)
         slot.pid = new.pid
         slot.replacement = None
         slot.replace_reason = None
@@ -382,16 +382,17 @@ class Supervisor:
     # -- replacements ------------------------------------------------------------------------------
     def _replace(self, slot: Slot, reason: Reason, now: float,
                  figures: dict[str, Any] | None = None) -> list[Action]:
-        if slot.replacement is not None or slot.replace_pending or now < slot.replace_after:
+        if slot.state is not SlotState.OCCUPIED or now < slot.replace_after:
             return []
+        slot.move(SlotState.REPLACING)
         slot.replace_reason = reason
-        slot.replace_pending = True
         fields: dict[str, Any] = {"slot": slot.id, "pid": slot.pid, "reason": str(reason)}
         fields.update(figures or {})
         return [Log("worker-replacing", fields), self._spawn(slot.id, replacement=True)]
 
     def _replacement_failed(self, slot: Slot, worker: Worker | None, why: str, now: float
                             ) -> list[Action]:
+        slot.move(SlotState.OCCUPIED if slot.pid is not None else SlotState.EMPTY)
         slot.replacement = None
         reason = slot.replace_reason
         slot.replace_reason = None
@@ -411,6 +412,7 @@ class Supervisor:
                 if (other is not None and other_id != slot.id and other.replacement is not None
                         and other.pid is not None):  # (one with no occupant left stays)
                     pending = self.table.workers.get(other.replacement)
+                    other.move(SlotState.OCCUPIED)
                     other.replacement = None
                     other.replace_reason = None
                     if pending is not None:
@@ -422,7 +424,7 @@ class Supervisor:
                                                   "total": op.total}, ERROR))
             actions += self._reply(op.requester, False, message, Code.FAILED)
             actions.append(Notify("ready"))
-        if slot.pid is None and not self.stopping:
+        if slot.state is SlotState.EMPTY and not self.stopping:
             actions += self._respawn(slot, now)  # its occupant died meanwhile
         return actions
 
@@ -473,6 +475,8 @@ class Supervisor:
     def _occupant_died(self, slot: Slot, worker: Worker, reason: Reason, code: int | None,
                        now: float) -> list[Action]:
         slot.pid = None
+        if slot.state is SlotState.OCCUPIED:
+            slot.move(SlotState.EMPTY)
         slot.last_exit = reason
         slot.restarts += 1
         self._count(reason)
@@ -492,7 +496,7 @@ class Supervisor:
             slot.fast_deaths = 0
         if isinstance(self.operation, Scale):
             self.operation.adding.discard(slot.id)
-        if slot.replacement is not None or slot.replace_pending:
+        if slot.state is SlotState.REPLACING:
             # a replacement is already on its way: once ready it takes the empty slot
             # (through _promote, so a reload waiting on it goes on)
             return actions
@@ -502,10 +506,11 @@ class Supervisor:
         """A worker for an empty slot: at once, or after the slot's back-off."""
         delay = backoff_delay(slot.fast_deaths)
         if delay > 0:
+            slot.move(SlotState.BACKING_OFF)
             slot.respawn_at = now + delay
             return [Log("slot-backoff", {"slot": slot.id, "delay": f"{delay:g}s",
                                          "fast_deaths": slot.fast_deaths}, WARNING)]
-        slot.spawn_pending = True
+        slot.move(SlotState.SPAWNING)
         return [self._spawn(slot.id)]
 
     def _count(self, reason: Reason) -> None:
@@ -516,10 +521,13 @@ class Supervisor:
     def _tick(self, event: ev.Tick, now: float) -> list[Action]:
         actions: list[Action] = []
         for slot in self.table.slots.values():
-            if slot.respawn_at is not None and now >= slot.respawn_at and slot.pid is None:
+            if (slot.state is SlotState.BACKING_OFF and slot.respawn_at is not None
+                    and now >= slot.respawn_at):
                 slot.respawn_at = None
-                if not self.stopping:
-                    slot.spawn_pending = True
+                if self.stopping:
+                    slot.move(SlotState.EMPTY)
+                else:
+                    slot.move(SlotState.SPAWNING)
                     actions.append(self._spawn(slot.id))
         for worker in list(self.table.workers.values()):
             if worker.kill_at is not None and now >= worker.kill_at:
@@ -650,12 +658,15 @@ class Supervisor:
             if slot is None:
                 op.total -= 1
                 continue
+            if slot.state is SlotState.SPAWNING:  # a worker for it is being forked: it
+                op.done += 1  # loads the code as it is now, which is what a reload asks
+                continue
             op.active[slot.id] = now
             slot.replace_reason = Reason(Cause.RELOAD)
-            if slot.replacement is not None or slot.replace_pending:
+            if slot.state is SlotState.REPLACING:
                 continue  # a health replacement already on its way serves the reload
             slot.respawn_at = None
-            slot.replace_pending = True
+            slot.move(SlotState.REPLACING)  # (from OCCUPIED, or BACKING_OFF: filled now)
             actions.append(self._spawn(slot.id, replacement=True))
         if not op.slots and not op.active and not op.old_accepting:
             self.operation = None
@@ -683,7 +694,7 @@ class Supervisor:
         slots = self.table.slots
         while len(slots) < count:
             slot_id = next(i for i in range(count) if i not in slots)
-            slots[slot_id] = Slot(slot_id, spawn_pending=True)
+            slots[slot_id] = Slot(slot_id, SlotState.SPAWNING)
             op.adding.add(slot_id)
             actions.append(self._spawn(slot_id))
         for slot_id in sorted(slots, reverse=True)[: max(0, len(slots) - count)]:
@@ -747,7 +758,9 @@ class Supervisor:
                 actions.append(Signal(worker.pid, signal.SIGQUIT))
                 worker.kill_at = now + QUIT_GRACE
         for slot in self.table.slots.values():
-            slot.respawn_at = None
+            if slot.state is SlotState.BACKING_OFF:
+                slot.move(SlotState.EMPTY)
+                slot.respawn_at = None
         return actions + self._maybe_exit()
 
     def _maybe_exit(self) -> list[Action]:
@@ -772,7 +785,7 @@ class Supervisor:
                 if worker is not None:
                     seen.add(worker.pid)
                     rows.append(self._row(slot, worker))
-            if slot.pid is None and slot.respawn_at is not None:
+            if slot.state is SlotState.BACKING_OFF and slot.respawn_at is not None:
                 rows.append({"id": slot.id, "pid": None, "state": "starting",
                              "started_at": None, "restarts": slot.restarts,
                              "last_exit": _words(slot.last_exit), "requests": 0,

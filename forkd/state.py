@@ -76,20 +76,47 @@ class Worker:
         self.state = new
 
 
+class SlotState(enum.Enum):
+    """Where a slot is in its life. The occupant is the worker serving for the slot;
+    a replacement is a new worker starting to take over from it."""
+
+    EMPTY = "empty"  # no worker and none on its way (only ever between two steps)
+    SPAWNING = "spawning"  # an occupant was asked for and is not forked yet
+    BACKING_OFF = "backing-off"  # no worker: a crash-looping slot waits until respawn_at
+    OCCUPIED = "occupied"  # an occupant (starting or ready) serves
+    REPLACING = "replacing"  # a replacement is asked for or starting; the occupant (if it
+    # still lives) serves until the replacement is ready
+
+
+_SLOT_MOVES: dict[SlotState, frozenset[SlotState]] = {
+    SlotState.EMPTY: frozenset({SlotState.SPAWNING, SlotState.BACKING_OFF}),
+    SlotState.SPAWNING: frozenset({SlotState.OCCUPIED, SlotState.BACKING_OFF}),
+    SlotState.BACKING_OFF: frozenset({SlotState.SPAWNING, SlotState.EMPTY,
+                                      SlotState.REPLACING}),  # (a reload fills it)
+    SlotState.OCCUPIED: frozenset({SlotState.REPLACING, SlotState.EMPTY}),
+    # promoted, or failed while the occupant lives (OCCUPIED); failed with none (EMPTY)
+    SlotState.REPLACING: frozenset({SlotState.OCCUPIED, SlotState.EMPTY}),
+}
+
+
 @dataclass
 class Slot:
     id: int
-    pid: int | None = None  # the occupant: the worker that serves for this slot
-    replacement: int | None = None  # a worker starting to take over from the occupant
+    state: SlotState = SlotState.EMPTY
+    pid: int | None = None  # the occupant
+    replacement: int | None = None  # the replacement once forked (state REPLACING)
     replace_reason: Reason | None = None
-    replace_pending: bool = False  # a replacement was asked for and not yet forked
     replace_failures: int = 0  # replacements in a row that never became ready
     replace_after: float = 0.0  # no health replacement before this time (after failures)
     restarts: int = 0
     last_exit: Reason | None = None
     fast_deaths: int = 0
-    respawn_at: float | None = None  # a dead slot's next spawn time (back-off)
-    spawn_pending: bool = False  # an occupant was asked for and not yet forked
+    respawn_at: float | None = None  # when BACKING_OFF ends
+
+    def move(self, new: SlotState) -> None:
+        if new not in _SLOT_MOVES[self.state]:
+            raise IllegalTransition(f"slot {self.id}: {self.state.value} -> {new.value}")
+        self.state = new
 
 
 @dataclass

@@ -41,7 +41,7 @@ from forkd.policy import (
     Supervisor,
 )
 from forkd.protocol import Code
-from forkd.state import IllegalTransition, Worker, WorkerState
+from forkd.state import IllegalTransition, Slot, SlotState, Worker, WorkerState
 
 
 def make(workers: int = 2, **options: object) -> Supervisor:
@@ -197,7 +197,9 @@ def test_load_failure_after_a_good_generation_backs_off_instead_of_stopping() ->
     assert new is not None
     actions = h.feed(Exited(new, policy.EXIT_APP_LOAD, None), 20.1)
     assert not any(isinstance(a, Exit) for a in actions)
-    assert sup.table.slots[0].respawn_at is not None or any(isinstance(a, Spawn) for a in actions)
+    # one quick death after a stable run: respawned at once (back-off starts at the third)
+    assert Spawn(0) in actions
+    assert slots(sup) == {0: "occupied"} and sup.table.slots[0].fast_deaths == 1
 
 
 def test_rolling_reload_replaces_one_slot_at_a_time_ready_first_then_drains_the_old() -> None:
@@ -374,6 +376,11 @@ def test_memory_over_the_hard_ceiling_is_killed_at_once() -> None:
     assert last_exit(sup, 0) == "memory: 151M > 100M"
 
 
+def slots(sup: Supervisor) -> dict[int, str]:
+    """Every slot's lifecycle state."""
+    return {slot_id: slot.state.value for slot_id, slot in sorted(sup.table.slots.items())}
+
+
 def table(sup: Supervisor) -> dict[int, tuple[int, str, str]]:
     """The whole worker table: pid -> (slot, state, role in its slot)."""
     result: dict[int, tuple[int, str, str]] = {}
@@ -488,6 +495,52 @@ def test_illegal_worker_moves_raise() -> None:
         worker.move(WorkerState.READY)
 
 
+@pytest.mark.parametrize(("start", "illegal"), [
+    (SlotState.EMPTY, SlotState.OCCUPIED),  # an occupant comes only through a spawn
+    (SlotState.SPAWNING, SlotState.REPLACING),
+    (SlotState.OCCUPIED, SlotState.BACKING_OFF),  # a death empties the slot first
+    (SlotState.REPLACING, SlotState.SPAWNING),
+    (SlotState.BACKING_OFF, SlotState.OCCUPIED),
+])
+def test_illegal_slot_moves_raise(start: SlotState, illegal: SlotState) -> None:
+    slot = Slot(0, start)
+    with pytest.raises(IllegalTransition, match=f"slot 0: {start.value} -> {illegal.value}"):
+        slot.move(illegal)
+    assert slot.state is start
+
+
+def test_a_slot_walks_its_lifecycle_and_each_step_shows_in_the_table() -> None:
+    sup = make(1, max_requests=10)
+    h = Harness(sup)
+    h.feed(Start(), 0.0)
+    (a,) = sup.table.workers
+    assert (slots(sup), table(sup)) == ({0: "occupied"}, {a: (0, "starting", "occupant")})
+    h.msg(a, Ready(), 0.1)
+    assert (slots(sup), table(sup)) == ({0: "occupied"}, {a: (0, "ready", "occupant")})
+    h.msg(a, LimitReached(10), 1.0)
+    (b,) = set(sup.table.workers) - {a}
+    assert (slots(sup), table(sup)) == ({0: "replacing"}, {
+        a: (0, "ready", "occupant"), b: (0, "starting", "replacement")})
+    h.msg(b, Ready(), 1.1)
+    assert (slots(sup), table(sup)) == ({0: "occupied"}, {
+        a: (0, "draining", "leaving"), b: (0, "ready", "occupant")})
+    h.feed(Exited(a, 0, None), 1.2)
+    assert (slots(sup), table(sup)) == ({0: "occupied"}, {b: (0, "ready", "occupant")})
+    # a crash of the ready worker, then quick deaths (never ready): respawned at once
+    # twice, and the third quick death in a row waits out a back-off
+    for now in (2.0, 2.1, 2.2):
+        (pid,) = sup.table.workers
+        h.feed(Exited(pid, 1, None), now)
+        assert slots(sup) == {0: "occupied"}
+    (pid,) = sup.table.workers
+    h.feed(Exited(pid, 1, None), 2.3)
+    assert (slots(sup), table(sup)) == ({0: "backing-off"}, {})
+    assert [row["backoff"] for row in sup.status_rows(2.3)] == [policy.BACKOFF_BASE]
+    h.feed(Tick(), 2.3 + policy.BACKOFF_BASE)
+    (c,) = sup.table.workers
+    assert (slots(sup), table(sup)) == ({0: "occupied"}, {c: (0, "starting", "occupant")})
+
+
 def test_next_deadline_covers_backoff_kills_and_heartbeats() -> None:
     sup = make(1, timeout=30.0)
     h = Harness(sup)
@@ -528,7 +581,9 @@ def test_replacement_failing_after_its_old_worker_died_respawns_the_empty_slot()
     h.feed(Exited(old, None, signal.SIGKILL), 20.1)
     actions = h.feed(Exited(new, policy.EXIT_APP_LOAD, None), 20.2)
     assert any(isinstance(a, Reply) and not a.ok for a in actions)
-    assert Spawn(0) in actions or sup.table.slots[0].respawn_at is not None
+    assert Spawn(0) in actions  # its occupant had run 20 s: no back-off
+    (pid,) = sup.table.workers
+    assert table(sup) == {pid: (0, "starting", "occupant")} and slots(sup) == {0: "occupied"}
 
 
 def test_a_health_replacement_that_keeps_failing_is_retried_with_a_growing_pause() -> None:
