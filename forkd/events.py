@@ -44,6 +44,8 @@ from typing import Any, ClassVar, TypeVar
 MAX_ERROR = 60_000  # bytes of an error text a worker sends (one datagram)
 
 _REGISTRY: dict[bytes, type[Any]] = {}
+# per message class: (field name, the JSON types its value may have) in order
+_FIELDS: dict[type[Any], tuple[tuple[str, frozenset[str]], ...]] = {}
 _M = TypeVar("_M")
 
 
@@ -56,6 +58,9 @@ def message(tag: str) -> Callable[[type[_M]], type[_M]]:
             raise ValueError(f"worker message tag {tag!r} is taken or has a space")
         _REGISTRY[key] = cls
         cls.TAG = key  # type: ignore[attr-defined]
+        _FIELDS[cls] = tuple(
+            (spec.name, frozenset(part.strip() for part in str(spec.type).split("|")))
+            for spec in dataclasses.fields(cls))  # type: ignore[arg-type]
         return cls
 
     return register
@@ -111,9 +116,10 @@ WorkerMessage = Ready | Beat | LimitReached | Draining | Failed
 
 
 def encode(msg: WorkerMessage) -> bytes:
-    values = dataclasses.asdict(msg)
-    if not values:
+    fields = _FIELDS[type(msg)]
+    if not fields:
         return msg.TAG
+    values = {name: getattr(msg, name) for name, _ in fields}
     text = json.dumps(values, separators=(",", ":"), ensure_ascii=False)
     return msg.TAG + b" " + text.encode("utf-8", "replace")
 
@@ -131,17 +137,16 @@ def decode(data: bytes) -> WorkerMessage | None:
         msg = cls(**values)
     except (ValueError, TypeError):  # bad JSON, unknown or missing fields
         return None
-    for spec in dataclasses.fields(msg):
-        if not _fits(getattr(msg, spec.name), spec.type):
+    for name, allowed in _FIELDS[cls]:
+        if not _fits(getattr(msg, name), allowed):
             return None
     return msg  # type: ignore[no-any-return]
 
 
-def _fits(value: Any, annotation: Any) -> bool:
-    """The field's value has the type its annotation names (a string, as annotations
-    are postponed here); JSON only gives int, float, str, bool, None, list, dict."""
-    text = str(annotation)
-    allowed = {part.strip() for part in text.split("|")}
+def _fits(value: Any, allowed: frozenset[str]) -> bool:
+    """The value has one of the types its field's annotation names (read as text, as
+    annotations are postponed here); JSON only gives int, float, str, bool, None,
+    list, dict."""
     if value is None:
         return "None" in allowed
     if isinstance(value, bool):

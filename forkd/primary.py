@@ -15,10 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-
 from forkd import events, log, policy, process, protocol
 from forkd.config import Config
+from forkd.control import Poller
 from forkd.monitor import Monitor
 from forkd.sockets import Listener, close_listeners
 from forkd.systemd import Notifier, format_status, watchdog_interval
@@ -64,7 +63,7 @@ class Primary:
         self.notifier = Notifier.from_env()
         self.watchdog = watchdog_interval(os.environ, os.getpid())
         self.exit_code: int | None = None
-        self.poller = zmq.Poller()
+        self.poller = Poller()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.next_memory = 0.0
         self.due = 0.0  # when housekeeping must next run
@@ -81,10 +80,10 @@ class Primary:
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, _record)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        self.poller.register(self.wake_r, zmq.POLLIN)
+        self.poller.register(self.wake_r)
         if self.options.control is not None:
             for sock in self.options.control.sockets():
-                self.poller.register(sock, zmq.POLLIN)
+                self.poller.register(sock)
 
     def run(self) -> int:
         _import_worker_stack()
@@ -121,7 +120,7 @@ class Primary:
     # -- the loop -------------------------------------------------------------------------------
     def _wait_once(self) -> None:
         timeout_ms = 0 if self.changed else max(0, int((self.due - time.monotonic()) * 1000) + 1)
-        ready = dict(self.poller.poll(timeout_ms))
+        ready = self.poller.poll(timeout_ms)
         if self.wake_r in ready:
             self._on_signals()
         for key in ready:
@@ -308,7 +307,7 @@ class Primary:
         theirs.close()
         self.channels[pid] = ours
         self.channel_owner[ours.fileno()] = pid
-        self.poller.register(ours, zmq.POLLIN)
+        self.poller.register(ours)
         return pid
 
     def _progress(self, requester: Any, text: str) -> None:
