@@ -17,11 +17,6 @@ from forkd.errors import AppLoadError, BindError, ConfigError, ControlError
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-_CLICK_TYPES: dict[str, Any] = {
-    "workers": int, "max_requests": int, "max_requests_jitter": int, "reload_batch": int,
-    "backlog": int, "threads": int, "memory_samples": int, "limit_request_line": int,
-    "limit_request_fields": int, "limit_request_field_size": int,
-}
 _FLAGS = {"preload", "access_log"}
 _SHORT = {"bind": "-b", "workers": "-w"}
 

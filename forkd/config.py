@@ -8,7 +8,7 @@ import dataclasses
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from forkd.errors import ConfigError
@@ -178,47 +178,49 @@ def parse_bind(text: str) -> Bind:
 
 @dataclass(frozen=True)
 class Option:
+    """One `forkd start` option: its parser and help. Its default is stated once, as
+    the default of the Config field of the same name."""
+
     name: str
     parse: Callable[[Any], Any]
-    default: Any
     help: str
 
 
 # The single list of every `forkd start` option: the CLI, the environment
 # (FORKD_<NAME>) and forkd.toml all read from it.
 OPTIONS: tuple[Option, ...] = (
-    Option("bind", _binds, ("127.0.0.1:8000",), "HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N"),
-    Option("workers", _int(1), None, "number of workers (default: usable CPU cores)"),
-    Option("name", _text, None, "name of this primary (default: the app's top-level module)"),
-    Option("interface", _choice("auto", "asgi", "wsgi"), "auto", "how the app is called"),
-    Option("max_memory", _optional_size, None, "per-worker memory limit (512M, 1G)"),
-    Option("memory_metric", _choice("rss", "uss", "pss"), "rss", "what --max-memory judges"),
-    Option("memory_interval", _seconds, 1.0, "seconds between memory samples"),
-    Option("memory_samples", _int(1), 2, "consecutive samples over the limit before a replace"),
-    Option("memory_hard_limit", _optional_size, None, "SIGKILL above this (default 1.5x limit)"),
-    Option("timeout", _seconds, 30.0, "seconds of heartbeat silence before a worker is killed"),
-    Option("startup_timeout", _seconds, 60.0, "seconds a new worker may take to become ready"),
-    Option("graceful_timeout", _seconds, 30.0, "seconds a stopping worker may drain"),
-    Option("max_requests", _int(0), 0, "recycle a worker after this many requests (0: off)"),
-    Option("max_requests_jitter", _int(0), 0, "random extra requests before recycling"),
-    Option("chdir", _text, None, "directory each new worker changes to and imports the app "
+    Option("bind", _binds, "HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N"),
+    Option("workers", _int(1), "number of workers (default: usable CPU cores)"),
+    Option("name", _text, "name of this primary (default: the app's top-level module)"),
+    Option("interface", _choice("auto", "asgi", "wsgi"), "how the app is called"),
+    Option("max_memory", _optional_size, "per-worker memory limit (512M, 1G)"),
+    Option("memory_metric", _choice("rss", "uss", "pss"), "what --max-memory judges"),
+    Option("memory_interval", _seconds, "seconds between memory samples"),
+    Option("memory_samples", _int(1), "consecutive samples over the limit before a replace"),
+    Option("memory_hard_limit", _optional_size, "SIGKILL above this (default 1.5x limit)"),
+    Option("timeout", _seconds, "seconds of heartbeat silence before a worker is killed"),
+    Option("startup_timeout", _seconds, "seconds a new worker may take to become ready"),
+    Option("graceful_timeout", _seconds, "seconds a stopping worker may drain"),
+    Option("max_requests", _int(0), "recycle a worker after this many requests (0: off)"),
+    Option("max_requests_jitter", _int(0), "random extra requests before recycling"),
+    Option("chdir", _text, "directory each new worker changes to and imports the app "
            "from (default: where forkd start ran, as typed: a symlink stays a path)"),
-    Option("preload", _bool, False, "import the app in the primary before forking"),
-    Option("control", _text, None, "ZeroMQ control endpoint (default ipc://FORKD_HOME/NAME.sock)"),
-    Option("control_keys", _text, None,
+    Option("preload", _bool, "import the app in the primary before forking"),
+    Option("control", _text, "ZeroMQ control endpoint (default ipc://FORKD_HOME/NAME.sock)"),
+    Option("control_keys", _text,
            "CURVE secret key file for a tcp:// control endpoint (see forkd control-keys)"),
-    Option("reload_batch", _int(1), 1, "workers replaced at once during a reload"),
-    Option("backlog", _int(1), 2048, "listen backlog of each listener"),
-    Option("unix_mode", _mode, 0o660, "file mode of unix: listeners (octal)"),
-    Option("threads", _int(1), 8, "WSGI thread pool size per worker"),
-    Option("keepalive_timeout", _seconds, 5.0, "seconds an idle keep-alive connection is kept"),
-    Option("header_timeout", _seconds, 10.0, "seconds a client may take to send its headers"),
-    Option("max_body_size", parse_size, 100 << 20, "largest request body accepted (413 above)"),
-    Option("limit_request_line", _int(64), 8190, "longest request line accepted (431 above)"),
-    Option("limit_request_fields", _int(1), 100, "most header fields accepted (431 above)"),
-    Option("limit_request_field_size", _int(64), 8190, "longest header field accepted"),
-    Option("root_path", _text, "", "ASGI root_path / WSGI SCRIPT_NAME of the app"),
-    Option("access_log", _bool, False, "log every request in the combined format"),
+    Option("reload_batch", _int(1), "workers replaced at once during a reload"),
+    Option("backlog", _int(1), "listen backlog of each listener"),
+    Option("unix_mode", _mode, "file mode of unix: listeners (octal)"),
+    Option("threads", _int(1), "WSGI thread pool size per worker"),
+    Option("keepalive_timeout", _seconds, "seconds an idle keep-alive connection is kept"),
+    Option("header_timeout", _seconds, "seconds a client may take to send its headers"),
+    Option("max_body_size", parse_size, "largest request body accepted (413 above)"),
+    Option("limit_request_line", _int(64), "longest request line accepted (431 above)"),
+    Option("limit_request_fields", _int(1), "most header fields accepted (431 above)"),
+    Option("limit_request_field_size", _int(64), "longest header field accepted"),
+    Option("root_path", _text, "ASGI root_path / WSGI SCRIPT_NAME of the app"),
+    Option("access_log", _bool, "log every request in the combined format"),
 )
 OPTION_NAMES = frozenset(option.name for option in OPTIONS)
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -257,7 +259,6 @@ class Config:
     limit_request_field_size: int = 8190
     root_path: str = ""
     access_log: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def binds(self) -> tuple[Bind, ...]:

@@ -45,6 +45,3 @@ class Monitor:
     def forget(self, pid: int) -> None:
         self.processes.pop(pid, None)
 
-
-def own_cpu_percent(process: psutil.Process | None = None) -> float:
-    return (process or psutil.Process()).cpu_percent()

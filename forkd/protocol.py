@@ -80,10 +80,6 @@ class Request:
     command: str
     args: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def mutates(self) -> bool:
-        return COMMANDS[self.command]
-
 
 @dataclass(frozen=True)
 class OkReply:

@@ -17,7 +17,7 @@ import zmq
 from forkd import ctl
 from forkd.control import ControlServer, endpoint_for, ensure_home
 from forkd.errors import ProtocolError
-from forkd.protocol import parse_scale
+from forkd.protocol import COMMANDS, parse_scale
 
 TRACEBACK = (
     "Traceback (most recent call last):\n"
@@ -65,7 +65,7 @@ class Primary:
                 poller.poll(10)
                 for peer, request in server.handle_ready():
                     self.received.append(request.command)
-                    result = self._answer(request.command, request.args, request.mutates,
+                    result = self._answer(request.command, request.args, COMMANDS[request.command],
                                           lambda m, p=peer, r=request.id: server.progress(p, r, m))
                     if self._stop.is_set() and self.exit_without_answer:
                         return
