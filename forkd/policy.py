@@ -8,10 +8,12 @@ actions (spawn, signal, log, reply, notify, exit, ...) come out.
 primary's shell, or the unit tests' fake) and feeds the outcome of a spawn back
 in as an event, so the tests run exactly the loop the primary runs.
 
-Where things live: events and the worker codec in events.py; the worker table and
-its legal moves in state.py; operations (Reload, Scale, Stop) below, each holding
-its own progress and its requester; max-requests and memory recycles are
-replacements (`_replace`) rather than operations, so several may overlap.
+Where things live: events and the worker codec in events.py; the worker and slot
+lifecycles and their legal moves in state.py; operations (Reload, Scale, Stop)
+below, each an `Operation` that owns its steps and its requester, driven through
+hooks (`on_ready`, `on_promoted`, `on_replacement_failed`, `on_stopped_accepting`,
+`on_exited`, `on_occupant_died`); max-requests and memory recycles are replacements
+(`_replace`), not operations, so several may overlap each other and an operation.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import signal
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from forkd import events as ev
 from forkd.config import Config, format_size
@@ -116,8 +118,50 @@ Action = Spawn | Signal | Log | Progress | Reply | Notify | Exit | ReopenLogs | 
 
 
 # -- operations ------------------------------------------------------------------------------
-@dataclass
-class Reload:
+class Operation:
+    """An operator's request that takes many events to finish: reload, scale, stop
+    (an upgrade of the primary will be one more). One runs at a time; a second
+    mutating request meanwhile is refused as busy. The supervisor calls the hooks
+    below at the moments they name; an operation answers with actions, and ends
+    itself with `sup.finish(self)`. Health replacements (max-requests, memory,
+    a crash) are not operations: they may overlap each other and any operation."""
+
+    noun: ClassVar[str] = ""
+    requester: Any = None
+
+    def describe(self) -> str:
+        return f"{self.noun} in progress"
+
+    def begin(self, sup: Supervisor, now: float) -> list[Action]:
+        return []
+
+    def on_ready(self, sup: Supervisor, worker: Worker, now: float) -> list[Action]:
+        return []
+
+    def on_promoted(self, sup: Supervisor, slot: Slot, old: Worker | None, new: Worker,
+                    now: float) -> list[Action]:
+        return []
+
+    def on_replacement_failed(self, sup: Supervisor, slot: Slot, why: str, now: float
+                              ) -> list[Action]:
+        return []
+
+    def on_stopped_accepting(self, sup: Supervisor, worker: Worker, now: float
+                             ) -> list[Action]:
+        return []
+
+    def on_exited(self, sup: Supervisor, worker: Worker, now: float) -> list[Action]:
+        return []
+
+    def on_occupant_died(self, sup: Supervisor, slot: Slot, now: float) -> None:
+        return None
+
+
+@dataclass(eq=False)
+class Reload(Operation):
+    """Rolling: each slot gets a replacement; its old worker drains once the new one
+    is ready; `reload_batch` slots at a time; the first failure aborts the rest."""
+
     slots: list[int]
     total: int
     started_at: float
@@ -133,9 +177,93 @@ class Reload:
     def describe(self) -> str:
         return f"reload in progress ({self.done}/{self.total})"
 
+    def begin(self, sup: Supervisor, now: float) -> list[Action]:
+        return [Log("reload-start", {"workers": self.total}), Notify("reloading"),
+                Progress(self.requester, f"reloading {self.total} worker(s), "
+                         f"{sup.config.reload_batch} at a time"),
+                *self.next(sup, now)]
 
-@dataclass
-class Scale:
+    def next(self, sup: Supervisor, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while self.slots and len(self.active) < sup.config.reload_batch:
+            slot = sup.table.slots.get(self.slots.pop(0))
+            if slot is None:
+                self.total -= 1
+                continue
+            if slot.state is SlotState.SPAWNING:  # a worker for it is being forked: it
+                self.done += 1  # loads the code as it is now, which is what a reload asks
+                continue
+            self.active[slot.id] = now
+            slot.replace_reason = Reason(Cause.RELOAD)
+            if slot.state is SlotState.REPLACING:
+                continue  # a health replacement already on its way serves the reload
+            slot.respawn_at = None
+            slot.move(SlotState.REPLACING)  # (from OCCUPIED, or BACKING_OFF: filled now)
+            actions.append(sup.spawn_action(slot.id, replacement=True))
+        if not self.slots and not self.active and not self.old_accepting:
+            sup.finish(self)
+            sup.announced_ready = sup.all_ready()
+            seconds = now - self.started_at
+            actions.append(Log("reload-done", {"workers": self.total,
+                                               "seconds": f"{seconds:.2f}"}))
+            actions += sup.reply(self.requester, True,
+                                 f"reloaded {self.total} worker(s) in {seconds:.1f}s",
+                                 result={"workers": self.total})
+            actions.append(Notify("ready"))
+        return actions
+
+    def on_promoted(self, sup: Supervisor, slot: Slot, old: Worker | None, new: Worker,
+                    now: float) -> list[Action]:
+        if slot.id not in self.active:
+            return []
+        self.active.pop(slot.id)
+        self.done += 1
+        if old is not None and not old.stopped_accepting:
+            self.old_accepting.add(old.pid)
+        old_pid = old.pid if old is not None else "-"
+        return [Progress(self.requester,
+                         f"slot {slot.id} ({self.done}/{self.total}): pid {old_pid} → "
+                         f"{new.pid}, ready in {(now - new.started_at) * 1000:.0f} ms"),
+                *self.next(sup, now)]
+
+    def on_replacement_failed(self, sup: Supervisor, slot: Slot, why: str, now: float
+                              ) -> list[Action]:
+        if slot.id not in self.active:
+            return []
+        sup.finish(self)
+        actions: list[Action] = []
+        for other_id in self.active:
+            other = sup.table.slots.get(other_id)
+            if (other is not None and other_id != slot.id and other.replacement is not None
+                    and other.pid is not None):  # (one with no occupant left stays)
+                pending = sup.table.workers.get(other.replacement)
+                other.move(SlotState.OCCUPIED)
+                other.replacement = None
+                other.replace_reason = None
+                if pending is not None:
+                    actions += sup.drain(pending, Reason(Cause.RELOAD_ABORTED), now)
+        text = why.strip()
+        message = (f"reload aborted: the replacement for slot {slot.id} failed ({text})"
+                   if "\n" not in text else
+                   f"reload aborted: the replacement for slot {slot.id} failed:\n{why}")
+        actions.append(Log("reload-aborted", {"slot": slot.id, "done": self.done,
+                                              "total": self.total}, ERROR))
+        actions += sup.reply(self.requester, False, message, Code.FAILED)
+        actions.append(Notify("ready"))
+        return actions
+
+    def on_stopped_accepting(self, sup: Supervisor, worker: Worker, now: float
+                             ) -> list[Action]:
+        if worker.pid not in self.old_accepting:
+            return []
+        self.old_accepting.discard(worker.pid)
+        return self.next(sup, now)
+
+
+@dataclass(eq=False)
+class Scale(Operation):
+    """New slots are ready-gated; removed slots' workers drain. Done when both are."""
+
     target: int
     requester: Any = None
     adding: set[int] = field(default_factory=set)
@@ -146,20 +274,92 @@ class Scale:
     def describe(self) -> str:
         return f"scale to {self.target} in progress"
 
+    def begin(self, sup: Supervisor, now: float) -> list[Action]:
+        actions: list[Action] = [Log("scale", {"from": sup.target, "to": self.target})]
+        slots = sup.table.slots
+        while len(slots) < self.target:
+            slot_id = next(i for i in range(self.target) if i not in slots)
+            slots[slot_id] = Slot(slot_id, SlotState.SPAWNING)
+            self.adding.add(slot_id)
+            actions.append(sup.spawn_action(slot_id))
+        for slot_id in sorted(slots, reverse=True)[: max(0, len(slots) - self.target)]:
+            slot = slots.pop(slot_id)
+            for pid in (slot.pid, slot.replacement):
+                worker = sup.table.workers.get(pid) if pid is not None else None
+                if worker is not None:
+                    self.removing.add(worker.pid)
+                    actions += sup.drain(worker, Reason(Cause.SCALE), now)
+        return actions + self._maybe_done(sup)
 
-@dataclass
-class Stop:
+    def on_ready(self, sup: Supervisor, worker: Worker, now: float) -> list[Action]:
+        if worker.slot not in self.adding:
+            return []
+        self.adding.discard(worker.slot)
+        return [Progress(self.requester, f"slot {worker.slot}: pid {worker.pid} ready "
+                         f"in {(now - worker.started_at) * 1000:.0f} ms"),
+                *self._maybe_done(sup)]
+
+    def on_exited(self, sup: Supervisor, worker: Worker, now: float) -> list[Action]:
+        if worker.pid not in self.removing:
+            return []
+        self.removing.discard(worker.pid)
+        return [Progress(self.requester, f"slot {worker.slot}: pid {worker.pid} drained"),
+                *self._maybe_done(sup)]
+
+    def on_occupant_died(self, sup: Supervisor, slot: Slot, now: float) -> None:
+        self.adding.discard(slot.id)  # (its respawn is the slot's own business now)
+
+    def _maybe_done(self, sup: Supervisor) -> list[Action]:
+        if self.adding or self.removing:
+            return []
+        sup.finish(self)
+        return [Log("scale-done", {"workers": sup.target}),
+                *sup.reply(self.requester, True, f"{sup.target} worker(s) running",
+                           result={"workers": sup.target})]
+
+
+@dataclass(eq=False)
+class Stop(Operation):
+    """Every worker drains (graceful) or quits at once; the primary exits when the
+    last one is gone. Never refused by, and never ends in favour of, another."""
+
     graceful: bool
     exit_code: int = 0
+    why: str = ""
     requesters: list[Any] = field(default_factory=list)  # each stop asker gets the answer
 
     noun = "stop"
 
-    def describe(self) -> str:
-        return "stop in progress"
+    def begin(self, sup: Supervisor, now: float) -> list[Action]:
+        actions: list[Action] = [Log("stopping", {"graceful": self.graceful,
+                                                  "workers": len(sup.table.workers)}),
+                                 Notify("stopping")]
+        if self.why:
+            actions.append(Log("stop-reason", {"why": self.why.splitlines()[-1]}, ERROR))
+        for worker in sup.table.workers.values():
+            if self.graceful:
+                if worker.state is not WorkerState.DRAINING:
+                    worker.move(WorkerState.DRAINING)
+                    worker.leave_reason = worker.leave_reason or Reason(Cause.STOP)
+                    actions.append(Signal(worker.pid, signal.SIGTERM))
+                worker.kill_at = now + sup.config.graceful_timeout + DRAIN_MARGIN
+            else:
+                worker.leave_reason = worker.leave_reason or Reason(Cause.STOP)
+                actions.append(Signal(worker.pid, signal.SIGQUIT))
+                worker.kill_at = now + QUIT_GRACE
+        for slot in sup.table.slots.values():
+            if slot.state is SlotState.BACKING_OFF:
+                slot.move(SlotState.EMPTY)
+                slot.respawn_at = None
+        return actions + self.on_exited(sup, None, now)
 
-
-Operation = Reload | Scale | Stop
+    def on_exited(self, sup: Supervisor, worker: Worker | None, now: float) -> list[Action]:
+        if sup.table.workers:
+            return []
+        actions: list[Action] = [Log("stopped", {"code": self.exit_code})]
+        for requester in self.requesters:
+            actions.append(Reply(requester, True, "stopped"))
+        return actions + [Exit(self.exit_code)]
 
 
 def backoff_delay(fast_deaths: int) -> float:
@@ -244,10 +444,10 @@ class Supervisor:
         actions: list[Action] = []
         for slot in self.table.slots.values():
             slot.move(SlotState.SPAWNING)
-            actions.append(self._spawn(slot.id))
+            actions.append(self.spawn_action(slot.id))
         return actions
 
-    def _spawn(self, slot_id: int, replacement: bool = False) -> Spawn:
+    def spawn_action(self, slot_id: int, replacement: bool = False) -> Spawn:
         limit = None
         if self.config.max_requests:
             limit = self.config.max_requests + self.rng.randint(
@@ -260,7 +460,7 @@ class Supervisor:
                         request_limit=event.request_limit)
         self.table.workers[event.pid] = worker
         if slot is None:  # scaled away meanwhile: let it go at once
-            return self._drain(worker, Reason(Cause.SCALE), now)
+            return self.drain(worker, Reason(Cause.SCALE), now)
         if event.replacement:
             slot.replacement = event.pid  # (the slot is REPLACING already)
         else:
@@ -301,11 +501,9 @@ class Supervisor:
 
     def _stopped_accepting(self, worker: Worker, now: float) -> list[Action]:
         worker.stopped_accepting = True
-        op = self.operation
-        if isinstance(op, Reload) and worker.pid in op.old_accepting:
-            op.old_accepting.discard(worker.pid)
-            return self._reload_next(now)
-        return []
+        if self.operation is None:
+            return []
+        return self.operation.on_stopped_accepting(self, worker, now)
 
     def _on_ready(self, worker: Worker, msg: ev.Ready, now: float) -> list[Action]:
         if worker.state is not WorkerState.STARTING:
@@ -322,12 +520,8 @@ class Supervisor:
             return actions
         if slot.replacement == worker.pid:
             actions += self._promote(slot, worker, now)
-        op = self.operation
-        if isinstance(op, Scale) and worker.slot in op.adding:
-            op.adding.discard(worker.slot)
-            actions.append(Progress(op.requester, f"slot {worker.slot}: pid {worker.pid} ready "
-                                    f"in {(now - worker.started_at) * 1000:.0f} ms"))
-            actions += self._maybe_finish_scale()
+        if self.operation is not None:
+            actions += self.operation.on_ready(self, worker, now)
         if self.operation is None and not self.announced_ready and self.all_ready():
             self.announced_ready = True
             actions.append(Log("all-ready", {"workers": self.target}))
@@ -349,20 +543,11 @@ class Supervisor:
                 slot.restarts += 1
                 self._count(reason)
             slot.last_exit = reason
-            actions += self._drain(old, reason, now)
+            actions += self.drain(old, reason, now)
             actions.append(Log("worker-replaced", {"slot": slot.id, "old": old.pid,
                                                    "new": new.pid, "reason": str(reason)}))
-        if isinstance(self.operation, Reload) and slot.id in self.operation.active:
-            op = self.operation
-            op.active.pop(slot.id)
-            op.done += 1
-            if old is not None and not old.stopped_accepting:
-                op.old_accepting.add(old.pid)
-            old_pid = old.pid if old is not None else "-"
-            actions.append(Progress(op.requester,
-                f"slot {slot.id} ({op.done}/{op.total}): pid {old_pid} → {new.pid}, "
-                f"ready in {(now - new.started_at) * 1000:.0f} ms"))
-            actions += self._reload_next(now)
+        if self.operation is not None:
+            actions += self.operation.on_promoted(self, slot, old, new, now)
         return actions
 
     def _check_requests(self, worker: Worker, now: float) -> list[Action]:
@@ -388,7 +573,7 @@ class Supervisor:
         slot.replace_reason = reason
         fields: dict[str, Any] = {"slot": slot.id, "pid": slot.pid, "reason": str(reason)}
         fields.update(figures or {})
-        return [Log("worker-replacing", fields), self._spawn(slot.id, replacement=True)]
+        return [Log("worker-replacing", fields), self.spawn_action(slot.id, replacement=True)]
 
     def _replacement_failed(self, slot: Slot, worker: Worker | None, why: str, now: float
                             ) -> list[Action]:
@@ -404,31 +589,13 @@ class Supervisor:
             "slot": slot.id, "pid": worker.pid if worker else None,
             "reason": str(reason) if reason else None,
             "why": why.strip().splitlines()[-1] if why.strip() else why}, ERROR)]
-        if isinstance(self.operation, Reload) and slot.id in self.operation.active:
-            op = self.operation
-            self.operation = None
-            for other_id in op.active:
-                other = self.table.slots.get(other_id)
-                if (other is not None and other_id != slot.id and other.replacement is not None
-                        and other.pid is not None):  # (one with no occupant left stays)
-                    pending = self.table.workers.get(other.replacement)
-                    other.move(SlotState.OCCUPIED)
-                    other.replacement = None
-                    other.replace_reason = None
-                    if pending is not None:
-                        actions += self._drain(pending, Reason(Cause.RELOAD_ABORTED), now)
-            message = (f"reload aborted: the replacement for slot {slot.id} failed ({why.strip()})"
-                       if "\n" not in why.strip() else
-                       f"reload aborted: the replacement for slot {slot.id} failed:\n{why}")
-            actions.append(Log("reload-aborted", {"slot": slot.id, "done": op.done,
-                                                  "total": op.total}, ERROR))
-            actions += self._reply(op.requester, False, message, Code.FAILED)
-            actions.append(Notify("ready"))
+        if self.operation is not None:
+            actions += self.operation.on_replacement_failed(self, slot, why, now)
         if slot.state is SlotState.EMPTY and not self.stopping:
             actions += self._respawn(slot, now)  # its occupant died meanwhile
         return actions
 
-    def _drain(self, worker: Worker, reason: Reason, now: float) -> list[Action]:
+    def drain(self, worker: Worker, reason: Reason, now: float) -> list[Action]:
         if worker.state is WorkerState.DRAINING:
             return []
         worker.move(WorkerState.DRAINING)
@@ -453,13 +620,10 @@ class Supervisor:
                                                 "error": worker.error.strip().splitlines()[-1]},
                                ERROR))
         slot = self.table.slots.get(worker.slot)
+        if self.operation is not None:
+            actions += self.operation.on_exited(self, worker, now)
         if self.stopping:
-            return actions + self._maybe_exit()
-        op = self.operation
-        if isinstance(op, Scale) and pid in op.removing:
-            op.removing.discard(pid)
-            actions.append(Progress(op.requester, f"slot {worker.slot}: pid {pid} drained"))
-            actions += self._maybe_finish_scale()
+            return actions
         actions += self._stopped_accepting(worker, now)  # an exited worker accepts nothing
         if slot is None:
             return actions
@@ -487,15 +651,14 @@ class Supervisor:
             message = (worker.error or "the app failed to load").rstrip()
             actions.append(Log("app-load-failed", {"slot": slot.id, "pid": worker.pid,
                                                    "code": code}, ERROR))
-            return actions + self._begin_stop(graceful=False, now=now, exit_code=1,
-                                              why=message)
+            return actions + self._begin_stop(False, now, 1, why=message)
         uptime = now - worker.started_at
         if worker.ready_at is None or uptime < MIN_UPTIME:
             slot.fast_deaths += 1
         elif uptime >= STABLE_AFTER:
             slot.fast_deaths = 0
-        if isinstance(self.operation, Scale):
-            self.operation.adding.discard(slot.id)
+        if self.operation is not None:
+            self.operation.on_occupant_died(self, slot, now)
         if slot.state is SlotState.REPLACING:
             # a replacement is already on its way: once ready it takes the empty slot
             # (through _promote, so a reload waiting on it goes on)
@@ -511,7 +674,7 @@ class Supervisor:
             return [Log("slot-backoff", {"slot": slot.id, "delay": f"{delay:g}s",
                                          "fast_deaths": slot.fast_deaths}, WARNING)]
         slot.move(SlotState.SPAWNING)
-        return [self._spawn(slot.id)]
+        return [self.spawn_action(slot.id)]
 
     def _count(self, reason: Reason) -> None:
         if reason.cause.value in self.counters:
@@ -528,7 +691,7 @@ class Supervisor:
                     slot.move(SlotState.EMPTY)
                 else:
                     slot.move(SlotState.SPAWNING)
-                    actions.append(self._spawn(slot.id))
+                    actions.append(self.spawn_action(slot.id))
         for worker in list(self.table.workers.values()):
             if worker.kill_at is not None and now >= worker.kill_at:
                 worker.kill_at = None
@@ -618,7 +781,12 @@ class Supervisor:
         return actions
 
     # -- operator requests ----------------------------------------------------------------------
-    def _reply(self, requester: Any, ok: bool, message: str, code: Code | None = None,
+    def finish(self, op: Operation) -> None:
+        """An operation ended (done, aborted or cancelled)."""
+        if self.operation is op:
+            self.operation = None
+
+    def reply(self, requester: Any, ok: bool, message: str, code: Code | None = None,
                result: dict[str, Any] | None = None) -> list[Action]:
         actions: list[Action] = [Reply(requester, ok, message, code, result or {})]
         if requester is None and not ok:  # a signal asked: nobody to tell but the log
@@ -634,51 +802,17 @@ class Supervisor:
             return None
         return self._refuse(command, requester, Code.BUSY, f"busy: {self.operation.describe()}")
 
+    def _start_operation(self, op: Operation, now: float) -> list[Action]:
+        self.operation = op
+        return op.begin(self, now)
+
     def _reload(self, event: ev.ReloadRequest, now: float) -> list[Action]:
         busy = self._busy("reload", event.requester)
         if busy is not None:
             return busy
         slots = sorted(self.table.slots)
-        self.operation = Reload(slots=slots, total=len(slots), started_at=now,
-                                requester=event.requester)
-        actions: list[Action] = [
-            Log("reload-start", {"workers": len(slots)}),
-            Notify("reloading"),
-            Progress(event.requester, f"reloading {len(slots)} worker(s), "
-                     f"{self.config.reload_batch} at a time"),
-        ]
-        return actions + self._reload_next(now)
-
-    def _reload_next(self, now: float) -> list[Action]:
-        op = self.operation
-        assert isinstance(op, Reload)
-        actions: list[Action] = []
-        while op.slots and len(op.active) < self.config.reload_batch:
-            slot = self.table.slots.get(op.slots.pop(0))
-            if slot is None:
-                op.total -= 1
-                continue
-            if slot.state is SlotState.SPAWNING:  # a worker for it is being forked: it
-                op.done += 1  # loads the code as it is now, which is what a reload asks
-                continue
-            op.active[slot.id] = now
-            slot.replace_reason = Reason(Cause.RELOAD)
-            if slot.state is SlotState.REPLACING:
-                continue  # a health replacement already on its way serves the reload
-            slot.respawn_at = None
-            slot.move(SlotState.REPLACING)  # (from OCCUPIED, or BACKING_OFF: filled now)
-            actions.append(self._spawn(slot.id, replacement=True))
-        if not op.slots and not op.active and not op.old_accepting:
-            self.operation = None
-            self.announced_ready = self.all_ready()
-            seconds = now - op.started_at
-            actions.append(Log("reload-done", {"workers": op.total,
-                                               "seconds": f"{seconds:.2f}"}))
-            actions += self._reply(op.requester, True,
-                                   f"reloaded {op.total} worker(s) in {seconds:.1f}s",
-                                   result={"workers": op.total})
-            actions.append(Notify("ready"))
-        return actions
+        return self._start_operation(Reload(slots=slots, total=len(slots), started_at=now,
+                                            requester=event.requester), now)
 
     def _scale(self, event: ev.ScaleRequest, now: float) -> list[Action]:
         busy = self._busy("scale", event.requester)
@@ -688,32 +822,7 @@ class Supervisor:
             count = resolve_scale(event.count, event.relative, self.target)
         except ProtocolError as exc:
             return self._refuse("scale", event.requester, Code(exc.code), exc.message)
-        op = Scale(target=count, requester=event.requester)
-        self.operation = op
-        actions: list[Action] = [Log("scale", {"from": self.target, "to": count})]
-        slots = self.table.slots
-        while len(slots) < count:
-            slot_id = next(i for i in range(count) if i not in slots)
-            slots[slot_id] = Slot(slot_id, SlotState.SPAWNING)
-            op.adding.add(slot_id)
-            actions.append(self._spawn(slot_id))
-        for slot_id in sorted(slots, reverse=True)[: max(0, len(slots) - count)]:
-            slot = slots.pop(slot_id)
-            for pid in (slot.pid, slot.replacement):
-                worker = self.table.workers.get(pid) if pid is not None else None
-                if worker is not None:
-                    op.removing.add(worker.pid)
-                    actions += self._drain(worker, Reason(Cause.SCALE), now)
-        return actions + self._maybe_finish_scale()
-
-    def _maybe_finish_scale(self) -> list[Action]:
-        op = self.operation
-        if not isinstance(op, Scale) or op.adding or op.removing:
-            return []
-        self.operation = None
-        return [Log("scale-done", {"workers": self.target}),
-                *self._reply(op.requester, True, f"{self.target} worker(s) running",
-                             result={"workers": self.target})]
+        return self._start_operation(Scale(target=count, requester=event.requester), now)
 
     def _stop_request(self, event: ev.StopRequest, now: float) -> list[Action]:
         return self._stop(event.graceful, event.requester, now, forced=False)
@@ -726,52 +835,20 @@ class Supervisor:
                 op.requesters.append(requester)  # answered when the stop ends
             if graceful or not op.graceful:
                 return []
-            return self._begin_stop(graceful=False, now=now, exit_code=op.exit_code,
-                                    requesters=op.requesters)
+            return self._begin_stop(False, now, op.exit_code, requesters=op.requesters)
         actions: list[Action] = []
         if op is not None:
             if not forced:
                 return self._refuse("stop", requester, Code.BUSY, f"busy: {op.describe()}")
-            actions += self._reply(op.requester, False,
-                                   f"{op.noun} cancelled: forkd is stopping", Code.FAILED)
-        return actions + self._begin_stop(graceful=graceful, now=now, exit_code=0,
+            actions += self.reply(op.requester, False,
+                                  f"{op.noun} cancelled: forkd is stopping", Code.FAILED)
+        return actions + self._begin_stop(graceful, now, 0,
                                           requesters=[requester] if requester else [])
 
     def _begin_stop(self, graceful: bool, now: float, exit_code: int, why: str = "",
                     requesters: list[Any] | None = None) -> list[Action]:
-        self.operation = Stop(graceful=graceful, exit_code=exit_code,
-                              requesters=list(requesters or []))
-        actions: list[Action] = [Log("stopping", {"graceful": graceful,
-                                                  "workers": len(self.table.workers)}),
-                                 Notify("stopping")]
-        if why:
-            actions.append(Log("stop-reason", {"why": why.splitlines()[-1]}, ERROR))
-        for worker in self.table.workers.values():
-            if graceful:
-                if worker.state is not WorkerState.DRAINING:
-                    worker.move(WorkerState.DRAINING)
-                    worker.leave_reason = worker.leave_reason or Reason(Cause.STOP)
-                    actions.append(Signal(worker.pid, signal.SIGTERM))
-                worker.kill_at = now + self.config.graceful_timeout + DRAIN_MARGIN
-            else:
-                worker.leave_reason = worker.leave_reason or Reason(Cause.STOP)
-                actions.append(Signal(worker.pid, signal.SIGQUIT))
-                worker.kill_at = now + QUIT_GRACE
-        for slot in self.table.slots.values():
-            if slot.state is SlotState.BACKING_OFF:
-                slot.move(SlotState.EMPTY)
-                slot.respawn_at = None
-        return actions + self._maybe_exit()
-
-    def _maybe_exit(self) -> list[Action]:
-        op = self.operation
-        assert isinstance(op, Stop)
-        if self.table.workers:
-            return []
-        actions: list[Action] = [Log("stopped", {"code": op.exit_code})]
-        for requester in op.requesters:
-            actions.append(Reply(requester, True, "stopped"))
-        return actions + [Exit(op.exit_code)]
+        return self._start_operation(Stop(graceful, exit_code, why, list(requesters or [])),
+                                     now)
 
     # -- status ----------------------------------------------------------------------------------
     def status_rows(self, now: float) -> list[dict[str, Any]]:
