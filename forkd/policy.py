@@ -612,7 +612,7 @@ class Supervisor:
         reason = worker.leave_reason or exit_reason(code, signum)
         actions: list[Action] = [Log("worker-exited", {
             "slot": worker.slot, "pid": pid, "status": exit_words(code, signum),
-            "reason": str(reason),
+            "reason": str(reason), "requests": worker.requests,
             "uptime": f"{now - worker.started_at:.1f}s"},
             logging.INFO if worker.leave_reason else WARNING)]
         if worker.error and worker.ready_at is None:

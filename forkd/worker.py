@@ -208,6 +208,8 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         except TimeoutError:
             logger.error("lifespan shutdown did not finish in time")
     beat.stop()  # (beating through the shutdown: a short --timeout must not kill it)
+    # the last count: whatever this worker served after its last beat is not lost
+    _send(channel, events.encode(events.Beat(state.requests)), surely=True)
     if executor is not None:
         executor.shutdown(wait=False, cancel_futures=True)
     return EXIT_OK

@@ -743,3 +743,15 @@ def test_status_shows_the_directory_each_worker_resolved() -> None:
     h.msg(b, Ready("wsgi", "/srv/app/releases/2"), 0.5)
     assert [(row["pid"], row["cwd"]) for row in sup.status_rows(1.0)] == [
         (a, "/srv/app/releases/1"), (b, "/srv/app/releases/2")]
+
+
+def test_a_leaving_workers_last_count_reaches_the_exit_line() -> None:
+    sup = make(1)
+    h = Harness(sup)
+    (pid,) = h.start(0.0)
+    h.msg(pid, Beat(10), 1.0)
+    h.feed(StopRequest(), 2.0)
+    h.msg(pid, Beat(17), 2.5)  # the worker's final count, sent after its drain
+    actions = h.feed(Exited(pid, 0, None), 2.6)
+    (line,) = [a for a in actions if isinstance(a, policy.Log) and a.event == "worker-exited"]
+    assert line.fields["requests"] == 17 and line.fields["reason"] == "stop"
