@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from forkd.http.protocol import HttpProtocol, error_response, status_line
+from forkd.http.framing import BodyWriter, Request, frame_head
+from forkd.http.protocol import ClientDisconnected, HttpProtocol, error_response
 
 log = logging.getLogger("forkd.http")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
-_NO_BODY_STATUSES = frozenset((204, 304))
 _HTTP_VERSIONS = {"1.1": "1.1", "1.0": "1.0"}
 
 
@@ -51,12 +52,13 @@ class ASGICycle:
         "started",
         "complete",
         "disconnected",
-        "chunked",
+        "writer",
         "expect_continue",
         "status",
         "head_headers",
-        "status_has_no_body",
         "delivered_last",
+        "overrun_logged",
+        "received_at",
     )
 
     def __init__(
@@ -97,11 +99,12 @@ class ASGICycle:
         self.started = False
         self.complete = False
         self.disconnected = False
-        self.chunked = False
+        self.writer: BodyWriter | None = None  # set once the head is framed
         self.status = 0
         self.head_headers: Any = ()
-        self.status_has_no_body = False
         self.delivered_last = False
+        self.overrun_logged = False
+        self.received_at = time.perf_counter() if proto.state.access_log else 0.0
         self.expect_continue = False
         if http_version == "1.1":
             for name, value in headers:
@@ -143,13 +146,22 @@ class ASGICycle:
         try:
             await self.app(self.scope, self.receive, self.send)
         except BaseException as exc:
+            if self.disconnected and isinstance(exc, OSError | asyncio.CancelledError):
+                # the client went away and the app stopped on being told: not an error
+                log.debug("%s %s ended: the client disconnected", self.method,
+                          self.scope["path"])
+                self.complete = True
+                return
+            if isinstance(exc, asyncio.CancelledError):  # the drain's deadline passed
+                self._fail()
+                raise
             log.error("exception in ASGI app for %s %s", self.method, self.scope["path"],
                       exc_info=exc)
+            self._fail()
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
-            self._fail()
         else:
-            if not self.complete:
+            if not self.complete and not self.disconnected:
                 if self.started:
                     log.error("ASGI app returned before finishing its response")
                 else:
@@ -161,7 +173,7 @@ class ASGICycle:
             return
         proto = self.proto
         self.complete = True
-        if self.started and not self.status:  # status is cleared once the head is written
+        if self.writer is not None:
             proto.abort()  # part of a response is out: the client must see it is cut
         else:
             proto.write(error_response(500, "Internal Server Error", proto.state.date_header))
@@ -198,95 +210,55 @@ class ASGICycle:
             await proto.wait_writable()
         kind = message["type"]
         if kind == "http.response.body":
-            if not self.started:
-                raise RuntimeError("http.response.body sent before http.response.start")
-            if self.complete:
+            writer = self.writer
+            if writer is None:
+                if not self.started:
+                    raise RuntimeError("http.response.body sent before http.response.start")
+            elif self.complete:
                 raise RuntimeError("http.response.body sent after the response ended")
             if self.disconnected:
-                return
+                # ASGI 2.4: the app learns the client is gone, so a stream stops
+                raise ClientDisconnected("the client disconnected")
             body = message.get("body", b"")
             more = message.get("more_body", False)
-            head = self.status  # 0 once the head is out
-            if head:
-                self._write_head(body, more)
-                self.status = 0
-            elif self.method == "HEAD" or self.status_has_no_body:
-                pass
-            elif self.chunked:
-                if body:
-                    proto.write(b"%x\r\n%b\r\n" % (len(body), body))
-            elif body:
-                proto.write(body)
+            if writer is None:
+                head, writer = frame_head(
+                    self.status, self.head_headers, self.framing_request(),
+                    complete_body=None if more else len(body),
+                    date_header=proto.state.date_header,
+                    force_close=proto.state.draining and not proto.pipeline)
+                self.writer = writer
+                data = head + writer.write(body) if body else head
+            else:
+                data = writer.write(body)
             if not more:
+                data += writer.end()
                 self.complete = True
-                if self.chunked and not head and self.method != "HEAD":
-                    proto.write(b"0\r\n\r\n")
+            if writer.overrun and not self.overrun_logged:
+                self.overrun_logged = True
+                log.warning("ASGI app sent more than its content-length for %s %s: cut, "
+                            "the connection closes", self.method, self.scope["path"])
+            if data:
+                proto.write(data)
+            if not more:
                 self._wake()
-                proto.response_done(self, self.keep_alive)
+                if proto.state.access_log:
+                    self._log_access(writer.sent)
+                proto.response_done(self, writer.keep_alive)
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
             self.started = True
-            status = message["status"]
-            self.status = status
+            self.status = message["status"]
             self.head_headers = message.get("headers", ())
         else:
             raise RuntimeError(f"unexpected ASGI message type {kind!r} for http")
 
-    def _write_head(self, body: bytes, more: bool) -> None:
-        proto = self.proto
-        state = proto.state
-        status = self.status
-        parts = [status_line(status)]
-        content_length: int | None = None
-        has_date = False
-        for name, value in self.head_headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                content_length = int(value)
-            elif lname == b"connection":
-                if value.lower() == b"close":
-                    self.keep_alive = False
-                continue
-            elif lname == b"transfer-encoding":
-                continue  # framing is ours to choose
-            elif lname == b"date":
-                has_date = True
-            if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
-                raise RuntimeError(f"invalid character in response header {name!r}")
-            parts += (name, b": ", value, b"\r\n")
-        if not has_date:
-            parts.append(state.date_header)
-        no_body = status in _NO_BODY_STATUSES or status < 200
-        head_only = self.method == "HEAD"
-        if no_body:
-            self.status_has_no_body = True
-        elif content_length is None:
-            if not more:
-                parts.append(b"content-length: %d\r\n" % len(body))
-            elif self.scope["http_version"] == "1.1":
-                self.chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n")
-            else:
-                self.keep_alive = False  # HTTP/1.0: the end of the body is the close
-        if state.draining and not proto.pipeline:
-            self.keep_alive = False
-        if not self.keep_alive:
-            parts.append(b"connection: close\r\n")
-        elif self.scope["http_version"] == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        if not (head_only or no_body) and body:
-            if self.chunked:
-                parts += (b"%x\r\n" % len(body), body, b"\r\n")
-            else:
-                parts.append(body)
-        if not more and self.chunked and not head_only:
-            parts.append(b"0\r\n\r\n")
-            self.chunked = False
-        proto.write(b"".join(parts))
-        if state.access_log:
-            from forkd.http.accesslog import log_access
+    def framing_request(self) -> Request:
+        return Request(self.method == "HEAD", self.scope["http_version"] == "1.1",
+                       self.keep_alive)
 
-            log_access(self.scope, status, content_length if content_length is not None
-                       else len(body))
+    def _log_access(self, size: int) -> None:
+        from forkd.http.accesslog import log_access
+
+        log_access(self.scope, self.status, size, time.perf_counter() - self.received_at)

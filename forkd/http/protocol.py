@@ -5,7 +5,6 @@ hands each request to a cycle object (asgi.ASGICycle or wsgi.WSGICycle)."""
 from __future__ import annotations
 
 import asyncio
-import http
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from typing import Any, Protocol
 import httptools
 
 from forkd.config import Config
+from forkd.http.framing import status_line
 
 log = logging.getLogger("forkd.http")
 
@@ -23,24 +23,8 @@ LINGER_SECONDS = 2.0  # how long a closing connection reads and drops the client
 DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request on an idle connection
 
 
-def _status_line(code: int) -> bytes:
-    try:
-        phrase = http.HTTPStatus(code).phrase
-    except ValueError:
-        phrase = ""
-    return f"HTTP/1.1 {code} {phrase}\r\n".encode("latin-1")
-
-
-STATUS_LINES: dict[int, bytes] = {int(s): _status_line(int(s)) for s in http.HTTPStatus}
-
-
-def status_line(code: int) -> bytes:
-    line = STATUS_LINES.get(code)
-    if line is None:
-        if not isinstance(code, int) or not 100 <= code <= 999:
-            raise ValueError(f"invalid HTTP status {code!r}")
-        line = STATUS_LINES[code] = _status_line(code)
-    return line
+class ClientDisconnected(OSError):
+    """Raised by ASGI send() (and a WSGI write) once the client has gone (ASGI 2.4)."""
 
 
 class RequestError(Exception):

@@ -8,6 +8,7 @@ import io
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -15,13 +16,13 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from forkd.http.asgi import split_target
-from forkd.http.protocol import HIGH_WATER, HttpProtocol, error_response, status_line
+from forkd.http.framing import BodyWriter, Request, frame_head, status_line
+from forkd.http.protocol import HIGH_WATER, ClientDisconnected, HttpProtocol, error_response
 
 log = logging.getLogger("forkd.http")
 
 SMALL_BODY = 64 * 1024  # a body up to this size is read whole before the app is called
 MAX_IN_FLIGHT = 4  # response blocks handed to the loop and not yet written, at most
-_NO_BODY_STATUSES = frozenset((204, 304))
 
 
 def build_environ(
@@ -248,6 +249,8 @@ class WSGICycle:
         self.blocked = False  # the client is not reading: the transport paused writing
         self.stall = proto.state.config.header_timeout
         self.expect_continue = False
+        self.overrun_logged = False
+        self.received_at = time.perf_counter() if proto.state.access_log else 0.0
         length: int | None = 0
         for name, value in headers:
             if name == b"content-length":
@@ -341,6 +344,16 @@ class WSGICycle:
                     if self.disconnected:
                         break
             response.finish()
+            if proto.state.access_log:
+                self._log_access(environ, response, raw_path, query)
+        except OSError as exc:
+            if not self.disconnected:
+                log.error("exception in WSGI app for %s %s", self.method,
+                          environ["PATH_INFO"], exc_info=exc)
+                response.fail()
+            else:  # an ordinary disconnect: the app stopped on being told, not an error
+                log.debug("%s %s ended: the client disconnected", self.method,
+                          environ["PATH_INFO"])
         except BaseException as exc:  # the app's code: anything can come out
             log.error("exception in WSGI app for %s %s", self.method, environ["PATH_INFO"],
                       exc_info=exc)
@@ -353,6 +366,16 @@ class WSGICycle:
                 log.error("exception in the WSGI result's close()", exc_info=exc)
             finally:
                 proto.loop.call_soon_threadsafe(self._call_ended)
+
+    def _log_access(self, environ: dict[str, Any], response: _Response, raw_path: bytes,
+                    query: bytes) -> None:
+        from forkd.http.accesslog import log_access
+
+        scope = {"client": self.proto.client, "method": self.method, "raw_path": raw_path,
+                 "query_string": query, "http_version": self.http_version,
+                 "headers": self.headers}
+        sent = response.writer.sent if response.writer is not None else 0
+        log_access(scope, response.status or 0, sent, time.perf_counter() - self.received_at)
 
     def hand_off(self, data: bytes, final: bool, keep_alive: bool) -> None:
         """Called in the app's thread: pass bytes to the loop. The thread waits only
@@ -370,7 +393,7 @@ class WSGICycle:
                     self.abort()
                     raise OSError(f"the client read nothing for {self.stall:g}s")
         if self.disconnected:
-            raise OSError("the client went away")
+            raise ClientDisconnected("the client went away")
 
     def _write_more(self, data: bytes) -> None:
         proto = self.proto
@@ -405,33 +428,30 @@ class _Response:
         self.cycle = cycle
         self.environ = environ
         self.status: int | None = None
-        self.status_text = ""
+        self.reason: bytes | None = None  # None: the standard phrase
         self.headers: list[tuple[str, str]] = []
-        self.head_sent = False
+        self.writer: BodyWriter | None = None  # set once the head is framed
         self.pending: list[bytes] = []
         self.pending_size = 0
-        self.chunked = False
-        self.keep_alive = cycle.keep_alive
-        self.content_length: int | None = None
-        self.body_sent = 0  # body bytes handed on, checked against content_length
-        self.head_only = cycle.method == "HEAD"
-        self.no_body = False
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
     ) -> Callable[[bytes], None]:
         if exc_info is not None:
             try:
-                if self.head_sent:
+                if self.writer is not None:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
         elif self.status is not None:
             raise RuntimeError("start_response called twice without exc_info")
-        if not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit():
+        if (not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit()
+                or status[3:4] not in ("", " ")):
             raise ValueError(f"invalid WSGI status {status!r}")
-        self.status = int(status[:3])
-        self.status_text = status
+        code = int(status[:3])
+        reason = status[4:]
+        self.reason = None if reason == _phrase(code) else reason.encode("latin-1")
+        self.status = code
         self.headers = headers
         return self.write
 
@@ -456,91 +476,50 @@ class _Response:
 
     def fail(self) -> None:
         cycle = self.cycle
-        if self.head_sent:
+        if self.writer is not None:
             cycle.abort()
             return
         data = error_response(500, "Internal Server Error", cycle.proto.state.date_header)
         cycle.hand_off(data, final=True, keep_alive=False)
 
-    def _head(self, final: bool) -> list[bytes]:
-        status = self.status
-        assert status is not None
-        parts = [status_line(status) if self.status_text[3:4] in ("", " ") and
-                 self.status_text[4:] == _phrase(status) else
-                 b"HTTP/1.1 " + self.status_text.encode("latin-1") + b"\r\n"]
-        has_date = False
+    def _byte_headers(self) -> list[tuple[bytes, bytes]]:
+        fields = []
         for name, value in self.headers:
             if type(name) is not str or type(value) is not str:
                 raise TypeError(f"WSGI header {name!r}: {value!r} is not a pair of str")
-            lname = name.lower()
-            if lname == "content-length":
-                self.content_length = int(value)
-            elif lname == "connection":
-                if value.lower() == "close":
-                    self.keep_alive = False
-                continue
-            elif lname == "transfer-encoding":
-                continue
-            elif lname == "date":
-                has_date = True
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
-                raise ValueError(f"invalid character in WSGI header {name!r}")
-            parts.append(f"{name}: {value}\r\n".encode("latin-1"))
-        proto = self.cycle.proto
-        if final and self.cycle.more_body:
-            self.keep_alive = False  # answered before its body was read: the rest is unread
-        if not has_date:
-            parts.append(proto.state.date_header)
-        self.no_body = status in _NO_BODY_STATUSES or status < 200
-        if not self.no_body and self.content_length is None:
-            if final and self.head_only and not self.pending_size:
-                pass  # a HEAD answered without a body: the length is unknown, not 0
-            elif final:
-                parts.append(b"content-length: %d\r\n" % self.pending_size)
-            elif self.cycle.http_version == "1.1":
-                self.chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n")
-            else:
-                self.keep_alive = False
-        if proto.state.draining and not proto.pipeline:
-            self.keep_alive = False
-        if not self.keep_alive:
-            parts.append(b"connection: close\r\n")
-        elif self.cycle.http_version == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        return parts
+            fields.append((name.encode("latin-1"), value.encode("latin-1")))
+        return fields
 
     def _flush(self, final: bool) -> None:
-        parts = [] if self.head_sent else self._head(final)
-        self.head_sent = True
-        keep_alive = self.keep_alive
-        body = self.pending
-        if self.content_length is not None and not (self.head_only or self.no_body):
-            room = self.content_length - self.body_sent
-            if self.pending_size > room:
-                log.error("WSGI app sent more than its content-length %d: the rest is dropped",
-                          self.content_length)
-                body = [b"".join(body)[: max(room, 0)]]
-                self.pending_size = max(room, 0)
-            if final and self.body_sent + self.pending_size < self.content_length:
-                log.error("WSGI app sent less than its content-length %d: closing",
-                          self.content_length)
-                keep_alive = False  # the client sees the close and knows it is short
-        self.body_sent += self.pending_size
-        if not (self.head_only or self.no_body):
-            if self.chunked:
-                if self.pending_size:
-                    parts += (b"%x\r\n" % self.pending_size, *body, b"\r\n")
-                if final:
-                    parts.append(b"0\r\n\r\n")
-            else:
-                parts += body
+        cycle = self.cycle
+        body = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
         self.pending = []
         self.pending_size = 0
-        if final and self.cycle.more_body:
-            keep_alive = False  # answered before its body was read: the rest is unread
-        self.cycle.hand_off(b"".join(parts), final, keep_alive)
+        writer = self.writer
+        # answered before its body was read: the rest of the body is unread
+        unread = final and cycle.more_body
+        if writer is None:
+            status = self.status
+            assert status is not None
+            proto = cycle.proto
+            head, writer = frame_head(
+                status, self._byte_headers(),
+                Request(cycle.method == "HEAD", cycle.http_version == "1.1", cycle.keep_alive),
+                complete_body=len(body) if final else None,
+                date_header=proto.state.date_header,
+                force_close=unread or (proto.state.draining and not proto.pipeline),
+                reason=self.reason)
+            self.writer = writer
+            data = head + writer.write(body) if body else head
+        else:
+            data = writer.write(body)
+        if final:
+            data += writer.end()
+        if writer.overrun and not cycle.overrun_logged:
+            cycle.overrun_logged = True
+            log.warning("WSGI app sent more than its content-length for %s %s: cut, "
+                        "the connection closes", cycle.method, self.environ["PATH_INFO"])
+        cycle.hand_off(data, final, writer.keep_alive and not unread)
 
 
 _PHRASES: dict[int, str] = {}

@@ -1,0 +1,213 @@
+"""How a response is framed, for both interfaces: no I/O here.
+
+`frame_head` turns a status, the app's header fields and what is known of the request
+into the response head and one body writer; the writer turns each body block into the
+bytes to send and says at the end whether the connection can carry another request.
+One writer per framing, as h11 has: `LengthWriter` (a Content-Length, cut at it),
+`ChunkedWriter`, `CloseWriter` (HTTP/1.0 without a length: the close ends the body)
+and `NoBodyWriter` (HEAD, 1xx, 204, 304). asgi.py and wsgi.py only translate their
+interface's events into these calls."""
+
+from __future__ import annotations
+
+import http
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+NO_BODY_STATUSES = frozenset((204, 304))
+# RFC 9110 5.6.2: a field name is a token
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_checked_names: set[bytes] = set()  # names already found to be tokens (a few dozen at most)
+_MAX_CHECKED = 512
+
+
+class ResponseError(Exception):
+    """The app's response cannot be framed: a bad status, header or length."""
+
+
+def _status_line(code: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(code).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {code} {phrase}\r\n".encode("latin-1")
+
+
+STATUS_LINES: dict[int, bytes] = {int(s): _status_line(int(s)) for s in http.HTTPStatus}
+
+
+def status_line(code: int, reason: bytes | None = None) -> bytes:
+    """`HTTP/1.1 200 OK\\r\\n`; `reason` replaces the standard phrase (WSGI's status text)."""
+    if reason is not None:
+        if not isinstance(code, int) or not 100 <= code <= 999 or _BAD_VALUE.search(reason):
+            raise ResponseError(f"invalid HTTP status {code!r} {reason!r}")
+        return b"HTTP/1.1 %d %b\r\n" % (code, reason)
+    line = STATUS_LINES.get(code)
+    if line is None:
+        if not isinstance(code, int) or isinstance(code, bool) or not 100 <= code <= 999:
+            raise ResponseError(f"invalid HTTP status {code!r}")
+        line = STATUS_LINES[code] = _status_line(code)
+    return line
+
+
+def check_field(name: bytes, value: bytes) -> None:
+    """Refuse what would split or corrupt the head (response splitting)."""
+    if name not in _checked_names:
+        if not _TOKEN.fullmatch(name):
+            raise ResponseError(f"invalid response header name {name!r}")
+        if len(_checked_names) < _MAX_CHECKED:
+            _checked_names.add(name)
+    if _BAD_VALUE.search(value):
+        raise ResponseError(f"invalid character in response header {name!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What of the request decides the response's framing."""
+
+    head_only: bool  # a HEAD request: the body is never sent
+    http11: bool
+    keep_alive: bool  # the client and the server both allow another request
+
+
+class BodyWriter:
+    """Frames body blocks. `sent` counts the body bytes the app produced that go out
+    (for the access log); `keep_alive` is final once `end` returned."""
+
+    __slots__ = ("keep_alive", "sent", "overrun")
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        self.sent = 0
+        self.overrun = False  # the app sent more than its Content-Length
+
+    def write(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+    def end(self) -> bytes:
+        return b""
+
+
+class LengthWriter(BodyWriter):
+    __slots__ = ("length",)
+
+    def __init__(self, keep_alive: bool, length: int) -> None:
+        super().__init__(keep_alive)
+        self.length = length
+
+    def write(self, data: bytes) -> bytes:
+        room = self.length - self.sent
+        if len(data) > room:
+            # what goes past the length would be read as the next response: cut it,
+            # and close, since the app's idea of the body and the client's now differ
+            self.overrun = True
+            self.keep_alive = False
+            data = data[:room]
+        self.sent += len(data)
+        return data
+
+    def end(self) -> bytes:
+        if self.sent < self.length:
+            self.keep_alive = False  # the close tells the client the body is short
+        return b""
+
+
+class ChunkedWriter(BodyWriter):
+    __slots__ = ()
+
+    def write(self, data: bytes) -> bytes:
+        if not data:
+            return b""  # an empty chunk would end the body
+        self.sent += len(data)
+        return b"%x\r\n%b\r\n" % (len(data), data)
+
+    def end(self) -> bytes:
+        return b"0\r\n\r\n"
+
+
+class CloseWriter(BodyWriter):
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(False)
+
+    def write(self, data: bytes) -> bytes:
+        self.sent += len(data)
+        return data
+
+
+class NoBodyWriter(BodyWriter):
+    __slots__ = ()
+
+    def write(self, data: bytes) -> bytes:
+        return b""
+
+
+def frame_head(
+    status: int,
+    headers: Iterable[tuple[bytes, bytes]],
+    request: Request,
+    *,
+    complete_body: int | None,
+    date_header: bytes,
+    force_close: bool = False,
+    reason: bytes | None = None,
+) -> tuple[bytes, BodyWriter]:
+    """The response head and the writer of its body.
+
+    `complete_body` is the body's whole size when the app has already handed all of
+    it over (then a Content-Length is sent rather than chunks), else None.
+    `force_close` ends the connection after this response (draining, unread body).
+    The app's Transfer-Encoding and Connection are framing, which is ours: dropped
+    (a `Connection: close` from the app is honoured)."""
+    parts = [status_line(status, reason)]
+    keep_alive = request.keep_alive and not force_close
+    length: int | None = None
+    has_date = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            if length is not None or not value.strip().isdigit():
+                raise ResponseError(f"invalid response content-length {value!r}")
+            length = int(value)
+        elif lname == b"connection":
+            if b"close" in value.lower():
+                keep_alive = False
+            continue
+        elif lname == b"transfer-encoding":
+            continue
+        elif lname == b"date":
+            has_date = True
+        check_field(name, value)
+        parts += (name, b": ", value, b"\r\n")
+    if not has_date:
+        parts.append(date_header)
+    if (length is not None and complete_body is not None and complete_body != length
+            and not request.head_only):
+        keep_alive = False  # the body will be cut or short: say so in the head already
+    writer: BodyWriter
+    if status < 200 or status in NO_BODY_STATUSES:
+        writer = NoBodyWriter(keep_alive)
+    elif length is not None:
+        writer = NoBodyWriter(keep_alive) if request.head_only else LengthWriter(keep_alive, length)
+    elif complete_body is not None:
+        if not (request.head_only and complete_body == 0):  # an empty HEAD: length unknown
+            parts.append(b"content-length: %d\r\n" % complete_body)
+        writer = NoBodyWriter(keep_alive) if request.head_only else LengthWriter(
+            keep_alive, complete_body)
+    elif request.http11:  # (a HEAD gets the head its GET would get: RFC 9110 9.3.2)
+        parts.append(b"transfer-encoding: chunked\r\n")
+        writer = NoBodyWriter(keep_alive) if request.head_only else ChunkedWriter(keep_alive)
+    elif request.head_only:
+        writer = NoBodyWriter(keep_alive)
+    else:
+        writer = CloseWriter()  # HTTP/1.0 has no chunks: the close ends the body
+    if not writer.keep_alive:
+        parts.append(b"connection: close\r\n\r\n")
+    elif not request.http11:
+        parts.append(b"connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts), writer
