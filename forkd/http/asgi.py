@@ -27,6 +27,8 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
         return path, query
     if target == b"*":
         return b"*", b""
+    if b"/" not in target:  # CONNECT's authority-form (checked by the protocol)
+        return target, b""
     url = httptools.parse_url(target)
     return url.path or b"/", url.query or b""
 

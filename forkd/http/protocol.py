@@ -5,7 +5,9 @@ hands each request to a cycle object (asgi.ASGICycle or wsgi.WSGICycle)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
@@ -21,6 +23,38 @@ log = logging.getLogger("forkd.http")
 HIGH_WATER = 64 * 1024  # buffered request body above which reading pauses
 LINGER_SECONDS = 2.0  # how long a closing connection reads and drops the client's leftovers
 DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request on an idle connection
+
+
+# RFC 9112 3.2 / RFC 3986 3.2: uri-host [":" port]; the host is a reg-name, an IPv4
+# address or a bracketed IP literal. An empty Host is valid (a URI without authority).
+_HOST = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+_AUTHORITY = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+):[0-9]+")
+# RFC 9110 6.5.1: fields a sender must not put in a trailer because they frame, route,
+# authenticate or modify the request; a trailer is never merged into the headers anyway,
+# but one of these in it is a request built to be misread by someone: refused.
+FORBIDDEN_TRAILERS = frozenset((
+    b"host", b"content-length", b"transfer-encoding", b"content-type", b"content-encoding",
+    b"content-range", b"trailer", b"te", b"connection", b"keep-alive", b"upgrade",
+    b"expect", b"range", b"if-match", b"if-none-match", b"if-modified-since",
+    b"if-unmodified-since", b"if-range", b"max-forwards", b"cache-control", b"pragma",
+    b"authorization", b"proxy-authorization", b"cookie", b"set-cookie", b"www-authenticate",
+    b"proxy-authenticate", b"age", b"expires", b"date", b"location", b"retry-after", b"vary",
+    b"warning", b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+))
+
+
+def valid_authority(value: bytes, port_required: bool = False) -> bool:
+    """A Host value (or, with `port_required`, CONNECT's authority-form target)."""
+    match = (_AUTHORITY if port_required else _HOST).fullmatch(value)
+    if match is None:
+        return False
+    literal = match.group(1)
+    if literal is not None:
+        try:
+            ipaddress.IPv6Address(literal.decode("ascii"))
+        except ValueError:
+            return False
+    return True
 
 
 class ClientDisconnected(OSError):
@@ -126,6 +160,10 @@ class HttpProtocol(asyncio.Protocol):
         self.body_received = 0  # body bytes of the request being parsed, for --max-body-size
         self.response_begun = False  # bytes of the current cycle's final response are out
         self.closed = False
+        self.in_trailers = False  # the parser is past this request's head
+        self.at_boundary = True  # the next bytes start a new request
+        self.blank_bytes = 0  # CR/LF seen before the request line
+        self.trailers = 0
 
     # -- connection events ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -157,6 +195,13 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.linger_until is not None or self.pending_error is not None:
             return  # a closing connection: drop what the client still sends
+        if self.at_boundary and data[:1] in (b"\r", b"\n"):
+            # RFC 9112 2.2 asks a server to skip one empty line before a request (after a
+            # body some old clients add one); llhttp skips any number: more is refused.
+            self.blank_bytes += len(data) - len(data.lstrip(b"\r\n"))
+            if self.blank_bytes > 2:
+                self.reject(400, "Bad Request: empty lines before the request line")
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -205,6 +250,10 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- parser callbacks ---------------------------------------------------
     def on_message_begin(self) -> None:
+        self.at_boundary = False
+        self.blank_bytes = 0
+        self.in_trailers = False
+        self.trailers = 0
         self.url = b""
         self.headers = []
         self.body_received = 0
@@ -219,35 +268,58 @@ class HttpProtocol(asyncio.Protocol):
             raise RequestError(414, "URI Too Long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_trailers:
+            self.on_trailer(name.lower())
+            return
         headers = self.headers
         if len(headers) >= self.limit_fields:
             raise RequestError(431, "Request Header Fields Too Large: too many header fields")
-        if len(name) + len(value) > self.limit_field:
+        # the whole field line, `name: value` (llhttp has dropped the space after the colon)
+        if len(name) + len(value) + 2 > self.limit_field:
             raise RequestError(431, "Request Header Fields Too Large")
         # llhttp drops the whitespace before a value but not after it (RFC 9112 5: not part of it)
         headers.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_trailer(self, name: bytes) -> None:
+        """A trailer field: never merged into the headers (the app saw them already, and
+        a proxy that checked the head did not check these)."""
+        if name in FORBIDDEN_TRAILERS:
+            raise RequestError(400, f"Bad Request: {name.decode('latin-1')} in a trailer")
+        self.trailers += 1
+        if self.trailers > self.limit_fields:
+            raise RequestError(431, "Request Header Fields Too Large: too many trailer fields")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):  # llhttp also parses HTTP/0.9 and HTTP/2.0 lines
             raise RequestError(505, "HTTP Version Not Supported")
+        self.in_trailers = True
         target = self.url
-        if target[:1] != b"/" and target != b"*":
-            try:  # absolute-form; anything else (authority-form of CONNECT) is refused
-                httptools.parse_url(target)
-            except httptools.HttpParserInvalidURLError:
-                raise RequestError(400, "Bad Request: invalid request target") from None
+        method = parser.get_method()
+        if target[:1] != b"/" or method == b"CONNECT":
+            self.check_target(method, target)
         content_length = None
-        hosts = 0
+        hosts = content_types = 0
+        chunked = False
         for name, value in self.headers:
             if name == b"content-length":
                 content_length = int(value)  # llhttp has checked it is a number
             elif name == b"host":
                 hosts += 1
+                if not valid_authority(value):  # RFC 9112 3.2: MUST 400
+                    raise RequestError(400, "Bad Request: invalid Host header")
+            elif name == b"content-type":
+                content_types += 1
+            elif name == b"transfer-encoding":
+                chunked = True
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             # RFC 9112 3.2: a 1.1 request has exactly one Host; two invite cache poisoning
             raise RequestError(400, "Bad Request: an HTTP/1.1 request needs one Host header")
+        if content_types > 1:  # which one the app and a proxy in front would each pick differs
+            raise RequestError(400, "Bad Request: more than one Content-Type header")
+        if chunked and version == "1.0":  # RFC 9112 6.1: faulty framing from a 1.0 client
+            raise RequestError(400, "Bad Request: Transfer-Encoding in an HTTP/1.0 request")
         if content_length is not None and content_length > self.max_body:
             raise RequestError(413, "Content Too Large")
         # An Upgrade is never performed, and httptools drops every byte after an upgrade
@@ -258,7 +330,7 @@ class HttpProtocol(asyncio.Protocol):
         assert factory is not None
         cycle = factory(
             self,
-            parser.get_method().decode("ascii"),
+            method.decode("ascii"),
             target,
             self.headers,
             version,
@@ -292,9 +364,25 @@ class HttpProtocol(asyncio.Protocol):
             self.pause_reading()
 
     def on_message_complete(self) -> None:
+        self.at_boundary = True
         if self.parsing is not None:
             self.parsing.body_complete()
             self.parsing = None
+
+    @staticmethod
+    def check_target(method: bytes, target: bytes) -> None:
+        """The forms of RFC 9112 3.2 other than origin-form, each for its method only."""
+        if method == b"CONNECT":
+            if not valid_authority(target, port_required=True):
+                raise RequestError(400, "Bad Request: CONNECT needs a host:port target")
+        elif target == b"*":
+            if method != b"OPTIONS":
+                raise RequestError(400, "Bad Request: the target * is for OPTIONS only")
+        else:
+            try:  # absolute-form
+                httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                raise RequestError(400, "Bad Request: invalid request target") from None
 
     # -- called by cycles -----------------------------------------------------
     def write(self, data: bytes) -> None:

@@ -50,8 +50,8 @@ MALFORMED: list[tuple[str, bytes, set[int]]] = [
     ("target-not-a-path", get_with(b"", b"foo"), {400}),
     ("target-broken-absolute-url", get_with(b"", b"http://[::1"), {400}),
     ("target-bad-port", get_with(b"", b"http://example.com:99999/"), {400}),
-    ("connect-authority-form",
-     b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", {400, 405, 501}),
+    ("connect-origin-form", b"CONNECT /x HTTP/1.1\r\n" + H + b"\r\n", {400}),
+    ("asterisk-form-not-options", b"GET * HTTP/1.1\r\n" + H + b"\r\n", {400}),
     ("method-invalid-char", b"G@T / HTTP/1.1\r\n" + H + b"\r\n", {400}),
     ("method-nul", b"GE\x00T / HTTP/1.1\r\n" + H + b"\r\n", {400}),
     ("method-lowercase", b"get / HTTP/1.1\r\n" + H + b"\r\n", {400, 501}),
@@ -84,6 +84,19 @@ MALFORMED: list[tuple[str, bytes, set[int]]] = [
     ("whitespace-before-first-header", b"GET / HTTP/1.1\r\n X-A: b\r\n" + H + b"\r\n", {400}),
     ("host-missing-in-http11", b"GET / HTTP/1.1\r\n\r\n", {400}),  # RFC 9112 3.2: MUST 400
     ("host-twice", get_with(b"Host: other\r\n"), {400}),  # RFC 9112 3.2: MUST 400
+    # RFC 9112 3.2: MUST 400 on an invalid Host value
+    ("host-with-space", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", {400}),
+    ("host-unclosed-ipv6", b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", {400}),
+    ("host-bad-ipv6", b"GET / HTTP/1.1\r\nHost: [zz::1]:80\r\n\r\n", {400}),
+    ("host-bad-port", b"GET / HTTP/1.1\r\nHost: a:b\r\n\r\n", {400}),
+    ("host-userinfo", b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n", {400}),
+    ("host-slash", b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", {400}),
+    ("content-type-twice",
+     post(b"Content-Type: text/plain\r\nContent-Type: application/json\r\n"
+          b"Content-Length: 2\r\n", b"{}"), {400}),
+    ("header-field-line-one-over-limit",  # the limit counts the whole line "X-Big: aaa..."
+     get_with(b"X-Big: " + b"a" * (8191 - 7) + b"\r\n"), {431}),
+    ("two-empty-lines-before-request", b"\r\n\r\n" + get_with(b""), {400}),
     # -- Content-Length
     ("content-length-not-a-number", post(b"Content-Length: abc\r\n"), {400}),
     ("content-length-negative", post(b"Content-Length: -1\r\n"), {400}),
@@ -104,6 +117,16 @@ MALFORMED: list[tuple[str, bytes, set[int]]] = [
     ("te-chunked-not-last", post(b"Transfer-Encoding: chunked, gzip\r\n",
                                   b"5\r\nhello\r\n0\r\n\r\n"), {400}),
     ("te-chunked-twice", post(CHUNKED + CHUNKED, b"5\r\nhello\r\n0\r\n\r\n"), {400}),
+    ("te-in-http10", b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"5\r\nhello\r\n0\r\n\r\n", {400}),  # RFC 9112 6.1: faulty framing
+    # -- trailers: never merged; a field that frames or routes the message is refused
+    ("trailer-host", post(CHUNKED, b"5\r\nhello\r\n0\r\nHost: evil\r\n\r\n"), {400}),
+    ("trailer-content-length",
+     post(CHUNKED, b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n"), {400}),
+    ("trailer-transfer-encoding",
+     post(CHUNKED, b"5\r\nhello\r\n0\r\nTransfer-Encoding: chunked\r\n\r\n"), {400}),
+    ("trailer-content-type",
+     post(CHUNKED, b"5\r\nhello\r\n0\r\nContent-Type: text/html\r\n\r\n"), {400}),
     # -- chunked framing
     ("chunk-size-not-hex", post(CHUNKED, b"zz\r\nhello\r\n0\r\n\r\n"), {400}),
     ("chunk-size-negative", post(CHUNKED, b"-5\r\nhello\r\n0\r\n\r\n"), {400}),
@@ -162,6 +185,11 @@ ACCEPTED: list[tuple[str, bytes]] = [
     ("content-length-zero", post(b"Content-Length: 0\r\n")),
     ("content-length-leading-zeros", post(b"Content-Length: 005\r\n", b"hello")),
     ("leading-empty-line", b"\r\n" + get_with(b"")),  # RFC 9112 2.2: SHOULD ignore
+    ("header-field-line-at-limit", get_with(b"X-Big: " + b"a" * (8190 - 7) + b"\r\n")),
+    ("options-asterisk", b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n"),
+    ("host-ipv6-literal", b"GET / HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n"),
+    ("host-ipv4-port", b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n"),
+    ("host-empty", b"GET / HTTP/1.1\r\nHost:\r\n\r\n"),  # RFC 9112 3.2: a URI without host
     ("http10-without-host", b"GET /?keep=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"),
 ]
 
@@ -285,4 +313,33 @@ def test_new_connection_served_after_all_refusals(server: Served, worker_pid: in
             conn.send(get_with(b"", b"/sized?n=3"))
             response = conn.read_response()
             assert (response.status, response.body) == (200, b"xxx")
+    assert server.pid() == worker_pid
+
+
+@pytest.mark.timeout(20)
+def test_trailer_fields_never_reach_the_app(server: Served, worker_pid: int) -> None:
+    """A chunked request's trailer is read and dropped: the app's headers are the head's."""
+    with Conn.open(server.port, timeout=4) as conn:
+        conn.send(post(CHUNKED, b"5\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n", path=b"/scope"))
+        response = conn.read_response()
+    assert response.status == 200
+    scope = response.json()
+    names = [name["bytes"] for name, _ in scope["headers"]]
+    assert "transfer-encoding" in names and "x-trailer" not in names
+    assert scope["body_len"] == 5
+    assert server.pid() == worker_pid
+
+
+@pytest.mark.timeout(20)
+def test_connect_reaches_the_app(server: Served, worker_pid: int) -> None:
+    """CONNECT's authority-form is a valid target: the app decides (forkd tunnels
+    nothing, so the connection closes after the answer)."""
+    with Conn.open(server.port, timeout=4) as conn:
+        conn.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        response = conn.read_response()
+        assert response.status == 200
+        scope = response.json()
+        assert scope["method"] == "CONNECT"
+        assert scope["raw_path"] == {"bytes": "example.com:443"}
+        assert conn.server_closed()
     assert server.pid() == worker_pid
