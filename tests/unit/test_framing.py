@@ -1,0 +1,146 @@
+"""The response framer alone, as h11 tests its writers: a head and body blocks go
+in, bytes and the keep-alive verdict come out. No socket."""
+
+from __future__ import annotations
+
+import pytest
+
+from forkd.http.framing import (
+    ChunkedWriter,
+    CloseWriter,
+    LengthWriter,
+    NoBodyWriter,
+    Request,
+    ResponseError,
+    frame_head,
+)
+
+DATE = b"date: Tue, 01 Dec 2026 00:00:00 GMT\r\n"
+GET11 = Request(head_only=False, http11=True, keep_alive=True)
+GET10 = Request(head_only=False, http11=False, keep_alive=True)
+HEAD11 = Request(head_only=True, http11=True, keep_alive=True)
+
+
+def fields(head: bytes) -> list[bytes]:
+    return head.split(b"\r\n")[1:-2]
+
+
+def run(status: int, headers: list[tuple[bytes, bytes]], request: Request,
+        blocks: list[bytes], complete: bool = False, **kw) -> tuple[bytes, bool]:
+    """Frame a response whose body comes in `blocks`; the bytes sent and keep-alive."""
+    whole = b"".join(blocks) if complete else None
+    head, writer = frame_head(status, headers, request,
+                              complete_body=None if whole is None else len(whole),
+                              date_header=DATE, **kw)
+    out = head + b"".join(writer.write(block) for block in blocks) + writer.end()
+    return out, writer.keep_alive
+
+
+def test_complete_body_gets_a_content_length() -> None:
+    out, keep = run(200, [(b"content-type", b"text/plain")], GET11, [b"hello"], complete=True)
+    assert out == (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n" + DATE
+                   + b"content-length: 5\r\n\r\nhello")
+    assert keep
+
+
+def test_streamed_body_is_chunked_on_11_and_ends_with_the_last_chunk() -> None:
+    out, keep = run(200, [], GET11, [b"ab", b"", b"cde"])
+    assert out.endswith(b"transfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n")
+    assert keep
+
+
+def test_streamed_body_on_10_is_ended_by_the_close() -> None:
+    head, writer = frame_head(200, [], GET10, complete_body=None, date_header=DATE)
+    assert isinstance(writer, CloseWriter)
+    assert b"connection: close\r\n" in head and b"transfer-encoding" not in head
+    assert writer.write(b"abc") == b"abc" and not writer.keep_alive
+
+
+def test_http10_keep_alive_is_said_explicitly() -> None:
+    out, keep = run(200, [], GET10, [b"x"], complete=True)
+    assert b"connection: keep-alive\r\n" in out and keep
+
+
+def test_body_past_the_content_length_is_cut_and_closes() -> None:
+    head, writer = frame_head(200, [(b"content-length", b"5")], GET11, complete_body=None,
+                              date_header=DATE)
+    assert isinstance(writer, LengthWriter)
+    assert writer.write(b"0123") == b"0123"
+    assert writer.write(b"456789") == b"4"
+    assert writer.overrun and not writer.keep_alive
+    assert writer.sent == 5
+
+
+def test_known_overrun_closes_in_the_head_already() -> None:
+    out, keep = run(200, [(b"content-length", b"5")], GET11, [b"0123456789"], complete=True)
+    assert out.endswith(b"connection: close\r\n\r\n01234") and not keep
+
+
+def test_short_body_closes() -> None:
+    head, writer = frame_head(200, [(b"content-length", b"5")], GET11, complete_body=None,
+                              date_header=DATE)
+    writer.write(b"ab")
+    writer.end()
+    assert not writer.keep_alive
+
+
+@pytest.mark.parametrize("status", [101, 204, 304])
+def test_statuses_without_a_body(status: int) -> None:
+    out, keep = run(status, [], GET11, [b"ignored"], complete=True)
+    assert b"content-length" not in out and b"transfer-encoding" not in out
+    assert out.endswith(b"\r\n\r\n") and b"ignored" not in out and keep
+
+
+def test_head_has_the_gets_length_but_no_body() -> None:
+    out, _ = run(200, [], HEAD11, [b"hello"], complete=True)
+    assert b"content-length: 5\r\n" in out and not out.endswith(b"hello")
+    head, writer = frame_head(200, [], HEAD11, complete_body=0, date_header=DATE)
+    assert b"content-length" not in head  # an empty HEAD answer: the length is unknown
+    head, writer = frame_head(200, [], HEAD11, complete_body=None, date_header=DATE)
+    assert b"transfer-encoding: chunked\r\n" in head and isinstance(writer, NoBodyWriter)
+    assert writer.write(b"abc") == b"" and writer.end() == b""
+
+
+def test_apps_framing_headers_are_ours() -> None:
+    out, keep = run(200, [(b"Transfer-Encoding", b"gzip"), (b"Connection", b"close")], GET11,
+                    [b"x"], complete=True)
+    assert b"gzip" not in out and b"Connection: close" not in out
+    assert b"connection: close\r\n" in out and not keep
+
+
+def test_apps_date_is_kept_and_ours_not_added() -> None:
+    out, _ = run(200, [(b"date", b"Mon, 01 Jan 2024 00:00:00 GMT")], GET11, [], complete=True)
+    assert DATE not in out and b"date: Mon" in out
+
+
+def test_force_close_and_custom_reason() -> None:
+    out, keep = run(299, [], GET11, [], complete=True, force_close=True, reason=b"Fine")
+    assert out.startswith(b"HTTP/1.1 299 Fine\r\n") and b"connection: close" in out
+    assert not keep
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    (b"x-a", b"a\r\nset-cookie: x"), (b"x-a", b"a\nb"), (b"x-a", b"a\x00"),
+    (b"x:a", b"1"), (b"x a", b"1"), (b"", b"1"), (b"x\r\n", b"1"),
+])
+def test_response_splitting_is_refused(name: bytes, value: bytes) -> None:
+    with pytest.raises(ResponseError):
+        frame_head(200, [(name, value)], GET11, complete_body=0, date_header=DATE)
+
+
+@pytest.mark.parametrize("value", [b"-1", b"abc", b"1, 1", b""])
+def test_bad_content_length_is_refused(value: bytes) -> None:
+    with pytest.raises(ResponseError):
+        frame_head(200, [(b"content-length", value)], GET11, complete_body=0, date_header=DATE)
+
+
+def test_bad_status_is_refused() -> None:
+    for status in (99, 1000):
+        with pytest.raises(ResponseError):
+            frame_head(status, [], GET11, complete_body=0, date_header=DATE)
+
+
+def test_empty_block_never_ends_a_chunked_body() -> None:
+    writer = ChunkedWriter(True)
+    assert writer.write(b"") == b""
+    assert writer.end() == b"0\r\n\r\n"
