@@ -28,6 +28,7 @@ from forkd.errors import EXIT_APP_LOAD, EXIT_BOOT, EXIT_OK, AppLoadError
 logger = logging.getLogger("forkd.worker")
 
 LIFESPAN_SHUTDOWN = 3.0  # seconds the app's lifespan shutdown may take after the drain
+TASK_CANCEL_GRACE = 1.0  # seconds cancelled request tasks get for their cleanup
 TICK = 0.5  # seconds between the loop's housekeeping passes (clock, Date, timeouts)
 BEAT_EVERY = 2  # ticks per heartbeat to the primary: one a second is plenty for --timeout
 PR_SET_PDEATHSIG = 1
@@ -196,12 +197,13 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     _send(channel, events.encode(events.Draining()), surely=True)
     state.start_drain()
     deadline = loop.time() + config.graceful_timeout
-    while (state.connections or state.calls) and loop.time() < deadline:
+    while state.busy() and loop.time() < deadline:
         await asyncio.sleep(0.05)
     if state.connections:
         logger.warning("graceful timeout: closing %d connection(s)", len(state.connections))
         for connection in list(state.connections):
             connection.abort()
+    await state.cancel_tasks(TASK_CANCEL_GRACE)
     if lifespan is not None:
         try:  # within the primary's margin past --graceful-timeout (policy.DRAIN_MARGIN)
             await asyncio.wait_for(lifespan.shutdown(), LIFESPAN_SHUTDOWN)

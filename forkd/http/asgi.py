@@ -148,10 +148,11 @@ class ASGICycle:
         try:
             await self.app(self.scope, self.receive, self.send)
         except BaseException as exc:
-            if self.disconnected and isinstance(exc, OSError | asyncio.CancelledError):
-                # the client went away and the app stopped on being told: not an error
-                log.debug("%s %s ended: the client disconnected", self.method,
-                          self.scope["path"])
+            if self.disconnected and isinstance(exc, Exception):
+                # the client went away and the app stopped on being told (send raised;
+                # Starlette turns that into its own ClientDisconnect): not an error
+                log.info("%s %s ended by %s: the client disconnected", self.method,
+                         self.scope["path"], type(exc).__name__)
                 self.complete = True
                 return
             if isinstance(exc, asyncio.CancelledError):  # the drain's deadline passed

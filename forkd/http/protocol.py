@@ -111,6 +111,23 @@ class ServerState:
         for connection in list(self.connections):
             connection.check_timeouts(self.now)
 
+    def busy(self) -> bool:
+        """Something of ours is still running: a connection, a WSGI call, or an ASGI
+        request's task (which includes what the app does after its response, such as
+        Starlette's BackgroundTasks)."""
+        return bool(self.connections or self.calls or self.tasks)
+
+    async def cancel_tasks(self, grace: float) -> None:
+        """At the drain's deadline: cancel the requests' tasks and give their cleanup
+        (`finally` blocks) up to `grace` seconds, instead of dropping them unrun."""
+        tasks = list(self.tasks)
+        if not tasks:
+            return
+        log.warning("graceful timeout: cancelling %d request task(s)", len(tasks))
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=grace)
+
     def start_drain(self) -> None:
         self.draining = True
         self.drain_started = self.now = self.loop.time()

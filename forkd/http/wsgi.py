@@ -352,8 +352,8 @@ class WSGICycle:
                           environ["PATH_INFO"], exc_info=exc)
                 response.fail()
             else:  # an ordinary disconnect: the app stopped on being told, not an error
-                log.debug("%s %s ended: the client disconnected", self.method,
-                          environ["PATH_INFO"])
+                log.info("%s %s ended by %s: the client disconnected", self.method,
+                         environ["PATH_INFO"], type(exc).__name__)
         except BaseException as exc:  # the app's code: anything can come out
             log.error("exception in WSGI app for %s %s", self.method, environ["PATH_INFO"],
                       exc_info=exc)
