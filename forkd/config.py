@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forkd.errors import ConfigError
+from forkd.http.proxy import parse_allow_list
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -103,6 +104,21 @@ def _optional_size(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
         return None
     return parse_size(value)
+
+
+def _allow_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list | tuple):
+        value = ",".join(str(item) for item in value)
+    return parse_allow_list(_text(value))
+
+
+def _path(value: Any) -> str | None:
+    text = _text(value).strip()
+    if not text:
+        return None
+    if not text.startswith("/") or any(char in text for char in " ?#\r\n"):
+        raise ValueError(f"{value!r} is not a path like /healthz")
+    return text
 
 
 def _mode(value: Any) -> int:
@@ -221,6 +237,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("limit_request_field_size", _int(64), "longest header field accepted"),
     Option("root_path", _text, "ASGI root_path / WSGI SCRIPT_NAME of the app"),
     Option("access_log", _bool, "log every request in the combined format"),
+    Option("forwarded_allow_ips", _allow_list,
+           "IPs/CIDRs (or *) whose Forwarded / X-Forwarded-* headers are believed"),
+    Option("proxy_protocol", _bool,
+           "TCP listeners expect a PROXY protocol v1/v2 header from --forwarded-allow-ips"),
+    Option("health_path", _path, "a path forkd answers itself: 200 ready, 503 draining"),
+    Option("limit_concurrency", _int(0),
+           "requests in progress per worker beyond which forkd answers 503 (0: off)"),
 )
 OPTION_NAMES = frozenset(option.name for option in OPTIONS)
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -259,6 +282,10 @@ class Config:
     limit_request_field_size: int = 8190
     root_path: str = ""
     access_log: bool = False
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    proxy_protocol: bool = False
+    health_path: str | None = None
+    limit_concurrency: int = 0
 
     @property
     def binds(self) -> tuple[Bind, ...]:

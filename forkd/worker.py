@@ -47,6 +47,9 @@ class WorkerSpec:
     app: Any = None  # the app object when --preload imported it in the primary
     interface: str | None = None
     request_limit: int = 0  # --max-requests (+ jitter) for this worker; 0: none
+    # the primary's forkd.http.health.HealthFlag (made before forking): raised, it fails
+    # --health-path on every worker at once, ahead of the drain (--drain-delay)
+    health: Any = None
 
 
 def run(spec: WorkerSpec) -> NoReturn:
@@ -147,6 +150,7 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         _send(channel, events.encode(events.LimitReached(state.requests)))
 
     state.on_limit = limit_reached
+    state.health_flag = spec.health
     lifespan = None
     executor: ThreadPoolExecutor | None = None
     if interface == "asgi":

@@ -17,6 +17,14 @@ import httptools
 
 from forkd.config import Config
 from forkd.http.framing import status_line
+from forkd.http.health import DRAINING, READY, HealthFlag
+from forkd.http.proxy import (
+    PROXY_HEADERS,
+    ProxyHeaderError,
+    TrustedPeers,
+    parse_proxy_header,
+    resolve_forwarded,
+)
 
 log = logging.getLogger("forkd.http")
 
@@ -103,6 +111,10 @@ class ServerState:
         self.date_header = b""
         self.cycle_factory: CycleFactory | None = None
         self.access_log = config.access_log
+        self.trusted = TrustedPeers(config.forwarded_allow_ips)
+        self.health_path = config.health_path.encode() if config.health_path else None
+        self.health_flag: HealthFlag | None = None
+        self.limit_concurrency = config.limit_concurrency
         self.tick()
 
     def tick(self) -> None:
@@ -110,6 +122,14 @@ class ServerState:
         self.date_header = b"date: " + formatdate(usegmt=True).encode("ascii") + b"\r\n"
         for connection in list(self.connections):
             connection.check_timeouts(self.now)
+
+    def in_progress(self) -> int:
+        """Requests being served: ASGI requests' tasks and WSGI calls."""
+        return len(self.tasks) + self.calls
+
+    def healthy(self) -> bool:
+        flag = self.health_flag
+        return not self.draining and (flag is None or not flag.failing)
 
     def busy(self) -> bool:
         """Something of ours is still running: a connection, a WSGI call, or an ASGI
@@ -149,6 +169,43 @@ def error_response(status: int, message: str, date_header: bytes) -> bytes:
     )
 
 
+class FixedCycle:
+    """A response forkd gives itself (--health-path, --limit-concurrency's 503): it takes
+    its turn among pipelined requests like any other and never reaches the app."""
+
+    def __init__(self, proto: HttpProtocol, status: int, body: bytes, keep_alive: bool,
+                 extra: bytes = b"") -> None:
+        self.proto = proto
+        self.status = status
+        self.body = body
+        self.keep_alive = keep_alive
+        self.extra = extra
+
+    def start(self) -> None:
+        proto = self.proto
+        keep_alive = self.keep_alive and not proto.state.draining
+        proto.write(b"".join((
+            status_line(self.status), proto.state.date_header, self.extra,
+            b"content-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n",
+            b"content-length: %d\r\n" % len(self.body),
+            b"\r\n" if keep_alive else b"connection: close\r\n\r\n",
+            self.body,
+        )))
+        proto.response_done(self, keep_alive and proto.parsing is not self)
+
+    def feed_body(self, body: bytes) -> None:
+        pass
+
+    def body_complete(self) -> None:
+        pass
+
+    def disconnect(self) -> None:
+        pass
+
+    def body_buffered(self) -> int:
+        return 0
+
+
 class HttpProtocol(asyncio.Protocol):
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -162,6 +219,13 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.server: tuple[str, int | None] | None = None
         self.client: tuple[str, int] | None = None
+        self.scheme = "http"
+        self.peer_trusted = False  # the peer is in --forwarded-allow-ips
+        # the client and scheme of the request being parsed, once a trusted proxy's
+        # headers are applied; cycles read them when they are made
+        self.req_client: tuple[str, int] | None = None
+        self.req_scheme = "http"
+        self.body_activity = 0.0  # when the request being parsed last sent body bytes
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.cycle: Cycle | None = None  # the cycle whose response is being produced
@@ -194,6 +258,9 @@ class HttpProtocol(asyncio.Protocol):
             self.server = (str(sockname or ""), None)
         if isinstance(peername, tuple):
             self.client = (str(peername[0]), int(peername[1]))
+            self.peer_trusted = self.state.trusted.trusts(self.client[0])
+        elif self.state.trusted.everyone:
+            self.peer_trusted = True  # a unix socket peer is trusted only by `*`
         self.idle_since = self.state.now
         if self.state.draining:
             self.idle_since = None
@@ -318,8 +385,9 @@ class HttpProtocol(asyncio.Protocol):
             self.check_target(method, target)
         content_length = None
         hosts = content_types = 0
-        chunked = False
-        for name, value in self.headers:
+        chunked = proxied = False
+        headers = self.headers
+        for name, value in headers:
             if name == b"content-length":
                 content_length = int(value)  # llhttp has checked it is a number
             elif name == b"host":
@@ -330,6 +398,8 @@ class HttpProtocol(asyncio.Protocol):
                 content_types += 1
             elif name == b"transfer-encoding":
                 chunked = True
+            elif name in PROXY_HEADERS:
+                proxied = True
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             # RFC 9112 3.2: a 1.1 request has exactly one Host; two invite cache poisoning
             raise RequestError(400, "Bad Request: an HTTP/1.1 request needs one Host header")
@@ -341,18 +411,29 @@ class HttpProtocol(asyncio.Protocol):
             raise RequestError(413, "Content Too Large")
         # An Upgrade is never performed, and httptools drops every byte after an upgrade
         # request: the connection cannot carry another request, so it closes after this one.
-        keep_alive = (parser.should_keep_alive() and not self.state.draining
+        state = self.state
+        keep_alive = (parser.should_keep_alive() and not state.draining
                       and not parser.should_upgrade())
-        factory = self.state.cycle_factory
-        assert factory is not None
-        cycle = factory(
-            self,
-            method.decode("ascii"),
-            target,
-            self.headers,
-            version,
-            keep_alive,
-        )
+        self.req_client = self.client
+        self.req_scheme = self.scheme
+        if proxied and self.peer_trusted:
+            headers = self.apply_forwarded(headers)
+        cycle: Cycle
+        if target == state.health_path:
+            if state.healthy():
+                cycle = FixedCycle(self, 200, READY, keep_alive)
+            else:
+                cycle = FixedCycle(self, 503, DRAINING, keep_alive)
+        elif state.limit_concurrency and state.in_progress() >= state.limit_concurrency:
+            # shed at once rather than queue without bound: a client (or its balancer)
+            # retries elsewhere, and the worker stays responsive to what it has taken
+            cycle = FixedCycle(self, 503, b"Service Unavailable: too many requests\n",
+                               keep_alive, b"retry-after: 1\r\n")
+        else:
+            factory = state.cycle_factory
+            assert factory is not None
+            cycle = factory(self, method.decode("ascii"), target, headers, version, keep_alive)
+        self.body_activity = self.loop.time()
         self.request_started = None
         state = self.state
         state.requests += 1
@@ -374,6 +455,7 @@ class HttpProtocol(asyncio.Protocol):
         # the whole body counts, not what is buffered: an app draining it as it
         # arrives must still never be handed more than the limit
         self.body_received += len(body)
+        self.body_activity = self.state.now
         if self.body_received > self.max_body:
             raise RequestError(413, "Content Too Large")
         cycle.feed_body(body)
@@ -385,6 +467,24 @@ class HttpProtocol(asyncio.Protocol):
         if self.parsing is not None:
             self.parsing.body_complete()
             self.parsing = None
+
+    def apply_forwarded(self, headers: list[tuple[bytes, bytes]]
+                        ) -> list[tuple[bytes, bytes]]:
+        """A trusted proxy's Forwarded / X-Forwarded-* become the request's client,
+        scheme and Host; the headers themselves are passed on as they came."""
+        forwarded = resolve_forwarded(headers, self.state.trusted)
+        if forwarded.client is not None:
+            self.req_client = forwarded.client
+        if forwarded.scheme is not None:
+            self.req_scheme = "https" if forwarded.scheme in ("https", "wss") else "http"
+        if forwarded.host is not None:
+            host = forwarded.host
+            if valid_authority(host):
+                headers = [(name, host if name == b"host" else value)
+                           for name, value in headers]
+                if not any(name == b"host" for name, _ in headers):
+                    headers.append((b"host", host))
+        return headers
 
     @staticmethod
     def check_target(method: bytes, target: bytes) -> None:
@@ -501,6 +601,12 @@ class HttpProtocol(asyncio.Protocol):
                 else:
                     self.close_gracefully()
             return
+        if (self.parsing is not None and not self.read_paused
+                and now - self.body_activity >= config.header_timeout):
+            # a body that stopped arriving must not hold the request (and, with
+            # --limit-concurrency, a slot) for ever; WSGI's reader has the same limit
+            self.reject(408, "Request Timeout: the request body stalled")
+            return
         if self.idle_since is not None:
             limit = config.keepalive_timeout
             if self.state.draining:
@@ -517,8 +623,56 @@ class HttpProtocol(asyncio.Protocol):
             self.idle_since = max(self.idle_since, self.state.drain_started)
 
 
+class ProxyProtocolHttp(HttpProtocol):
+    """--proxy-protocol: a TCP connection starts with a PROXY v1/v2 header from a trusted
+    peer, which names the real client; then HTTP as usual. A subclass, so that the
+    plain protocol's hot path carries no check for it."""
+
+    def __init__(self, state: ServerState) -> None:
+        super().__init__(state)
+        self.proxy_buffer: bytes | None = None  # bytes of the header so far; None: done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if isinstance(transport.get_extra_info("peername"), tuple):  # not unix sockets
+            if not self.peer_trusted:
+                log.warning("closed a connection from %s: not in --forwarded-allow-ips, "
+                            "which --proxy-protocol requires", self.client)
+                self.abort()
+                return
+            self.proxy_buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.proxy_buffer is None:
+            super().data_received(data)
+            return
+        buffer = self.proxy_buffer + data
+        try:
+            header = parse_proxy_header(buffer)
+        except ProxyHeaderError as exc:
+            log.warning("closed a connection from %s: %s", self.client, exc)
+            self.abort()
+            return
+        if header is None:
+            self.proxy_buffer = buffer
+            return
+        self.proxy_buffer = None
+        if header.client is not None:
+            self.client = header.client
+            # the proxy vouched for the client: whether the client's own headers are
+            # believed now depends on the client's address
+            self.peer_trusted = self.state.trusted.trusts(header.client[0])
+        if header.server is not None:
+            self.server = header.server
+        rest = buffer[header.length:]
+        if rest:
+            super().data_received(rest)
+
+
 def make_protocol_factory(state: ServerState) -> Callable[[], Any]:
+    kind = ProxyProtocolHttp if state.config.proxy_protocol else HttpProtocol
+
     def factory() -> HttpProtocol:
-        return HttpProtocol(state)
+        return kind(state)
 
     return factory

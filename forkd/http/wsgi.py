@@ -36,6 +36,7 @@ def build_environ(
     client: tuple[str, int] | None,
     root_path: str,
     body: Any,
+    scheme: str = "http",
 ) -> dict[str, Any]:
     """The PEP 3333 environ of one request; pure, so it is tested alone."""
     # PEP 3333: the percent-decoded bytes, as latin-1 text
@@ -54,7 +55,7 @@ def build_environ(
         "REMOTE_ADDR": client[0] if client else "",
         "REMOTE_PORT": str(client[1]) if client else "",
         "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
+        "wsgi.url_scheme": scheme,
         "wsgi.input": body,
         "wsgi.errors": sys.stderr,
         "wsgi.multithread": True,
@@ -250,6 +251,8 @@ class WSGICycle:
         self.stall = proto.state.config.header_timeout
         self.expect_continue = False
         self.overrun_logged = False
+        self.client = proto.req_client  # (a trusted proxy's word applied)
+        self.scheme = proto.req_scheme
         self.received_at = time.perf_counter() if proto.state.access_log else 0.0
         length: int | None = 0
         for name, value in headers:
@@ -326,9 +329,10 @@ class WSGICycle:
             headers=self.headers,
             http_version=self.http_version,
             server=proto.server,
-            client=proto.client,
+            client=self.client,
             root_path=self.root_path,
             body=body,
+            scheme=self.scheme,
         )
         response = _Response(self, environ)
         result: Any = None
@@ -371,7 +375,7 @@ class WSGICycle:
                     query: bytes) -> None:
         from forkd.http.accesslog import log_access
 
-        scope = {"client": self.proto.client, "method": self.method, "raw_path": raw_path,
+        scope = {"client": self.client, "method": self.method, "raw_path": raw_path,
                  "query_string": query, "http_version": self.http_version,
                  "headers": self.headers}
         sent = response.writer.sent if response.writer is not None else 0
