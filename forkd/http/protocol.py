@@ -206,6 +206,15 @@ class FixedCycle:
         return 0
 
 
+class HealthCycle(FixedCycle):
+    """--health-path: the state is read when its turn comes, not when it was parsed."""
+
+    def start(self) -> None:
+        if not self.proto.state.healthy():
+            self.status, self.body = 503, DRAINING
+        super().start()
+
+
 class HttpProtocol(asyncio.Protocol):
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -420,10 +429,7 @@ class HttpProtocol(asyncio.Protocol):
             headers = self.apply_forwarded(headers)
         cycle: Cycle
         if target == state.health_path:
-            if state.healthy():
-                cycle = FixedCycle(self, 200, READY, keep_alive)
-            else:
-                cycle = FixedCycle(self, 503, DRAINING, keep_alive)
+            cycle = HealthCycle(self, 200, READY, keep_alive)
         elif state.limit_concurrency and state.in_progress() >= state.limit_concurrency:
             # shed at once rather than queue without bound: a client (or its balancer)
             # retries elsewhere, and the worker stays responsive to what it has taken
@@ -455,7 +461,7 @@ class HttpProtocol(asyncio.Protocol):
         # the whole body counts, not what is buffered: an app draining it as it
         # arrives must still never be handed more than the limit
         self.body_received += len(body)
-        self.body_activity = self.state.now
+        self.body_activity = self.loop.time()  # (the coarse clock may be a tick old)
         if self.body_received > self.max_body:
             raise RequestError(413, "Content Too Large")
         cycle.feed_body(body)
