@@ -148,4 +148,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+# Fail at start-up, with the install command, rather than on every request.
+settings.check_dependencies(os.environ)
 app = ASGIApp()

@@ -65,6 +65,26 @@ def load(env: Mapping[str, str], user_home: Path) -> Settings:
     )
 
 
+class MissingDependency(ImportError):
+    """The configured store's client library is not installed (raised at import, so the
+    app fails to load and forkd stops with this message instead of serving 500s)."""
+
+
+INSTALL_HINT = "pip install 'forkd[sample]'"
+
+
+def check_dependencies(env: Mapping[str, str]) -> None:
+    """At start-up: REDIS_URL selects the Redis store, which needs redis-py."""
+    if env.get("REDIS_URL"):
+        try:
+            import redis  # noqa: F401
+        except ImportError as exc:
+            raise MissingDependency(
+                "REDIS_URL is set, so the sample app keeps its sessions and items in Redis, "
+                f"but redis-py is not installed: {INSTALL_HINT} (or unset REDIS_URL to use "
+                "the embedded SQLite store)") from exc
+
+
 def worker_id(env: Mapping[str, str]) -> int | None:
     """forkd's slot number of this worker (FORKD_WORKER_ID), None outside forkd."""
     text = env.get("FORKD_WORKER_ID", "").strip()

@@ -115,4 +115,6 @@ def _read_body(environ: Mapping[str, Any], limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+# Fail at start-up, with the install command, rather than on every request.
+settings.check_dependencies(os.environ)
 app = WSGIApp()
