@@ -51,8 +51,23 @@ FORBIDDEN_TRAILERS = frozenset((
 ))
 
 
+_valid_hosts: set[bytes] = set()  # Host values seen valid (bounded): the same few repeat
+
+
 def valid_authority(value: bytes, port_required: bool = False) -> bool:
     """A Host value (or, with `port_required`, CONNECT's authority-form target)."""
+    if not port_required:
+        if value in _valid_hosts:
+            return True
+        if _check_authority(value, False):
+            if len(_valid_hosts) < 256:
+                _valid_hosts.add(value)
+            return True
+        return False
+    return _check_authority(value, True)
+
+
+def _check_authority(value: bytes, port_required: bool) -> bool:
     match = (_AUTHORITY if port_required else _HOST).fullmatch(value)
     if match is None:
         return False
@@ -439,7 +454,8 @@ class HttpProtocol(asyncio.Protocol):
             factory = state.cycle_factory
             assert factory is not None
             cycle = factory(self, method.decode("ascii"), target, headers, version, keep_alive)
-        self.body_activity = self.loop.time()
+        if content_length or chunked:  # a body is coming: its stall clock starts now
+            self.body_activity = self.loop.time()
         self.request_started = None
         state = self.state
         state.requests += 1
