@@ -283,8 +283,9 @@ class HttpProtocol(asyncio.Protocol):
         if isinstance(peername, tuple):
             self.client = (str(peername[0]), int(peername[1]))
             self.peer_trusted = self.state.trusted.trusts(self.client[0])
-        elif self.state.trusted.everyone:
-            self.peer_trusted = True  # a unix socket peer is trusted only by `*`
+        else:  # a unix socket: only local processes with the socket's permissions reach
+            # it, so its peer is trusted as loopback is (nginx in front, on the same host)
+            self.peer_trusted = self.state.trusted.trusts("127.0.0.1")
         self.idle_since = self.state.now
         if self.state.draining:
             self.idle_since = None
