@@ -251,6 +251,8 @@ class ASGICycle:
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
+            if self.disconnected:
+                raise ClientDisconnected("the client disconnected")
             self.started = True
             self.status = message["status"]
             self.head_headers = message.get("headers", ())
