@@ -98,7 +98,8 @@ def test_flask_app_and_wsgi_access_log(flask: Served) -> None:
     line = wait_until(lambda: re.search(r'"GET /stream\?n=50 HTTP/1.1" 200 (\d+) ',
                                         flask.proc.output()), 5, message=flask.proc.describe)
     assert int(line.group(1)) == len(body)
-    assert re.search(r'"POST /form HTTP/1.1" 200 \d+ ', flask.proc.output())
+    wait_until(lambda: re.search(r'"POST /form HTTP/1.1" 200 \d+ ', flask.proc.output()), 5,
+               message=flask.proc.describe)
     # (written by the app's thread once the response is handed over: may trail the client)
     wait_until(lambda: re.search(r'"GET /nowhere HTTP/1.1" 404 \d+ ', flask.proc.output()), 5,
                message=flask.proc.describe)
