@@ -63,7 +63,7 @@ def check_field(name: bytes, value: bytes) -> None:
         raise ResponseError(f"invalid character in response header {name!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: a frozen __init__ costs a setattr call per field)
 class Request:
     """What of the request decides the response's framing."""
 
