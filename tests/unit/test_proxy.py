@@ -187,3 +187,17 @@ def test_health_flag_raised_in_the_primary_is_seen_by_a_forked_worker() -> None:
         assert not flag.failing
     finally:
         os.close(reader)
+
+
+def test_new_http_options_from_file_env_and_flags() -> None:
+    config = merge("a:b", {"health_path": "/healthz", "limit_concurrency": "50"},
+                   {"FORKD_PROXY_PROTOCOL": "1"},
+                   {"forwarded_allow_ips": ["10.0.0.0/8", "127.0.0.1"]})
+    assert config.forwarded_allow_ips == ("10.0.0.0/8", "127.0.0.1")
+    assert (config.health_path, config.limit_concurrency, config.proxy_protocol) == (
+        "/healthz", 50, True)
+    for bad in ("healthz", "/a b", "/a?b"):
+        with pytest.raises(ConfigError, match="--health-path"):
+            merge("a:b", {"health_path": bad}, {}, {})
+    with pytest.raises(ConfigError, match="--limit-concurrency"):
+        merge("a:b", {"limit_concurrency": "-1"}, {}, {})
