@@ -458,7 +458,6 @@ class HttpProtocol(asyncio.Protocol):
         if content_length or chunked:  # a body is coming: its stall clock starts now
             self.body_activity = self.loop.time()
         self.request_started = None
-        state = self.state
         state.requests += 1
         if state.requests == state.request_limit and state.on_limit is not None:
             state.on_limit()
