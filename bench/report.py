@@ -14,7 +14,7 @@ from typing import Any
 from bench.harness import BENCH
 
 RESULTS_DIR = BENCH / "results"
-ORDER = ["throughput", "kills", "reload", "hooks", "recycle"]
+ORDER = ["throughput", "kills", "reload", "hooks", "recycle", "speed"]
 
 
 def save(name: str, data: dict[str, Any]) -> Path:
@@ -82,6 +82,7 @@ TITLES = {
     "reload": "3. Zero-downtime reload under load",
     "hooks": "4. Hooks: memory recycle, primary CPU",
     "recycle": "5. --max-requests 1000 under load (2 workers)",
+    "speed": "6. Speed: spread over rounds, pipelining, blocking WSGI, memory, start-up",
 }
 
 
@@ -327,8 +328,69 @@ Run {data["meta"]["date"]}. `wrk -t1 -c32 -d{data["seconds"]}s`, `--max-requests
 """
 
 
-SECTIONS = {"throughput": _throughput, "kills": _kills, "reload": _reload, "hooks": _hooks,
-            "recycle": _recycle}
+def _target(target: float | None) -> str:
+    return f"≥ {target:.1f}×" if target else "(shown)"
+
+
+def _speed(data: dict[str, Any]) -> str:
+    parts = [
+        f"## {TITLES['speed']}\n\n{data['meta']['date']}. {data['rounds']} alternating rounds "
+        f"of {data['seconds']} s per server and case, 2 workers each; the ratio columns are "
+        "taken round by round (the two servers ran side by side), median and min…max.\n"
+    ]
+    for case, block in data["cases"].items():
+        rows = []
+        for name, e in block["servers"].items():
+            s = e.get("summary")
+            if not s:
+                rows.append(f"| {name} | {_failed(e)} | | | |")
+                continue
+            rows.append(
+                f"| {name} | **{_n(s['rps'])}** | {_n(s['rps_min'])} … {_n(s['rps_max'])} | "
+                f"{_f(s['p99_ms'])} | {s['errors']} |"
+            )
+        ratio_rows = [
+            f"| {r['forkd']} / {r['peer']} | **{_f(r['ratio'])}×** | "
+            f"{_f(r['ratio_min'])} … {_f(r['ratio_max'])} | "
+            f"{_target(r['target'])} | {_f(r['p99_ratio'])} |"
+            for r in block["ratios"]
+        ]
+        parts.append(
+            f"### {case}\n\n`{block['command']}`\n\n"
+            "| server | req/s (median) | min … max | p99 ms (median) | errors |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            "| ratio | median | min … max | target | p99 ratio |\n|---|---|---|---|---|\n"
+            + "\n".join(ratio_rows) + "\n"
+        )
+    mem = data.get("memory", {})
+    rows = []
+    for name, e in mem.get("servers", {}).items():
+        if "failed" in e:
+            rows.append(f"| {name} | {_failed(e)} | | | | |")
+            continue
+        rows.append(
+            f"| {name} | {_f(e['startup_s'])} | {_f(e['start']['rss_mib'], 1)} / "
+            f"{_f(e['start']['uss_mib'], 1)} | {_f(e['after']['rss_mib'], 1)} / "
+            f"{_f(e['after']['uss_mib'], 1)} | {e['served']:,} | {e['failures']} |"
+        )
+    parts.append(
+        f"### memory and start-up\n\nPer worker, mean of the 2 workers (MiB); after "
+        f"`hey -n {mem.get('requests', 0):,} -c 64`. Start-up: launch to every worker ready "
+        "and answering (the harness polls every 0.1 s).\n\n"
+        "| server | start-up s | RSS / USS after start | RSS / USS after load | served | "
+        "failures |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+    return "\n".join(parts)
+
+
+SECTIONS = {
+    "throughput": _throughput,
+    "kills": _kills,
+    "reload": _reload,
+    "hooks": _hooks,
+    "recycle": _recycle,
+    "speed": _speed,
+}
 
 
 def write(path: Path | None = None) -> Path:

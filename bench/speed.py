@@ -1,0 +1,187 @@
+"""Benchmark 5 (issue 20): speed cases beyond hello world, and memory and start-up.
+
+- ``hello``: the throughput case again, but at least five alternating rounds per server,
+  so the spread (min … max) shows whether a margin is real or one lucky round.
+- ``pipelined``: the TechEmpower "plaintext" shape: 256 connections, 16 requests pipelined
+  on each before reading (wrk with bench/scripts/pipeline.lua).
+- ``io``: a WSGI route that blocks its thread for 1 ms (a database call): shows that a
+  server still serves concurrently while the app blocks.
+- ``memory``: RSS and USS of each worker after start and after 100,000 requests.
+- ``startup``: time from launching the command to every worker ready and answering.
+
+Every server runs with 2 workers and its defaults otherwise; rounds alternate servers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import psutil
+
+from bench.harness import (
+    BENCH,
+    SERVERS,
+    ServerFailed,
+    log,
+    run_load,
+    running,
+    server_command,
+    wrk_command,
+)
+
+HELLO_ASGI = ["forkd-asgi", "uvicorn", "granian-asgi"]
+HELLO_WSGI = ["forkd-wsgi", "gunicorn-gthread", "granian-wsgi"]
+PIPELINE_SCRIPT = BENCH / "scripts" / "pipeline.lua"
+PIPELINE_DEPTH = 16
+PIPELINE_CONNECTIONS = 256
+MEMORY_REQUESTS = 100_000
+
+# (forkd server, peer, target ratio of req/s)
+TARGETS = {
+    "hello": [
+        ("forkd-asgi", "uvicorn", 1.3),
+        ("forkd-asgi", "granian-asgi", 1.5),
+        ("forkd-wsgi", "granian-wsgi", 1.0),
+        ("forkd-wsgi", "gunicorn-gthread", 4.0),
+    ],
+    "pipelined": [
+        ("forkd-asgi", "granian-asgi", 1.0),
+        ("forkd-wsgi", "granian-wsgi", 1.0),
+        ("forkd-asgi", "uvicorn", None),
+        ("forkd-wsgi", "gunicorn-gthread", None),
+    ],
+    "io": [
+        ("forkd-wsgi", "granian-wsgi", 1.0),
+        ("forkd-wsgi", "gunicorn-gthread", None),
+    ],
+}
+
+
+def pipeline_command(url: str, seconds: int) -> list[str]:
+    return [
+        "wrk", "-t1", f"-c{PIPELINE_CONNECTIONS}", f"-d{seconds}s", "--latency",
+        "-s", str(PIPELINE_SCRIPT), url, "--", str(PIPELINE_DEPTH),
+    ]  # fmt: skip
+
+
+CASES = {
+    # name: (servers, argv builder (url, seconds) -> argv, path)
+    "hello": (HELLO_ASGI + HELLO_WSGI, lambda url, s: wrk_command(url, 64, s), ""),
+    "pipelined": (HELLO_ASGI + HELLO_WSGI, pipeline_command, ""),
+    "io": (HELLO_WSGI, lambda url, s: wrk_command(url, 64, s), "io"),
+}
+
+
+def run(quick: bool, only: list[str] | None, rounds: int | None) -> dict[str, Any]:
+    seconds = 3 if quick else 8
+    n_rounds = rounds or (2 if quick else 5)
+    out: dict[str, Any] = {"seconds": seconds, "rounds": n_rounds, "cases": {}}
+    for case, (servers, argv_for, path) in CASES.items():
+        names = [n for n in servers if not only or n in only]
+        out["cases"][case] = _alternate(case, names, argv_for, path, seconds, n_rounds)
+    out["memory"] = _memory([n for n in HELLO_ASGI + HELLO_WSGI if not only or n in only], quick)
+    return out
+
+
+def _alternate(case: str, names: list[str], argv_for: Any, path: str, seconds: int,
+               n_rounds: int) -> dict[str, Any]:
+    per: dict[str, dict[str, Any]] = {
+        n: {"rounds": [], "failed": None, "command": server_command(SERVERS[n])} for n in names
+    }
+    command = " ".join(argv_for(f"http://127.0.0.1:PORT/{path}", seconds))
+    for rnd in range(n_rounds):
+        for name in names:
+            entry = per[name]
+            if entry["failed"]:
+                continue
+            log(f"{case} round {rnd + 1}/{n_rounds}: {name}")
+            try:
+                with running(SERVERS[name]) as server:
+                    url = server.url + path
+                    run_load(argv_for(url, 1), 1)  # warm-up, discarded
+                    result = run_load(argv_for(url, seconds), seconds)
+            except ServerFailed as exc:
+                entry["failed"] = str(exc)
+                continue
+            log(f"  {result.rps:.0f} req/s p99 {result.p99_ms} ms errors {result.failures}")
+            entry["rounds"].append(
+                {"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
+                 "failures": result.failures}
+            )  # fmt: skip
+    for entry in per.values():
+        entry["summary"] = _spread(entry["rounds"])
+    return {"command": command, "servers": per, "ratios": _ratios(case, per)}
+
+
+def _spread(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not rounds:
+        return None
+    rps = [r["rps"] for r in rounds]
+    p99 = [r["p99_ms"] for r in rounds if r["p99_ms"] is not None]
+    return {
+        "rps": statistics.median(rps), "rps_min": min(rps), "rps_max": max(rps),
+        "p99_ms": statistics.median(p99) if p99 else None,
+        "errors": sum(r["failures"] for r in rounds), "rps_each": rps,
+    }  # fmt: skip
+
+
+def _ratios(case: str, per: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for ours, peer, target in TARGETS.get(case, []):
+        a, b = per.get(ours), per.get(peer)
+        if not a or not b or not a["rounds"] or not b["rounds"]:
+            continue
+        # Round by round (they ran side by side), so the spread of the ratio is honest.
+        each = [x["rps"] / y["rps"] for x, y in zip(a["rounds"], b["rounds"], strict=False)
+                if y["rps"]]
+        rows.append({
+            "forkd": ours, "peer": peer, "target": target,
+            "ratio": statistics.median(each) if each else None,
+            "ratio_min": min(each) if each else None, "ratio_max": max(each) if each else None,
+            "p99_ratio": (a["summary"]["p99_ms"] / b["summary"]["p99_ms"]
+                          if a["summary"]["p99_ms"] and b["summary"]["p99_ms"] else None),
+        })  # fmt: skip
+    return rows
+
+
+def _worker_memory(server: Any) -> dict[str, float]:
+    rss, uss = [], []
+    for pid in server.worker_pids():
+        try:
+            info = psutil.Process(pid).memory_full_info()
+        except psutil.Error:
+            continue
+        rss.append(info.rss)
+        uss.append(info.uss)
+    mib = 1024 * 1024
+    return {
+        "rss_mib": statistics.mean(rss) / mib if rss else 0.0,
+        "uss_mib": statistics.mean(uss) / mib if uss else 0.0,
+    }
+
+
+def _memory(names: list[str], quick: bool) -> dict[str, Any]:
+    """Per-worker RSS and USS after start and after MEMORY_REQUESTS requests, and the
+    time from launch to every worker ready (start-up)."""
+    requests = MEMORY_REQUESTS // 10 if quick else MEMORY_REQUESTS
+    out: dict[str, Any] = {"requests": requests, "servers": {}}
+    for name in names:
+        log(f"memory and start-up: {name}")
+        launched = time.time()
+        try:
+            with running(SERVERS[name]) as server:
+                ready_after = time.time() - launched
+                start = _worker_memory(server)
+                argv = ["hey", "-n", str(requests), "-c", "64", server.url]
+                result = run_load(argv, 120)
+                after = _worker_memory(server)
+        except ServerFailed as exc:
+            out["servers"][name] = {"failed": str(exc)}
+            continue
+        out["servers"][name] = {
+            "startup_s": ready_after, "start": start, "after": after,
+            "served": result.requests, "failures": result.failures,
+        }  # fmt: skip
+    return out
