@@ -228,7 +228,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("reload_batch", _int(1), "workers replaced at once during a reload"),
     Option("backlog", _int(1), "listen backlog of each listener"),
     Option("unix_mode", _mode, "file mode of unix: listeners (octal)"),
-    Option("threads", _int(1), "WSGI thread pool size per worker"),
+    Option("threads", _int(0), "WSGI thread pool size per worker (0: every call inline)"),
+    Option("wsgi_inline", _choice("auto", "always", "never"),
+           "run WSGI calls learnt to be quick on the loop's thread (auto), every call, or none"),
     Option("keepalive_timeout", _seconds, "seconds an idle keep-alive connection is kept"),
     Option("header_timeout", _seconds, "seconds a client may take to send its headers"),
     Option("max_body_size", parse_size, "largest request body accepted (413 above)"),
@@ -274,6 +276,7 @@ class Config:
     backlog: int = 2048
     unix_mode: int = 0o660
     threads: int = 8
+    wsgi_inline: str = "auto"
     keepalive_timeout: float = 5.0
     header_timeout: float = 10.0
     max_body_size: int = 100 << 20

@@ -16,7 +16,6 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -152,7 +151,7 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     state.on_limit = limit_reached
     state.health_flag = spec.health
     lifespan = None
-    executor: ThreadPoolExecutor | None = None
+    pool: Any = None  # the WSGI pool (forkd.http.wsgipool), for the shutdown
     if interface == "asgi":
         from forkd.http.asgi import ASGICycle
         from forkd.http.lifespan import Lifespan, LifespanFailed
@@ -166,9 +165,10 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         state.cycle_factory = _positional(ASGICycle, app, lifespan.state, config.root_path)
     else:
         from forkd.http.wsgi import WSGICycle
+        from forkd.http.wsgipool import WSGIPool
 
-        executor = ThreadPoolExecutor(config.threads, thread_name_prefix="forkd-wsgi")
-        state.cycle_factory = _positional(WSGICycle, app, executor, config.root_path)
+        pool = WSGIPool(loop, config.threads, config.wsgi_inline)
+        state.cycle_factory = _positional(WSGICycle, app, pool, config.root_path)
 
     # The app's import-time objects live as long as the worker: keep them out of the
     # collector's passes (shorter pauses on the request path).
@@ -216,8 +216,8 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     beat.stop()  # (beating through the shutdown: a short --timeout must not kill it)
     # the last count: whatever this worker served after its last beat is not lost
     _send(channel, events.encode(events.Beat(state.requests)), surely=True)
-    if executor is not None:
-        executor.shutdown(wait=False, cancel_futures=True)
+    if pool is not None:
+        pool.shutdown()
     return EXIT_OK
 
 

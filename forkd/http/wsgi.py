@@ -11,13 +11,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from forkd.http.asgi import split_target
 from forkd.http.framing import BodyWriter, Request, frame_head, status_line
 from forkd.http.protocol import HIGH_WATER, ClientDisconnected, HttpProtocol, error_response
+from forkd.http.wsgipool import WSGIPool, clocks
 
 log = logging.getLogger("forkd.http")
 
@@ -221,7 +221,7 @@ class WSGICycle:
         self,
         proto: HttpProtocol,
         app: Any,
-        executor: Executor,
+        pool: WSGIPool,
         root_path: str,
         method: str,
         target: bytes,
@@ -231,7 +231,8 @@ class WSGICycle:
     ) -> None:
         self.proto = proto
         self.app = app
-        self.executor = executor
+        self.pool = pool
+        self.inline = False  # this call runs on the loop's thread (wsgipool)
         self.root_path = root_path
         self.method = method
         self.target = target
@@ -266,6 +267,8 @@ class WSGICycle:
 
     # -- the protocol's side (loop thread) -------------------------------------------
     def start(self) -> None:
+        if self.length == 0:
+            self.more_body = False  # (an inline call answers before the parser says so)
         if self.length == 0 or not self.more_body:
             self._submit(_Empty() if not self.body else io.BytesIO(self.body))
         elif self.length is not None and self.length <= SMALL_BODY:
@@ -286,13 +289,26 @@ class WSGICycle:
     def _submit(self, body: Any) -> None:
         self.submitted = True
         self.proto.state.calls += 1  # a drain waits for it, close() included
-        self.executor.submit(self.run, body)
+        route = self.target.partition(b"?")[0]
+        if self.stream is None and self.pool.runs_inline(route):
+            self.inline = True
+            started = time.perf_counter()
+            self.run(body)
+            self.pool.inline_took(route, time.perf_counter() - started)
+        else:
+            self.pool.submit(self.run, body)
 
     def _call_ended(self) -> None:
         self.proto.state.calls -= 1
 
+    def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        if self.inline:
+            fn(*args)
+        else:
+            self.pool.to_loop(fn, *args)
+
     def _resume_soon(self) -> None:
-        self.proto.loop.call_soon_threadsafe(self.proto.resume_reading)
+        self.pool.to_loop(self.proto.resume_reading)
 
     def feed_body(self, body: bytes) -> None:
         if self.stream is not None:
@@ -335,46 +351,79 @@ class WSGICycle:
             scheme=self.scheme,
         )
         response = _Response(self, environ)
+        inline = self.inline
+        if not inline:
+            wall, cpu = clocks()
         result: Any = None
         try:
             result = self.app(environ, response.start_response)
             if isinstance(result, list | tuple):
                 for chunk in result:  # all there already: one write, with a content-length
                     response.gather(chunk)
+            elif inline:
+                # A streamed body's blocks may be slow to come: iterate it on a thread.
+                self.inline = False
+                self.pool.submit(self._stream, (response, result))
+                result = None  # closed by _stream
+                return
             else:
-                for chunk in result:  # each block goes out as it comes (PEP 3333)
-                    if chunk:
-                        response.write(chunk)
-                    if self.disconnected:
-                        break
-            response.finish()
-            if proto.state.access_log:
-                self._log_access(environ, response, raw_path, query)
-        except OSError as exc:
-            if not self.disconnected:
-                log.error("exception in WSGI app for %s %s", self.method,
-                          environ["PATH_INFO"], exc_info=exc)
-                response.fail()
-            else:  # an ordinary disconnect: the app stopped on being told, not an error
-                log.info("%s %s ended by %s: the client disconnected", self.method,
-                         environ["PATH_INFO"], type(exc).__name__)
+                self._iterate(response, result)
+            self._finish(response)
         except BaseException as exc:  # the app's code: anything can come out
-            log.error("exception in WSGI app for %s %s", self.method, environ["PATH_INFO"],
-                      exc_info=exc)
-            response.fail()
+            self._failed(response, exc)
         finally:
-            try:
-                if result is not None and hasattr(result, "close"):
-                    result.close()
-            except Exception as exc:
-                log.error("exception in the WSGI result's close()", exc_info=exc)
-            finally:
-                proto.loop.call_soon_threadsafe(self._call_ended)
+            if result is not None:
+                self._close(result)
+            if not inline:
+                end_wall, end_cpu = clocks()
+                self.pool.threaded_took(
+                    self.target.partition(b"?")[0], end_wall - wall, end_cpu - cpu)
 
-    def _log_access(self, environ: dict[str, Any], response: _Response, raw_path: bytes,
-                    query: bytes) -> None:
+    def _iterate(self, response: _Response, result: Any) -> None:
+        for chunk in result:  # each block goes out as it comes (PEP 3333)
+            if chunk:
+                response.write(chunk)
+            if self.disconnected:
+                break
+
+    def _stream(self, job: tuple[_Response, Any]) -> None:
+        response, result = job
+        try:
+            self._iterate(response, result)
+            self._finish(response)
+        except BaseException as exc:
+            self._failed(response, exc)
+        finally:
+            self._close(result)
+
+    def _finish(self, response: _Response) -> None:
+        response.finish()
+        if self.proto.state.access_log:
+            self._log_access(response)
+
+    def _failed(self, response: _Response, exc: BaseException) -> None:
+        path = response.environ["PATH_INFO"]
+        if isinstance(exc, OSError) and self.disconnected:
+            # an ordinary disconnect: the app stopped on being told, not an error
+            log.info("%s %s ended by %s: the client disconnected", self.method, path,
+                     type(exc).__name__)
+            return
+        log.error("exception in WSGI app for %s %s", self.method, path, exc_info=exc)
+        response.fail()
+
+    def _close(self, result: Any) -> None:
+        try:
+            if hasattr(result, "close"):
+                result.close()
+        except Exception as exc:
+            log.error("exception in the WSGI result's close()", exc_info=exc)
+        finally:
+            self._to_loop(self._call_ended)
+
+    def _log_access(self, response: _Response) -> None:
         from forkd.http.accesslog import log_access
 
+        raw_path, query = split_target(self.target)
         scope = {"client": self.client, "method": self.method, "raw_path": raw_path,
                  "query_string": query, "http_version": self.http_version,
                  "headers": self.headers}
@@ -385,13 +434,18 @@ class WSGICycle:
         """Called in the app's thread: pass bytes to the loop. The thread waits only
         while the client is not reading (or several blocks are queued), and gives up
         when that lasts longer than the stall limit."""
-        loop = self.proto.loop
+        if self.inline:  # on the loop's thread: write now (the app made it already)
+            if final:
+                self._write_final(data, keep_alive)
+            else:
+                self.proto.write(data)
+            return
         if final:
-            loop.call_soon_threadsafe(self._write_final, data, keep_alive)
+            self.pool.to_loop(self._write_final, data, keep_alive)
             return
         with self.flow:
             self.in_flight += 1
-            loop.call_soon_threadsafe(self._write_more, data)
+            self.pool.to_loop(self._write_more, data)
             while (self.blocked or self.in_flight > MAX_IN_FLIGHT) and not self.disconnected:
                 if not self.flow.wait(self.stall):
                     self.abort()
@@ -422,7 +476,7 @@ class WSGICycle:
         self.proto.response_done(self, keep_alive)
 
     def abort(self) -> None:
-        self.proto.loop.call_soon_threadsafe(self.proto.abort)
+        self._to_loop(self.proto.abort)
 
 
 class _Response:

@@ -11,12 +11,16 @@ from httpkit import Conn, Served, pattern
 
 pytestmark = pytest.mark.integration
 
-APPS = {"asgi": "http_asgi_probe:app", "wsgi": "http_wsgi_validate:app"}
+APPS = {
+    "asgi": ("http_asgi_probe:app",),
+    "wsgi": ("http_wsgi_validate:app", "--wsgi-inline", "never"),
+    "wsgi-inline": ("http_wsgi_validate:app", "--wsgi-inline", "always"),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(APPS))
 def server(request: pytest.FixtureRequest, serve) -> Served:
-    return serve(APPS[request.param])
+    return serve(*APPS[request.param])
 
 
 def get(target: str, extra: str = "", version: str = "1.1") -> bytes:

@@ -18,9 +18,11 @@ from httpkit import Conn, Served, Truncated, get, pattern
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def server(serve) -> Served:
-    return serve("http_wsgi_validate:app")
+@pytest.fixture(scope="module", params=["never", "always"])
+def server(request: pytest.FixtureRequest, serve) -> Served:
+    # Every PEP 3333 check on both paths: the app on the pool's threads, and on the
+    # loop's own thread (--wsgi-inline always, what auto does for a route learnt quick).
+    return serve("http_wsgi_validate:app", "--wsgi-inline", request.param)
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +162,11 @@ def test_large_streamed_response(server: Served, piece: int) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_requests_run_in_parallel_threads(server: Served) -> None:
+def test_requests_run_in_parallel_threads(server: Served, request: pytest.FixtureRequest) -> None:
     """A blocking WSGI app runs in the worker's thread pool: four 400 ms requests on
     four connections take about 400 ms, not 1.6 s."""
+    if "always" in request.node.callspec.id:
+        pytest.skip("--wsgi-inline always is for apps that never block: one call at a time")
     results: list[int] = []
 
     def one() -> None:

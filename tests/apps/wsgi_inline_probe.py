@@ -1,0 +1,19 @@
+"""WSGI probe of where calls run: GET /where answers the name of the thread that ran it;
+GET /nap?ms=N sleeps N ms first (0: no sleep) and answers the same."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    ms = int(parse_qs(environ.get("QUERY_STRING", "")).get("ms", ["0"])[0])
+    if ms:
+        time.sleep(ms / 1000)
+    body = threading.current_thread().name.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]

@@ -1,0 +1,61 @@
+"""--wsgi-inline auto: a route learnt to be quick runs on the loop's thread; a route that
+blocks keeps running on the pool's threads, concurrently, and a quick route that starts
+blocking goes back to them."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from httpkit import Served, get
+
+from forkd.http import wsgipool
+
+pytestmark = pytest.mark.integration
+
+LEARN = wsgipool.PROMOTE_AFTER + 8  # calls after which a quick route is surely learnt
+
+
+@pytest.fixture(scope="module")
+def server(serve) -> Served:
+    return serve("wsgi_inline_probe:app", "--threads", "4")
+
+
+def where(server: Served, path: str) -> str:
+    response = get(server.port, path)
+    assert response.status == 200
+    return response.body.decode()
+
+
+@pytest.mark.timeout(30)
+def test_a_quick_route_moves_to_the_loop_thread(server: Served) -> None:
+    first = where(server, "/where")
+    assert first.startswith("forkd-wsgi-")
+    seen = [where(server, "/where") for _ in range(LEARN)]
+    assert seen[-1] == "MainThread"
+
+
+@pytest.mark.timeout(30)
+def test_a_blocking_route_stays_concurrent(server: Served) -> None:
+    for _ in range(LEARN):
+        assert where(server, "/slow-io?ms=25").startswith("forkd-wsgi-")
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(where(server, "/slow-io?ms=400")))
+               for _ in range(4)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 4
+    assert time.monotonic() - started < 1.2
+
+
+@pytest.mark.timeout(30)
+def test_a_learnt_route_that_blocks_goes_back_to_the_threads(server: Served) -> None:
+    for _ in range(LEARN):
+        where(server, "/flaky")
+    assert where(server, "/flaky") == "MainThread"
+    assert where(server, "/flaky?ms=50") == "MainThread"  # it blocked the loop, once
+    assert where(server, "/flaky").startswith("forkd-wsgi-")

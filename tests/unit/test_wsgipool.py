@@ -1,0 +1,76 @@
+"""How the WSGI pool learns which routes run inline (pure bookkeeping, no threads run)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from forkd.http import wsgipool
+from forkd.http.wsgipool import WSGIPool
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def pool(loop: asyncio.AbstractEventLoop) -> WSGIPool:
+    return WSGIPool(loop, 4, "auto")
+
+
+QUICK = (0.0001, 0.0001)  # wall, cpu
+
+
+def test_a_route_runs_inline_after_enough_quick_calls(pool: WSGIPool) -> None:
+    for _ in range(wsgipool.PROMOTE_AFTER - 1):
+        pool.threaded_took(b"/a", *QUICK)
+    assert not pool.runs_inline(b"/a")
+    pool.threaded_took(b"/a", *QUICK)
+    assert pool.runs_inline(b"/a")
+    assert not pool.runs_inline(b"/b")
+
+
+def test_a_cpu_heavy_call_starts_the_count_again(pool: WSGIPool) -> None:
+    for _ in range(wsgipool.PROMOTE_AFTER - 1):
+        pool.threaded_took(b"/a", *QUICK)
+    pool.threaded_took(b"/a", 0.002, wsgipool.QUICK_CPU * 2)
+    pool.threaded_took(b"/a", *QUICK)
+    assert not pool.runs_inline(b"/a")
+
+
+def test_a_slow_call_keeps_the_route_on_the_threads_for_good(pool: WSGIPool) -> None:
+    pool.threaded_took(b"/a", wsgipool.SLOW_WALL * 2, 0.0)  # waited on I/O: little CPU
+    for _ in range(wsgipool.PROMOTE_AFTER * 2):
+        pool.threaded_took(b"/a", *QUICK)
+    assert not pool.runs_inline(b"/a")
+
+
+def test_an_inline_call_that_blocked_sends_the_route_back(pool: WSGIPool) -> None:
+    for _ in range(wsgipool.PROMOTE_AFTER):
+        pool.threaded_took(b"/a", *QUICK)
+    pool.inline_took(b"/a", wsgipool.INLINE_LIMIT / 2)
+    assert pool.runs_inline(b"/a")
+    pool.inline_took(b"/a", wsgipool.INLINE_LIMIT * 2)
+    assert not pool.runs_inline(b"/a")
+    for _ in range(wsgipool.PROMOTE_AFTER * 2):
+        pool.threaded_took(b"/a", *QUICK)
+    assert not pool.runs_inline(b"/a")
+
+
+def test_routes_remembered_are_bounded(pool: WSGIPool) -> None:
+    for i in range(wsgipool.MAX_ROUTES + 100):
+        pool.threaded_took(b"/item/%d" % i, *QUICK)
+    assert len(pool.routes) == wsgipool.MAX_ROUTES
+
+
+@pytest.mark.parametrize(("mode", "size", "inline"), [
+    ("always", 4, True), ("never", 4, False), ("auto", 0, True),
+])
+def test_modes(loop: asyncio.AbstractEventLoop, mode: str, size: int, inline: bool) -> None:
+    pool = WSGIPool(loop, size, mode)
+    assert pool.runs_inline(b"/") is inline
