@@ -59,7 +59,9 @@ async def app(scope, receive, send):
         time.sleep(int(query.get("ms", "100")) / 1000)
         await _reply(send, 200, b"unblocked")
     elif path == "/leak":
-        _leak.append(os.urandom(int(query.get("mb", "10")) << 20))
+        # filled in one memset (milliseconds), not drawn from os.urandom (most of a second
+        # on a loaded machine): the memory sampler must not see it half-grown
+        _leak.append(b"\xa5" * (int(query.get("mb", "10")) << 20))
         await _reply(send, 200, f"{len(_leak)}".encode())
     elif path == "/exit":
         os._exit(int(query.get("code", "1")))
