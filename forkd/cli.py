@@ -167,18 +167,33 @@ _control_option = click.option(
 @click.argument("name", required=False)
 @click.option("--timeout", type=float, default=None,
               help="seconds to wait for the whole reload (default: an hour)")
-@_control_option
-def reload(name: str | None, timeout: float | None, endpoint: str | None) -> None:
+@click.option("--control", "endpoints", envvar="FORKD_CONTROL", multiple=True,
+              metavar="ENDPOINT",
+              help="the primary's control endpoint, when it was started with --control; "
+                   "repeat it to reload several primaries (hosts) one after another")
+def reload(name: str | None, timeout: float | None, endpoints: tuple[str, ...]) -> None:
     """Replace every worker with a fresh one, one slot at a time, with no dropped request.
 
+    With several --control endpoints the primaries are reloaded in the order given; the
+    first that fails stops the sequence (exit 1, naming it) and the rest are left as they
+    were.
+
     \b
-    Example:
+    Examples:
       forkd reload sample_app
+      FORKD_CONTROL_KEYS=/etc/forkd/keys/forkd.key_secret forkd reload \\
+          --control tcp://10.0.0.11:7000 --control tcp://10.0.0.12:7000
     """
     from forkd import ctl
 
-    sys.exit(ctl.reload(name, _home(), endpoint=endpoint,
-                        timeout=ctl.LONG_TIMEOUT if timeout is None else timeout))
+    limit = ctl.LONG_TIMEOUT if timeout is None else timeout
+    if len(endpoints) > 1:
+        if name is not None:
+            _fail("error: reload takes NAME or several --control endpoints, not both",
+                  EXIT_USAGE)
+        sys.exit(ctl.reload_fleet(list(endpoints), timeout=limit))
+    sys.exit(ctl.reload(name, _home(), endpoint=endpoints[0] if endpoints else None,
+                        timeout=limit))
 
 
 @cli.command()

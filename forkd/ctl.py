@@ -29,6 +29,9 @@ STATUS_TIMEOUT = 10.0
 # once (the connection drops), so this only guards against one that hangs.
 LONG_TIMEOUT = 3600.0
 
+# A fleet reload first checks that every host answers; a live primary answers at once.
+FLEET_PING_TIMEOUT = 5.0
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -45,6 +48,62 @@ def reload(
     return _act(
         "reload", {}, "reload complete", name, home, out, err, endpoint=endpoint, timeout=timeout
     )
+
+
+def reload_fleet(
+    endpoints: Sequence[str],
+    out: TextIO | None = None,
+    *,
+    err: TextIO | None = None,
+    timeout: float = LONG_TIMEOUT,
+    ping_timeout: float = FLEET_PING_TIMEOUT,
+) -> int:
+    """Rolling reload of several primaries (one per host), one after another, in order.
+
+    Every endpoint must answer a ping first, so a typo or a dead host is found before any
+    host is touched. Then each is reloaded in turn; the first failure stops the sequence,
+    names the endpoint and the ones left as they were, and exits 1. `timeout` bounds the
+    whole sequence. Progress lines are prefixed "[i/n] ENDPOINT:"."""
+    out, err = out or sys.stdout, err or sys.stderr
+    seen = {e for e in endpoints if endpoints.count(e) > 1}
+    if seen:
+        _print(err, f"forkd reload: --control {sorted(seen)[0]} is given more than once")
+        return EXIT_USAGE
+    try:
+        curve = curve_from_env(os.environ)
+    except ConfigError as exc:
+        _print(err, f"forkd reload: {exc}")
+        return EXIT_USAGE
+    deadline = time.monotonic() + timeout
+    total = len(endpoints)
+    for endpoint in endpoints:
+        try:
+            call(endpoint, "ping", timeout=ping_timeout, curve=curve)
+        except ControlError as exc:
+            _print(err, f"forkd reload: {endpoint} does not answer: {exc.message}")
+            _print(err, f"forkd reload: nothing was reloaded ({total} hosts)")
+            return EXIT_FAILED
+    for number, endpoint in enumerate(endpoints, 1):
+        prefix = f"[{number}/{total}] {endpoint}:"
+        _print(out, f"{prefix} reloading")
+
+        def show(line: str, prefix: str = prefix) -> None:
+            _print(out, f"{prefix} {line}")
+
+        try:
+            result = call(endpoint, "reload", timeout=max(0.0, deadline - time.monotonic()),
+                          on_progress=show, curve=curve)
+        except ControlError as exc:
+            _print(err, _error_text("reload", exc).replace(
+                "forkd reload:", f"forkd reload: {endpoint}:", 1))
+            done = ", ".join(endpoints[:number - 1]) or "none"
+            left = ", ".join(endpoints[number:]) or "none"
+            _print(err, f"forkd reload: stopped at {endpoint} (host {number} of {total}); "
+                        f"reloaded: {done}; not reloaded: {left}")
+            return EXIT_FAILED
+        _print(out, f"{prefix} {_message(result, 'reload complete')}")
+    _print(out, f"fleet reload complete: {total} hosts")
+    return EXIT_OK
 
 
 def stop(

@@ -301,3 +301,78 @@ def test_stop_of_a_primary_that_exits_before_answering_is_done(
 def test_stop_with_no_primary_exits_2(home: Path, io_: Streams) -> None:
     assert ctl.stop("web", home, out=io_.out, err=io_.err) == 2
     assert "no primary named 'web'" in io_.err.getvalue()
+
+
+# ---------------------------------------------------------------------- fleet reload
+
+
+@pytest.fixture
+def fleet(home: Path) -> Iterator[list[Primary]]:
+    with Primary(home, "web1") as a, Primary(home, "web2") as b, Primary(home, "web3") as c:
+        yield [a, b, c]
+
+
+def test_fleet_reload_goes_host_by_host_in_order(
+    fleet: list[Primary], io_: Streams
+) -> None:
+    endpoints = [p.endpoint for p in fleet]
+    assert ctl.reload_fleet(endpoints, io_.out, err=io_.err) == 0
+    lines = io_.out.getvalue().splitlines()
+    assert lines[0] == f"[1/3] {endpoints[0]}: reloading"
+    assert lines[1] == f"[1/3] {endpoints[0]}: slot 1/2: pid 10 → 20, ready in 180 ms"
+    assert lines[3] == f"[1/3] {endpoints[0]}: reloaded 2 workers"
+    assert lines[4] == f"[2/3] {endpoints[1]}: reloading"
+    assert lines[-1] == "fleet reload complete: 3 hosts"
+    assert [p.received for p in fleet] == [["reload"]] * 3
+    assert io_.err.getvalue() == ""
+
+
+def test_fleet_reload_stops_at_the_first_failure_and_names_it(
+    fleet: list[Primary], io_: Streams
+) -> None:
+    fleet[1].reload_fails = True
+    endpoints = [p.endpoint for p in fleet]
+    assert ctl.reload_fleet(endpoints, io_.out, err=io_.err) == 1
+    assert fleet[2].received == []  # only pinged (the control server answers that itself)
+    assert io_.err.getvalue() == (
+        f"forkd reload: {endpoints[1]}: failed:\n{TRACEBACK}"
+        f"forkd reload: stopped at {endpoints[1]} (host 2 of 3); reloaded: {endpoints[0]}; "
+        f"not reloaded: {endpoints[2]}\n"
+    )
+    assert "fleet reload complete" not in io_.out.getvalue()
+
+
+def test_fleet_reload_touches_nothing_when_a_host_does_not_answer(
+    fleet: list[Primary], home: Path, io_: Streams
+) -> None:
+    missing = endpoint_for(home, "web9")
+    endpoints = [fleet[0].endpoint, missing, fleet[2].endpoint]
+    assert ctl.reload_fleet(endpoints, io_.out, err=io_.err) == 1
+    assert [p.received for p in fleet] == [[], [], []]
+    assert io_.err.getvalue() == (
+        f"forkd reload: {missing} does not answer: no primary at {missing}\n"
+        "forkd reload: nothing was reloaded (3 hosts)\n"
+    )
+
+
+def test_fleet_reload_of_an_unreachable_tcp_host_fails_within_the_ping_timeout(
+    fleet: list[Primary], io_: Streams
+) -> None:
+    with socket.socket() as silent:  # accepts TCP, never speaks ZMTP
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        code = ctl.reload_fleet([fleet[0].endpoint, endpoint], io_.out, err=io_.err,
+                                ping_timeout=0.3)
+    assert code == 1
+    assert fleet[0].received == []
+    assert io_.err.getvalue().startswith(f"forkd reload: {endpoint} does not answer: ")
+
+
+def test_fleet_reload_refuses_an_endpoint_given_twice(fleet: list[Primary], io_: Streams) -> None:
+    endpoints = [fleet[0].endpoint, fleet[1].endpoint, fleet[0].endpoint]
+    assert ctl.reload_fleet(endpoints, io_.out, err=io_.err) == 2
+    assert io_.err.getvalue() == (
+        f"forkd reload: --control {fleet[0].endpoint} is given more than once\n"
+    )
+    assert [p.received for p in fleet] == [[], [], []]
