@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from lab import Lab, missing_requirements
+
+
+def _lab(tmp_path_factory: pytest.TempPathFactory, balancer: str, **kwargs: object) -> Lab:
+    reason = missing_requirements(balancer)
+    if reason:
+        pytest.skip(f"scale-out lab: {reason}")
+    workdir = tmp_path_factory.mktemp(f"lab-{balancer}")
+    return Lab(workdir, balancer=balancer, **kwargs).up()  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def haproxy_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """Three hosts (two workers each) behind HAProxy, one Redis; stopped hosts use
+    --drain-delay 2 (when this forkd has it)."""
+    from lab import forkd_supports
+
+    delay = 2.0 if forkd_supports("drain_delay") else None
+    lab = _lab(tmp_path_factory, "haproxy", drain_delay=delay)
+    yield lab
+    lab.down()
+
+
+@pytest.fixture
+def lab(haproxy_lab: Lab, request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """The module's HAProxy lab, put back whole after a test that broke a host; a failing
+    test's report carries the hosts' and the balancer's output."""
+    yield haproxy_lab
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for host in haproxy_lab.hosts:
+            print(f"--- {host.name} ---\n{host.output()[-3000:]}")
+        print(f"--- balancer ---\n{haproxy_lab.balancer_output()}")
+    for host in haproxy_lab.hosts:
+        haproxy_lab.write_release(host, "1")
+        if host.proc is None or host.proc.poll() is not None:
+            haproxy_lab.restart_host(host)
+    haproxy_lab.wait_pool(len(haproxy_lab.hosts))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+
