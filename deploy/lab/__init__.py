@@ -47,11 +47,25 @@ ALLOC_LOCK = Path("/run/forkd-lab.lock")
 
 # The lab's release of the app: the sample app, imported from the host's own directory
 # (the worker's cwd), so a release can be changed on one host only.
-LAB_APP = '''"""The lab's app: the sample app, as released to this host."""
+LAB_APP = '''"""The lab's app: the sample app, as released to this host, plus /lab/client,
+which answers the client address the app was given (after PROXY or X-Forwarded-For)."""
 
-from sample_app.asgi import app  # noqa: F401
+import json
+
+from sample_app.asgi import app as sample
 
 RELEASE = {release!r}
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "http" and scope["path"] == "/lab/client":
+        client = scope.get("client")
+        body = json.dumps({{"client": client[0] if client else None}}).encode()
+        await send({{"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]}})
+        await send({{"type": "http.response.body", "body": body}})
+        return
+    await sample(scope, receive, send)
 '''
 BROKEN_APP = '''"""A release that does not import."""
 
@@ -200,6 +214,11 @@ class Lab:
         return f"{self.subnet}.1"
 
     @property
+    def client_address(self) -> str:
+        """A second address on the bridge, for a client that is not the balancer."""
+        return f"{self.subnet}.2"
+
+    @property
     def url(self) -> str:
         return f"http://{self.gateway}:{BALANCER_PORT}"
 
@@ -256,6 +275,7 @@ class Lab:
             self.links.append(bridge)
             self._save()
             _run(["ip", "addr", "add", f"{self.gateway}/24", "dev", bridge])
+            _run(["ip", "addr", "add", f"{self.client_address}/24", "dev", bridge])
         _run(["ip", "link", "set", bridge, "up"])
         for i in range(1, self.hosts_wanted + 1):
             name = f"web{i}"

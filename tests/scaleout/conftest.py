@@ -51,3 +51,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.when == "call":
         item.rep_call = report  # type: ignore[attr-defined]
 
+
+
+@pytest.fixture(scope="module")
+def nginx_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """Three hosts (two workers each) behind nginx, one Redis."""
+    lab = _lab(tmp_path_factory, "nginx")
+    yield lab
+    lab.down()

@@ -7,6 +7,7 @@ Figures the tests measure are printed (run with -s to see them)."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import subprocess
@@ -145,3 +146,18 @@ def test_sigkilled_host_costs_only_its_connections(lab: Lab) -> None:
     assert routed_around < 3.0  # inter 1s + fastinter 250ms (fall 2) + probe timeouts
     status, _, _ = get(lab, "/")
     assert status == 200
+
+
+@pytest.mark.skipif(not forkd_supports("proxy_protocol"),
+                    reason="this forkd has no --proxy-protocol")
+def test_the_app_sees_the_client_address_from_proxy_v2(lab: Lab) -> None:
+    # From an address other than HAProxy's own; a client's X-Forwarded-For claim is dropped.
+    conn = http.client.HTTPConnection(lab.gateway, 80, timeout=5,
+                                      source_address=(lab.client_address, 0))
+    try:
+        conn.request("GET", "/lab/client", headers={"x-forwarded-for": "203.0.113.9"})
+        response = conn.getresponse()
+        assert response.status == 200
+        assert json.loads(response.read()) == {"client": lab.client_address}
+    finally:
+        conn.close()
