@@ -18,6 +18,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `lab` below, 
 from lab import REPO, Lab, LabError, finish_hey, start_hey  # noqa: E402
 
 
+def bench(lab: Lab, seconds: float, rounds: int) -> int:
+    """hey -c 32 through the balancer and straight at one host, interleaved so both see
+    the same background load; prints each run and the median ratio."""
+    targets = [("balancer", lab.url + "/"), ("web1 direct", f"http://{lab.hosts[0].bind}/")]
+    rates: dict[str, list[float]] = {label: [] for label, _ in targets}
+    for round_ in range(1, rounds + 1):
+        for label, url in targets:
+            result = finish_hey(start_hey(url, seconds))
+            rates[label].append(result.rps)
+            print(f"round {round_} {label}: {result.rps:.0f} req/s, {result.failed} failed",
+                  flush=True)
+    ratios = sorted(b / d for b, d in zip(rates["balancer"], rates["web1 direct"], strict=True))
+    print(f"balancer / direct, median of {rounds}: {ratios[len(ratios) // 2]:.2f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="deploy/lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,7 +43,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--balancer", choices=["haproxy", "nginx"], default="haproxy")
     parser.add_argument("--drain-delay", type=float, default=None)
-    parser.add_argument("--seconds", type=float, default=5, help="bench: hey's duration")
+    parser.add_argument("--seconds", type=float, default=5, help="bench: each hey run's length")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="bench: balancer and direct runs, interleaved")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     if args.command == "down":
@@ -46,11 +64,7 @@ def main() -> int:
                   f"netns {host.netns}  log {host.log_path}")
         print(f"control keys: FORKD_CONTROL_KEYS={lab.keys}")
         if args.command == "bench":
-            for label, url in [("balancer", lab.url + "/"),
-                               ("web1 direct", f"http://{lab.hosts[0].bind}/")]:
-                result = finish_hey(start_hey(url, args.seconds))
-                print(f"{label}: {result.rps:.0f} req/s, {result.failed} failed")
-            return 0
+            return bench(lab, args.seconds, args.rounds)
         print("Ctrl-C tears the lab down.")
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
