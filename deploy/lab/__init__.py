@@ -203,6 +203,9 @@ class Lab:
     links: list[str] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # PROXY v2 from HAProxy when forkd has --proxy-protocol; False turns it off (a host
+    # that expects PROXY headers cannot be reached directly, as `bench` needs)
+    want_proxy_protocol: bool = True
     health_path: str | None = None
     proxy_protocol: bool = False
     forwarded: bool = False
@@ -243,7 +246,8 @@ class Lab:
             raise LabError(reason)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.health_path = HEALTH_PATH if forkd_supports("health_path") else None
-        self.proxy_protocol = self.balancer == "haproxy" and forkd_supports("proxy_protocol")
+        self.proxy_protocol = (self.want_proxy_protocol and self.balancer == "haproxy"
+                               and forkd_supports("proxy_protocol"))
         self.forwarded = forkd_supports("forwarded_allow_ips")
         try:
             self._network()

@@ -51,7 +51,9 @@ def main() -> int:
     if args.command == "down":
         Lab.down_from(args.workdir)
         return 0
-    lab = Lab(args.workdir, args.hosts, args.balancer, args.workers, args.drain_delay)
+    # bench compares with one host reached directly, which a PROXY-expecting host refuses
+    lab = Lab(args.workdir, args.hosts, args.balancer, args.workers, args.drain_delay,
+              want_proxy_protocol=args.command != "bench")
     try:
         lab.up()
     except LabError as exc:
