@@ -86,9 +86,13 @@ def missing_requirements(balancer: str = "haproxy") -> str | None:
     for tool in ("ip", "redis-server", balancer):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"`ip netns` does not work here: {probe.stderr.strip()}"
+    # Root without the right to make namespaces (a locked-down container) is caught here,
+    # by making one and removing it again.
+    probe = f"forkd-lab-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"`ip netns add` does not work here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
 
 

@@ -8,7 +8,11 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from lab import HAPROXY_CFG, NGINX_CONF, render_haproxy, render_nginx
+
+pytestmark = pytest.mark.integration  # runs haproxy, nginx or hey
 
 HOSTS = [("web1", "10.9.0.11:8000"), ("web2", "10.9.0.12:8000")]
 
