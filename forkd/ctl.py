@@ -91,6 +91,9 @@ def reload_fleet(
             _print(out, f"{prefix} {line}")
 
         try:
+            # Asked again right before its turn: over tcp, a host that went away since the
+            # first ping would otherwise be waited for until the deadline, in silence.
+            call(endpoint, "ping", timeout=ping_timeout, curve=curve)
             result = call(endpoint, "reload", timeout=max(0.0, deadline - time.monotonic()),
                           on_progress=show, curve=curve)
         except ControlError as exc:

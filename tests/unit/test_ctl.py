@@ -15,7 +15,13 @@ import pytest
 import zmq
 
 from forkd import ctl
-from forkd.control import ControlServer, endpoint_for, ensure_home
+from forkd.control import (
+    ControlServer,
+    create_curve_keys,
+    endpoint_for,
+    ensure_home,
+    load_curve_keys,
+)
 from forkd.errors import ProtocolError
 from forkd.protocol import COMMANDS, parse_scale
 
@@ -30,9 +36,11 @@ TRACEBACK = (
 class Primary:
     """A ControlServer in a thread answering like a primary would (in miniature)."""
 
-    def __init__(self, home: Path, name: str, workers: int = 2) -> None:
+    def __init__(self, home: Path, name: str, workers: int = 2, endpoint: str | None = None,
+                 keys: Any = None) -> None:
         self.name = name
-        self.endpoint = endpoint_for(home, name)
+        self.endpoint = endpoint or endpoint_for(home, name)
+        self.keys = keys  # CurveKeys for a tcp:// endpoint
         self.workers = workers
         self.received: list[str] = []
         self.reload_fails = False
@@ -56,7 +64,9 @@ class Primary:
         return self._stop.is_set()
 
     def _run(self) -> None:
-        with ControlServer(self.endpoint) as server:
+        keys = self.keys
+        with ControlServer(self.endpoint, curve_secret_key=keys and keys.secret,
+                           curve_public_key=keys and keys.public) as server:
             poller = zmq.Poller()
             for sock in server.sockets():
                 poller.register(sock, zmq.POLLIN)
@@ -376,3 +386,35 @@ def test_fleet_reload_refuses_an_endpoint_given_twice(fleet: list[Primary], io_:
         f"forkd reload: --control {fleet[0].endpoint} is given more than once\n"
     )
     assert [p.received for p in fleet] == [[], [], []]
+
+
+
+def test_fleet_reload_asks_each_tcp_host_again_right_before_its_turn(
+    home: Path, tmp_path: Path, io_: Streams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Over tcp nothing says that a host went away: without a fresh ping the reload of
+    # web2 would wait, silent, for the whole deadline.
+    secret = create_curve_keys(tmp_path / "keys")
+    monkeypatch.setenv("FORKD_CONTROL_KEYS", str(secret))
+    keys = load_curve_keys(str(secret))
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    endpoints = [f"tcp://127.0.0.1:{port}" for port in ports]
+    with Primary(home, "web1", endpoint=endpoints[0], keys=keys) as web1:
+        web2 = Primary(home, "web2", endpoint=endpoints[1], keys=keys).__enter__()
+
+        class Out(io.StringIO):
+            def write(self, text: str) -> int:  # web2 goes away while web1 reloads
+                if text.startswith(f"[1/2] {endpoints[0]}: reloaded"):
+                    web2.__exit__()
+                return super().write(text)
+
+        code = ctl.reload_fleet(endpoints, Out(), err=io_.err, timeout=30, ping_timeout=0.5)
+    assert code == 1
+    assert web1.received == ["reload"] and web2.received == []
+    assert io_.err.getvalue().startswith(
+        f"forkd reload: {endpoints[1]}: no answer from the primary at {endpoints[1]} "
+        "within 0.5s")
