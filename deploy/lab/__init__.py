@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent.parent
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
@@ -206,6 +208,7 @@ class Lab:
     netns: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)  # key -> the process's start time
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     # PROXY v2 from HAProxy when forkd has --proxy-protocol; False turns it off (a host
     # that expects PROXY headers cannot be reached directly, as `bench` needs)
@@ -444,21 +447,27 @@ class Lab:
     # -- down ----------------------------------------------------------------
     def down(self) -> None:
         """Everything this lab made: processes by pid, then namespaces and links by name."""
+        # Ours (Popen objects): gracefully, the balancer first, the hosts all at once
+        # (each may wait out its --drain-delay), Redis last.
         balancer = self.procs.pop("balancer", None)
         if balancer is not None:
             _end_group(balancer, 10.0)
-        hosts = [p for p in (self.procs.pop(h.name, None) for h in self.hosts) if p]
-        for proc in hosts:  # all at once: each may wait out its --drain-delay
+            self.pids.pop("balancer", None)
+        hosts = {h.name: self.procs.pop(h.name) for h in self.hosts if h.name in self.procs}
+        for proc in hosts.values():
             _signal_group(proc.pid, signal.SIGTERM)
-        for proc in hosts:
+        for name, proc in hosts.items():
             _end_group(proc, 15.0)
+            self.pids.pop(name, None)
         redis = self.procs.pop("redis", None)
         if redis is not None:
             _end_group(redis, 10.0)
-        for key in ["balancer", "redis", *[h.name for h in self.hosts]]:
-            self.pids.pop(key, None)
-        for pid in self.pids.values():  # made by an earlier `up` of this workdir
-            _kill_group(pid)
+            self.pids.pop("redis", None)
+        # Recorded by another process's `up` (down_from): by pid, at once, and only a
+        # process that is still the one started then (a pid may have been reused since).
+        for key, pid in self.pids.items():
+            if _start_time(pid) == self.started.get(key):
+                _kill_group(pid)
         self.pids.clear()
         for netns in self.netns:
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
@@ -475,6 +484,7 @@ class Lab:
         state = json.loads((workdir / "lab.json").read_text())
         lab = cls(workdir)
         lab.pids, lab.netns, lab.links = state["pids"], state["netns"], state["links"]
+        lab.started = state["started"]
         lab.down()
 
     # -- plumbing ------------------------------------------------------------
@@ -486,11 +496,13 @@ class Lab:
                                     cwd=cwd, env=env or _clean_env())
         self.procs[key] = proc
         self.pids[key] = proc.pid
+        self.started[key] = _start_time(proc.pid)
         self._save()
         return proc
 
     def _save(self) -> None:
-        state = {"pids": self.pids, "netns": self.netns, "links": self.links,
+        state = {"pids": self.pids, "started": self.started, "netns": self.netns,
+                 "links": self.links,
                  "subnet": self.subnet, "balancer": self.balancer,
                  "hosts": [{"name": h.name, "address": h.address, "control": h.control,
                             "netns": h.netns} for h in self.hosts]}
@@ -619,6 +631,13 @@ def _tail(path: Path, size: int = 4000) -> str:
         return path.read_text(errors="replace")[-size:]
     except FileNotFoundError:
         return "(no output)"
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
 
 
 def _signal_group(pid: int, signum: int) -> None:

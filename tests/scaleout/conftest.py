@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from lab import Lab, missing_requirements
@@ -23,8 +25,13 @@ def haproxy_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
     delay = 2.0 if forkd_supports("drain_delay") else None
     lab = _lab(tmp_path_factory, "haproxy", drain_delay=delay)
-    yield lab
-    lab.down()
+    try:
+        yield lab
+    finally:
+        netns, links = list(lab.netns), list(lab.links)
+        pids = [proc.pid for proc in lab.procs.values()]
+        lab.down()
+        assert_gone(netns, links, pids)
 
 
 @pytest.fixture
@@ -55,7 +62,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture(scope="module")
 def nginx_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """Three hosts (two workers each) behind nginx, one Redis."""
+    """Three hosts (two workers each) behind nginx, one Redis. Torn down the way
+    `deploy/lab down` does it from another process: from lab.json alone."""
     lab = _lab(tmp_path_factory, "nginx")
-    yield lab
-    lab.down()
+    netns, links, procs = list(lab.netns), list(lab.links), list(lab.procs.values())
+    try:
+        yield lab
+    finally:
+        Lab.down_from(lab.workdir)
+        for proc in procs:  # ended by pid above; reap what was our child
+            proc.wait(10)
+        lab.procs.clear()
+        assert_gone(netns, links, [proc.pid for proc in procs])
+
+
+def assert_gone(netns: list[str], links: list[str], pids: list[int]) -> None:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [n for n in netns if n in listed.split()], listed
+    for link in links:
+        shown = subprocess.run(["ip", "link", "show", link], capture_output=True, text=True)
+        assert shown.returncode != 0, f"{link} is still there"
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]
