@@ -68,6 +68,19 @@ def _seconds(value: Any) -> float:
     return number
 
 
+def _seconds_or_zero(value: Any) -> float:
+    """Seconds where 0 means off (--drain-delay)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number of seconds")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number of seconds") from None
+    if not 0 <= number < float("inf"):
+        raise ValueError(f"{value!r} must be zero (off) or more")
+    return number
+
+
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -217,6 +230,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeout", _seconds, "seconds of heartbeat silence before a worker is killed"),
     Option("startup_timeout", _seconds, "seconds a new worker may take to become ready"),
     Option("graceful_timeout", _seconds, "seconds a stopping worker may drain"),
+    Option("drain_delay", _seconds_or_zero, "on a graceful stop, seconds to keep serving "
+           "with --health-path answering 503 before draining, so a load balancer lets go first"),
     Option("max_requests", _int(0), "recycle a worker after this many requests (0: off)"),
     Option("max_requests_jitter", _int(0), "random extra requests before recycling"),
     Option("chdir", _text, "directory each new worker changes to and imports the app "
@@ -266,6 +281,7 @@ class Config:
     timeout: float = 30.0
     startup_timeout: float = 60.0
     graceful_timeout: float = 30.0
+    drain_delay: float = 0.0
     max_requests: int = 0
     max_requests_jitter: int = 0
     chdir: str | None = None

@@ -114,7 +114,15 @@ class StartUpgrade:
     """SIGUSR2: replace the primary itself (as `forkd upgrade`)."""
 
 
-Action = Spawn | Signal | Log | Progress | Reply | Notify | Exit | ReopenLogs | StartUpgrade
+@dataclass(frozen=True)
+class FailHealth:
+    """A graceful stop with --drain-delay began: from now every worker answers
+    --health-path with 503 while it goes on serving, so a load balancer takes the host
+    out before its listeners close."""
+
+
+Action = (Spawn | Signal | Log | Progress | Reply | Notify | Exit | ReopenLogs | StartUpgrade
+          | FailHealth)
 
 
 # -- operations ------------------------------------------------------------------------------
@@ -155,6 +163,13 @@ class Operation:
 
     def on_occupant_died(self, sup: Supervisor, slot: Slot, now: float) -> None:
         return None
+
+    def deadline(self) -> float | None:
+        """When the operation's next step is due by the clock alone (on_tick then)."""
+        return None
+
+    def on_tick(self, sup: Supervisor, now: float) -> list[Action]:
+        return []
 
 
 @dataclass(eq=False)
@@ -327,15 +342,42 @@ class Stop(Operation):
     exit_code: int = 0
     why: str = ""
     requesters: list[Any] = field(default_factory=list)  # each stop asker gets the answer
+    # --drain-delay: until this time the workers go on serving with the health path
+    # failing, so that a load balancer lets go of the host first; then they drain
+    drain_at: float | None = None
 
     noun = "stop"
 
     def begin(self, sup: Supervisor, now: float) -> list[Action]:
-        actions: list[Action] = [Log("stopping", {"graceful": self.graceful,
-                                                  "workers": len(sup.table.workers)}),
-                                 Notify("stopping")]
+        delay = sup.config.drain_delay if self.graceful and sup.table.workers else 0.0
+        fields: dict[str, Any] = {"graceful": self.graceful, "workers": len(sup.table.workers)}
+        if delay > 0:
+            fields["drain_delay"] = f"{delay:g}s"
+        actions: list[Action] = [Log("stopping", fields), Notify("stopping")]
         if self.why:
             actions.append(Log("stop-reason", {"why": self.why.splitlines()[-1]}, ERROR))
+        for slot in sup.table.slots.values():
+            if slot.state is SlotState.BACKING_OFF:
+                slot.move(SlotState.EMPTY)
+                slot.respawn_at = None
+        if delay > 0:
+            self.drain_at = now + delay
+            return actions + [FailHealth()]
+        return actions + self._drain(sup, now)
+
+    def deadline(self) -> float | None:
+        return self.drain_at
+
+    def on_tick(self, sup: Supervisor, now: float) -> list[Action]:
+        if self.drain_at is None or now < self.drain_at:
+            return []
+        self.drain_at = None
+        return [Log("drain-delay-over", {"workers": len(sup.table.workers)}),
+                *self._drain(sup, now)]
+
+    def _drain(self, sup: Supervisor, now: float) -> list[Action]:
+        """Every worker drains (graceful) or quits; --graceful-timeout counts from here."""
+        actions: list[Action] = []
         for worker in sup.table.workers.values():
             if self.graceful:
                 if worker.state is not WorkerState.DRAINING:
@@ -347,10 +389,6 @@ class Stop(Operation):
                 worker.leave_reason = worker.leave_reason or Reason(Cause.STOP)
                 actions.append(Signal(worker.pid, signal.SIGQUIT))
                 worker.kill_at = now + QUIT_GRACE
-        for slot in sup.table.slots.values():
-            if slot.state is SlotState.BACKING_OFF:
-                slot.move(SlotState.EMPTY)
-                slot.respawn_at = None
         return actions + self.on_exited(sup, None, now)
 
     def on_exited(self, sup: Supervisor, worker: Worker | None, now: float) -> list[Action]:
@@ -424,6 +462,9 @@ class Supervisor:
         for slot in self.table.slots.values():
             if slot.respawn_at is not None:
                 times.append(slot.respawn_at)
+        step = self.operation.deadline() if self.operation is not None else None
+        if step is not None:
+            times.append(step)
         for worker in self.table.workers.values():
             if worker.kill_at is not None:
                 times.append(worker.kill_at)
@@ -682,7 +723,7 @@ class Supervisor:
 
     # -- time --------------------------------------------------------------------------------------
     def _tick(self, event: ev.Tick, now: float) -> list[Action]:
-        actions: list[Action] = []
+        actions: list[Action] = self.operation.on_tick(self, now) if self.operation else []
         for slot in self.table.slots.values():
             if (slot.state is SlotState.BACKING_OFF and slot.respawn_at is not None
                     and now >= slot.respawn_at):

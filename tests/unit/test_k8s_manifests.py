@@ -30,7 +30,6 @@ REDIS_RESERVED_CONNECTIONS = 32
 # fails (strict xfail) as soon as the option exists, so the mark is removed then.
 PENDING_OPTIONS = {
     "--metrics": "needs --metrics from issue 12",
-    "--drain-delay": "needs --drain-delay from issue 14",
 }
 
 
