@@ -22,8 +22,8 @@ from forkd.errors import ConfigError
 # A bool (an int to the type checker) gives --flag when True, --no-flag when False.
 OptionValue = str | int | float | Sequence[str]
 
-# TimeoutStopSec = graceful timeout + this: after the drain deadline the primary
-# still has to SIGKILL stragglers, reap them and exit before systemd's SIGKILL.
+# TimeoutStopSec = drain delay + graceful timeout + this: after the drain deadline the
+# primary still has to SIGKILL stragglers, reap them and exit before systemd's SIGKILL.
 STOP_MARGIN_SECONDS = 15
 # TimeoutStartSec (which also bounds ExecReload=) = startup timeout + this, for the
 # import of the app and the fork of every worker before the slowest one is ready.
@@ -93,8 +93,9 @@ def unit_name(app: str, options: Mapping[str, OptionValue]) -> str:
     return "forkd-" + _app_name(app, _normalise(options))
 
 
-def timeout_stop_sec(graceful_timeout: float) -> int:
-    return math.ceil(graceful_timeout) + STOP_MARGIN_SECONDS
+def timeout_stop_sec(graceful_timeout: float, drain_delay: float = 0.0) -> int:
+    """A graceful stop serves on for --drain-delay, then drains for --graceful-timeout."""
+    return math.ceil(drain_delay + graceful_timeout) + STOP_MARGIN_SECONDS
 
 
 def timeout_start_sec(startup_timeout: float) -> int:
@@ -184,7 +185,7 @@ def render_service(
         "ExecStart=" + " ".join(quote_exec_arg(arg) for arg in start_args),
         "ExecReload=" + " ".join(quote_exec_arg(a) for a in (exec_path, "reload", name)),
         f"TimeoutStartSec={timeout_start_sec(config.startup_timeout)}",
-        f"TimeoutStopSec={timeout_stop_sec(config.graceful_timeout)}",
+        f"TimeoutStopSec={timeout_stop_sec(config.graceful_timeout, config.drain_delay)}",
         "",
         *HARDENING,
     ]

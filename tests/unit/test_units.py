@@ -88,6 +88,12 @@ def test_timeout_stop_sec_is_above_the_graceful_timeout(graceful: str | None,
         assert expected > float(graceful) and timeout_stop_sec(float(graceful)) == expected
 
 
+def test_timeout_stop_sec_leaves_room_for_the_drain_delay_too() -> None:
+    text = render_service(APP, {"graceful_timeout": "30", "drain_delay": "5"})
+    assert values(text, "Service", "TimeoutStopSec") == ["50"]
+    assert "--drain-delay 5" in values(text, "Service", "ExecStart")[0]
+
+
 def test_start_timeout_follows_the_startup_timeout() -> None:
     assert values(render_service(APP, {}), "Service", "TimeoutStartSec") == ["90"]
     text = render_service(APP, {"startup-timeout": "120"})
