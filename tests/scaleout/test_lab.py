@@ -109,7 +109,9 @@ def test_fleet_reload_stops_at_a_host_whose_release_does_not_import(lab: Lab) ->
     assert result.failed == 0, result.output
 
 
-@pytest.mark.skipif(not forkd_supports("drain_delay"), reason="this forkd has no --drain-delay")
+@pytest.mark.skipif(not forkd_supports("health_path"),
+                    reason="--drain-delay takes a host out through --health-path, which this "
+                           "forkd does not have yet")
 def test_drained_host_stop_fails_no_request(lab: Lab) -> None:
     web3 = lab.hosts[2]
     hey = start_hey(lab.url + "/", 60, CONCURRENCY, keepalive=True)
