@@ -361,8 +361,9 @@ class Stop(Operation):
                 slot.move(SlotState.EMPTY)
                 slot.respawn_at = None
         if delay > 0:
+            # first, so the health path already fails when the log says the stop began
             self.drain_at = now + delay
-            return actions + [FailHealth()]
+            return [FailHealth(), *actions]
         return actions + self._drain(sup, now)
 
     def deadline(self) -> float | None:

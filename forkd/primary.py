@@ -18,6 +18,7 @@ from typing import Any
 from forkd import events, log, policy, process, protocol
 from forkd.config import Config
 from forkd.control import Poller
+from forkd.http.health import HealthFlag
 from forkd.monitor import Monitor
 from forkd.sockets import Listener, close_listeners
 from forkd.systemd import Notifier, format_status, watchdog_interval
@@ -73,6 +74,9 @@ class Primary:
         self.next_watchdog = 0.0
         self.last_requests: tuple[float, int] = (time.monotonic(), 0)
         self.rate = 0.0
+        # --health-path's shared flag, made before the first fork so that every worker maps
+        # the same page: raising it (--drain-delay) fails the health path everywhere at once
+        self.health = HealthFlag() if self.config.health_path else None
 
     # -- set-up -----------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -266,6 +270,9 @@ class Primary:
             self._notify(action.kind)
         elif isinstance(action, policy.Exit):
             self.exit_code = action.code
+        elif isinstance(action, policy.FailHealth):
+            if self.health is not None:
+                self.health.fail()
         elif isinstance(action, policy.ReopenLogs):
             log.reopen()
         elif isinstance(action, policy.StartUpgrade):
@@ -288,7 +295,7 @@ class Primary:
             config=self.config, listeners=[listener.sock for listener in self.options.listeners],
             channel=theirs, primary_pid=os.getpid(), close_fds=close_fds,
             app=self.options.app, interface=self.options.interface,
-            request_limit=action.request_limit or 0)
+            request_limit=action.request_limit or 0, health=self.health)
         # Signals wait until the child has put its own handlers in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         # What exists now (a preloaded app above all) goes to the permanent generation,

@@ -98,13 +98,6 @@ def missing_requirements(balancer: str = "haproxy") -> str | None:
     return None
 
 
-def forkd_supports(option: str) -> bool:
-    """Whether this forkd has start option `option` (e.g. "health_path")."""
-    from forkd.config import OPTIONS
-
-    return any(o.name == option for o in OPTIONS)
-
-
 # ---------------------------------------------------------------------------- configs
 
 
@@ -210,8 +203,8 @@ class Lab:
     pids: dict[str, int] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)  # key -> the process's start time
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    # PROXY v2 from HAProxy when forkd has --proxy-protocol; False turns it off (a host
-    # that expects PROXY headers cannot be reached directly, as `bench` needs)
+    # PROXY v2 from HAProxy (forkd --proxy-protocol); False turns it off (a host that
+    # expects PROXY headers cannot be reached directly, as `bench` needs)
     want_proxy_protocol: bool = True
     health_path: str | None = None
     proxy_protocol: bool = False
@@ -252,10 +245,9 @@ class Lab:
         if reason:
             raise LabError(reason)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.health_path = HEALTH_PATH if forkd_supports("health_path") else None
-        self.proxy_protocol = (self.want_proxy_protocol and self.balancer == "haproxy"
-                               and forkd_supports("proxy_protocol"))
-        self.forwarded = forkd_supports("forwarded_allow_ips")
+        self.health_path = HEALTH_PATH
+        self.proxy_protocol = self.want_proxy_protocol and self.balancer == "haproxy"
+        self.forwarded = True
         try:
             self._network()
             self._start_redis()

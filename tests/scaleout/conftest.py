@@ -20,11 +20,8 @@ def _lab(tmp_path_factory: pytest.TempPathFactory, balancer: str, **kwargs: obje
 @pytest.fixture(scope="module")
 def haproxy_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """Three hosts (two workers each) behind HAProxy, one Redis; stopped hosts use
-    --drain-delay 2 (when this forkd has it)."""
-    from lab import forkd_supports
-
-    delay = 2.0 if forkd_supports("drain_delay") else None
-    lab = _lab(tmp_path_factory, "haproxy", drain_delay=delay)
+    --drain-delay 2."""
+    lab = _lab(tmp_path_factory, "haproxy", drain_delay=2.0)
     try:
         yield lab
     finally:

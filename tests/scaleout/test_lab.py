@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import Host, Lab, forkd_supports, interrupt_hey, start_hey
+from lab import Host, Lab, interrupt_hey, start_hey
 from support import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(100)]
@@ -109,9 +109,6 @@ def test_fleet_reload_stops_at_a_host_whose_release_does_not_import(lab: Lab) ->
     assert result.failed == 0, result.output
 
 
-@pytest.mark.skipif(not forkd_supports("health_path"),
-                    reason="--drain-delay takes a host out through --health-path, which this "
-                           "forkd does not have yet")
 def test_drained_host_stop_fails_no_request(lab: Lab) -> None:
     web3 = lab.hosts[2]
     hey = start_hey(lab.url + "/", 60, CONCURRENCY, keepalive=True)
@@ -150,8 +147,6 @@ def test_sigkilled_host_costs_only_its_connections(lab: Lab) -> None:
     assert status == 200
 
 
-@pytest.mark.skipif(not forkd_supports("proxy_protocol"),
-                    reason="this forkd has no --proxy-protocol")
 def test_the_app_sees_the_client_address_from_proxy_v2(lab: Lab) -> None:
     # From an address other than HAProxy's own; a client's X-Forwarded-For claim is dropped.
     conn = http.client.HTTPConnection(lab.gateway, 80, timeout=5,

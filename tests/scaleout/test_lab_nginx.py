@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import Lab, forkd_supports, interrupt_hey, start_hey
+from lab import Lab, interrupt_hey, start_hey
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(100)]
 
@@ -56,8 +56,6 @@ def test_sessions_and_a_fleet_reload_under_load_through_nginx(nginx_lab: Lab) ->
     assert result.failed == 0, result.output
 
 
-@pytest.mark.skipif(not forkd_supports("forwarded_allow_ips"),
-                    reason="this forkd has no --forwarded-allow-ips")
 def test_the_app_sees_the_client_address_nginx_forwarded(nginx_lab: Lab) -> None:
     # From an address other than nginx's own; nginx overwrites the client's claim.
     conn = http.client.HTTPConnection(nginx_lab.gateway, 80, timeout=5,
