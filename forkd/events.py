@@ -80,10 +80,14 @@ class Ready:
 @message("hb")
 @dataclass(frozen=True)
 class Beat:
-    """Alive; requests counted so far. Once a second, dropped when the primary lags."""
+    """Alive; requests counted so far. Once a second, dropped when the primary lags.
+    `metrics` is the worker's metrics snapshot (forkd.metrics.snapshot's wire form,
+    checked by the metrics shell, not here); the last beat, sent after the drain,
+    carries the final counts."""
 
     TAG: ClassVar[bytes]
     requests: int = 0
+    metrics: dict[str, Any] | None = None
 
 
 @message("limit")

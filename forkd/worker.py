@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from forkd import events
 from forkd import log as forkd_log
 from forkd.config import Config
 from forkd.errors import EXIT_APP_LOAD, EXIT_BOOT, EXIT_OK, AppLoadError
+from forkd.metrics.snapshot import to_wire
 
 logger = logging.getLogger("forkd.worker")
 
@@ -214,8 +216,9 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         except TimeoutError:
             logger.error("lifespan shutdown did not finish in time")
     beat.stop()  # (beating through the shutdown: a short --timeout must not kill it)
-    # the last count: whatever this worker served after its last beat is not lost
-    _send(channel, events.encode(events.Beat(state.requests)), surely=True)
+    # the last count: whatever this worker served after its last beat is not lost (a
+    # worker that crashes loses at most what it served since its last beat, <= 1 s)
+    _send(channel, beat_message(state), surely=True)
     if pool is not None:
         pool.shutdown()
     return EXIT_OK
@@ -245,6 +248,13 @@ def _send(channel: socket.socket, message: bytes, surely: bool = False) -> None:
             channel.setblocking(False)
 
 
+def beat_message(state: Any) -> bytes:
+    """The heartbeat with the worker's metrics snapshot riding on it."""
+    snapshot = state.metrics.snapshot(state.loop.time(), len(state.connections),
+                                      time.process_time())
+    return events.encode(events.Beat(state.requests, to_wire(snapshot)))
+
+
 class _Heartbeat:
     """Runs on the loop every TICK: refreshes the coarse clock and Date header,
     applies connection timeouts, and tells the primary we are alive. A blocked
@@ -265,7 +275,7 @@ class _Heartbeat:
         self.state.tick()
         self.ticks += 1
         if self.ticks % BEAT_EVERY == 0:
-            _send(self.channel, events.encode(events.Beat(self.state.requests)))
+            _send(self.channel, beat_message(self.state))
         self.schedule()
 
     def stop(self) -> None:

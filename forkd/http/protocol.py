@@ -25,6 +25,7 @@ from forkd.http.proxy import (
     parse_proxy_header,
     resolve_forwarded,
 )
+from forkd.metrics.counters import RequestCounters
 
 log = logging.getLogger("forkd.http")
 
@@ -130,6 +131,7 @@ class ServerState:
         self.health_path = config.health_path.encode() if config.health_path else None
         self.health_flag: HealthFlag | None = None
         self.limit_concurrency = config.limit_concurrency
+        self.metrics = RequestCounters()  # read by the heartbeat; see metrics/counters.py
         self.tick()
 
     def tick(self) -> None:
@@ -269,6 +271,10 @@ class HttpProtocol(asyncio.Protocol):
         self.at_boundary = True  # the next bytes start a new request
         self.blank_bytes = 0  # CR/LF seen before the request line
         self.trailers = 0
+        self.metrics = state.metrics
+        # (start time, method) of each request parsed and not yet answered, in order
+        self.heads: deque[tuple[float, bytes]] = deque()
+        self.response_status = b"000"  # the current response's code, from its status line
 
     # -- connection events ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -294,6 +300,8 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.state.connections.discard(self)
+        if self.heads:  # requests that will never be answered leave the in-flight set
+            self._abandon(self.loop.time())
         for cycle in (self.cycle, self.parsing, *self.pipeline):
             if cycle is not None:
                 cycle.disconnect()
@@ -457,6 +465,9 @@ class HttpProtocol(asyncio.Protocol):
             cycle = factory(self, method.decode("ascii"), target, headers, version, keep_alive)
         if content_length or chunked:  # a body is coming: its stall clock starts now
             self.body_activity = self.loop.time()
+        started = self.request_started or state.now
+        self.heads.append((started, method))
+        self.metrics.begin(started)
         self.request_started = None
         state.requests += 1
         if state.requests == state.request_limit and state.on_limit is not None:
@@ -527,7 +538,9 @@ class HttpProtocol(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         # nothing more goes out once closing began (a cycle detached by reject may still write)
         if not self.closed and self.transport is not None and self.linger_until is None:
-            self.response_begun = True
+            if not self.response_begun:
+                self.response_begun = True
+                self.response_status = data[9:12]  # b"HTTP/1.1 200 ..."
             self.transport.write(data)
 
     def send_continue(self) -> None:
@@ -542,6 +555,9 @@ class HttpProtocol(asyncio.Protocol):
         self.cycle = None
         if self.closed:
             return
+        if self.heads:
+            started, method = self.heads.popleft()
+            self.metrics.finish(method, self.response_status, started, self.loop.time())
         if not keep_alive:
             if self.parsing is cycle:  # the app answered before reading the whole body
                 self.parsing = None
@@ -584,8 +600,29 @@ class HttpProtocol(asyncio.Protocol):
             self.pause_reading()
             return
         log.info("refused a request from %s: %d %s", self.client, status, message)
+        self._count_refusal(status)
         self.write(error_response(status, message, self.state.date_header))
         self.close_gracefully()
+
+    def _count_refusal(self, status: int) -> None:
+        """A refusal answers the newest request (if it got that far); it is also the
+        connection's last answer, so nothing else on it stays in flight."""
+        now = self.loop.time()
+        code = b"%d" % status
+        if self.heads:
+            started, method = self.heads.pop()
+            self.metrics.finish(method, code, started, now)
+        else:
+            # (the parser read a method only when it got as far as the target)
+            method = self.parser.get_method() if self.url else b"other"
+            self.metrics.record(method, code, now - (self.request_started or now))
+        self._abandon(now)
+
+    def _abandon(self, now: float) -> None:
+        metrics = self.metrics
+        while self.heads:
+            self.heads.pop()
+            metrics.end(now)
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
