@@ -134,6 +134,10 @@ def run_start(config: Config) -> int:
         server.close()
         click.echo(f"forkd: error: {exc}", err=True)
         return EXIT_FAILED
+    from forkd.metrics.shell import prepare_app_dir
+
+    # before anything imports prometheus_client (the exporter, a --preload'ed app)
+    metrics_dir = prepare_app_dir(config.metrics, name, os.environ)
     app_object = None
     interface = None if config.interface == "auto" else config.interface
     if config.preload:
@@ -154,13 +158,31 @@ def run_start(config: Config) -> int:
         interface = interface or detect_interface(app_object)
     workers = config.workers or process.usable_cpus()
     options = PrimaryOptions(config=config, name=name, listeners=listeners, workers=workers,
-                             control=server, app=app_object, interface=interface)
+                             control=server, app=app_object, interface=interface,
+                             metrics_dir=metrics_dir)
     return Primary(options).run()
 
 
 _control_option = click.option(
     "--control", "endpoint", envvar="FORKD_CONTROL", default=None, metavar="ENDPOINT",
     help="the primary's control endpoint, when it was started with --control")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--once", is_flag=True, help="print one frame and exit (for scripts and pipes)")
+@_control_option
+def monit(name: str | None, once: bool, endpoint: str | None) -> None:
+    """A live view of every worker (CPU, memory, req/s, p50/p99, state, restarts),
+    refreshed every second; q quits.
+
+    \b
+    Example:
+      forkd monit sample_app
+    """
+    from forkd import monit as view
+
+    sys.exit(view.run(name, _home(), endpoint, once))
 
 
 @cli.command()

@@ -205,6 +205,16 @@ def parse_bind(text: str) -> Bind:
     return Bind("tcp", host=host or "0.0.0.0", port=port)
 
 
+def _metrics_address(value: Any) -> str | None:
+    text = _text(value).strip()
+    if text.lower() in ("", "off", "none"):
+        return None
+    bind = parse_bind(text)
+    if bind.kind not in ("tcp", "unix"):
+        raise ValueError(f"{text!r}: give HOST:PORT, [IPV6]:PORT or unix:PATH")
+    return text
+
+
 @dataclass(frozen=True)
 class Option:
     """One `forkd start` option: its parser and help. Its default is stated once, as
@@ -261,6 +271,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("health_path", _path, "a path forkd answers itself: 200 ready, 503 draining"),
     Option("limit_concurrency", _int(0),
            "requests in progress per worker beyond which forkd answers 503 (0: off)"),
+    Option("metrics", _metrics_address,
+           "serve Prometheus metrics of every worker at http://ADDR/metrics (HOST:PORT or "
+           "unix:PATH) from the primary"),
 )
 OPTION_NAMES = frozenset(option.name for option in OPTIONS)
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -305,6 +318,7 @@ class Config:
     proxy_protocol: bool = False
     health_path: str | None = None
     limit_concurrency: int = 0
+    metrics: str | None = None
 
     @property
     def binds(self) -> tuple[Bind, ...]:

@@ -19,8 +19,10 @@ from forkd import events, log, policy, process, protocol
 from forkd.config import Config
 from forkd.control import Poller
 from forkd.http.health import HealthFlag
+from forkd.metrics.shell import PoolMetrics
 from forkd.monitor import Monitor
 from forkd.sockets import Listener, close_listeners
+from forkd.state import exit_reason
 from forkd.systemd import Notifier, format_status, watchdog_interval
 from forkd.worker import WorkerSpec
 
@@ -51,6 +53,7 @@ class PrimaryOptions:
     app: Any = None  # the preloaded app object, with --preload
     interface: str | None = None
     started_at: float = field(default_factory=time.time)
+    metrics_dir: tuple[str, bool] | None = None  # the app's multiprocess dir, --metrics
 
 
 class Primary:
@@ -72,11 +75,10 @@ class Primary:
         self.channel_owner: dict[int, int] = {}  # our channel end's fd -> worker pid
         self.next_status = 0.0
         self.next_watchdog = 0.0
-        self.last_requests: tuple[float, int] = (time.monotonic(), 0)
-        self.rate = 0.0
         # --health-path's shared flag, made before the first fork so that every worker maps
         # the same page: raising it (--drain-delay) fails the health path everywhere at once
         self.health = HealthFlag() if self.config.health_path else None
+        self.metrics = PoolMetrics()
 
     # -- set-up -----------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -96,6 +98,9 @@ class Primary:
         log.event("primary-started", name=self.options.name, pid=os.getpid(),
                   app=self.config.app, workers=self.options.workers, listen=listeners,
                   interface=self.options.interface or self.config.interface)
+        if self.config.metrics and not self._serve_metrics(self.config.metrics):
+            self._shutdown()
+            return 1
         self._feed(events.Start())
         try:
             while self.exit_code is None:
@@ -109,7 +114,26 @@ class Primary:
             self._shutdown()
         return self.exit_code
 
+    def _serve_metrics(self, address: str) -> bool:
+        listeners = [(listener.address, listener.sock) for listener in self.options.listeners]
+        app_dir = self.options.metrics_dir
+        try:
+            served = self.metrics.serve(address, listeners, self.config.memory_metric,
+                                        app_dir, HANDLED_SIGNALS)
+        except (OSError, ValueError) as exc:
+            log.event("metrics-failed", level=logging.ERROR, address=address, why=str(exc))
+            return False
+        log.event("metrics", address=served, path="/metrics",
+                  app_dir=app_dir[0] if app_dir else None)
+        if app_dir is not None and not app_dir[1] and self.metrics.app.file_count():
+            # the operator's own directory: files of an earlier run would be served as
+            # if they were this one's (prometheus_client's advice: empty it between runs)
+            log.event("metrics-dir-not-empty", level=logging.WARNING, app_dir=app_dir[0],
+                      files=self.metrics.app.file_count())
+        return True
+
     def _shutdown(self) -> None:
+        self.metrics.close()
         signal.set_wakeup_fd(-1)
         for channel in self.channels.values():
             channel.close()
@@ -162,6 +186,12 @@ class Primary:
         if self.watchdog is not None and now >= self.next_watchdog:
             self.next_watchdog = now + self.watchdog
             self.notifier.watchdog()
+        if self.metrics.server is not None:
+            self.metrics.publish(((w.pid, w.slot, w.state.value)
+                                  for w in self.supervisor.table.workers.values()),
+                                 self.supervisor.target, now)
+            for error in self.metrics.errors():
+                log.event("metrics-error", level=logging.WARNING, why=error)
         if now >= self.next_status and self.notifier.enabled:
             self.next_status = now + STATUS_EVERY
             self.notifier.status(self._status_line(now))
@@ -172,13 +202,9 @@ class Primary:
         self.due = self._next_due(time.monotonic())
 
     def _status_line(self, now: float) -> str:
-        total = sum(w.requests for w in self.supervisor.table.workers.values())
-        then, before = self.last_requests
-        if now > then and total >= before:
-            self.rate = (total - before) / (now - then)
-        self.last_requests = (now, total)
+        # req/s from the same numbers as /metrics and `forkd status`
         return format_status(self.supervisor.table.ready_count(), self.supervisor.target,
-                             self.rate)
+                             self.metrics.aggregator.pool_rps())
 
     def _on_signals(self) -> None:
         try:
@@ -199,6 +225,7 @@ class Primary:
                 self.poller.unregister(channel)
                 channel.close()
             self.monitor.forget(pid)
+            self._metrics_exit(pid, code, signum)
             self._feed(events.Exited(pid, code, signum))
 
     def _drain_channel(self, pid: int, channel: socket.socket) -> None:
@@ -214,7 +241,18 @@ class Primary:
                 log.event("bad-worker-message", level=logging.WARNING, pid=pid,
                           data=repr(data[:40]))
                 continue
+            if isinstance(message, events.Beat) and message.metrics is not None:
+                self.metrics.snapshot(pid, message.metrics, time.monotonic())
             self._feed(events.FromWorker(pid, message))
+
+    def _metrics_exit(self, pid: int, code: int | None, signum: int | None) -> None:
+        """The worker's counts join the retired totals; a replacement or removal is
+        counted by its cause (a stop's exits are not restarts)."""
+        worker = self.supervisor.table.workers.get(pid)
+        if worker is None:
+            return
+        reason = worker.leave_reason or exit_reason(code, signum)
+        self.metrics.exited(pid, None if self.supervisor.stopping else reason.cause.value)
 
     def _feed(self, event: events.Event, now: float | None = None) -> None:
         actions = self.driver.feed(event, time.monotonic() if now is None else now)
@@ -261,6 +299,8 @@ class Primary:
         if isinstance(action, policy.Signal):
             process.send_signal(action.pid, action.signum)
         elif isinstance(action, policy.Log):
+            if action.event in ("reload-done", "reload-aborted"):
+                self.metrics.reloaded("done" if action.event == "reload-done" else "aborted")
             log.event(action.event, level=action.level, **action.fields)
         elif isinstance(action, policy.Progress):
             self._progress(action.requester, action.text)
@@ -312,6 +352,7 @@ class Primary:
             gc.unfreeze()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         theirs.close()
+        self.metrics.spawned(pid, action.slot, time.monotonic())
         self.channels[pid] = ours
         self.channel_owner[ours.fileno()] = pid
         self.poller.register(ours)
@@ -354,7 +395,7 @@ class Primary:
             row["rss"] = sample.rss if sample else None
             row["cpu_percent"] = round(sample.cpu_percent, 1) if sample else None
         operation = self.supervisor.operation
-        return {
+        document: dict[str, Any] = {
             "name": self.options.name,
             "pid": os.getpid(),
             "app": self.config.app,
@@ -365,6 +406,8 @@ class Primary:
             "health": dict(self.supervisor.counters),
             "operation": operation.describe() if operation is not None else None,
         }
+        self.metrics.add_status_fields(document)
+        return document
 
 
 def _import_worker_stack() -> None:
