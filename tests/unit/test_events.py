@@ -20,7 +20,8 @@ def test_every_worker_message_round_trips(msg: events.WorkerMessage) -> None:
 
 
 def test_the_wire_forms_are_short_and_stable() -> None:
-    assert encode(Beat(7)) == b'hb {"requests":7}'
+    assert encode(Beat(7)) == b'hb {"requests":7,"metrics":null}'
+    assert decode(b'hb {"requests":7}') == Beat(7)  # a beat without a metrics snapshot
     assert encode(Draining()) == b"draining"
     assert encode(LimitReached(50)) == b'limit {"requests":50}'
 
