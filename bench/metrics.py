@@ -42,6 +42,7 @@ from bench.harness import (
 )
 
 TEST_APPS = REPO / "tests" / "apps"
+BASE = os.environ.get("FORKD_BENCH_BASE", "main")  # what `main` runs: a git ref
 PROBE_APP = "metrics_probe:app"
 
 
@@ -114,12 +115,18 @@ class _Scraper(threading.Thread):
                 pass
 
 
-def onoff(rounds: int = 5, seconds: int = 5) -> dict[str, Any]:
-    """`main` is the main branch's forkd (no counters at all), exported with git archive."""
+def _main_code() -> Path:
+    """The main branch's forkd/ (without this branch's metrics), via git archive."""
     main_code = Path(tempfile.mkdtemp(prefix="forkd-bench-main-"))
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "main", "forkd"],
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", BASE, "forkd"],
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(main_code)], input=archive, check=True)
+    return main_code
+
+
+def onoff(rounds: int = 5, seconds: int = 5) -> dict[str, Any]:
+    """`main` is the forkd this branch started from (no counters at all)."""
+    main_code = _main_code()
     results: dict[str, list[float]] = {"main": [], "off": [], "on": []}
     cpu_us: dict[str, list[float]] = {"main": [], "off": [], "on": []}
     scrape_ms: list[float] = []
@@ -173,9 +180,11 @@ def _primary_cpu(pid: int, seconds: float) -> float:
 
 def idle(workers: int = 64, seconds: float = 20.0) -> dict[str, Any]:
     out: dict[str, Any] = {"workers": workers, "seconds": seconds}
-    for mode in ("off", "on"):
+    main_code = _main_code()
+    for mode in ("main", "off", "on"):
         mport = free_port() if mode == "on" else None
-        spec = _forkd_spec(f"forkd-idle-{mode}", "bench.apps.hello_asgi:app", [], mport)
+        spec = _forkd_spec(f"forkd-idle-{mode}", "bench.apps.hello_asgi:app", [], mport,
+                           main_code if mode == "main" else None)
         log(f"idle: {workers} workers, metrics {mode}")
         with running(spec, workers, timeout=30 + 1.5 * workers) as server:
             time.sleep(3)  # start-up settles
@@ -188,6 +197,7 @@ def idle(workers: int = 64, seconds: float = 20.0) -> dict[str, Any]:
                 scraper.join()
                 out["scrape_ms"] = [round(t * 1000, 1) for t in scraper.times]
         log(f"  primary {out[f'primary_cpu_percent_{mode}']}% of a core")
+    subprocess.run(["rm", "-rf", str(main_code)], check=False)
     return out
 
 
