@@ -68,7 +68,9 @@ def start(app: str | None, config_file: str | None, **given: Any) -> None:
     except ConfigError as exc:
         _fail(f"error: {exc}", EXIT_USAGE)
     config = config.replace(chdir=working_directory(config.chdir, os.environ))
-    sys.exit(run_start(config))
+    # `forkd upgrade` starts the next primary with these same words, from here
+    sys.exit(run_start(config, argv=sys.argv[1:],
+                       start_dir=working_directory(None, os.environ)))
 
 
 def working_directory(chdir: str | None, env: Any) -> str:
@@ -103,37 +105,70 @@ def load_config(app: str | None, given: dict[str, Any], config_file: str | None,
     return merge(app, given, env, file_values, path or "forkd.toml")
 
 
-def run_start(config: Config) -> int:
-    from forkd import control, process, systemd
-    from forkd.primary import Primary, PrimaryOptions
-    from forkd.sockets import open_listeners
+def open_control(config: Config, name: str) -> Any:
+    """The primary's control server (ConfigError, ControlError when it cannot be had)."""
+    from forkd import control
 
-    name = config.name or default_name(config.app)
     home = control.default_home(os.environ)
     endpoint = config.control or control.endpoint_for(home, name)
-    try:
-        if endpoint.startswith("ipc://"):
-            control.ensure_home(home)
-        keys = control.load_curve_keys(config.control_keys) if config.control_keys else None
-        server = control.ControlServer(
-            endpoint, curve_secret_key=keys.secret if keys else None,
-            curve_public_key=keys.public if keys else None)
-    except ConfigError as exc:
-        click.echo(f"forkd: error: {exc}", err=True)
-        return EXIT_USAGE
-    except ControlError as exc:
-        from forkd.protocol import USAGE_CODES
+    if endpoint.startswith("ipc://"):
+        control.ensure_home(home)
+    keys = control.load_curve_keys(config.control_keys) if config.control_keys else None
+    return control.ControlServer(
+        endpoint, curve_secret_key=keys.secret if keys else None,
+        curve_public_key=keys.public if keys else None)
 
-        click.echo(f"forkd: error: {exc.message}", err=True)
-        return EXIT_USAGE if exc.code in USAGE_CODES else EXIT_FAILED
+
+def run_start(config: Config, argv: list[str] | None = None, start_dir: str | None = None
+              ) -> int:
+    from forkd import handoff
+
+    # Started by `forkd upgrade`: the old primary waits on the other end of this.
+    predecessor = handoff.Predecessor.from_env(os.environ)
+    code, error = _run_start(config, argv or [], start_dir or os.getcwd(), predecessor)
+    if predecessor is not None and code != 0:
+        predecessor.failed(error or f"the new primary exited with code {code}")
+    return code
+
+
+def _fail_start(message: str, code: int) -> tuple[int, str]:
+    click.echo(f"forkd: error: {message}", err=True)
+    return code, message
+
+
+def _run_start(config: Config, argv: list[str], start_dir: str,
+               predecessor: Any) -> tuple[int, str]:
+    """(exit code, why it failed before the primary ran)."""
+    from forkd import handoff, process, systemd
+    from forkd.primary import Primary, PrimaryOptions
+    from forkd.sockets import Listener, adopt_fd, open_listeners
+
+    name = config.name or default_name(config.app)
+    server = None
+    if predecessor is None:  # (else taken over once the old primary lets go of it)
+        try:
+            server = open_control(config, name)
+        except ConfigError as exc:
+            return _fail_start(str(exc), EXIT_USAGE)
+        except ControlError as exc:
+            from forkd.protocol import USAGE_CODES
+
+            return _fail_start(exc.message,
+                               EXIT_USAGE if exc.code in USAGE_CODES else EXIT_FAILED)
+    handed = handoff.inherited_listeners(os.environ)
     inherited = systemd.listen_fds(os.environ, os.getpid())
     systemd.clear_listen_env(os.environ)
     try:
-        listeners = open_listeners(config.binds, config.backlog, config.unix_mode, inherited)
+        if handed is not None:  # an upgrade: the old primary's sockets, under their labels
+            listeners = [Listener(adopt_fd(fd, config.backlog, label), label)
+                         for fd, label in handed]
+        else:
+            listeners = open_listeners(config.binds, config.backlog, config.unix_mode,
+                                       inherited)
     except BindError as exc:
-        server.close()
-        click.echo(f"forkd: error: {exc}", err=True)
-        return EXIT_FAILED
+        if server is not None:
+            server.close()
+        return _fail_start(str(exc), EXIT_FAILED)
     from forkd.metrics.shell import prepare_app_dir
 
     # before anything imports prometheus_client (the exporter, a --preload'ed app)
@@ -147,20 +182,23 @@ def run_start(config: Config) -> int:
             enter_directory(config.chdir)  # the primary imports the app: from there
             app_object = import_app(config.app)
         except AppLoadError as exc:
-            click.echo(f"forkd: error: {exc}", err=True)
-            server.close()
-            return EXIT_FAILED
+            if server is not None:
+                server.close()
+            return _fail_start(str(exc), EXIT_FAILED)
         except BaseException:
-            traceback.print_exc()
-            click.echo(f"forkd: error: cannot import {config.app}", err=True)
-            server.close()
-            return EXIT_FAILED
+            text = traceback.format_exc()
+            sys.stderr.write(text)
+            if server is not None:
+                server.close()
+            return _fail_start(f"cannot import {config.app}:\n{text.rstrip()}", EXIT_FAILED)
         interface = interface or detect_interface(app_object)
     workers = config.workers or process.usable_cpus()
     options = PrimaryOptions(config=config, name=name, listeners=listeners, workers=workers,
                              control=server, app=app_object, interface=interface,
-                             metrics_dir=metrics_dir)
-    return Primary(options).run()
+                             metrics_dir=metrics_dir,
+                             argv=argv, start_dir=start_dir, predecessor=predecessor,
+                             open_control=lambda: open_control(config, name))
+    return Primary(options).run(), ""
 
 
 _control_option = click.option(
@@ -216,6 +254,26 @@ def reload(name: str | None, timeout: float | None, endpoints: tuple[str, ...]) 
         sys.exit(ctl.reload_fleet(list(endpoints), timeout=limit))
     sys.exit(ctl.reload(name, _home(), endpoint=endpoints[0] if endpoints else None,
                         timeout=limit))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--timeout", type=float, default=None,
+              help="seconds to wait for the whole upgrade (default: an hour)")
+@_control_option
+def upgrade(name: str | None, timeout: float | None, endpoint: str | None) -> None:
+    """Replace the primary itself (new forkd, Python or --preload'ed app) without closing
+    a listening socket: a new primary with the same options takes the listeners, its
+    workers become ready, then the old primary drains its workers and exits.
+
+    \b
+    Example:
+      forkd upgrade sample_app
+    """
+    from forkd import ctl
+
+    sys.exit(ctl.upgrade(name, _home(), endpoint=endpoint,
+                         timeout=ctl.LONG_TIMEOUT if timeout is None else timeout))
 
 
 @cli.command()

@@ -33,6 +33,7 @@ LONG_TIMEOUT = 3600.0
 FLEET_PING_TIMEOUT = 5.0
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+HANDOVER_TIMEOUT = 10.0  # for the new primary to bind the endpoint the old one released
 
 
 def reload(
@@ -107,6 +108,48 @@ def reload_fleet(
         _print(out, f"{prefix} {_message(result, 'reload complete')}")
     _print(out, f"fleet reload complete: {total} hosts")
     return EXIT_OK
+
+
+def upgrade(
+    name: str | None,
+    home: Path,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    endpoint: str | None = None,
+    timeout: float = LONG_TIMEOUT,
+) -> int:
+    """Replace the primary itself; done once the new primary answers on the endpoint."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        target = endpoint or resolve(home, name)
+    except ConfigError as exc:
+        _print(err, f"forkd upgrade: {exc}")
+        return EXIT_USAGE
+    except ControlError as exc:
+        _print(err, _error_text("upgrade", exc))
+        return EXIT_USAGE if exc.code in USAGE_CODES else EXIT_FAILED
+    code, result = _request("upgrade", {}, name, home, out, err, endpoint=target,
+                            timeout=timeout, progress=True)
+    if result is None:
+        return code
+    _print(out, _message(result, "upgraded"))
+    pid = result.get("pid")
+    # The old primary answers, then lets go of the endpoint, which the new one takes:
+    # the command ends once it is the new one that answers there.
+    deadline = time.monotonic() + HANDOVER_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            pong = call(target, "ping", timeout=1.0)
+        except ControlError:
+            pong = {}
+        if pong.get("pid") == pid:
+            _print(out, f"new primary pid {pid} answers on {target}")
+            return EXIT_OK
+        time.sleep(0.05)
+    _print(err, f"forkd upgrade: the new primary (pid {pid}) did not answer on {target} "
+                f"within {HANDOVER_TIMEOUT:g}s")
+    return EXIT_FAILED
 
 
 def stop(

@@ -239,6 +239,36 @@ class StopRequest:
     requester: Any = None
 
 
-ControlRequest = ReloadRequest | ScaleRequest | StopRequest
+@dataclass(frozen=True)
+class UpgradeRequest:
+    """`forkd upgrade` (or SIGUSR2, with no requester): replace the primary itself."""
+
+    requester: Any = None
+
+
+# -- the successor of an upgrade (a new primary this one started) ------------------------------
+@dataclass(frozen=True)
+class SuccessorStarted:
+    """The StartUpgrade action was carried out: the new primary runs with this pid."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class SuccessorReady:
+    """The new primary says every one of its workers is ready."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class SuccessorFailed:
+    """The new primary could not be started, said it failed, or exited before ready."""
+
+    why: str
+
+
+ControlRequest = ReloadRequest | ScaleRequest | StopRequest | UpgradeRequest
 Event = (Start | FromWorker | Spawned | SpawnFailed | Exited | MemorySample | Tick
-         | OperatorSignal | ControlRequest)
+         | OperatorSignal | ControlRequest | SuccessorStarted | SuccessorReady
+         | SuccessorFailed)

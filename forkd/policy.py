@@ -9,8 +9,8 @@ primary's shell, or the unit tests' fake) and feeds the outcome of a spawn back
 in as an event, so the tests run exactly the loop the primary runs.
 
 Where things live: events and the worker codec in events.py; the worker and slot
-lifecycles and their legal moves in state.py; operations (Reload, Scale, Stop)
-below, each an `Operation` that owns its steps and its requester, driven through
+lifecycles and their legal moves in state.py; operations (Reload, Scale, Stop,
+Upgrade) below, each an `Operation` that owns its steps and its requester, driven through
 hooks (`on_ready`, `on_promoted`, `on_replacement_failed`, `on_stopped_accepting`,
 `on_exited`, `on_occupant_died`); max-requests and memory recycles are replacements
 (`_replace`), not operations, so several may overlap each other and an operation.
@@ -102,6 +102,9 @@ class Notify:
 @dataclass(frozen=True)
 class Exit:
     code: int
+    # for a failure: what went wrong (a new primary tells its predecessor); not part of
+    # an Exit's identity, which is its code
+    why: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,9 @@ class ReopenLogs:
 
 @dataclass(frozen=True)
 class StartUpgrade:
-    """SIGUSR2: replace the primary itself (as `forkd upgrade`)."""
+    """Start a new primary with this one's options on the inherited listeners; the
+    shell answers with SuccessorStarted (or SuccessorFailed), then SuccessorReady or
+    SuccessorFailed as the new primary reports."""
 
 
 @dataclass(frozen=True)
@@ -121,14 +126,22 @@ class FailHealth:
     out before its listeners close."""
 
 
+@dataclass(frozen=True)
+class HandOver:
+    """The new primary is ready: let go of the control endpoint and tell it to take it;
+    stop speaking for the service to systemd (the new primary is its main process now)."""
+
+    pid: int
+
+
 Action = (Spawn | Signal | Log | Progress | Reply | Notify | Exit | ReopenLogs | StartUpgrade
-          | FailHealth)
+          | FailHealth | HandOver)
 
 
 # -- operations ------------------------------------------------------------------------------
 class Operation:
-    """An operator's request that takes many events to finish: reload, scale, stop
-    (an upgrade of the primary will be one more). One runs at a time; a second
+    """An operator's request that takes many events to finish: reload, scale, stop,
+    upgrade (of the primary itself). One runs at a time; a second
     mutating request meanwhile is refused as busy. The supervisor calls the hooks
     below at the moments they name; an operation answers with actions, and ends
     itself with `sup.finish(self)`. Health replacements (max-requests, memory,
@@ -139,6 +152,10 @@ class Operation:
 
     def describe(self) -> str:
         return f"{self.noun} in progress"
+
+    def on_cancelled(self, sup: Supervisor, now: float) -> list[Action]:
+        """A stop signal ended the operation before it was done."""
+        return []
 
     def begin(self, sup: Supervisor, now: float) -> list[Action]:
         return []
@@ -345,15 +362,23 @@ class Stop(Operation):
     # --drain-delay: until this time the workers go on serving with the health path
     # failing, so that a load balancer lets go of the host first; then they drain
     drain_at: float | None = None
+    # after an upgrade: a new primary is the service now, so nothing goes to systemd
+    handed_over: bool = False
 
     noun = "stop"
 
     def begin(self, sup: Supervisor, now: float) -> list[Action]:
-        delay = sup.config.drain_delay if self.graceful and sup.table.workers else 0.0
+        # (after an upgrade the host goes on serving through the new primary: no delay)
+        delay = (sup.config.drain_delay
+                 if self.graceful and sup.table.workers and not self.handed_over else 0.0)
         fields: dict[str, Any] = {"graceful": self.graceful, "workers": len(sup.table.workers)}
         if delay > 0:
             fields["drain_delay"] = f"{delay:g}s"
-        actions: list[Action] = [Log("stopping", fields), Notify("stopping")]
+        if self.handed_over:
+            fields["reason"] = "upgraded"
+        actions: list[Action] = [Log("stopping", fields)]
+        if not self.handed_over:
+            actions.append(Notify("stopping"))
         if self.why:
             actions.append(Log("stop-reason", {"why": self.why.splitlines()[-1]}, ERROR))
         for slot in sup.table.slots.values():
@@ -398,7 +423,89 @@ class Stop(Operation):
         actions: list[Action] = [Log("stopped", {"code": self.exit_code})]
         for requester in self.requesters:
             actions.append(Reply(requester, True, "stopped"))
-        return actions + [Exit(self.exit_code)]
+        return actions + [Exit(self.exit_code, self.why)]
+
+
+UPGRADE_MARGIN = 30.0  # beyond --startup-timeout for a new primary: its own start-up
+# (interpreter, imports, a --preload import of the app) before its workers boot
+
+
+@dataclass(eq=False)
+class Upgrade(Operation):
+    """The primary replaces itself. The shell starts a new primary with the same
+    options on the inherited listeners (StartUpgrade); its workers accept beside ours
+    as each becomes ready. Once it reports every worker ready, this primary answers,
+    hands the control endpoint over (HandOver) and drains its own workers away: a
+    Stop that tells systemd nothing, since the new primary is the service now.
+
+    If the new primary fails (it says why, or exits) or is not ready by the deadline,
+    it is told to stop and this primary goes on serving exactly as before."""
+
+    started_at: float
+    ready_by: float
+    requester: Any = None
+    successor: int | None = None
+
+    noun = "upgrade"
+
+    def describe(self) -> str:
+        if self.successor is None:
+            return "upgrade in progress"
+        return f"upgrade in progress (new primary pid {self.successor})"
+
+    def deadline(self) -> float | None:
+        return self.ready_by
+
+    def begin(self, sup: Supervisor, now: float) -> list[Action]:
+        return [Log("upgrade-start", {"workers": sup.target}), Notify("reloading"),
+                Progress(self.requester, "starting a new primary on the same listeners"),
+                StartUpgrade()]
+
+    def on_successor_started(self, sup: Supervisor, pid: int, now: float) -> list[Action]:
+        self.successor = pid
+        return [Log("upgrade-successor", {"pid": pid}),
+                Progress(self.requester, f"new primary pid {pid} started, "
+                         f"waiting for its {sup.target} worker(s) to be ready")]
+
+    def on_successor_ready(self, sup: Supervisor, pid: int, now: float) -> list[Action]:
+        if pid != self.successor:
+            return []
+        sup.finish(self)
+        seconds = now - self.started_at
+        actions: list[Action] = [
+            Log("upgrade-done", {"pid": pid, "seconds": f"{seconds:.2f}"}),
+            *sup.reply(self.requester, True,
+                       f"upgraded in {seconds:.1f}s: new primary pid {pid} serves; "
+                       "the old one drains its workers and exits",
+                       result={"pid": pid, "seconds": round(seconds, 3)}),
+            HandOver(pid)]
+        return actions + sup._begin_stop(True, now, 0, handed_over=True)
+
+    def on_successor_failed(self, sup: Supervisor, why: str, now: float) -> list[Action]:
+        sup.finish(self)
+        text = why.strip() or "no reason given"
+        # (a traceback starts on its own line, as a failed reload prints it)
+        message = (f"upgrade failed, the old primary goes on serving: {text}"
+                   if "\n" not in text else
+                   f"upgrade failed, the old primary goes on serving:\n{text}")
+        actions: list[Action] = [Log("upgrade-failed", {"pid": self.successor,
+                                                        "why": text.splitlines()[-1]}, ERROR)]
+        if self.successor is not None:
+            actions.append(Signal(self.successor, signal.SIGTERM))  # (if it still runs)
+        return actions + sup.reply(self.requester, False, message, Code.FAILED) + [
+            Notify("ready")]
+
+    def on_tick(self, sup: Supervisor, now: float) -> list[Action]:
+        if now < self.ready_by:
+            return []
+        limit = self.ready_by - self.started_at
+        return self.on_successor_failed(
+            sup, f"the new primary was not ready within {limit:g}s", now)
+
+    def on_cancelled(self, sup: Supervisor, now: float) -> list[Action]:
+        if self.successor is None:
+            return []
+        return [Signal(self.successor, signal.SIGTERM)]
 
 
 def backoff_delay(fast_deaths: int) -> float:
@@ -413,7 +520,7 @@ def backoff_delay(fast_deaths: int) -> float:
 WARNING = logging.WARNING
 ERROR = logging.ERROR
 _HEALTH = (Cause.CRASHED, Cause.KILLED, Cause.MEMORY, Cause.TIMEOUT, Cause.MAX_REQUESTS)
-_DEFERRED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+_DEFERRED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
 
 
 class Supervisor:
@@ -799,22 +906,21 @@ class Supervisor:
             return []
         if signum == signal.SIGUSR1:
             return [ReopenLogs()]
-        if signum == signal.SIGUSR2:
-            if self.stopping:
-                return [Log("refused", {"command": "upgrade", "why": "forkd is stopping"},
-                            WARNING)]
-            return [Log("signal", {"name": name}), StartUpgrade()]
         return []
 
     def _run_deferred(self, now: float) -> list[Action]:
-        """Operator signals wait their turn; repeated SIGHUPs fold into one reload and
-        SIGTTIN/SIGTTOU add up one worker each."""
+        """Operator signals wait their turn; repeated SIGHUPs fold into one reload (and
+        SIGUSR2s into one upgrade), SIGTTIN/SIGTTOU add up one worker each."""
         actions: list[Action] = []
         while self.deferred and self.operation is None:
             signum = self.deferred.pop(0)
             if signum == signal.SIGHUP:
                 self.deferred = [s for s in self.deferred if s != signal.SIGHUP]
                 actions += self._reload(ev.ReloadRequest(None), now)
+            elif signum == signal.SIGUSR2:
+                self.deferred = [s for s in self.deferred if s != signal.SIGUSR2]
+                actions += [Log("signal", {"name": "SIGUSR2"}),
+                            *self._upgrade(ev.UpgradeRequest(None), now)]
             else:
                 step = 1 if signum == signal.SIGTTIN else -1
                 actions += self._scale(ev.ScaleRequest(step, relative=True), now)
@@ -884,13 +990,43 @@ class Supervisor:
                 return self._refuse("stop", requester, Code.BUSY, f"busy: {op.describe()}")
             actions += self.reply(op.requester, False,
                                   f"{op.noun} cancelled: forkd is stopping", Code.FAILED)
+            actions += op.on_cancelled(self, now)
         return actions + self._begin_stop(graceful, now, 0,
                                           requesters=[requester] if requester else [])
 
     def _begin_stop(self, graceful: bool, now: float, exit_code: int, why: str = "",
-                    requesters: list[Any] | None = None) -> list[Action]:
-        return self._start_operation(Stop(graceful, exit_code, why, list(requesters or [])),
-                                     now)
+                    requesters: list[Any] | None = None, handed_over: bool = False
+                    ) -> list[Action]:
+        return self._start_operation(Stop(graceful, exit_code, why, list(requesters or []),
+                                          handed_over=handed_over), now)
+
+    def _upgrade(self, event: ev.UpgradeRequest, now: float) -> list[Action]:
+        busy = self._busy("upgrade", event.requester)
+        if busy is not None:
+            return busy
+        ready_by = now + self.config.startup_timeout + UPGRADE_MARGIN
+        return self._start_operation(Upgrade(started_at=now, ready_by=ready_by,
+                                             requester=event.requester), now)
+
+    def _successor_started(self, event: ev.SuccessorStarted, now: float) -> list[Action]:
+        op = self.operation
+        if isinstance(op, Upgrade) and op.successor is None:
+            return op.on_successor_started(self, event.pid, now)
+        # the upgrade it was for has ended (a stop): it must not stay
+        return [Signal(event.pid, signal.SIGTERM)]
+
+    def _successor_ready(self, event: ev.SuccessorReady, now: float) -> list[Action]:
+        op = self.operation
+        if isinstance(op, Upgrade):
+            return op.on_successor_ready(self, event.pid, now)
+        return [Log("upgrade-late", {"pid": event.pid}, WARNING),
+                Signal(event.pid, signal.SIGTERM)]
+
+    def _successor_failed(self, event: ev.SuccessorFailed, now: float) -> list[Action]:
+        op = self.operation
+        if isinstance(op, Upgrade):
+            return op.on_successor_failed(self, event.why, now)
+        return []
 
     # -- status ----------------------------------------------------------------------------------
     def status_rows(self, now: float) -> list[dict[str, Any]]:
@@ -940,6 +1076,10 @@ _HANDLERS: dict[type, _Handler] = {
     ev.ReloadRequest: Supervisor._reload,
     ev.ScaleRequest: Supervisor._scale,
     ev.StopRequest: Supervisor._stop_request,
+    ev.UpgradeRequest: Supervisor._upgrade,
+    ev.SuccessorStarted: Supervisor._successor_started,
+    ev.SuccessorReady: Supervisor._successor_ready,
+    ev.SuccessorFailed: Supervisor._successor_failed,
 }
 _WorkerHandler = Callable[[Supervisor, Worker, Any, float], list[Action]]
 _WORKER_HANDLERS: dict[type, _WorkerHandler] = {

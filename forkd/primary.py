@@ -12,17 +12,19 @@ import random
 import signal
 import socket
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from forkd import events, log, policy, process, protocol
+from forkd import events, handoff, log, policy, process, protocol
 from forkd.config import Config
 from forkd.control import Poller
 from forkd.http.health import HealthFlag
 from forkd.metrics.shell import PoolMetrics
 from forkd.monitor import Monitor
 from forkd.sockets import Listener, close_listeners
-from forkd.state import exit_reason
+from forkd.state import exit_reason, exit_words
 from forkd.systemd import Notifier, format_status, watchdog_interval
 from forkd.worker import WorkerSpec
 
@@ -54,6 +56,14 @@ class PrimaryOptions:
     interface: str | None = None
     started_at: float = field(default_factory=time.time)
     metrics_dir: tuple[str, bool] | None = None  # the app's multiprocess dir, --metrics
+    # what an upgrade starts the next primary with: the start arguments and the
+    # directory `forkd start` ran in, as the shell named it
+    argv: list[str] = field(default_factory=list)
+    start_dir: str = ""
+    # a primary started by an upgrade: the handshake with the old one, and how to open
+    # the control endpoint once the old one has let go of it
+    predecessor: handoff.Predecessor | None = None
+    open_control: Callable[[], Any] | None = None
 
 
 class Primary:
@@ -79,6 +89,9 @@ class Primary:
         # the same page: raising it (--drain-delay) fails the health path everywhere at once
         self.health = HealthFlag() if self.config.health_path else None
         self.metrics = PoolMetrics()
+        self.successor: handoff.Successor | None = None  # the new primary of an upgrade
+        self.handed_over = False  # the successor serves: this primary only drains
+        self.pending: deque[events.Event] = deque()  # outcomes of actions, fed after them
 
     # -- set-up -----------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -90,6 +103,8 @@ class Primary:
         if self.options.control is not None:
             for sock in self.options.control.sockets():
                 self.poller.register(sock)
+        if self.options.predecessor is not None:
+            self.poller.register(self.options.predecessor.fileno())
 
     def run(self) -> int:
         _import_worker_stack()
@@ -140,7 +155,12 @@ class Primary:
         self.channels.clear()
         if self.options.control is not None:
             self.options.control.close()
-        close_listeners(self.options.listeners, unlink=True)
+        if self.options.predecessor is not None:
+            self.options.predecessor.close()
+        if self.successor is not None:
+            self.successor.close()
+        # after an upgrade the unix listeners' files are the new primary's
+        close_listeners(self.options.listeners, unlink=not self.handed_over)
         self.notifier.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
@@ -158,6 +178,12 @@ class Primary:
         if self.options.control is not None and any(
                 sock in ready for sock in self.options.control.sockets()):
             self._on_control()
+        if self.successor is not None and self.successor.sock.fileno() in ready:
+            self._on_successor()
+        predecessor = self.options.predecessor
+        if predecessor is not None and predecessor.fileno() in ready:
+            if predecessor.told_to_take():
+                self._take_over()
         # Housekeeping (an O(workers) pass) runs when something is due or the table
         # changed, not after every heartbeat: 64 workers beat 64 times a second.
         if self.changed or time.monotonic() >= self.due:
@@ -218,6 +244,9 @@ class Primary:
 
     def _reap(self) -> None:
         for pid, code, signum in process.reap():
+            if self.successor is not None and pid == self.successor.pid:
+                self._successor_exited(code, signum)
+                continue
             channel = self.channels.pop(pid, None)
             if channel is not None:
                 self.channel_owner.pop(channel.fileno(), None)
@@ -255,9 +284,98 @@ class Primary:
         self.metrics.exited(pid, None if self.supervisor.stopping else reason.cause.value)
 
     def _feed(self, event: events.Event, now: float | None = None) -> None:
-        actions = self.driver.feed(event, time.monotonic() if now is None else now)
-        if actions:
-            self.changed = True
+        self.pending.append(event)
+        while self.pending:  # (an action's outcome, such as SuccessorStarted, goes next)
+            actions = self.driver.feed(self.pending.popleft(),
+                                       time.monotonic() if now is None else now)
+            if actions:
+                self.changed = True
+
+    # -- upgrade: the old primary's side --------------------------------------------------------
+    def _start_successor(self) -> None:
+        try:
+            self.successor = handoff.start_successor(
+                self.options.listeners, self.options.argv, self.options.start_dir,
+                os.environ)
+        except OSError as exc:
+            self.pending.append(events.SuccessorFailed(f"cannot start a new primary: {exc}"))
+            return
+        self.poller.register(self.successor.sock)
+        self.pending.append(events.SuccessorStarted(self.successor.pid))
+
+    def _on_successor(self) -> None:
+        successor = self.successor
+        assert successor is not None
+        for state, why in successor.read():
+            if state == "ready":
+                self._feed(events.SuccessorReady(successor.pid))
+            elif state == "failed":
+                self._feed(events.SuccessorFailed(why))
+            else:
+                self._feed(events.SuccessorFailed(
+                    f"the new primary (pid {successor.pid}) exited before it was ready"))
+        if self.successor is successor and successor.lines.eof:
+            self._forget_successor()
+
+    def _successor_exited(self, code: int | None, signum: int | None) -> None:
+        successor = self.successor
+        assert successor is not None
+        successor.proc.returncode = code if code is not None else -(signum or 0)
+        self._on_successor()  # its last words (a failure's reason) come first
+        if self.successor is successor:
+            self._forget_successor()
+            if successor.said != "failed":
+                self._feed(events.SuccessorFailed(
+                    f"the new primary (pid {successor.pid}) exited "
+                    f"({exit_words(code, signum)}) before it was ready"))
+        log.event("successor-exited", level=logging.WARNING, pid=successor.pid,
+                  status=exit_words(code, signum))
+
+    def _forget_successor(self) -> None:
+        if self.successor is not None:
+            self.poller.unregister(self.successor.sock)
+            self.successor.close()
+            self.successor = None
+
+    def _hand_over(self, pid: int) -> None:
+        """Let go of the control endpoint (and its lock), tell the new primary to take
+        it, and fall silent towards systemd: the new primary is the service now."""
+        control = self.options.control
+        if control is not None:
+            for sock in control.sockets():
+                self.poller.unregister(sock)
+            control.close()  # (lingers for the upgrade's answer to get out)
+            self.options.control = None
+        if self.successor is not None:
+            self.poller.unregister(self.successor.sock)
+            self.successor.take()
+            self.successor = None
+        self.handed_over = True
+        self.notifier.close()
+        self.notifier = Notifier(None)
+        self.watchdog = None
+        log.event("handed-over", pid=pid)
+
+    # -- upgrade: the new primary's side ----------------------------------------------------
+    def _take_over(self) -> None:
+        """The old primary let go of the control endpoint (or died): take it, and tell
+        systemd this process is the service's main process now."""
+        predecessor = self.options.predecessor
+        assert predecessor is not None
+        self.poller.unregister(predecessor.fileno())
+        predecessor.close()
+        self.options.predecessor = None
+        if self.options.open_control is not None:
+            try:
+                self.options.control = self.options.open_control()
+            except Exception as exc:  # serve on without a control endpoint rather than die
+                log.event("control-unavailable", level=logging.ERROR, why=str(exc))
+            else:
+                for sock in self.options.control.sockets():
+                    self.poller.register(sock)
+        log.event("took-over", pid=os.getpid())
+        self.notifier.notify(f"MAINPID={os.getpid()}", "READY=1",
+                             "STATUS=" + self._status_line(time.monotonic()))
 
     # -- control requests -------------------------------------------------------------------
     def _on_control(self) -> None:
@@ -288,6 +406,8 @@ class Primary:
             event = events.ScaleRequest(count, relative, who)
         elif command == "stop":
             event = events.StopRequest(bool(request.args.get("graceful", True)), who)
+        elif command == "upgrade":
+            event = events.UpgradeRequest(who)
         else:
             control.reply_error(peer, request.id, protocol.Code.UNKNOWN_COMMAND,
                                 f"unknown command {command!r}")
@@ -310,16 +430,19 @@ class Primary:
             self._notify(action.kind)
         elif isinstance(action, policy.Exit):
             self.exit_code = action.code
+            if self.options.predecessor is not None:  # an upgrade that did not come true
+                self.options.predecessor.failed(
+                    action.why or f"the new primary stopped (exit {action.code}) "
+                    "before its workers were ready")
         elif isinstance(action, policy.FailHealth):
             if self.health is not None:
                 self.health.fail()
         elif isinstance(action, policy.ReopenLogs):
             log.reopen()
         elif isinstance(action, policy.StartUpgrade):
-            # the core decides; carrying out an upgrade of the primary is issue work
-            # still to come (SPEC: forkd upgrade), so say so rather than pretend
-            log.event("upgrade-unavailable", level=logging.WARNING,
-                      why="this forkd cannot upgrade its primary yet; restart it instead")
+            self._start_successor()
+        elif isinstance(action, policy.HandOver):
+            self._hand_over(action.pid)
 
     def spawn(self, action: policy.Spawn) -> int:
         """Fork a worker for the slot; its pid (OSError when it cannot)."""
@@ -375,7 +498,11 @@ class Primary:
                                              action.message)
 
     def _notify(self, kind: str) -> None:
-        if kind == "ready":
+        if kind == "ready" and self.options.predecessor is not None:
+            # started by an upgrade: the old primary is the service until it lets go;
+            # it hears first, systemd once the endpoint is ours (_take_over)
+            self.options.predecessor.ready()
+        elif kind == "ready":
             self.notifier.ready(self._status_line(time.monotonic()))
         elif kind == "reloading":
             self.notifier.reloading()

@@ -45,6 +45,7 @@ COMMANDS: dict[str, bool] = {
     "reload": True,
     "scale": True,
     "stop": True,
+    "upgrade": True,
 }
 
 
@@ -187,6 +188,7 @@ _ARG_KEYS: dict[str, frozenset[str]] = {
     "reload": frozenset(),
     "scale": frozenset({"count"}),
     "stop": frozenset({"graceful"}),
+    "upgrade": frozenset(),
 }
 
 # ASCII digits only (str.isdigit would accept other scripts' digits); bounded length so

@@ -25,12 +25,17 @@ from forkd.events import (
     ScaleRequest,
     Start,
     StopRequest,
+    SuccessorFailed,
+    SuccessorReady,
+    SuccessorStarted,
     Tick,
+    UpgradeRequest,
     WorkerMessage,
 )
 from forkd.policy import (
     Driver,
     Exit,
+    HandOver,
     Notify,
     Progress,
     ReopenLogs,
@@ -706,6 +711,93 @@ def test_sigusr1_reopens_logs_and_sigusr2_asks_for_an_upgrade_unless_stopping() 
     assert table(sup) == {pid: (0, "ready", "occupant")}
     h.feed(OperatorSignal(signal.SIGTERM), 1.2)
     assert StartUpgrade() not in h.feed(OperatorSignal(signal.SIGUSR2), 1.3)
+
+
+# -- upgrade of the primary itself ---------------------------------------------------------------
+def test_upgrade_hands_over_once_the_new_primary_is_ready_then_drains_and_exits() -> None:
+    sup = make(2)
+    h = Harness(sup)
+    pids = h.start(0.0)
+    who = object()
+    actions = h.feed(UpgradeRequest(who), 1.0)
+    assert StartUpgrade() in actions and Notify("reloading") in actions
+    h.feed(SuccessorStarted(900), 1.0)
+    # while the new primary boots, this one serves on, and refuses another operation
+    busy = h.feed(ReloadRequest("other"), 1.5)
+    assert Reply("other", False, "busy: upgrade in progress (new primary pid 900)",
+                 Code.BUSY) in busy
+    assert table(sup) == {p: (i, "ready", "occupant") for i, p in enumerate(pids)}
+    assert not [a for a in busy if isinstance(a, Signal)]
+
+    actions = h.feed(SuccessorReady(900), 3.0)
+    replies = [a for a in actions if isinstance(a, Reply)]
+    assert [(r.requester, r.ok, r.result) for r in replies] == [
+        (who, True, {"pid": 900, "seconds": 2.0})]
+    # the answer first, then the endpoint goes, then the old workers drain
+    kinds = [type(a) for a in actions]
+    assert kinds.index(Reply) < kinds.index(HandOver) < kinds.index(Signal)
+    assert HandOver(900) in actions
+    assert sorted(a.pid for a in actions if isinstance(a, Signal)
+                  and a.signum == signal.SIGTERM) == pids
+    # the new primary is the service now: nothing goes to systemd from this one
+    assert not [a for a in actions if isinstance(a, Notify)]
+    h.feed(Exited(pids[0], 0, None), 3.5)
+    assert h.feed(Exited(pids[1], 0, None), 3.6)[-1] == Exit(0)
+
+
+def test_a_failed_new_primary_leaves_the_old_one_serving_and_says_why() -> None:
+    sup = make(2)
+    h = Harness(sup)
+    pids = h.start(0.0)
+    h.feed(UpgradeRequest("op"), 1.0)
+    h.feed(SuccessorStarted(900), 1.0)
+    actions = h.feed(SuccessorFailed("cannot import app:main:\nModuleNotFoundError: x"), 2.0)
+    (reply,) = [a for a in actions if isinstance(a, Reply)]
+    assert not reply.ok and reply.code is Code.FAILED
+    assert reply.message.endswith("\ncannot import app:main:\nModuleNotFoundError: x")
+    assert Signal(900, signal.SIGTERM) in actions and Notify("ready") in actions
+    assert not [a for a in actions if isinstance(a, Signal) and a.pid in pids]
+    assert sup.operation is None
+    assert table(sup) == {p: (i, "ready", "occupant") for i, p in enumerate(pids)}
+    # a late word from that successor changes nothing
+    assert h.feed(SuccessorFailed("exited"), 2.5) == []
+    h.feed(ReloadRequest("again"), 3.0)  # and the next operation may run
+    assert sup.operation is not None and sup.operation.noun == "reload"
+
+
+def test_a_new_primary_not_ready_by_the_deadline_is_stopped() -> None:
+    sup = make(1, startup_timeout=10.0)
+    h = Harness(sup)
+    h.start(0.0)
+    h.feed(UpgradeRequest("op"), 1.0)
+    h.feed(SuccessorStarted(900), 1.0)
+    deadline = 1.0 + 10.0 + policy.UPGRADE_MARGIN
+    assert sup.next_deadline(2.0) is not None and sup.next_deadline(2.0) <= deadline
+    assert not [a for a in h.feed(Tick(), deadline - 0.1) if isinstance(a, Reply)]
+    actions = h.feed(Tick(), deadline)
+    (reply,) = [a for a in actions if isinstance(a, Reply)]
+    assert not reply.ok and f"not ready within {10.0 + policy.UPGRADE_MARGIN:g}s" in (
+        reply.message)
+    assert Signal(900, signal.SIGTERM) in actions
+    # it reports ready after all: too late, it is told to stop again
+    late = h.feed(SuccessorReady(900), deadline + 1)
+    assert Signal(900, signal.SIGTERM) in late and HandOver(900) not in late
+
+
+def test_signals_during_an_upgrade_wait_and_a_stop_ends_the_new_primary_too() -> None:
+    sup = make(1)
+    h = Harness(sup)
+    (pid,) = h.start(0.0)
+    h.feed(ReloadRequest("r"), 1.0)
+    assert StartUpgrade() not in h.feed(OperatorSignal(signal.SIGUSR2), 1.1)
+    (new,) = [p for p in sup.table.workers if p != pid]
+    actions = h.msg(new, Ready(), 1.5)  # the reload's step...
+    actions += h.msg(pid, Draining(), 1.6)  # ...is done once the old one stops accepting
+    assert StartUpgrade() in actions  # now the upgrade's turn
+    h.feed(SuccessorStarted(900), 1.6)
+    assert h.feed(OperatorSignal(signal.SIGHUP), 1.7) == []  # waits its turn
+    actions = h.feed(OperatorSignal(signal.SIGTERM), 2.0)
+    assert Signal(900, signal.SIGTERM) in actions and sup.stopping
 
 
 def test_a_second_stop_asker_is_answered_too() -> None:
