@@ -90,7 +90,8 @@ class Successor:
     proc: subprocess.Popen[bytes]
     sock: socket.socket
     lines: _Lines = field(init=False)
-    said: str | None = None  # "ready" or "failed" once it said so
+    said: str | None = None  # "ready" or "failed" once it said so ("gone": EOF first)
+    closed: bool = False
 
     def __post_init__(self) -> None:
         self.lines = _Lines(self.sock)
@@ -125,6 +126,7 @@ class Successor:
         self.close()
 
     def close(self) -> None:
+        self.closed = True
         self.sock.close()
 
 

@@ -178,7 +178,8 @@ class Primary:
         if self.options.control is not None and any(
                 sock in ready for sock in self.options.control.sockets()):
             self._on_control()
-        if self.successor is not None and self.successor.sock.fileno() in ready:
+        if (self.successor is not None and not self.successor.closed
+                and self.successor.sock.fileno() in ready):
             self._on_successor()
         predecessor = self.options.predecessor
         if predecessor is not None and predecessor.fileno() in ready:
@@ -305,37 +306,33 @@ class Primary:
 
     def _on_successor(self) -> None:
         successor = self.successor
-        assert successor is not None
+        if successor is None or successor.closed:
+            return
         for state, why in successor.read():
             if state == "ready":
                 self._feed(events.SuccessorReady(successor.pid))
             elif state == "failed":
                 self._feed(events.SuccessorFailed(why))
-            else:
-                self._feed(events.SuccessorFailed(
-                    f"the new primary (pid {successor.pid}) exited before it was ready"))
-        if self.successor is successor and successor.lines.eof:
-            self._forget_successor()
+            # ("gone", an end without a word: its exit status, reaped soon, says more)
+        if successor.lines.eof and not successor.closed:
+            self.poller.unregister(successor.sock)
+            successor.close()
 
     def _successor_exited(self, code: int | None, signum: int | None) -> None:
         successor = self.successor
         assert successor is not None
         successor.proc.returncode = code if code is not None else -(signum or 0)
         self._on_successor()  # its last words (a failure's reason) come first
-        if self.successor is successor:
-            self._forget_successor()
-            if successor.said != "failed":
-                self._feed(events.SuccessorFailed(
-                    f"the new primary (pid {successor.pid}) exited "
-                    f"({exit_words(code, signum)}) before it was ready"))
+        self.successor = None
+        if not successor.closed:
+            self.poller.unregister(successor.sock)
+            successor.close()
+        if successor.said != "failed":
+            self._feed(events.SuccessorFailed(
+                f"the new primary (pid {successor.pid}) exited "
+                f"({exit_words(code, signum)}) before it was ready"))
         log.event("successor-exited", level=logging.WARNING, pid=successor.pid,
                   status=exit_words(code, signum))
-
-    def _forget_successor(self) -> None:
-        if self.successor is not None:
-            self.poller.unregister(self.successor.sock)
-            self.successor.close()
-            self.successor = None
 
     def _hand_over(self, pid: int) -> None:
         """Let go of the control endpoint (and its lock), tell the new primary to take
@@ -346,10 +343,10 @@ class Primary:
                 self.poller.unregister(sock)
             control.close()  # (lingers for the upgrade's answer to get out)
             self.options.control = None
-        if self.successor is not None:
+        if self.successor is not None and not self.successor.closed:
             self.poller.unregister(self.successor.sock)
             self.successor.take()
-            self.successor = None
+        self.successor = None  # (its exit, should it come before ours, is no news)
         self.handed_over = True
         self.notifier.close()
         self.notifier = Notifier(None)
@@ -453,6 +450,11 @@ class Primary:
             close_fds += self.options.control.child_close_fds()
         close_fds += self.notifier.child_close_fds()
         close_fds += [channel.fileno() for channel in self.channels.values()]
+        # an upgrade's handshake: its end of file must come when a primary dies
+        if self.options.predecessor is not None:
+            close_fds.append(self.options.predecessor.fileno())
+        if self.successor is not None and not self.successor.closed:
+            close_fds.append(self.successor.sock.fileno())
         spec = WorkerSpec(
             slot=action.slot, workers=self.supervisor.target, name=self.options.name,
             config=self.config, listeners=[listener.sock for listener in self.options.listeners],

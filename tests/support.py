@@ -41,7 +41,8 @@ class Forkd:
 
     def __init__(self, args: list[str], home: Path, log_path: Path, cwd: Path = APPS,
                  env: dict[str, str] | None = None, command: str = "start",
-                 wrap: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
+                 wrap: list[str] | None = None, pass_fds: tuple[int, ...] = (),
+                 launcher: list[str] | None = None) -> None:
         self.args = args
         self.home = home
         self.log_path = log_path
@@ -53,7 +54,7 @@ class Forkd:
                 del self.env[key]
         self.env.update(env or {})
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        argv = [sys.executable, "-m", "forkd", command, *args]
+        argv = [*(launcher or [sys.executable, "-m", "forkd"]), command, *args]
         self.proc = subprocess.Popen((wrap or []) + argv, cwd=cwd, env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True,

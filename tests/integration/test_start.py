@@ -299,14 +299,12 @@ def test_idle_primary_uses_almost_no_cpu(run_forkd) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_sigusr1_and_sigusr2_do_not_end_the_primary(run_forkd) -> None:
-    """Both used to kill the primary (and every worker) by their default action."""
+def test_sigusr1_does_not_end_the_primary(run_forkd) -> None:
+    """It used to kill the primary (and every worker) by its default action. (SIGUSR2
+    upgrades the primary: tests/integration/test_upgrade.py.)"""
     proc = run_forkd("testapp:app", "-b", "127.0.0.1:0", "-w", "1")
     port = proc.port()
     proc.wait_ready(1)
     proc.signal(signal.SIGUSR1)
     wait_until(lambda: "event=logs-reopen" in proc.output(), 10, message=proc.describe)
-    proc.signal(signal.SIGUSR2)
-    wait_until(lambda: "event=upgrade-unavailable" in proc.output(), 10,
-               message=proc.describe)
     assert proc.proc.poll() is None and request(port)[0] == 200

@@ -1,0 +1,175 @@
+"""`forkd upgrade` and SIGUSR2: a new primary takes the listening sockets over while
+load runs, and the old one drains and exits; a new primary that cannot start leaves
+the old one serving. Load comes from `hey` (Debian package hey), with and without
+keep-alive: a closed listener or a dropped connection shows as an error there."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support import Forkd, request, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+FORKD_SCRIPT = Path(sys.executable).parent / "forkd"  # the console script of this venv
+
+
+def forkd_cli(proc: Forkd, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "forkd", *args], env=proc.env,
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+def primaries(proc: Forkd) -> list[list[str]]:
+    """The rows of `forkd ls` (name, pid, workers, app, endpoint)."""
+    result = forkd_cli(proc, "ls", timeout=30)
+    assert result.returncode == 0, result.stderr
+    return [line.split() for line in result.stdout.splitlines()[1:]]
+
+
+def served(proc: Forkd) -> int:
+    """Requests the workers have counted so far (their beats carry the counts)."""
+    result = forkd_cli(proc, "status", "--json", timeout=30)
+    if result.returncode != 0:
+        return 0
+    return sum(worker["requests"] for worker in json.loads(result.stdout)["workers"])
+
+
+def start_hey(port: int, keepalive: bool, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+    argv = ["hey", "-z", f"{seconds}s", "-c", "8", "-t", "10"]
+    if not keepalive:
+        argv.append("-disable-keepalive")
+    with open(out, "wb") as sink:
+        return subprocess.Popen([*argv, f"http://127.0.0.1:{port}/"], stdout=sink,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def hey_counts(text: str) -> tuple[dict[str, int], str]:
+    """(status code -> responses, the error section) of a hey report."""
+    codes = {code: int(count) for code, count
+             in re.findall(r"\[(\d{3})\]\s+(\d+) responses", text)}
+    errors = text.partition("Error distribution:")[2].strip()
+    return codes, errors
+
+
+def stop_group(popen: subprocess.Popen[bytes]) -> None:
+    if popen.poll() is None:
+        try:
+            popen.send_signal(signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        popen.wait(5)
+
+
+@pytest.mark.skipif(shutil.which("hey") is None, reason="needs hey (Debian package hey)")
+@pytest.mark.parametrize("how", ["forkd-script+command+keepalive",
+                                 "python-m+sigusr2+no-keepalive"])
+def test_upgrade_under_load_drops_nothing_and_leaves_one_new_primary(
+        run_forkd, tmp_path: Path, how: str) -> None:
+    script = how.startswith("forkd-script")
+    keepalive = how.endswith("+keepalive")
+    proc = run_forkd("testapp:app", "-b", "127.0.0.1:0", "-w", "2", "--name", "up",
+                     launcher=[str(FORKD_SCRIPT)] if script else None)
+    port = proc.port()
+    proc.wait_ready(2)
+    old_workers = set(proc.worker_pids())
+    report = tmp_path / "hey.txt"
+    hey = start_hey(port, keepalive, 5, report)
+    try:
+        wait_until(lambda: served(proc) > 0, 15, message=proc.describe)  # load is on
+        if how.startswith("python-m"):
+            proc.signal(signal.SIGUSR2)
+            wait_until(lambda: "event=took-over" in proc.output(), 60, message=proc.describe)
+        else:
+            result = forkd_cli(proc, "upgrade")
+            assert result.returncode == 0, result.stdout + result.stderr + proc.describe()
+            assert "new primary pid" in result.stdout
+        assert proc.wait(60) == 0, proc.describe()  # the old primary drained and left
+        hey.wait(30)
+    finally:
+        stop_group(hey)
+    codes, errors = hey_counts(report.read_text())
+    assert not errors and set(codes) == {"200"} and codes["200"] > 100, (
+        report.read_text() + proc.describe())
+
+    rows = primaries(proc)
+    assert len(rows) == 1 and rows[0][0] == "up", rows
+    new_pid = int(rows[0][1])
+    assert new_pid != proc.pid
+    new = psutil.Process(new_pid)
+    # started again as `python -m forkd` by this virtualenv's Python, with the same
+    # words, whatever started the first
+    command = new.cmdline()
+    assert Path(command[0]).parent == Path(sys.executable).parent
+    assert command[1:] == ["-m", "forkd", "start", "testapp:app", "-b", "127.0.0.1:0",
+                           "-w", "2", "--name", "up"]
+    new_workers = {child.pid for child in new.children()}
+    assert len(new_workers) == 2 and not new_workers & old_workers
+    assert json.loads(request(port, path="/pid")[2])["pid"] in new_workers
+    new.terminate()  # (it is not the fixture's child: stop it by its pid)
+    psutil.wait_procs([new], timeout=30)
+
+
+@pytest.mark.timeout(150)
+def test_a_release_through_a_symlink_is_loaded_anew_and_a_broken_one_is_refused(
+        run_forkd, tmp_path: Path) -> None:
+    """--preload: the new primary imports the code now behind `current`; when that
+    does not import, the upgrade fails with the reason and the old primary serves on."""
+    def release(name: str, body: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "preloaded.py").write_text(body)
+        return folder
+
+    good = ("RELEASE = 'NAME'\n\n"
+            "async def app(scope, receive, send):\n"
+            "    if scope['type'] == 'lifespan':\n"
+            "        while True:\n"
+            "            message = await receive()\n"
+            "            await send({'type': message['type'] + '.complete'})\n"
+            "            if message['type'] == 'lifespan.shutdown':\n"
+            "                return\n"
+            "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+            "    await send({'type': 'http.response.body', 'body': RELEASE.encode()})\n")
+    one = release("r1", good.replace("NAME", "one"))
+    broken = release("r2", "import no_such_module_here\n")
+    three = release("r3", good.replace("NAME", "three"))
+    current = tmp_path / "current"
+    current.symlink_to(one)
+    proc = run_forkd("preloaded:app", "--preload", "-b", "127.0.0.1:0", "-w", "1",
+                     "--name", "rel", "--chdir", str(current),
+                     env={"PYTHONDONTWRITEBYTECODE": "1"})
+    port = proc.port()
+    proc.wait_ready(1)
+    assert request(port)[2] == b"one"
+
+    current.unlink()
+    current.symlink_to(broken)
+    result = forkd_cli(proc, "upgrade")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "upgrade failed, the old primary goes on serving" in result.stderr
+    assert "No module named 'no_such_module_here'" in result.stderr
+    assert proc.proc.poll() is None and request(port)[2] == b"one"
+    assert [row[1] for row in primaries(proc)] == [str(proc.pid)]
+    wait_until(lambda: "event=successor-exited" in proc.output(), 30, message=proc.describe)
+
+    current.unlink()
+    current.symlink_to(three)
+    result = forkd_cli(proc, "upgrade")
+    assert result.returncode == 0, result.stdout + result.stderr + proc.describe()
+    assert request(port)[2] == b"three"
+    assert proc.wait(60) == 0, proc.describe()
+    (row,) = primaries(proc)
+    new = psutil.Process(int(row[1]))
+    new.terminate()
+    psutil.wait_procs([new], timeout=30)
