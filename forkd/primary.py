@@ -116,6 +116,10 @@ class Primary:
         if self.config.metrics and not self._serve_metrics(self.config.metrics):
             self._shutdown()
             return 1
+        # systemd keeps the listeners for the next start (restart, or a crash); a copy
+        # it already has is not stored twice
+        self.notifier.store_fds([(listener.sock.fileno(), listener.name)
+                                 for listener in self.options.listeners])
         self._feed(events.Start())
         try:
             while self.exit_code is None:
@@ -371,8 +375,7 @@ class Primary:
                 for sock in self.options.control.sockets():
                     self.poller.register(sock)
         log.event("took-over", pid=os.getpid())
-        self.notifier.notify(f"MAINPID={os.getpid()}", "READY=1",
-                             "STATUS=" + self._status_line(time.monotonic()))
+        self.notifier.mainpid(os.getpid(), self._status_line(time.monotonic()))
 
     # -- control requests -------------------------------------------------------------------
     def _on_control(self) -> None:

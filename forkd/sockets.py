@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass
@@ -27,6 +28,13 @@ class Listener:
         if self.sock.family == socket.AF_INET6:
             return f"[{name[0]}]:{name[1]}"
         return f"{name[0]}:{name[1]}"
+
+    @property
+    def name(self) -> str:
+        """What systemd's fd store keeps it under: the name it came with from systemd
+        ("fd://3 (web)" -> "web"), else what the operator wrote."""
+        match = re.fullmatch(r"fd://\d+ \((.+)\)", self.label)
+        return match.group(1) if match else self.label
 
 
 def _finish(sock: socket.socket, backlog: int) -> socket.socket:
@@ -113,7 +121,18 @@ def open_listeners(binds: tuple[Bind, ...], backlog: int, unix_mode: int,
     listeners: list[Listener] = []
     try:
         if inherited:
+            seen: set[tuple[int, int]] = set()
             for fd, name in inherited:
+                # a socket unit's socket and the fd store's copy of it come both:
+                # serving one twice would only cost a descriptor per worker
+                try:
+                    st = os.fstat(fd)
+                except OSError as exc:
+                    raise BindError(f"cannot use fd://{fd}: {exc.strerror}") from None
+                if (st.st_dev, st.st_ino) in seen:
+                    os.close(fd)
+                    continue
+                seen.add((st.st_dev, st.st_ino))
                 label = f"fd://{fd}" + (f" ({name})" if name and name != "unknown" else "")
                 listeners.append(Listener(adopt_fd(fd, backlog, label), label))
             return listeners

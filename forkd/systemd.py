@@ -14,9 +14,11 @@ must not die because its supervisor went away or its queue was full.
 
 from __future__ import annotations
 
+import array
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Mapping, MutableMapping
@@ -71,8 +73,8 @@ class Notifier:
     def enabled(self) -> bool:
         return self._address is not None
 
-    def notify(self, *fields: str) -> bool:
-        """Send the fields as one datagram; True when it was sent."""
+    def notify(self, *fields: str, fds: list[int] | None = None) -> bool:
+        """Send the fields as one datagram (with `fds` attached); True when it was sent."""
         if self._address is None or not fields:
             return False
         payload = "\n".join(fields).encode("utf-8", "replace")
@@ -80,7 +82,11 @@ class Notifier:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._sock.settimeout(0.0 if self._failing else _SEND_TIMEOUT)
-            self._sock.sendto(payload, self._address)
+            if fds:
+                rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))
+                self._sock.sendmsg([payload], [rights], 0, self._address)
+            else:
+                self._sock.sendto(payload, self._address)
         except OSError as exc:
             # One warning per run of failures, not one per status tick.
             level = logging.DEBUG if self._failing else logging.WARNING
@@ -112,6 +118,21 @@ class Notifier:
     def status(self, text: str) -> bool:
         return self.notify(*_status_field(text))
 
+    def store_fds(self, named: list[tuple[int, str]]) -> bool:
+        """FDSTORE=1: systemd keeps a copy of each listener (with FileDescriptorStoreMax=
+        set) and hands them back in LISTEN_FDS/LISTEN_FDNAMES to the next start of the
+        service, so even `systemctl restart` keeps the sockets and their queued
+        connections. One datagram per descriptor, as FDNAME= names all in its datagram;
+        storing the same socket twice keeps one copy."""
+        sent = True
+        for fd, name in named:
+            sent = self.notify("FDSTORE=1", f"FDNAME={fd_name(name)}", fds=[fd]) and sent
+        return sent
+
+    def mainpid(self, pid: int, status: str | None = None) -> bool:
+        """This process is now the service's main process (NotifyAccess=all) and ready."""
+        return self.notify(f"MAINPID={pid}", "READY=1", *_status_field(status))
+
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
 
@@ -142,6 +163,12 @@ def _status_field(text: str | None) -> tuple[str, ...]:
         return ()
     # The protocol is line-based: a newline inside STATUS= would start a new field.
     return ("STATUS=" + " ".join(text.splitlines()),)
+
+
+def fd_name(label: str) -> str:
+    """A listener's label as an FDNAME= (sd_pid_notify_with_fds(3): at most 255 printable
+    ASCII characters, no colon): "127.0.0.1:8000" -> "127.0.0.1_8000"."""
+    return re.sub(r"[^A-Za-z0-9._@/+-]", "_", label)[:255] or "listener"
 
 
 def _printable(address: str) -> str:

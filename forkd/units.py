@@ -29,12 +29,18 @@ STOP_MARGIN_SECONDS = 15
 # import of the app and the fork of every worker before the slowest one is ready.
 START_MARGIN_SECONDS = 30
 WATCHDOG_SECONDS = 30
+FD_STORE_MAX = 16
 
 # How the service runs: the behaviour forkd relies on.
 SERVICE_BEHAVIOUR: tuple[str, ...] = (
     "Type=notify",
-    # Only the primary may report readiness; an app's own sd_notify in a worker is ignored.
-    "NotifyAccess=main",
+    # `forkd upgrade` starts a new primary that then tells systemd MAINPID=itself: only
+    # "all" lets a process other than the main one say so. Workers never see
+    # NOTIFY_SOCKET (the primary removes it from their environment).
+    "NotifyAccess=all",
+    # the listeners, kept by systemd across restarts (FDSTORE=1): no closed port even
+    # on `systemctl restart`; a few more than any bind list needs
+    f"FileDescriptorStoreMax={FD_STORE_MAX}",
     # SIGTERM to the primary alone: it drains the workers itself. SIGKILL to all at the deadline.
     "KillMode=mixed",
     "Restart=on-failure",
