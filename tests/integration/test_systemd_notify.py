@@ -8,6 +8,7 @@ ignores anything not sent by the primary itself.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import select
@@ -53,6 +54,7 @@ class Notification:
     received: float
     pid: int
     fields: dict[str, str]
+    fds: tuple[int, ...] = ()  # passed along with it (SCM_RIGHTS); the listener owns them
 
     def has(self, key: str, value: str = "1") -> bool:
         return self.fields.get(key) == value
@@ -80,14 +82,18 @@ class NotifyListener:
             readable, _, _ = select.select([self._sock], [], [], 0.05)
             if not readable:
                 continue
-            data, ancillary, _, _ = self._sock.recvmsg(65536, socket.CMSG_SPACE(self._CRED.size))
+            data, ancillary, _, _ = self._sock.recvmsg(
+                65536, socket.CMSG_SPACE(self._CRED.size) + socket.CMSG_SPACE(16 * 4))
             pid = 0
+            fds: list[int] = []
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = self._CRED.unpack(payload[: self._CRED.size])[0]
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += array.array("i", payload[: len(payload) - len(payload) % 4])
             fields = dict(line.partition("=")[::2] for line in data.decode().split("\n") if line)
             with self._lock:
-                self._messages.append(Notification(time.monotonic(), pid, fields))
+                self._messages.append(Notification(time.monotonic(), pid, fields, tuple(fds)))
                 self._lock.notify_all()
 
     @property
@@ -113,6 +119,9 @@ class NotifyListener:
         self._stop.set()
         self._thread.join(5)
         self._sock.close()
+        for message in self._messages:
+            for fd in message.fds:
+                os.close(fd)
 
 
 def get(port: int, timeout: float = 10.0) -> dict[str, object]:
@@ -294,3 +303,75 @@ def test_serves_on_the_socket_systemd_passed(harness: Harness, forkd_home: Path)
     assert first["systemd_env"] == [], "workers must not see the LISTEN_* variables"
     assert {get(port)["pid"] for _ in range(6)} <= harness.pids("ready")
     assert not not_bound.exists(), "forkd bound --bind although sockets were passed in"
+
+
+def stored(message: Notification) -> bool:
+    return message.has("FDSTORE")
+
+
+def stored_address(message: Notification) -> tuple[str, int]:
+    """The address of the socket a FDSTORE=1 message carried."""
+    assert len(message.fds) == 1, message
+    with socket.socket(fileno=os.dup(message.fds[0])) as sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        return sock.getsockname()  # type: ignore[no-any-return]
+
+
+def test_upgrade_hands_the_service_to_the_new_primary(harness: Harness) -> None:
+    """RELOADING=1 from the old primary, then MAINPID= and READY=1 from the new one (the
+    unit's NotifyAccess=all lets it); each stores the listener in the fd store, with the
+    socket attached; the old one never says STOPPING=1, which would stop the service."""
+    proc, port = harness.start()
+    harness.wait_ready(proc)
+    found = harness.listener.wait_for(lambda m: stored(m) and m.pid == proc.pid, 10)
+    assert found is not None, harness.listener.messages
+    assert found[1].fields["FDNAME"] == "127.0.0.1_0"  # `-b 127.0.0.1:0`, as FDNAME= allows
+    assert stored_address(found[1]) == ("127.0.0.1", port)
+    start = len(harness.listener.messages)
+
+    upgrade = subprocess.run(
+        [sys.executable, "-m", "forkd", "upgrade", NAME], env=proc.env,
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=90, check=False)
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert proc.wait(30) == 0, proc.describe()
+    found = harness.listener.wait_for(lambda m: m.has("RELOADING"), 10, start)
+    assert found is not None and found[1].pid == proc.pid, harness.listener.messages
+    found = harness.listener.wait_for(lambda m: "MAINPID" in m.fields, 10, found[0])
+    assert found is not None, f"no MAINPID=\n{harness.listener.messages}"
+    new_pid = int(found[1].fields["MAINPID"])
+    assert found[1].pid == new_pid != proc.pid and found[1].has("READY")
+    new_store = harness.listener.wait_for(lambda m: stored(m) and m.pid == new_pid, 10, start)
+    assert new_store is not None and stored_address(new_store[1]) == ("127.0.0.1", port)
+    assert not [m for m in harness.listener.messages[start:]
+                if m.has("STOPPING") or (m.pid == proc.pid and m.has("READY"))]
+    assert get(port)["pid"] in harness.pids("ready")
+    os.kill(new_pid, signal.SIGTERM)
+    wait_until(lambda: harness.listener.wait_for(lambda m: m.has("STOPPING"), 0, start), 30)
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="needs systemd-socket-activate (Debian package systemd)")
+def test_a_start_takes_the_listeners_as_the_fd_store_hands_them_back(
+        harness: Harness, forkd_home: Path) -> None:
+    """After `systemctl restart`, systemd passes the stored listeners in LISTEN_FDS
+    under the names forkd gave them: forkd serves on each, and stores them again
+    under the same names, so the next restart finds them too."""
+    ports = [free_port(), free_port()]
+    names = [f"127.0.0.1_{port}" for port in ports]
+    passed = {"PYTHONPATH": harness.env["PYTHONPATH"], "FORKD_HOME": str(forkd_home),
+              "HELLO_MARKERS": str(harness.markers), "PYTHONUNBUFFERED": "1",
+              "NOTIFY_SOCKET": str(harness.listener.path)}
+    wrap = ["systemd-socket-activate", *[f"-l127.0.0.1:{port}" for port in ports],
+            f"--fdname={':'.join(names)}",
+            *[f"-E{key}={value}" for key, value in passed.items()]]
+    proc = harness.run_forkd(APP, "-w", "1", "--name", NAME, env=harness.env, wrap=wrap)
+    wait_until(lambda: "Listening on" in proc.output(), 15, message=proc.describe)
+    assert get(ports[1], timeout=START_DEADLINE)["pid"] in harness.pids("ready")
+    assert get(ports[0])["pid"] in harness.pids("ready")
+    def stores() -> dict[str, tuple[str, int]]:
+        return {m.fields["FDNAME"]: stored_address(m) for m in harness.listener.messages
+                if stored(m)}
+
+    wait_until(lambda: len(stores()) >= 2, 10, message=lambda: str(harness.listener.messages))
+    assert stores() == {name: ("127.0.0.1", port) for name, port in zip(names, ports,
+                                                                         strict=True)}

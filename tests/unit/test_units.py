@@ -123,6 +123,9 @@ def test_shipped_template_contract() -> None:
     assert values(text, "Service", "RuntimeDirectory") == ["forkd-%i"]
     assert "FORKD_HOME=%t/forkd-%i" in values(text, "Service", "Environment")
     assert values(text, "Service", "KillMode") == ["mixed"]
+    # forkd upgrade: the new primary says MAINPID=; the listeners live in the fd store
+    assert values(text, "Service", "NotifyAccess") == ["all"]
+    assert int(values(text, "Service", "FileDescriptorStoreMax")[0]) >= 8
     assert values(text, "Service", "Restart") == ["on-failure"]
     assert values(text, "Service", "User") == ["forkd"]
     # The default graceful timeout (30 s) with its margin.
