@@ -14,7 +14,7 @@ from typing import Any
 from bench.harness import BENCH
 
 RESULTS_DIR = BENCH / "results"
-ORDER = ["throughput", "kills", "reload", "hooks", "recycle", "speed"]
+ORDER = ["throughput", "kills", "reload", "hooks", "recycle", "speed", "upgrade"]
 
 
 def save(name: str, data: dict[str, Any]) -> Path:
@@ -83,6 +83,7 @@ TITLES = {
     "hooks": "4. Hooks: memory recycle, primary CPU",
     "recycle": "5. --max-requests 1000 under load (2 workers)",
     "speed": "6. Speed: spread over rounds, pipelining, blocking WSGI, memory, start-up",
+    "upgrade": "7. Replacing the primary itself under load (2 workers)",
 }
 
 
@@ -383,6 +384,61 @@ def _speed(data: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _upgrade(data: dict[str, Any]) -> str:
+    rows = []
+    for name, e in data["servers"].items():
+        if e.get("failed") and not e["modes"]:
+            rows.append(f"| {name} | all | {_failed(e)} | | | | |")
+            continue
+        for mode, r in e["modes"].items():
+            load = r["load"]
+            durations = " ".join(_f(d, 2) if d is not None else "–" for d in r["durations_s"])
+            readies = " ".join(_f(d, 2) if d is not None else "–"
+                               for d in r.get("new_ready_s", []))
+            cell = f"**{load['failures']}**" if load["failures"] else "0"
+            alive = "yes" if r["primary_alive_at_end"] else "**no**"
+            rows.append(
+                f"| {name} | {mode} | {cell} | {load['non_2xx']} | {_n(load['requests'])} | "
+                f"{r['upgrades_done']}/{r['upgrades_sent']} ({durations}) | {readies} | "
+                f"{alive} |")
+    details = []
+    for name, e in data["servers"].items():
+        for mode, r in e.get("modes", {}).items():
+            if r["load"]["error_detail"]:
+                msgs = "; ".join(f"{n}× {m}" for m, n in r["load"]["error_detail"].items())
+                details.append(f"- {name} / {mode}: {msgs}")
+    cmds = "\n".join(f"    {m}: {c}" for m, c in data["load_commands"].items())
+    return f"""## {TITLES["upgrade"]}
+
+Run {data["meta"]["date"]}. {data["workers"]} workers, hello app. During {data["seconds"]} s
+of load, {data["upgrades"]} upgrades of the primary (master), each from SIGUSR2 to the old
+master's exit, the next one 2 s after the previous one finished. forkd hands over and
+drains by itself; gunicorn's old master gets SIGQUIT (or SIGTERM) once its successor's
+workers have loaded the app. Target: 0 failures for forkd.
+
+{cmds}
+{_commands(data["servers"])}
+
+"upgrades done": from the signal until the new master's 2 workers had loaded the app and the
+old master had exited (seconds each in brackets; "–": not within 30 s, and no further upgrade
+was tried). "new workers ready after": from the signal until the new master's 2 workers had
+loaded the app. Failures = non-2xx + client/socket errors.
+
+{UPGRADE_HEADER}
+{chr(10).join(rows)}
+
+Load generators' error messages:
+
+{chr(10).join(details) if details else "- none"}
+"""
+
+
+UPGRADE_HEADER = _table_header(
+    "server", "load", "failures", "non-2xx", "requests", "upgrades done (s each)",
+    "new workers ready after (s)", "a primary alive at the end",
+)  # fmt: skip
+
+
 SECTIONS = {
     "throughput": _throughput,
     "kills": _kills,
@@ -390,6 +446,7 @@ SECTIONS = {
     "hooks": _hooks,
     "recycle": _recycle,
     "speed": _speed,
+    "upgrade": _upgrade,
 }
 
 
