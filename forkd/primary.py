@@ -223,7 +223,9 @@ class Primary:
                                  self.supervisor.target, now)
             for error in self.metrics.errors():
                 log.event("metrics-error", level=logging.WARNING, why=error)
-        if now >= self.next_status and self.notifier.enabled:
+        # (a new primary of an upgrade speaks for the service only once it took over)
+        if (now >= self.next_status and self.notifier.enabled
+                and self.options.predecessor is None):
             self.next_status = now + STATUS_EVERY
             self.notifier.status(self._status_line(now))
             if self.supervisor.operation is not None or not self.supervisor.announced_ready:

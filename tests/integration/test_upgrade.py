@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,18 @@ def primaries(proc: Forkd) -> list[list[str]]:
     result = forkd_cli(proc, "ls", timeout=30)
     assert result.returncode == 0, result.stderr
     return [line.split() for line in result.stdout.splitlines()[1:]]
+
+
+def unix_get(path: Path, target: str) -> bytes:
+    """One HTTP/1.0 exchange over a unix socket: the raw answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(f"GET {target} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 def served(proc: Forkd) -> int:
@@ -78,8 +91,9 @@ def test_upgrade_under_load_drops_nothing_and_leaves_one_new_primary(
         run_forkd, tmp_path: Path, how: str) -> None:
     script = how.startswith("forkd-script")
     keepalive = how.endswith("+keepalive")
-    proc = run_forkd("testapp:app", "-b", "127.0.0.1:0", "-w", "2", "--name", "up",
-                     launcher=[str(FORKD_SCRIPT)] if script else None)
+    unix_path = tmp_path / "web.sock"
+    proc = run_forkd("testapp:app", "-b", "127.0.0.1:0", "-b", f"unix:{unix_path}", "-w", "2",
+                     "--name", "up", launcher=[str(FORKD_SCRIPT)] if script else None)
     port = proc.port()
     proc.wait_ready(2)
     old_workers = set(proc.worker_pids())
@@ -112,10 +126,13 @@ def test_upgrade_under_load_drops_nothing_and_leaves_one_new_primary(
     command = new.cmdline()
     assert Path(command[0]).parent == Path(sys.executable).parent
     assert command[1:] == ["-m", "forkd", "start", "testapp:app", "-b", "127.0.0.1:0",
-                           "-w", "2", "--name", "up"]
+                           "-b", f"unix:{unix_path}", "-w", "2", "--name", "up"]
     new_workers = {child.pid for child in new.children()}
     assert len(new_workers) == 2 and not new_workers & old_workers
     assert json.loads(request(port, path="/pid")[2])["pid"] in new_workers
+    # the unix listener too: its file was left in place by the old primary, not unlinked
+    answer = unix_get(unix_path, "/pid")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["pid"] in new_workers
     new.terminate()  # (it is not the fixture's child: stop it by its pid)
     psutil.wait_procs([new], timeout=30)
 
