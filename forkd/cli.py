@@ -158,6 +158,11 @@ def _run_start(config: Config, argv: list[str], start_dir: str,
     handed = handoff.inherited_listeners(os.environ)
     inherited = systemd.listen_fds(os.environ, os.getpid())
     systemd.clear_listen_env(os.environ)
+    if handed == []:
+        if server is not None:
+            server.close()
+        return _fail_start("the listeners the old primary handed over are unreadable",
+                           EXIT_FAILED)
     try:
         if handed is not None:  # an upgrade: the old primary's sockets, under their labels
             listeners = [Listener(adopt_fd(fd, config.backlog, label), label)
