@@ -745,6 +745,20 @@ def test_upgrade_hands_over_once_the_new_primary_is_ready_then_drains_and_exits(
     assert h.feed(Exited(pids[1], 0, None), 3.6)[-1] == Exit(0)
 
 
+def test_after_a_hand_over_the_old_workers_drain_at_once_despite_a_drain_delay() -> None:
+    """--drain-delay keeps a host in its load balancer's pool while it is taken out; after
+    an upgrade the host stays in (the new primary serves), so no delay and no failing
+    health path."""
+    sup = make(1, drain_delay=10.0)
+    h = Harness(sup)
+    (pid,) = h.start(0.0)
+    h.feed(UpgradeRequest("op"), 1.0)
+    h.feed(SuccessorStarted(900), 1.0)
+    actions = h.feed(SuccessorReady(900), 2.0)
+    assert Signal(pid, signal.SIGTERM) in actions
+    assert not [a for a in actions if isinstance(a, policy.FailHealth)]
+
+
 def test_a_failed_new_primary_leaves_the_old_one_serving_and_says_why() -> None:
     sup = make(2)
     h = Harness(sup)
