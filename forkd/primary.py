@@ -29,6 +29,8 @@ from forkd.systemd import Notifier, format_status, watchdog_interval
 from forkd.worker import WorkerSpec
 
 logger = logging.getLogger("forkd")
+# an upgrade hands the old primary's private PROMETHEUS_MULTIPROC_DIR to the new one
+HANDED_METRICS_DIR = "FORKD_PROMETHEUS_DIR_HANDED"
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2,
@@ -113,7 +115,9 @@ class Primary:
         log.event("primary-started", name=self.options.name, pid=os.getpid(),
                   app=self.config.app, workers=self.options.workers, listen=listeners,
                   interface=self.options.interface or self.config.interface)
-        if self.config.metrics and not self._serve_metrics(self.config.metrics):
+        # (an upgrade's new primary serves metrics once the old one has let go of them)
+        if (self.config.metrics and self.options.predecessor is None
+                and not self._serve_metrics(self.config.metrics)):
             self._shutdown()
             return 1
         # systemd keeps the listeners for the next start (restart, or a crash); a copy
@@ -301,9 +305,12 @@ class Primary:
     # -- upgrade: the old primary's side --------------------------------------------------------
     def _start_successor(self) -> None:
         try:
+            env = dict(os.environ)
+            if self.options.metrics_dir is not None and self.options.metrics_dir[1]:
+                # our private multiprocess directory goes to the new primary on hand-over
+                env[HANDED_METRICS_DIR] = self.options.metrics_dir[0]
             self.successor = handoff.start_successor(
-                self.options.listeners, self.options.argv, self.options.start_dir,
-                os.environ)
+                self.options.listeners, self.options.argv, self.options.start_dir, env)
         except OSError as exc:
             self.pending.append(events.SuccessorFailed(f"cannot start a new primary: {exc}"))
             return
@@ -349,6 +356,7 @@ class Primary:
                 self.poller.unregister(sock)
             control.close()  # (lingers for the upgrade's answer to get out)
             self.options.control = None
+        self.metrics.hand_over()  # (first: the new primary binds its address on "take")
         if self.successor is not None and not self.successor.closed:
             self.poller.unregister(self.successor.sock)
             self.successor.take()
@@ -376,6 +384,12 @@ class Primary:
             else:
                 for sock in self.options.control.sockets():
                     self.poller.register(sock)
+        if self.config.metrics:
+            metrics_dir = self.options.metrics_dir
+            handed = os.environ.pop(HANDED_METRICS_DIR, None)
+            if metrics_dir is not None and handed == metrics_dir[0]:
+                self.options.metrics_dir = (metrics_dir[0], True)  # ours to remove now
+            self._serve_metrics(self.config.metrics)  # (a failure is logged; serve on)
         log.event("took-over", pid=os.getpid())
         self.notifier.mainpid(os.getpid(), self._status_line(time.monotonic()))
 

@@ -141,8 +141,19 @@ class PoolMetrics:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+            self.server = None
         if self.app is not None:
             self.app.close()
+            self.app = None
+
+    def hand_over(self) -> None:
+        """An upgrade's new primary takes over: free the metrics address for it, and
+        leave the app's directory (its files: the app's counters go on) to it."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.app is not None:
+            self.app.owned = False
 
 
 def _round(value: float | None, digits: int) -> float | None:

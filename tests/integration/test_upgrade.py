@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -190,3 +191,55 @@ def test_a_release_through_a_symlink_is_loaded_anew_and_a_broken_one_is_refused(
     new = psutil.Process(int(row[1]))
     new.terminate()
     psutil.wait_procs([new], timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def app_hits(metrics_port: int) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "probe_hits_total":
+                return float(sample.value)
+    return None
+
+
+def test_upgrade_hands_over_the_metrics_address_and_the_app_counters(
+        run_forkd, tmp_path: Path) -> None:
+    """With --metrics the new primary serves /metrics on the same address once it took
+    over, and the app's prometheus_client counters go on from where they were."""
+    mport = free_port()
+    proc = run_forkd("metrics_probe:app", "-b", "127.0.0.1:0", "-w", "1", "--name", "met",
+                     "--metrics", f"127.0.0.1:{mport}")
+    port = proc.port()
+    proc.wait_ready(1)
+    app_dir = Path(re.search(r"app_dir=(\S+)", proc.output()).group(1))  # type: ignore[union-attr]
+    for _ in range(7):
+        assert request(port)[0] == 200
+    wait_until(lambda: app_hits(mport) == 7, 15, message=proc.describe)
+    result = forkd_cli(proc, "upgrade")
+    assert result.returncode == 0, result.stdout + result.stderr + proc.describe()
+    assert proc.wait(60) == 0, proc.describe()
+    (row,) = primaries(proc)
+    new = psutil.Process(int(row[1]))
+    try:
+        for _ in range(3):
+            assert request(port)[0] == 200
+        wait_until(lambda: app_hits(mport) == 10, 15,
+                   message=lambda: f"probe_hits_total {app_hits(mport)}\n{proc.describe()}")
+        assert app_dir.is_dir()  # the old primary left it to the new one
+    finally:
+        new.terminate()
+        psutil.wait_procs([new], timeout=30)
+    assert not app_dir.exists()  # ... which removed it when it stopped
