@@ -198,6 +198,9 @@ def _run_start(config: Config, argv: list[str], start_dir: str,
             return _fail_start(f"cannot import {config.app}:\n{text.rstrip()}", EXIT_FAILED)
         interface = interface or detect_interface(app_object)
     workers = config.workers or process.usable_cpus()
+    if config.autoscale is not None:  # start inside the bounds: at MIN unless -w says more
+        low, high = config.autoscale
+        workers = min(max(config.workers or low, low), high)
     options = PrimaryOptions(config=config, name=name, listeners=listeners, workers=workers,
                              control=server, app=app_object, interface=interface,
                              metrics_dir=metrics_dir,

@@ -134,6 +134,34 @@ def _path(value: Any) -> str | None:
     return text
 
 
+def _autoscale(value: Any) -> tuple[int, int] | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
+        return None
+    if isinstance(value, list | tuple) and len(value) == 2:
+        low, high = value
+    else:
+        low, sep, high = str(value).partition(":")
+        if not sep:
+            raise ValueError(f"{value!r} is not MIN:MAX (for instance 2:8)")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        raise ValueError(f"{value!r} is not MIN:MAX (for instance 2:8)") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"{value!r}: need 1 <= MIN <= MAX")
+    return bounds
+
+
+def _ratio(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number") from None
+    if not 0 < number <= 1:
+        raise ValueError(f"{value!r} is not a ratio between 0 (excluded) and 1")
+    return number
+
+
 def _mode(value: Any) -> int:
     try:
         mode = int(str(value), 8) if not isinstance(value, int) else value
@@ -274,6 +302,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics", _metrics_address,
            "serve Prometheus metrics of every worker at http://ADDR/metrics (HOST:PORT or "
            "unix:PATH) from the primary"),
+    Option("autoscale", _autoscale, "MIN:MAX: let forkd choose the worker count between them"),
+    Option("autoscale_target", _ratio,
+           "worker utilisation (busy/wall time, pool average) autoscaling aims at"),
 )
 OPTION_NAMES = frozenset(option.name for option in OPTIONS)
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -319,6 +350,8 @@ class Config:
     health_path: str | None = None
     limit_concurrency: int = 0
     metrics: str | None = None
+    autoscale: tuple[int, int] | None = None
+    autoscale_target: float = 0.6
 
     @property
     def binds(self) -> tuple[Bind, ...]:

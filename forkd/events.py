@@ -213,6 +213,16 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class LoadSample:
+    """Once a second: the pool's utilisation (busy time over wall time, averaged over the
+    ready workers; None before any worker reported) and the connections waiting in the
+    listen queues. Autoscaling decides from these."""
+
+    utilization: float | None
+    queued: int = 0
+
+
+@dataclass(frozen=True)
 class OperatorSignal:
     """A signal an operator sent to the primary (SIGCHLD is the shell's own)."""
 
@@ -270,5 +280,5 @@ class SuccessorFailed:
 
 ControlRequest = ReloadRequest | ScaleRequest | StopRequest | UpgradeRequest
 Event = (Start | FromWorker | Spawned | SpawnFailed | Exited | MemorySample | Tick
-         | OperatorSignal | ControlRequest | SuccessorStarted | SuccessorReady
+         | LoadSample | OperatorSignal | ControlRequest | SuccessorStarted | SuccessorReady
          | SuccessorFailed)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from forkd import events as ev
+from forkd.autoscale import Autoscaler, Sample
 from forkd.config import Config, format_size
 from forkd.errors import EXIT_APP_LOAD, EXIT_BOOT, ProtocolError
 from forkd.protocol import Code, resolve_scale
@@ -298,6 +299,7 @@ class Scale(Operation):
 
     target: int
     requester: Any = None
+    cause: Cause = Cause.SCALE  # AUTOSCALE when the autoscaler asked
     adding: set[int] = field(default_factory=set)
     removing: set[int] = field(default_factory=set)  # pids draining away
 
@@ -307,20 +309,23 @@ class Scale(Operation):
         return f"scale to {self.target} in progress"
 
     def begin(self, sup: Supervisor, now: float) -> list[Action]:
-        actions: list[Action] = [Log("scale", {"from": sup.target, "to": self.target})]
+        actions: list[Action] = [Log("scale", {"from": sup.target, "to": self.target,
+                                               "by": self.cause.value})]
         slots = sup.table.slots
         while len(slots) < self.target:
             slot_id = next(i for i in range(self.target) if i not in slots)
             slots[slot_id] = Slot(slot_id, SlotState.SPAWNING)
             self.adding.add(slot_id)
             actions.append(sup.spawn_action(slot_id))
+        # The highest slots go: the ones a scale-up added last, so the workers with the
+        # coldest caches (and slot ids stay 0 … N-1, as FORKD_WORKER_ID promises).
         for slot_id in sorted(slots, reverse=True)[: max(0, len(slots) - self.target)]:
             slot = slots.pop(slot_id)
             for pid in (slot.pid, slot.replacement):
                 worker = sup.table.workers.get(pid) if pid is not None else None
                 if worker is not None:
                     self.removing.add(worker.pid)
-                    actions += sup.drain(worker, Reason(Cause.SCALE), now)
+                    actions += sup.drain(worker, Reason(self.cause), now)
         return actions + self._maybe_done(sup)
 
     def on_ready(self, sup: Supervisor, worker: Worker, now: float) -> list[Action]:
@@ -535,6 +540,9 @@ class Supervisor:
         self.deferred: list[int] = []  # operator signals waiting for the running operation
         # replacements for health reasons since start, by cause (shown in status)
         self.counters: dict[str, int] = {cause.value: 0 for cause in _HEALTH}
+        self.autoscaler: Autoscaler | None = None
+        if config.autoscale is not None:
+            self.autoscaler = Autoscaler(*config.autoscale, target=config.autoscale_target)
         for slot_id in range(workers):
             self.table.slots[slot_id] = Slot(slot_id)
 
@@ -970,7 +978,39 @@ class Supervisor:
             count = resolve_scale(event.count, event.relative, self.target)
         except ProtocolError as exc:
             return self._refuse("scale", event.requester, Code(exc.code), exc.message)
+        if self.autoscaler is not None:
+            low, high = self.autoscaler.minimum, self.autoscaler.maximum
+            if not low <= count <= high:
+                return self._refuse("scale", event.requester, Code.BAD_ARGS,
+                                    f"cannot scale to {count} workers: --autoscale keeps the "
+                                    f"count within {low}:{high}")
+            # the operator's count holds for one stabilisation window
+            self.autoscaler.held(now)
         return self._start_operation(Scale(target=count, requester=event.requester), now)
+
+    def _load(self, event: ev.LoadSample, now: float) -> list[Action]:
+        scaler = self.autoscaler
+        if scaler is None or event.utilization is None:
+            return []
+        scaler.observe(Sample(now, self.table.ready_count(), event.utilization, event.queued))
+        decision = scaler.decide(self.target, now,
+                                 busy=self.operation is not None or self.stopping)
+        if decision is None:
+            return []
+        scaler.changed(now)
+        return [Log("autoscale", {"from": self.target, "to": decision.workers,
+                                  "why": decision.reason,
+                                  "utilization": round(decision.utilization, 3),
+                                  "target": scaler.target, "queued": decision.queued}),
+                *self._start_operation(Scale(target=decision.workers, cause=Cause.AUTOSCALE),
+                                       now)]
+
+    def autoscale_status(self) -> dict[str, Any] | None:
+        scaler = self.autoscaler
+        if scaler is None:
+            return None
+        return {"min": scaler.minimum, "max": scaler.maximum, "target": scaler.target,
+                "workers": self.target}
 
     def _stop_request(self, event: ev.StopRequest, now: float) -> list[Action]:
         return self._stop(event.graceful, event.requester, now, forced=False)
@@ -1072,6 +1112,7 @@ _HANDLERS: dict[type, _Handler] = {
     ev.Exited: Supervisor._exited,
     ev.MemorySample: Supervisor._memory,
     ev.Tick: Supervisor._tick,
+    ev.LoadSample: Supervisor._load,
     ev.OperatorSignal: Supervisor._signal,
     ev.ReloadRequest: Supervisor._reload,
     ev.ScaleRequest: Supervisor._scale,

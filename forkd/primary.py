@@ -554,6 +554,8 @@ class Primary:
             "health": dict(self.supervisor.counters),
             "operation": operation.describe() if operation is not None else None,
         }
+        if (auto := self.supervisor.autoscale_status()) is not None:
+            document["autoscale"] = auto
         self.metrics.add_status_fields(document)
         return document
 

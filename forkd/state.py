@@ -32,6 +32,7 @@ class Cause(enum.Enum):
     MAX_REQUESTS = "max-requests"
     RELOAD = "reload"
     SCALE = "scale"
+    AUTOSCALE = "autoscale"
     STOP = "stop"
     RELOAD_ABORTED = "reload aborted"
 

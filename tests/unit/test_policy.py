@@ -861,3 +861,101 @@ def test_a_leaving_workers_last_count_reaches_the_exit_line() -> None:
     actions = h.feed(Exited(pid, 0, None), 2.6)
     (line,) = [a for a in actions if isinstance(a, policy.Log) and a.event == "worker-exited"]
     assert line.fields["requests"] == 17 and line.fields["reason"] == "stop"
+
+
+# -- autoscaling ---------------------------------------------------------------------------------
+def test_autoscale_adds_workers_when_utilisation_stays_above_target() -> None:
+    from forkd.autoscale import UP_WINDOW
+    from forkd.events import LoadSample
+
+    sup = make(1, autoscale=(1, 4))
+    h = Harness(sup)
+    h.start(0.0)
+    actions: list[policy.Action] = []
+    for t in range(int(UP_WINDOW)):  # each sample stands for the second before it
+        actions = h.feed(LoadSample(0.95, 0), 10.0 + t)
+        if t < UP_WINDOW - 1:
+            assert not any(isinstance(a, Spawn) for a in actions)
+    # 1 worker at 95% for a whole up window: ceil(0.95/0.6) = 2
+    assert [a.slot for a in actions if isinstance(a, Spawn)] == [1]
+    logged = [a for a in actions if isinstance(a, policy.Log) and a.event == "autoscale"]
+    assert [(a.fields["from"], a.fields["to"], a.fields["why"]) for a in logged] == [(1, 2, "up")]
+    assert sup.operation is not None and sup.target == 2
+    pid = occupant(sup, 1)
+    assert pid is not None
+    h.msg(pid, Ready(), 14.5)
+    assert sup.operation is None
+    assert sup.autoscale_status() == {"min": 1, "max": 4, "target": 0.6, "workers": 2}
+
+
+def test_autoscale_removes_the_highest_slots_after_the_down_window_with_its_own_reason() -> None:
+    from forkd.autoscale import DOWN_WINDOW
+    from forkd.events import LoadSample
+
+    sup = make(3, autoscale=(1, 3))
+    h = Harness(sup)
+    h.start(0.0)
+    top = [occupant(sup, 2), occupant(sup, 1)]
+    decided_at = None
+    for t in range(int(DOWN_WINDOW) + 3):
+        actions = h.feed(LoadSample(0.05, 0), 1.0 + t)
+        if any(isinstance(a, Signal) for a in actions):
+            decided_at = 1.0 + t
+            assert [a.pid for a in actions if isinstance(a, Signal)] == top
+            break
+    assert decided_at is not None and decided_at - 1.0 >= DOWN_WINDOW - 1  # a whole window
+    assert sorted(sup.table.slots) == [0]
+    for pid in top:
+        assert pid is not None
+        assert sup.table.workers[pid].state is WorkerState.DRAINING
+        h.feed(Exited(pid, 0, None), decided_at + 1)
+    assert sup.operation is None and sup.target == 1
+
+
+def test_autoscale_waits_for_a_running_operation() -> None:
+    from forkd.events import LoadSample
+
+    sup = make(1, autoscale=(1, 4))
+    h = Harness(sup)
+    h.start(0.0)
+    h.feed(ReloadRequest(), 1.0)  # a reload runs: its replacement is not ready yet
+    for t in range(10):
+        actions = h.feed(LoadSample(1.0, 20), 2.0 + t)
+        assert not any(isinstance(a, policy.Log) and a.event == "autoscale" for a in actions)
+    assert sup.target == 1
+
+
+def test_a_manual_scale_inside_the_bounds_holds_outside_is_refused() -> None:
+    from forkd.autoscale import DOWN_WINDOW
+    from forkd.events import LoadSample
+
+    sup = make(1, autoscale=(1, 4))
+    h = Harness(sup)
+    h.start(0.0)
+    who = object()
+    actions = h.feed(ScaleRequest(6, requester=who), 1.0)
+    assert [a for a in actions if isinstance(a, Reply)] == [Reply(
+        who, False, "cannot scale to 6 workers: --autoscale keeps the count within 1:4",
+        Code.BAD_ARGS)]
+    h.feed(ScaleRequest(3), 2.0)
+    for slot in (1, 2):
+        pid = occupant(sup, slot)
+        assert pid is not None
+        h.msg(pid, Ready(), 2.5)
+    assert sup.operation is None and sup.target == 3
+    # idle: the autoscaler would go down to 1, but the operator's 3 holds for a window
+    for t in range(int(DOWN_WINDOW) - 1):
+        actions = h.feed(LoadSample(0.0, 0), 3.0 + t)
+        assert not any(isinstance(a, Signal) for a in actions)
+    assert sup.target == 3
+
+
+def test_load_samples_without_autoscale_change_nothing() -> None:
+    from forkd.events import LoadSample
+
+    sup = make(1)
+    h = Harness(sup)
+    h.start(0.0)
+    for t in range(30):
+        assert h.feed(LoadSample(1.0, 50), 1.0 + t) == []
+    assert sup.autoscale_status() is None
