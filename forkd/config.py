@@ -305,6 +305,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("autoscale", _autoscale, "MIN:MAX: let forkd choose the worker count between them"),
     Option("autoscale_target", _ratio,
            "worker utilisation (busy/wall time, pool average) autoscaling aims at"),
+    Option("autoscale_window", _seconds,
+           "seconds a lower load must last before autoscaling removes workers"),
 )
 OPTION_NAMES = frozenset(option.name for option in OPTIONS)
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -352,6 +354,7 @@ class Config:
     metrics: str | None = None
     autoscale: tuple[int, int] | None = None
     autoscale_target: float = 0.6
+    autoscale_window: float = 60.0
 
     @property
     def binds(self) -> tuple[Bind, ...]:

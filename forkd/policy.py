@@ -542,7 +542,8 @@ class Supervisor:
         self.counters: dict[str, int] = {cause.value: 0 for cause in _HEALTH}
         self.autoscaler: Autoscaler | None = None
         if config.autoscale is not None:
-            self.autoscaler = Autoscaler(*config.autoscale, target=config.autoscale_target)
+            self.autoscaler = Autoscaler(*config.autoscale, target=config.autoscale_target,
+                                         down_window=config.autoscale_window)
         for slot_id in range(workers):
             self.table.slots[slot_id] = Slot(slot_id)
 
@@ -1010,7 +1011,7 @@ class Supervisor:
         if scaler is None:
             return None
         return {"min": scaler.minimum, "max": scaler.maximum, "target": scaler.target,
-                "workers": self.target}
+                "window": scaler.down_window, "workers": self.target}
 
     def _stop_request(self, event: ev.StopRequest, now: float) -> list[Action]:
         return self._stop(event.graceful, event.requester, now, forced=False)

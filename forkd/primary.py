@@ -24,7 +24,7 @@ from forkd.http.health import HealthFlag
 from forkd.metrics.shell import PoolMetrics
 from forkd.monitor import Monitor
 from forkd.sockets import Listener, close_listeners
-from forkd.state import exit_reason, exit_words
+from forkd.state import WorkerState, exit_reason, exit_words
 from forkd.systemd import Notifier, format_status, watchdog_interval
 from forkd.worker import WorkerSpec
 
@@ -37,6 +37,7 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGCHLD)
 HOUSEKEEPING = 1.0  # seconds between the loop's periodic passes when nothing else is due
 STATUS_EVERY = 5.0  # seconds between systemd STATUS= updates
+LOAD_EVERY = 1.0  # seconds between the load samples autoscaling decides on
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Primary:
         self.poller = Poller()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.next_memory = 0.0
+        self.next_load = 0.0
         self.due = 0.0  # when housekeeping must next run
         self.changed = True  # the table changed since the last housekeeping
         self.channel_owner: dict[int, int] = {}  # our channel end's fd -> worker pid
@@ -207,6 +209,8 @@ class Primary:
             due = min(due, self.next_memory)
         if self.watchdog is not None:
             due = min(due, self.next_watchdog)
+        if self.supervisor.autoscaler is not None:
+            due = min(due, self.next_load)
         return due
 
     def _housekeeping(self) -> None:
@@ -221,6 +225,12 @@ class Primary:
         if self.watchdog is not None and now >= self.next_watchdog:
             self.next_watchdog = now + self.watchdog
             self.notifier.watchdog()
+        if self.supervisor.autoscaler is not None and now >= self.next_load:
+            self.next_load = now + LOAD_EVERY
+            ready = [w.pid for w in self.supervisor.table.workers.values()
+                     if w.state is WorkerState.READY]
+            load = self.metrics.load(ready, (lsn.sock for lsn in self.options.listeners))
+            self._feed(events.LoadSample(load.utilization, load.listen_queue), now)
         if self.metrics.server is not None:
             self.metrics.publish(((w.pid, w.slot, w.state.value)
                                   for w in self.supervisor.table.workers.values()),

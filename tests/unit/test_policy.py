@@ -885,7 +885,8 @@ def test_autoscale_adds_workers_when_utilisation_stays_above_target() -> None:
     assert pid is not None
     h.msg(pid, Ready(), 14.5)
     assert sup.operation is None
-    assert sup.autoscale_status() == {"min": 1, "max": 4, "target": 0.6, "workers": 2}
+    assert sup.autoscale_status() == {"min": 1, "max": 4, "target": 0.6, "window": 60.0,
+                                      "workers": 2}
 
 
 def test_autoscale_removes_the_highest_slots_after_the_down_window_with_its_own_reason() -> None:
