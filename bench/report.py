@@ -14,7 +14,7 @@ from typing import Any
 from bench.harness import BENCH
 
 RESULTS_DIR = BENCH / "results"
-ORDER = ["throughput", "kills", "reload", "hooks", "recycle", "speed", "upgrade"]
+ORDER = ["throughput", "kills", "reload", "hooks", "recycle", "speed", "upgrade", "autoscale"]
 
 
 def save(name: str, data: dict[str, Any]) -> Path:
@@ -84,6 +84,7 @@ TITLES = {
     "recycle": "5. --max-requests 1000 under load (2 workers)",
     "speed": "6. Speed: spread over rounds, pipelining, blocking WSGI, memory, start-up",
     "upgrade": "7. Replacing the primary itself under load (2 workers)",
+    "autoscale": "8. Autoscaling: a ramp of CPU-bound load, --autoscale 1:4 against fixed 1 and 4",
 }
 
 
@@ -439,6 +440,42 @@ UPGRADE_HEADER = _table_header(
 )  # fmt: skip
 
 
+def _autoscale(data: dict[str, Any]) -> str:
+    servers = data["servers"]
+    names = list(servers)
+    header = "| hey -c | " + " | ".join(f"{n}: req/s / p99 ms" for n in names) + " |"
+    rows = []
+    for i, concurrency in enumerate(data["steps"]):
+        cells = []
+        for name in names:
+            step = servers[name]["steps"][i]
+            cells.append(f"{_n(step['rps'])} / {_f(step['p99_ms'])}")
+        rows.append(f"| {concurrency} | " + " | ".join(cells) + " |")
+    summary = [
+        f"| {name} | {e['max_workers']} | {_f(e['mean_uss_mib'], 1)} | {_f(e['worst_p99_ms'])} | "
+        f"{e['failures']} |" for name, e in servers.items()
+    ]
+    timeline = " ".join(f"{t:g}s:{n}" for t, n in
+                        servers[names[0]]["workers_over_time"][::4])
+    return f"""## {TITLES["autoscale"]}
+
+Run {data["meta"]["date"]}. Steps of {data["seconds"]} s each, `hey -z {data["seconds"]}s -c C`
+on a route that spins the CPU for 2 ms; `--autoscale-window {data["window"]}`.
+p99 of the worst step, autoscale / fixed 4: **{_f(data.get("p99_ratio_vs_fixed4"))}×**;
+mean memory (sum of worker USS), autoscale / fixed 4: **{_f(data.get("memory_ratio_vs_fixed4"))}×**.
+
+{header}
+|{"---|" * (len(names) + 1)}
+{chr(10).join(rows)}
+
+| server | most workers | mean USS sum MiB | worst step p99 ms | failures |
+|---|---|---|---|---|
+{chr(10).join(summary)}
+
+Worker count over time ({names[0]}, every 2 s): {timeline}
+"""
+
+
 SECTIONS = {
     "throughput": _throughput,
     "kills": _kills,
@@ -447,6 +484,7 @@ SECTIONS = {
     "recycle": _recycle,
     "speed": _speed,
     "upgrade": _upgrade,
+    "autoscale": _autoscale,
 }
 
 
