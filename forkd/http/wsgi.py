@@ -64,23 +64,34 @@ def build_environ(
         "wsgi.input_terminated": True,
         "wsgi.file_wrapper": FileWrapper,
     }
+    keys = _ENVIRON_KEYS
     for name, value in headers:
-        if name == b"content-length":
-            environ["CONTENT_LENGTH"] = value.decode("latin-1")
-            continue
-        if name == b"content-type":
-            environ["CONTENT_TYPE"] = value.decode("latin-1")
-            continue
-        if b"_" in name:
-            # X_User would land on the same key as X-User: a proxy that strips or checks
-            # one spelling could be bypassed with the other, so underscores are dropped
-            continue
-        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+        key = keys.get(name)
+        if key is None:
+            key = _environ_key(name)
+            if key is None:
+                continue
         text = value.decode("latin-1")
         if key in environ:
             text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
         environ[key] = text
     return environ
+
+
+# header name -> environ key, learnt as names come (bounded: names are the client's)
+_ENVIRON_KEYS: dict[bytes, str] = {b"content-length": "CONTENT_LENGTH",
+                                   b"content-type": "CONTENT_TYPE"}
+
+
+def _environ_key(name: bytes) -> str | None:
+    if b"_" in name:
+        # X_User would land on the same key as X-User: a proxy that strips or checks
+        # one spelling could be bypassed with the other, so underscores are dropped
+        return None
+    key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+    if len(_ENVIRON_KEYS) < 512:
+        _ENVIRON_KEYS[name] = key
+    return key
 
 
 class FileWrapper:

@@ -10,12 +10,15 @@ GIL passed back and forth). So:
   only when the loop is not already due to empty it;
 - a call that is known to be quick runs inline on the loop's thread, with no hand-off at
   all. "Known" is learnt per route: a route is run inline after PROMOTE_AFTER threaded calls
-  that each used less than QUICK_CPU of CPU and none of which took longer than SLOW_WALL;
-  an inline call that takes longer than INLINE_LIMIT (it blocked: a database, a sleep) sends
-  that route back to the threads for the rest of the worker's life. The cost of a wrong
-  guess is one call of that route holding the loop, once per worker. `--wsgi-inline never`
-  turns this off; `always` (or `--threads 0`) runs every call inline, for apps that never
-  block.
+  in a row that each used less than QUICK_CPU of the thread's CPU. Wall-clock time cannot
+  tell a quick call from a slow one on the threads (under load a call waits for the GIL as
+  long as one that sleeps), except at its extreme: a route that once took NEVER_INLINE on
+  a thread blocks for long at times, and never runs inline. Inline, the wall clock is
+  honest: a call over SLOW_INLINE sends its route back to the threads at once, and
+  STRIKES calls in a row over INLINE_LIMIT (it waits on something: a database, a sleep)
+  do too, for the rest of the worker's life. The cost of a wrong guess is a few calls of
+  that route holding the loop, once per worker. `--wsgi-inline never` turns this off;
+  `always` (or `--threads 0`) runs every call inline, for apps that never block.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-PROMOTE_AFTER = 32  # quick threaded calls before a route is run inline
+PROMOTE_AFTER = 32  # quick threaded calls in a row before a route is run inline
 QUICK_CPU = 0.0005  # seconds of the thread's CPU under which a threaded call is quick
-SLOW_WALL = 0.020  # a threaded call this long (wall clock) keeps its route on the threads
-INLINE_LIMIT = 0.002  # an inline call longer than this blocked: its route goes to threads
+NEVER_INLINE = 0.100  # a threaded call this long (wall clock) keeps its route on the threads
+SLOW_INLINE = 0.010  # an inline call this long sends its route back to the threads at once
+INLINE_LIMIT = 0.0005  # inline calls over this, STRIKES in a row, send it back too
+STRIKES = 3
 MAX_ROUTES = 4096  # routes remembered; others stay on the threads
 
 _INLINE = -1
@@ -53,6 +58,7 @@ class WSGIPool:
         self.answers: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self.wake_pending = False
         self.routes: dict[bytes, int] = {}  # score, or _INLINE / _THREADS
+        self.strikes: dict[bytes, int] = {}  # inline routes' slow calls in a row
 
     # -- loop thread ------------------------------------------------------------------
     def runs_inline(self, route: bytes) -> bool:
@@ -75,8 +81,18 @@ class WSGIPool:
         self.calls.put((fn, arg))
 
     def inline_took(self, route: bytes, seconds: float) -> None:
-        if seconds > INLINE_LIMIT and self.mode == "auto":
+        if self.mode != "auto":
+            return
+        if seconds <= INLINE_LIMIT:
+            if route in self.strikes:
+                del self.strikes[route]
+            return
+        strikes = self.strikes.get(route, 0) + 1
+        if seconds > SLOW_INLINE or strikes >= STRIKES:
             self.routes[route] = _THREADS
+            self.strikes.pop(route, None)
+        else:
+            self.strikes[route] = strikes
 
     def shutdown(self) -> None:
         for _ in self.threads:
@@ -105,7 +121,7 @@ class WSGIPool:
         score = self.routes.get(route, 0)
         if score < 0:
             return
-        if wall > SLOW_WALL:
+        if wall > NEVER_INLINE:
             self.routes[route] = _THREADS
         elif cpu > QUICK_CPU:
             self.routes[route] = 0

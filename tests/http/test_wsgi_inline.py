@@ -1,6 +1,6 @@
 """--wsgi-inline auto: a route learnt to be quick runs on the loop's thread; a route that
-blocks keeps running on the pool's threads, concurrently, and a quick route that starts
-blocking goes back to them."""
+blocks runs inline at most once and then stays on the pool's threads, concurrently; a quick
+route that starts blocking goes back to them."""
 
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ def test_a_quick_route_moves_to_the_loop_thread(server: Served) -> None:
 
 @pytest.mark.timeout(30)
 def test_a_blocking_route_stays_concurrent(server: Served) -> None:
-    for _ in range(LEARN):
-        assert where(server, "/slow-io?ms=25").startswith("forkd-wsgi-")
+    seen = [where(server, "/slow-io?ms=25") for _ in range(LEARN)]
+    # its CPU is small, so it is tried inline once; that call's 25 ms sends it back
+    assert seen.count("MainThread") <= 1
+    assert seen[-1].startswith("forkd-wsgi-")
     results: list[str] = []
     threads = [threading.Thread(target=lambda: results.append(where(server, "/slow-io?ms=400")))
                for _ in range(4)]

@@ -43,19 +43,39 @@ def test_a_cpu_heavy_call_starts_the_count_again(pool: WSGIPool) -> None:
     assert not pool.runs_inline(b"/a")
 
 
-def test_a_slow_call_keeps_the_route_on_the_threads_for_good(pool: WSGIPool) -> None:
-    pool.threaded_took(b"/a", wsgipool.SLOW_WALL * 2, 0.0)  # waited on I/O: little CPU
+def test_a_very_slow_call_keeps_the_route_on_the_threads_for_good(pool: WSGIPool) -> None:
+    pool.threaded_took(b"/a", wsgipool.NEVER_INLINE * 2, 0.0)  # waited on I/O: little CPU
     for _ in range(wsgipool.PROMOTE_AFTER * 2):
         pool.threaded_took(b"/a", *QUICK)
     assert not pool.runs_inline(b"/a")
 
 
-def test_an_inline_call_that_blocked_sends_the_route_back(pool: WSGIPool) -> None:
+def test_waiting_on_the_gil_on_a_thread_does_not_stop_a_promotion(pool: WSGIPool) -> None:
+    for _ in range(wsgipool.PROMOTE_AFTER):
+        pool.threaded_took(b"/a", wsgipool.NEVER_INLINE / 2, 0.0001)
+    assert pool.runs_inline(b"/a")
+
+
+def test_an_inline_call_that_blocked_long_sends_the_route_back(pool: WSGIPool) -> None:
     for _ in range(wsgipool.PROMOTE_AFTER):
         pool.threaded_took(b"/a", *QUICK)
     pool.inline_took(b"/a", wsgipool.INLINE_LIMIT / 2)
     assert pool.runs_inline(b"/a")
-    pool.inline_took(b"/a", wsgipool.INLINE_LIMIT * 2)
+    pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
+    assert not pool.runs_inline(b"/a")
+
+
+def test_inline_calls_that_wait_a_little_every_time_send_the_route_back(pool: WSGIPool
+                                                                        ) -> None:
+    for _ in range(wsgipool.PROMOTE_AFTER):
+        pool.threaded_took(b"/a", *QUICK)
+    slow = wsgipool.INLINE_LIMIT * 2  # a 1 ms sleep, say
+    for _ in range(wsgipool.STRIKES - 1):
+        pool.inline_took(b"/a", slow)
+        pool.inline_took(b"/a", wsgipool.INLINE_LIMIT / 2)  # (a pause now and then: kept)
+    assert pool.runs_inline(b"/a")
+    for _ in range(wsgipool.STRIKES):
+        pool.inline_took(b"/a", slow)
     assert not pool.runs_inline(b"/a")
     for _ in range(wsgipool.PROMOTE_AFTER * 2):
         pool.threaded_took(b"/a", *QUICK)
