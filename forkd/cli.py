@@ -17,7 +17,7 @@ from forkd.errors import AppLoadError, BindError, ConfigError, ControlError
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-_FLAGS = {"preload", "access_log", "proxy_protocol"}
+_FLAGS = {"preload", "access_log", "proxy_protocol", "ws_per_message_deflate"}
 _SHORT = {"bind": "-b", "workers": "-w"}
 
 

@@ -307,6 +307,15 @@ OPTIONS: tuple[Option, ...] = (
            "worker utilisation (busy/wall time, pool average) autoscaling aims at"),
     Option("autoscale_window", _seconds,
            "seconds a lower load must last before autoscaling removes workers"),
+    # TLS and WebSockets (issue 18)
+    Option("certfile", _text, "TLS certificate chain (PEM): HTTPS and WSS on TCP listeners"),
+    Option("keyfile", _text, "TLS private key (PEM), when not in --certfile"),
+    Option("ca_certs", _text, "with TLS, require client certificates signed by these CAs"),
+    Option("ws_max_size", parse_size, "largest WebSocket message (close 1009 above)"),
+    Option("ws_ping_interval", _seconds_or_zero,
+           "seconds of WebSocket silence before a ping (0: no pings)"),
+    Option("ws_ping_timeout", _seconds, "seconds a pinged WebSocket has to answer"),
+    Option("ws_per_message_deflate", _bool, "offer WebSocket permessage-deflate"),
 )
 OPTION_NAMES = frozenset(option.name for option in OPTIONS)
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -355,6 +364,13 @@ class Config:
     autoscale: tuple[int, int] | None = None
     autoscale_target: float = 0.6
     autoscale_window: float = 60.0
+    certfile: str | None = None
+    keyfile: str | None = None
+    ca_certs: str | None = None
+    ws_max_size: int = 16 << 20
+    ws_ping_interval: float = 20.0
+    ws_ping_timeout: float = 20.0
+    ws_per_message_deflate: bool = True
 
     @property
     def binds(self) -> tuple[Bind, ...]:
@@ -429,6 +445,9 @@ def merge(
     if config.memory_hard_limit is not None and (
             config.max_memory is None or config.memory_hard_limit <= config.max_memory):
         raise ConfigError("--memory-hard-limit: must be above --max-memory")
+    for needs_cert in ("keyfile", "ca_certs"):
+        if getattr(config, needs_cert) is not None and config.certfile is None:
+            raise ConfigError(f"{option_flag(needs_cert)}: needs --certfile")
     return config
 
 

@@ -4,6 +4,7 @@
     ├── ConfigError            a bad option, key or value (exit 2); names the key
     ├── BindError              a listener could not be bound (exit 1); names the address
     ├── AppLoadError           APP could not be imported or called (worker exit code 3)
+    │   └── TLSConfigError     a --certfile/--keyfile/--ca-certs file does not load
     ├── ProtocolError          a malformed control message; carries an error code
     └── ControlError           a control request failed or nothing answered
         └── NoPrimary          no (or no unique) primary to talk to (exit 2)
@@ -31,6 +32,10 @@ class BindError(ForkdError):
 
 class AppLoadError(ForkdError):
     """The application could not be imported, found or built."""
+
+
+class TLSConfigError(AppLoadError):
+    """A certificate, key or CA file that does not load (fails a worker like an import)."""
 
 
 class ProtocolError(ForkdError):

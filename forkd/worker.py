@@ -28,6 +28,7 @@ from forkd.metrics.snapshot import to_wire
 
 logger = logging.getLogger("forkd.worker")
 
+WS_CLOSE_GRACE = 1.0  # seconds before the drain deadline at which WebSockets get 1012
 LIFESPAN_SHUTDOWN = 3.0  # seconds the app's lifespan shutdown may take after the drain
 TASK_CANCEL_GRACE = 1.0  # seconds cancelled request tasks get for their cleanup
 TICK = 0.5  # seconds between the loop's housekeeping passes (clock, Date, timeouts)
@@ -119,8 +120,12 @@ def _main(spec: WorkerSpec) -> int:
     _set_title(spec)
     faulthandler.enable(file=sys.stderr, all_threads=True)  # SIGABRT on a hang shows where
 
+    from forkd import tls
     from forkd.http.loader import detect_interface, enter_directory, import_app
 
+    # read at every worker's start (before --chdir: paths are as typed where forkd start
+    # ran): a reload serves renewed certificates, a file that does not load fails it
+    ssl_context = tls.server_context(spec.config)
     cwd = enter_directory(spec.config.chdir)
     app = spec.app if spec.app is not None else import_app(spec.config.app)
     interface = spec.interface or spec.config.interface
@@ -132,13 +137,13 @@ def _main(spec: WorkerSpec) -> int:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_serve(spec, app, interface, loop, cwd))
+        return loop.run_until_complete(_serve(spec, app, interface, loop, cwd, ssl_context))
     finally:
         loop.close()
 
 
 async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.AbstractEventLoop,
-                 cwd: str) -> int:
+                 cwd: str, ssl_context: Any = None) -> int:
     from forkd.http.protocol import ServerState, make_protocol_factory
 
     config = spec.config
@@ -165,6 +170,9 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
             _report_error(spec.channel, f"lifespan startup failed: {exc}\n")
             return EXIT_APP_LOAD
         state.cycle_factory = _positional(ASGICycle, app, lifespan.state, config.root_path)
+        from forkd.http.websocket import make_upgrade_factory
+
+        state.upgrade_factory = make_upgrade_factory(app, lifespan.state, config.root_path)
     else:
         from forkd.http.wsgi import WSGICycle
         from forkd.http.wsgipool import WSGIPool
@@ -176,7 +184,7 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     # collector's passes (shorter pauses on the request path).
     gc.freeze()
     factory = make_protocol_factory(state)
-    servers = [await loop.create_server(factory, sock=sock, backlog=config.backlog)
+    servers = [await _create_server(loop, factory, sock, config, ssl_context)
                for sock in spec.listeners]
     stop = loop.create_future()
 
@@ -203,7 +211,12 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     _send(channel, events.encode(events.Draining()), surely=True)
     state.start_drain()
     deadline = loop.time() + config.graceful_timeout
+    # open WebSockets run on until just before the deadline, then get 1012 (reconnect)
+    websockets_close_at = deadline - min(WS_CLOSE_GRACE, config.graceful_timeout / 4)
     while state.busy() and loop.time() < deadline:
+        if state.websockets and loop.time() >= websockets_close_at:
+            for websocket in list(state.websockets):
+                websocket.restart()
         await asyncio.sleep(0.05)
     if state.connections:
         logger.warning("graceful timeout: closing %d connection(s)", len(state.connections))
@@ -222,6 +235,17 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     if pool is not None:
         pool.shutdown()
     return EXIT_OK
+
+
+async def _create_server(loop: asyncio.AbstractEventLoop, factory: Any, sock: socket.socket,
+                         config: Config, ssl_context: Any) -> asyncio.AbstractServer:
+    from forkd.tls import is_tcp
+
+    if ssl_context is not None and is_tcp(sock):
+        return await loop.create_server(factory, sock=sock, backlog=config.backlog,
+                                        ssl=ssl_context,
+                                        ssl_handshake_timeout=config.header_timeout)
+    return await loop.create_server(factory, sock=sock, backlog=config.backlog)
 
 
 def _positional(cls: Callable[..., Any], *bound: Any) -> Callable[..., Any]:

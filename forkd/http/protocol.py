@@ -115,7 +115,11 @@ class ServerState:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.loop = loop
-        self.connections: set[HttpProtocol] = set()
+        self.connections: set[Any] = set()  # HttpProtocol, or what an upgrade turned it into
+        self.websockets: set[Any] = set()  # open WebSockets (forkd.http.websocket), also above
+        # ASGI only: (protocol, method, target, headers, version) -> an object with
+        # take_over(leftover), or None to answer the upgrade request as plain HTTP
+        self.upgrade_factory: Callable[..., Any] | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps tasks only weakly
         self.requests = 0
         self.request_limit = 0  # --max-requests: on_limit runs as this request starts
@@ -275,6 +279,7 @@ class HttpProtocol(asyncio.Protocol):
         # (start time, method) of each request parsed and not yet answered, in order
         self.heads: deque[tuple[float, bytes]] = deque()
         self.response_status = b"000"  # the current response's code, from its status line
+        self.upgrade: Any = None  # a WebSocket taking the connection over after this head
 
     # -- connection events ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -292,6 +297,8 @@ class HttpProtocol(asyncio.Protocol):
         else:  # a unix socket: only local processes with the socket's permissions reach
             # it, so its peer is trusted as loopback is (nginx in front, on the same host)
             self.peer_trusted = self.state.trusted.trusts("127.0.0.1")
+        if transport.get_extra_info("ssl_object") is not None:  # a --certfile listener
+            self.scheme = "https"
         self.idle_since = self.state.now
         if self.state.draining:
             self.idle_since = None
@@ -321,8 +328,11 @@ class HttpProtocol(asyncio.Protocol):
                 return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # no protocol switch here: the app answered the request as plain HTTP
+        except httptools.HttpParserUpgrade as exc:
+            if self.upgrade is not None:  # a WebSocket: hand it the connection
+                upgrade, self.upgrade = self.upgrade, None
+                upgrade.take_over(data[exc.args[0]:])
+            # else no protocol switch: the app answered the request as plain HTTP
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, RequestError):
@@ -442,8 +452,9 @@ class HttpProtocol(asyncio.Protocol):
             raise RequestError(400, "Bad Request: Transfer-Encoding in an HTTP/1.0 request")
         if content_length is not None and content_length > self.max_body:
             raise RequestError(413, "Content Too Large")
-        # An Upgrade is never performed, and httptools drops every byte after an upgrade
-        # request: the connection cannot carry another request, so it closes after this one.
+        # An Upgrade other than a WebSocket's (ASGI) is not performed, and httptools drops
+        # every byte after an upgrade request: the connection cannot carry another request,
+        # so it closes after this one.
         state = self.state
         keep_alive = (parser.should_keep_alive() and not state.draining
                       and not parser.should_upgrade())
@@ -451,6 +462,10 @@ class HttpProtocol(asyncio.Protocol):
         self.req_scheme = self.scheme
         if proxied and self.peer_trusted:
             headers = self.apply_forwarded(headers)
+        upgrade = None
+        if state.upgrade_factory is not None and parser.should_upgrade() and self.cycle is None:
+            upgrade = state.upgrade_factory(self, method.decode("ascii"), target, headers,
+                                            version)  # None: not a WebSocket handshake
         cycle: Cycle
         if target == state.health_path:
             cycle = HealthCycle(self, 200, READY, keep_alive)
@@ -459,6 +474,11 @@ class HttpProtocol(asyncio.Protocol):
             # retries elsewhere, and the worker stays responsive to what it has taken
             cycle = FixedCycle(self, 503, b"Service Unavailable: too many requests\n",
                                keep_alive, b"retry-after: 1\r\n")
+        elif upgrade is not None:  # it takes the connection over when the parser stops
+            self.upgrade = upgrade
+            self.request_started = None
+            state.requests += 1
+            return
         else:
             factory = state.cycle_factory
             assert factory is not None

@@ -1,0 +1,78 @@
+"""A WebSocket test app: echo, subprotocols and headers on accept, denial, refusal,
+server-side close, and what the app last saw of a disconnect (GET /last)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+last_disconnect: dict[str, Any] = {}
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] == "http":
+        await _http(scope, receive, send)
+        return
+    assert scope["type"] == "websocket"
+    assert (await receive())["type"] == "websocket.connect"
+    path = scope["path"]
+    if path == "/deny":
+        await send({"type": "websocket.http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"text/plain"), (b"x-denied", b"yes")]})
+        await send({"type": "websocket.http.response.body", "body": b"no ", "more_body": True})
+        await send({"type": "websocket.http.response.body", "body": b"entry"})
+        return
+    if path == "/refuse":
+        await send({"type": "websocket.close", "code": 1000})
+        return
+    if path == "/fail-before-accept":
+        raise RuntimeError("the app failed before accepting")
+    accept: dict[str, Any] = {"type": "websocket.accept"}
+    if path == "/subprotocol":
+        accept["subprotocol"] = scope["subprotocols"][-1] if scope["subprotocols"] else None
+        accept["headers"] = [(b"x-ws-test", b"yes")]
+    await send(accept)
+    if path == "/scope":
+        await send({"type": "websocket.send", "text": json.dumps({
+            "scheme": scope["scheme"], "path": scope["path"],
+            "query": scope["query_string"].decode(), "subprotocols": scope["subprotocols"],
+            "pid": os.getpid()})})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            last_disconnect.clear()
+            last_disconnect.update(code=message["code"], reason=message.get("reason", ""),
+                                   path=path)
+            return
+        text = message.get("text")
+        if text is not None and text.startswith("close "):  # "close CODE REASON"
+            _, code, reason = text.split(" ", 2)
+            await send({"type": "websocket.close", "code": int(code), "reason": reason})
+            continue
+        if text == "pid":
+            await send({"type": "websocket.send", "text": str(os.getpid())})
+        elif text is not None:
+            await send({"type": "websocket.send", "text": text})
+        else:
+            await send({"type": "websocket.send", "bytes": message["bytes"]})
+
+
+async def _http(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["path"] == "/last":
+        body = json.dumps(last_disconnect).encode()
+    else:
+        body = json.dumps({"pid": os.getpid(), "scheme": scope["scheme"],
+                           "upgrade": dict(scope["headers"]).get(b"upgrade", b"").decode()
+                           }).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
