@@ -163,6 +163,11 @@ class WebSocketConnection(asyncio.Protocol):
             self._half_close()
             return
         response = ws.accept(request)
+        if getattr(ws.handshake_exc, "name", None) == "Sec-WebSocket-Version":
+            # RFC 6455 4.4: 426 naming the version this server speaks, so a client can retry
+            response = ws.reject(426, f"Failed to open a WebSocket connection: "
+                                      f"{ws.handshake_exc}.\n")
+            response.headers["Sec-WebSocket-Version"] = "13"
         if response.status_code != 101:
             # a malformed handshake: the library's 4xx names what is wrong
             log.info("refused a WebSocket handshake from %s: %d %s", self.http.client,

@@ -76,3 +76,11 @@ async def _http(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})
+
+
+def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """A WSGI app: an upgrade request reaches it as a plain request."""
+    body = json.dumps({"upgrade": environ.get("HTTP_UPGRADE", ""),
+                       "scheme": environ["wsgi.url_scheme"]}).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]

@@ -1,0 +1,200 @@
+"""WebSockets for ASGI apps, driven by the real `websockets` client: echo, large and
+fragmented messages, the size limit, subprotocols, close codes both ways, denial,
+pings, a malformed handshake; and a WSGI app that sees an upgrade as plain HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+
+import pytest
+from httpkit import Served, get
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
+from websockets.sync.client import connect
+from wskit import handshake, read_frames
+
+from support import raw_exchange, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(serve) -> Served:
+    return serve("ws_app:app")
+
+
+@pytest.fixture(scope="module")
+def strict(serve) -> Served:
+    """Small limits: a 64 KiB message cap and pings after half a second of silence."""
+    return serve("ws_app:app", "--ws-max-size", "64K", "--ws-ping-interval", "0.5",
+                 "--ws-ping-timeout", "0.5")
+
+
+def url(served: Served, path: str) -> str:
+    return f"ws://127.0.0.1:{served.port}{path}"
+
+
+def test_echo_text_and_binary(server: Served) -> None:
+    with connect(url(server, "/echo"), open_timeout=10) as ws:
+        ws.send("héllo, wörld")
+        assert ws.recv(timeout=5) == "héllo, wörld"
+        ws.send(b"\x00\xff\x10binary")
+        assert ws.recv(timeout=5) == b"\x00\xff\x10binary"
+
+
+def test_scope_names_path_query_and_scheme(server: Served) -> None:
+    with connect(url(server, "/scope?room=7"), subprotocols=["one", "two"],
+                 open_timeout=10) as ws:
+        seen = json.loads(ws.recv(timeout=5))
+    assert seen["scheme"] == "ws"
+    assert seen["path"] == "/scope"
+    assert seen["query"] == "room=7"
+    assert seen["subprotocols"] == ["one", "two"]
+
+
+@pytest.mark.parametrize("compression", ["deflate", None])
+def test_one_mebibyte_message_round_trips(server: Served, compression: str | None) -> None:
+    payload = os.urandom(1 << 20)
+    with connect(url(server, "/echo"), compression=compression, max_size=2 << 20,
+                 open_timeout=10) as ws:
+        assert bool(ws.protocol.extensions) is (compression is not None)
+        ws.send(payload)
+        assert ws.recv(timeout=20) == payload
+        text = "ab" * (1 << 19)  # compressible: deflate carries it in a few KiB
+        ws.send(text)
+        assert ws.recv(timeout=20) == text
+
+
+def test_fragmented_message_is_delivered_whole(server: Served) -> None:
+    with connect(url(server, "/echo"), open_timeout=10) as ws:
+        ws.send(["frag", "men", "ted"])  # three frames: TEXT, CONT, CONT(fin)
+        assert ws.recv(timeout=5) == "fragmented"
+        ws.send([b"\x01", b"\x02\x03"])
+        assert ws.recv(timeout=5) == b"\x01\x02\x03"
+
+
+def test_subprotocol_and_headers_chosen_on_accept(server: Served) -> None:
+    with connect(url(server, "/subprotocol"), subprotocols=["graphql-ws", "chat"],
+                 open_timeout=10) as ws:
+        assert ws.subprotocol == "chat"
+        assert ws.response.headers["x-ws-test"] == "yes"
+
+
+def test_close_code_and_reason_from_the_app(server: Served) -> None:
+    with connect(url(server, "/echo"), open_timeout=10) as ws:
+        ws.send("close 4000 done here")
+        with pytest.raises(ConnectionClosedError) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4000, "done here")
+
+
+def test_close_code_and_reason_from_the_client_reach_the_app(server: Served) -> None:
+    with connect(url(server, "/echo"), open_timeout=10) as ws:
+        ws.send("ping?")
+        ws.recv(timeout=5)
+        ws.close(4321, "client leaves")
+    wait_until(lambda: get(server.port, "/last").json().get("reason") == "client leaves",
+               5, message="the app to see the disconnect")
+    assert get(server.port, "/last").json() == {"code": 4321, "reason": "client leaves",
+                                                 "path": "/echo"}
+
+
+def test_denial_response_reaches_the_client(server: Served) -> None:
+    with pytest.raises(InvalidStatus) as denied:
+        connect(url(server, "/deny"), open_timeout=10)
+    response = denied.value.response
+    assert response.status_code == 401
+    assert response.headers["x-denied"] == "yes"
+    assert bytes(response.body) == b"no entry"
+
+
+def test_close_before_accept_is_403_and_failure_before_accept_500(server: Served) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url(server, "/refuse"), open_timeout=10)
+    assert refused.value.response.status_code == 403
+    with pytest.raises(InvalidStatus) as failed:
+        connect(url(server, "/fail-before-accept"), open_timeout=10)
+    assert failed.value.response.status_code == 500
+
+
+def test_malformed_handshake_is_400_and_the_worker_lives(server: Served) -> None:
+    pid = server.pid()
+    sock, head = handshake(server.port, key=False)
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"Sec-WebSocket-Key" in raw_exchange(
+        server.port, b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    # a version this server does not speak: 426 naming the one it does (RFC 6455 4.4)
+    answer = raw_exchange(server.port, b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Version: 8\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 426 "), answer
+    assert b"\r\nSec-WebSocket-Version: 13\r\n" in answer
+    assert server.pid() == pid
+    with connect(url(server, "/echo"), open_timeout=10) as ws:
+        ws.send("still here")
+        assert ws.recv(timeout=5) == "still here"
+
+
+def test_message_over_ws_max_size_closes_1009(strict: Served) -> None:
+    with connect(url(strict, "/echo"), compression=None, open_timeout=10) as ws:
+        at_limit = os.urandom(64 * 1024)
+        ws.send(at_limit)
+        assert ws.recv(timeout=5) == at_limit
+        ws.send(os.urandom(64 * 1024 + 1))
+        with pytest.raises(ConnectionClosedError) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    wait_until(lambda: get(strict.port, "/last").json().get("code") == 1009, 5,
+               message="the app to be told 1009")
+
+
+def test_silent_client_is_pinged_then_closed_1011(strict: Served) -> None:
+    sock, head = handshake(strict.port)
+    try:
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        started = time.monotonic()
+        frames, ended = read_frames(sock, started + 8)
+        elapsed = time.monotonic() - started
+    finally:
+        sock.close()
+    opcodes = [opcode for opcode, _ in frames]
+    assert opcodes[:1] == [0x9], frames  # a ping first
+    assert 0x8 in opcodes, frames  # then a close
+    close_payload = frames[opcodes.index(0x8)][1]
+    assert struct.unpack("!H", close_payload[:2])[0] == 1011
+    assert ended, "the server kept the connection after closing"
+    assert elapsed < 4.0  # interval 0.5 + timeout 0.5, on a 0.5 s clock, plus load
+
+
+def test_client_that_answers_pings_stays_open(strict: Served) -> None:
+    with connect(url(strict, "/echo"), ping_interval=None, open_timeout=10) as ws:
+        deadline = time.monotonic() + 2.5  # several ping intervals and timeouts
+        while time.monotonic() < deadline:
+            with pytest.raises(TimeoutError):
+                ws.recv(timeout=0.5)  # nothing comes but pings (answered by the client)
+        ws.send("alive")
+        assert ws.recv(timeout=5) == "alive"
+
+
+def test_client_close_is_acknowledged_cleanly(server: Served) -> None:
+    with connect(url(server, "/echo"), open_timeout=10) as ws:
+        ws.close(1000, "bye")
+        with pytest.raises(ConnectionClosedOK):
+            ws.recv(timeout=5)
+    assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
+    wait_until(lambda: get(server.port, "/last").json().get("reason") == "bye", 5,
+               message="the app to see the disconnect")
+
+
+def test_wsgi_app_answers_an_upgrade_as_plain_http(serve) -> None:
+    wsgi = serve("ws_app:wsgi_app")
+    with pytest.raises(InvalidStatus) as plain:
+        connect(url(wsgi, "/echo"), open_timeout=10)
+    assert plain.value.response.status_code == 200
+    assert json.loads(bytes(plain.value.response.body)) == {"upgrade": "websocket",
+                                                            "scheme": "http"}
