@@ -38,9 +38,19 @@ def server_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+_SSL_REASONS = {  # OpenSSL's terse reasons, said the way an operator needs them
+    "PEM lib": "not a PEM certificate or key (or a key protected by a passphrase)",
+    "KEY_VALUES_MISMATCH": "the private key does not belong to the certificate",
+    "NO_CERTIFICATE_OR_CRL_FOUND": "no certificate in the file",
+}
+
+
 def _why(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
+        reason = str(exc.reason or "")
+        if not reason and "PEM lib" in str(exc):
+            reason = "PEM lib"
+        return _SSL_REASONS.get(reason, reason or str(exc))
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)

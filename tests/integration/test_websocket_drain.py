@@ -1,0 +1,57 @@
+"""A reload with an open WebSocket: the old worker keeps it running while it drains,
+closes it with 1012 within --graceful-timeout, the reload is not held longer, and a
+reconnect reaches the new worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosedError
+from websockets.sync.client import connect
+
+from support import wait_until
+
+pytestmark = pytest.mark.integration
+
+GRACEFUL = 3.0
+
+
+@pytest.mark.timeout(60)
+def test_reload_closes_open_websockets_1012_within_graceful_timeout(run_forkd) -> None:
+    proc = run_forkd("ws_app:app", "-b", "127.0.0.1:0", "-w", "1",
+                     "--graceful-timeout", str(GRACEFUL), "--ws-ping-interval", "0")
+    port = proc.port()
+    proc.wait_ready(1)
+    with connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10) as ws:
+        ws.send("pid")
+        old_pid = ws.recv(timeout=5)
+        started = time.monotonic()
+        reload = subprocess.Popen([sys.executable, "-m", "forkd", "reload"], env=proc.env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, text=True)
+        try:
+            wait_until(lambda: proc.output().count("event=worker-ready") >= 2, 20,
+                       message=proc.describe)
+            # the old worker drains, and the WebSocket it holds still works meanwhile
+            ws.send("pid")
+            assert ws.recv(timeout=5) == old_pid
+            with pytest.raises(ConnectionClosedError) as closed:
+                ws.recv(timeout=GRACEFUL + 5)
+            closed_after = time.monotonic() - started
+            output, _ = reload.communicate(timeout=30)
+            reload_took = time.monotonic() - started
+        finally:
+            if reload.poll() is None:
+                reload.kill()
+                reload.wait(5)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1012, "service restart")
+    assert closed_after <= GRACEFUL + 1.0, closed_after
+    assert reload.returncode == 0, output + proc.describe()
+    assert reload_took <= GRACEFUL + 3.0, (reload_took, output)
+    with connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10) as ws:
+        ws.send("pid")
+        assert ws.recv(timeout=5) != old_pid
