@@ -8,12 +8,13 @@ forkd may import it in the primary (``--preload``) and fork afterwards.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from sample_app import core, settings
+from sample_app import core, notes, settings
 from sample_app.store import AsyncStore, StoreUnavailable, open_async_store
 
 Scope = MutableMapping[str, Any]
@@ -45,7 +46,7 @@ class ASGIApp:
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1000})
+            await self._websocket(scope, receive, send)
 
     async def open(self) -> None:
         """Read the settings and open the store, once per process."""
@@ -104,6 +105,30 @@ class ASGIApp:
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": payload})
 
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``/ws/notes``: a text frame for every item written from now on, by any worker."""
+        if scope["path"] != "/ws/notes":
+            await _refuse(scope, send, 404, b"no WebSocket here; try /ws/notes\n")
+            return
+        try:
+            await self.open()
+        except (StoreUnavailable, OSError) as exc:
+            await _refuse(scope, send, 503, f"{exc}\n".encode())
+            return
+        assert self._store is not None
+        hub = self._store.changes
+        queue = await hub.subscribe()
+        try:
+            if (await receive())["type"] != "websocket.connect":
+                return
+            await send({"type": "websocket.accept"})
+            hello = {"event": "subscribed", "pid": self._identity.pid,
+                     "worker_id": self._identity.worker_id}
+            await send({"type": "websocket.send", "text": json.dumps(hello)})
+            await _push_notes(queue, receive, send)
+        finally:
+            hub.unsubscribe(queue)
+
     @staticmethod
     async def _perform(step: core.Response | core.Step, store: AsyncStore) -> core.Response:
         try:
@@ -122,6 +147,41 @@ class ASGIApp:
         except StoreUnavailable as exc:
             return core.unavailable(str(exc))
         raise TypeError(f"unknown step {step!r}")
+
+
+async def _push_notes(queue: asyncio.Queue[str], receive: Receive, send: Send) -> None:
+    """Send each queued change until the client goes (what it sends is read and dropped)."""
+    gone = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        while True:
+            item = asyncio.ensure_future(queue.get())
+            await asyncio.wait({gone, item}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                item.cancel()
+                return
+            item_id = item.result()
+            if item_id == notes.LAGGING:
+                await send({"type": "websocket.close", "code": 1013,
+                            "reason": "too far behind; reconnect"})
+                return
+            await send({"type": "websocket.send", "text": notes.note(item_id)})
+    finally:
+        gone.cancel()
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "websocket.disconnect":
+        pass
+
+
+async def _refuse(scope: Scope, send: Send, status: int, body: bytes) -> None:
+    """Refuse a handshake with an HTTP answer where the server can send one, else 403."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from sample_app import redis_common as rc
 from sample_app.core import Visit
+from sample_app.notes import ChangeHub
 from sample_app.settings import Settings
 from sample_app.store import new_sid
 
@@ -36,6 +37,7 @@ class AsyncRedisStore(rc.RedisStoreBase):
         self._client = aredis.Redis(connection_pool=self._pool)
         self._count_visit = self._client.register_script(rc.COUNT_VISIT_LUA)
         self._listener: asyncio.Task[None] | None = None
+        self.changes = ChangeHub()  # fed by the invalidation listener
         self._stopping = False
 
     @property
@@ -58,6 +60,7 @@ class AsyncRedisStore(rc.RedisStoreBase):
                 await asyncio.wait({listener}, timeout=0.1)
             if not listener.cancelled() and listener.exception() is not None:
                 log.error("the invalidation listener failed", exc_info=listener.exception())
+        await self.changes.aclose()
         await self._client.aclose()
         await self._pool.aclose()
 
@@ -110,6 +113,10 @@ class AsyncRedisStore(rc.RedisStoreBase):
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
                     ack_list = self._feed.on_message(message)
+                    if ack_list is not None:  # an item changed (on any worker of any host)
+                        decoded = rc.decode_invalidation(message["data"]) if message else None
+                        if decoded is not None:
+                            self.changes.publish(decoded[0])
                     if ack_list is not None:
                         await self._acknowledge(ack_list)
             except (RedisError, OSError) as exc:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sample_app.core import Visit
 from sample_app.lru import LRUCache
+from sample_app.notes import ChangeHub
 from sample_app.settings import Settings
 from sample_app.store import StoreUnavailable, new_sid
 
@@ -38,7 +39,20 @@ CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
 CREATE TABLE IF NOT EXISTS items (
     id TEXT PRIMARY KEY, version INTEGER NOT NULL, value BLOB NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS item_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS item_inserted AFTER INSERT ON items BEGIN
+    INSERT INTO item_changes (id) VALUES (new.id);
+    DELETE FROM item_changes WHERE seq <= (SELECT max(seq) FROM item_changes) - 1000;
+END;
+CREATE TRIGGER IF NOT EXISTS item_updated AFTER UPDATE ON items BEGIN
+    INSERT INTO item_changes (id) VALUES (new.id);
+    DELETE FROM item_changes WHERE seq <= (SELECT max(seq) FROM item_changes) - 1000;
+END;
 """
+# item_changes is the log /ws/notes reads (sample_app.notes): the triggers write it in the
+# writing statement's own transaction and keep its last 1000 rows.
 _BUSY_TIMEOUT_S = 5.0
 
 
@@ -139,6 +153,19 @@ class SqliteStore:
             self._cache.evict(item_id)
             return int(row[0]) == 1
 
+    def changes_since(self, last: int | None) -> tuple[list[str], int]:
+        """Items written after change `last` (None: none, only where the log ends now),
+        oldest first, and the new `last`."""
+        with self._errors():
+            conn = self._connection()
+            if last is None:
+                row = conn.execute("SELECT coalesce(max(seq), 0) FROM item_changes").fetchone()
+                return [], int(row[0])
+            rows = conn.execute(
+                "SELECT seq, id FROM item_changes WHERE seq > ? ORDER BY seq", (last,)
+            ).fetchall()
+            return [str(row[1]) for row in rows], (int(rows[-1][0]) if rows else last)
+
     def close(self) -> None:
         """Close this process's connections (call when no request is running)."""
         with self._lock:
@@ -220,6 +247,10 @@ class AsyncSqliteStore:
 
     def __init__(self, store: SqliteStore) -> None:
         self._store = store
+        self.changes = ChangeHub(self._poll_changes)
+
+    async def _poll_changes(self, last: int | None) -> tuple[list[str], int]:
+        return await asyncio.to_thread(self._store.changes_since, last)
 
     @property
     def sync(self) -> SqliteStore:
@@ -235,4 +266,5 @@ class AsyncSqliteStore:
         return await asyncio.to_thread(self._store.put_item, item_id, value)
 
     async def aclose(self) -> None:
+        await self.changes.aclose()
         self._store.close()

@@ -15,6 +15,7 @@ import secrets
 from typing import Protocol
 
 from sample_app.core import Visit
+from sample_app.notes import ChangeHub
 from sample_app.settings import Settings
 
 
@@ -44,6 +45,11 @@ class AsyncStore(Protocol):
     async def get_item(self, item_id: str) -> bytes | None: ...
 
     async def put_item(self, item_id: str, value: bytes) -> bool: ...
+
+    @property
+    def changes(self) -> ChangeHub:
+        """Item changes for /ws/notes, fed the way this store keeps caches right."""
+        ...
 
     async def aclose(self) -> None: ...
 
