@@ -14,7 +14,8 @@ from typing import Any
 from bench.harness import BENCH
 
 RESULTS_DIR = BENCH / "results"
-ORDER = ["throughput", "kills", "reload", "hooks", "recycle", "speed", "upgrade", "autoscale"]
+ORDER = ["throughput", "kills", "reload", "hooks", "recycle", "speed", "upgrade", "autoscale",
+         "wstls"]
 
 
 def save(name: str, data: dict[str, Any]) -> Path:
@@ -85,6 +86,7 @@ TITLES = {
     "speed": "6. Speed: spread over rounds, pipelining, blocking WSGI, memory, start-up",
     "upgrade": "7. Replacing the primary itself under load (2 workers)",
     "autoscale": "8. Autoscaling: a ramp of CPU-bound load, --autoscale 1:4 against fixed 1 and 4",
+    "wstls": "9. WebSocket echo and HTTPS hello (2 workers)",
 }
 
 
@@ -476,6 +478,42 @@ Worker count over time ({names[0]}, every 2 s): {timeline}
 """
 
 
+def _wstls(data: dict[str, Any]) -> str:
+    servers = data["servers"]
+    rows = []
+    for name, entry in servers.items():
+        result = entry.get("result") or {}
+        if entry.get("failed") or result.get("failed"):
+            rows.append(f"| {entry['kind']} | {name} | {_failed(entry)} | | | |")
+            continue
+        rate = result.get("rate") or result.get("rps")
+        errors = result.get("errors", result.get("failures"))
+        rows.append(f"| {entry['kind']} | {name} | {_n(rate)} | {_f(result.get('p50_ms'))} | "
+                    f"{_f(result.get('p99_ms'))} | {errors} |")
+    ratio_rows = [f"| {r['kind']} | {r['forkd']} / {r['peer']} | {_f(r['ratio'])} | "
+                  f"≥ {r['target']:.1f} |" for r in data["ratios"]]
+    return f"""## {TITLES["wstls"]}
+
+Run {data["meta"]["date"]}; {data["seconds"]} s per server after a 1 s warm-up, one round,
+{data["connections"]} connections. WebSocket: `bench/wsload.py`, each connection sends a
+{data["payload_bytes"]}-byte text message and waits for its echo (rate = echoes per second,
+p50/p99 = round trip), no compression. HTTPS: `wrk -t1 -c{data["connections"]}` on
+keep-alive connections, one ECDSA P-256 certificate for every server.
+
+| kind | server | per second | p50 ms | p99 ms | errors |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+| kind | forkd / peer | ratio | target |
+|---|---|---|---|
+{chr(10).join(ratio_rows)}
+
+Commands:
+
+{_commands(servers)}
+"""
+
+
 SECTIONS = {
     "throughput": _throughput,
     "kills": _kills,
@@ -485,6 +523,7 @@ SECTIONS = {
     "speed": _speed,
     "upgrade": _upgrade,
     "autoscale": _autoscale,
+    "wstls": _wstls,
 }
 
 

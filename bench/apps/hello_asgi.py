@@ -1,4 +1,5 @@
-"""ASGI hello world: GET / -> 200 text/plain "Hello, world!" (any other path: 404)."""
+"""ASGI hello world: GET / -> 200 text/plain "Hello, world!" (any other path: 404);
+a WebSocket on any path echoes every message."""
 
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,6 +35,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         else:
             await send(NOT_FOUND_START)
             await send(NOT_FOUND_BODY)
+    elif scope["type"] == "websocket":
+        await _echo(receive, send)
     elif scope["type"] == "lifespan":
         # Answer lifespan properly so no server logs a lifespan failure or skips startup.
         while True:
@@ -43,6 +46,23 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+ACCEPT: Message = {"type": "websocket.accept"}
+
+
+async def _echo(receive: Receive, send: Send) -> None:
+    """WebSocket echo (bench wstls): every message straight back, until the client goes."""
+    await receive()  # websocket.connect
+    await send(ACCEPT)
+    while True:
+        message = await receive()
+        if message["type"] != "websocket.receive":
+            return
+        if message.get("text") is not None:
+            await send({"type": "websocket.send", "text": message["text"]})
+        else:
+            await send({"type": "websocket.send", "bytes": message["bytes"]})
 
 
 mark_loaded()
