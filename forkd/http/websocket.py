@@ -154,6 +154,7 @@ class WebSocketConnection(asyncio.Protocol):
             transport.resume_reading()
         ws = self.ws
         ws.receive_data(self.head + leftover)
+        self.head = b""
         events = ws.events_received()
         request = events[0] if events and isinstance(events[0], Request) else None
         if request is None:
