@@ -4,6 +4,7 @@ reconnect reaches the new worker."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -55,3 +56,26 @@ def test_reload_closes_open_websockets_1012_within_graceful_timeout(run_forkd) -
     with connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10) as ws:
         ws.send("pid")
         assert ws.recv(timeout=5) != old_pid
+
+
+@pytest.mark.timeout(60)
+def test_stop_closes_open_websockets_1012_then_the_primary_exits(run_forkd) -> None:
+    proc = run_forkd("ws_app:app", "-b", "127.0.0.1:0", "-w", "1",
+                     "--graceful-timeout", str(GRACEFUL), "--ws-ping-interval", "0")
+    port = proc.port()
+    proc.wait_ready(1)
+    with connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=5) == "before"
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        wait_until(lambda: "event=stopping" in proc.output(), 10,
+                   message=proc.describe)
+        ws.send("while draining")  # still served until the graceful time is nearly up
+        assert ws.recv(timeout=5) == "while draining"
+        with pytest.raises(ConnectionClosedError) as closed:
+            ws.recv(timeout=GRACEFUL + 5)
+        closed_after = time.monotonic() - started
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    assert closed_after <= GRACEFUL + 1.0, closed_after
+    assert proc.wait(timeout=GRACEFUL + 10) == 0, proc.describe()
