@@ -494,7 +494,8 @@ def _wstls(data: dict[str, Any]) -> str:
                   f"≥ {r['target']:.1f} |" for r in data["ratios"]]
     return f"""## {TITLES["wstls"]}
 
-Run {data["meta"]["date"]}; {data["seconds"]} s per server after a 1 s warm-up, one round,
+Run {data["meta"]["date"]}; {data["seconds"]} s per server after a 1 s warm-up,
+{data.get("rounds", 1)} interleaved round(s), the median (the lower of two) shown,
 {data["connections"]} connections. WebSocket: `bench/wsload.py`, each connection sends a
 {data["payload_bytes"]}-byte text message and waits for its echo (rate = echoes per second,
 p50/p99 = round trip), no compression. HTTPS: `wrk -t1 -c{data["connections"]}` on
