@@ -3,6 +3,7 @@ server-side close, and what the app last saw of a disconnect (GET /last)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
@@ -41,6 +42,20 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         accept["subprotocol"] = scope["subprotocols"][-1] if scope["subprotocols"] else None
         accept["headers"] = [(b"x-ws-test", b"yes")]
     await send(accept)
+    if path == "/hold":  # read nothing for a while, then count what arrives
+        await asyncio.sleep(float(scope["query_string"].decode() or "2"))
+        received = 0
+        while (message := await receive())["type"] == "websocket.receive":
+            received += len(message.get("bytes") or b"")
+        last_disconnect.clear()
+        last_disconnect.update(code=message["code"], received=received, path=path)
+        return
+    if path == "/flood":  # send 40 MiB as fast as the client takes it
+        chunk = b"\xab" * (256 * 1024)
+        for _ in range(160):
+            await send({"type": "websocket.send", "bytes": chunk})
+        await send({"type": "websocket.close", "code": 1000, "reason": "all sent"})
+        return
     if path == "/scope":
         await send({"type": "websocket.send", "text": json.dumps({
             "scheme": scope["scheme"], "path": scope["path"],

@@ -9,6 +9,7 @@ import os
 import struct
 import time
 
+import psutil
 import pytest
 from httpkit import Served, get
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
@@ -198,3 +199,51 @@ def test_wsgi_app_answers_an_upgrade_as_plain_http(serve) -> None:
     assert plain.value.response.status_code == 200
     assert json.loads(bytes(plain.value.response.body)) == {"upgrade": "websocket",
                                                             "scheme": "http"}
+
+
+def _peak_rss_while(pid: int, seconds: float) -> int:
+    """The worker's largest RSS seen while polling for `seconds`."""
+    process = psutil.Process(pid)
+    peak = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        peak = max(peak, process.memory_info().rss)
+        time.sleep(0.02)
+    return peak
+
+
+def test_an_app_that_does_not_read_holds_back_the_client(server: Served) -> None:
+    """40 MiB sent to an app that reads nothing for 2 s: the worker buffers about a MiB
+    (reading pauses), the client waits, and afterwards every byte arrives."""
+    pid = server.pid()
+    before = psutil.Process(pid).memory_info().rss
+    chunk = b"\xcd" * (256 * 1024)
+    with connect(url(server, "/hold?2"), compression=None, open_timeout=10) as ws:
+        sender = __import__("threading").Thread(
+            target=lambda: [ws.send(chunk) for _ in range(160)], daemon=True)
+        sender.start()
+        peak = _peak_rss_while(pid, 1.5)
+        assert sender.is_alive(), "all 40 MiB were taken while the app read nothing"
+        sender.join(30)
+        assert not sender.is_alive()
+    assert peak - before < 16 << 20, f"the worker grew by {(peak - before) >> 20} MiB"
+    wait_until(lambda: get(server.port, "/last").json().get("path") == "/hold", 10,
+               message="the app to count what it received")
+    assert get(server.port, "/last").json()["received"] == 160 * len(chunk)
+
+
+def test_a_client_that_does_not_read_holds_back_the_app(server: Served) -> None:
+    """An app sending 40 MiB to a client that reads nothing for a while: its send waits
+    (the worker does not buffer the lot), then the client gets every byte."""
+    pid = server.pid()
+    before = psutil.Process(pid).memory_info().rss
+    with connect(url(server, "/flood"), compression=None, max_size=None,
+                 max_queue=1, open_timeout=10) as ws:
+        peak = _peak_rss_while(pid, 1.5)
+        received = 0
+        with pytest.raises(ConnectionClosedOK) as closed:
+            while True:
+                received += len(ws.recv(timeout=10))
+    assert peak - before < 16 << 20, f"the worker grew by {(peak - before) >> 20} MiB"
+    assert received == 160 * 256 * 1024
+    assert closed.value.rcvd is not None and closed.value.rcvd.reason == "all sent"
