@@ -79,6 +79,14 @@ def _request_head(method: str, target: bytes, headers: list[tuple[bytes, bytes]]
     return b"".join(lines)
 
 
+def _unavailable(date_header: bytes) -> bytes:
+    body = b"Service Unavailable: this worker is restarting; retry\n"
+    return b"".join((status_line(503), date_header, b"retry-after: 0\r\n",
+                     b"content-type: text/plain; charset=utf-8\r\n",
+                     b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n",
+                     body))
+
+
 class WebSocketConnection(asyncio.Protocol):
     """One upgraded connection and the ASGI app call that serves it."""
 
@@ -157,6 +165,13 @@ class WebSocketConnection(asyncio.Protocol):
         self.head = b""
         events = ws.events_received()
         request = events[0] if events and isinstance(events[0], Request) else None
+        if state.draining:
+            # a worker on its way out takes no new WebSocket: the client retries at once
+            # and lands on a worker that stays
+            self._write(_unavailable(state.date_header))
+            self._finish_app_side()
+            self._half_close()
+            return
         if request is None:
             self._write(error_response(400, "Bad Request: invalid WebSocket handshake",
                                        state.date_header))
