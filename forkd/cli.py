@@ -68,6 +68,13 @@ def start(app: str | None, config_file: str | None, **given: Any) -> None:
     except ConfigError as exc:
         _fail(f"error: {exc}", EXIT_USAGE)
     config = config.replace(chdir=working_directory(config.chdir, os.environ))
+    if config.certfile is not None:
+        from forkd.tls import TLSConfigError, server_context
+
+        try:  # each worker loads the files again at its start; this only fails fast
+            server_context(config)
+        except TLSConfigError as exc:
+            _fail(f"error: {exc}", EXIT_USAGE)
     # `forkd upgrade` starts the next primary with these same words, from here
     sys.exit(run_start(config, argv=sys.argv[1:],
                        start_dir=working_directory(None, os.environ)))

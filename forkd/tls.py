@@ -13,6 +13,8 @@ import ssl
 from forkd.config import Config
 from forkd.errors import TLSConfigError
 
+__all__ = ["TLSConfigError", "is_tcp", "server_context"]
+
 
 def server_context(config: Config) -> ssl.SSLContext | None:
     """The worker's server-side context, or None without --certfile."""

@@ -152,10 +152,11 @@ def test_reload_serves_a_renewed_certificate_and_a_bad_one_aborts(run_forkd,
 
 
 @pytest.mark.timeout(60)
-def test_start_with_a_missing_key_fails_naming_it(run_forkd, certs: Certs) -> None:
+def test_start_with_a_missing_key_fails_at_once_naming_it(run_forkd, certs: Certs) -> None:
     missing = certs.folder / "missing-key.pem"
     proc = run_forkd("ws_app:app", "-b", "127.0.0.1:0", "-w", "1",
                      "--certfile", str(certs.cert_path), "--keyfile", str(missing))
     wait_until(lambda: proc.proc.poll() is not None, 30, message=proc.describe)
-    assert proc.proc.returncode != 0
-    assert str(missing) in proc.output(), proc.describe()
+    assert proc.proc.returncode == 2, proc.describe()
+    assert f"--keyfile {missing}: No such file or directory" in proc.output(), proc.describe()
+    assert "event=worker-started" not in proc.output()
