@@ -477,7 +477,9 @@ class HttpProtocol(asyncio.Protocol):
         elif upgrade is not None:  # it takes the connection over when the parser stops
             self.upgrade = upgrade
             self.request_started = None
-            state.requests += 1
+            state.requests += 1  # a handshake is a request, for --max-requests too
+            if state.requests == state.request_limit and state.on_limit is not None:
+                state.on_limit()
             return
         else:
             factory = state.cycle_factory
