@@ -583,8 +583,10 @@ def _import_worker_stack() -> None:
     import forkd.http.lifespan
     import forkd.http.loader
     import forkd.http.protocol
+    import forkd.http.websocket  # the websockets package: about 20 ms, once, here
     import forkd.http.wsgi
-    import forkd.http.wsgipool  # noqa: F401
+    import forkd.http.wsgipool
+    import forkd.tls  # noqa: F401
 
 
 def _record(signum: int, frame: Any) -> None:

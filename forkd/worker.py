@@ -170,7 +170,9 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
             _report_error(spec.channel, f"lifespan startup failed: {exc}\n")
             return EXIT_APP_LOAD
         state.cycle_factory = _positional(ASGICycle, app, lifespan.state, config.root_path)
-        state.upgrade_factory = _websocket_factory(app, lifespan.state, config.root_path)
+        from forkd.http.websocket import make_upgrade_factory  # imported by the primary
+
+        state.upgrade_factory = make_upgrade_factory(app, lifespan.state, config.root_path)
     else:
         from forkd.http.wsgi import WSGICycle
         from forkd.http.wsgipool import WSGIPool
@@ -244,22 +246,6 @@ async def _create_server(loop: asyncio.AbstractEventLoop, factory: Any, sock: so
                                         ssl=ssl_context,
                                         ssl_handshake_timeout=config.header_timeout)
     return await loop.create_server(factory, sock=sock, backlog=config.backlog)
-
-
-def _websocket_factory(app: Any, lifespan_state: dict[str, Any], root_path: str
-                       ) -> Callable[..., Any]:
-    """The upgrade factory, importing the WebSocket stack (about 20 ms of imports) at the
-    first upgrade request rather than delaying every worker's readiness with it."""
-    made: list[Callable[..., Any]] = []
-
-    def factory(*args: Any) -> Any:
-        if not made:
-            from forkd.http.websocket import make_upgrade_factory
-
-            made.append(make_upgrade_factory(app, lifespan_state, root_path))
-        return made[0](*args)
-
-    return factory
 
 
 def _positional(cls: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
