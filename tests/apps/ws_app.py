@@ -60,6 +60,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "websocket.send", "text": json.dumps({
             "scheme": scope["scheme"], "path": scope["path"],
             "query": scope["query_string"].decode(), "subprotocols": scope["subprotocols"],
+            "client": scope["client"][0],
             "pid": os.getpid()})})
     while True:
         message = await receive()

@@ -55,6 +55,14 @@ def test_scope_names_path_query_and_scheme(server: Served) -> None:
     assert seen["subprotocols"] == ["one", "two"]
 
 
+def test_a_trusted_proxy_sets_client_and_scheme(server: Served) -> None:
+    # 127.0.0.1 is in the default --forwarded-allow-ips, as a proxy on the host would be
+    headers = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
+    with connect(url(server, "/scope"), additional_headers=headers, open_timeout=10) as ws:
+        seen = json.loads(ws.recv(timeout=5))
+    assert (seen["client"], seen["scheme"]) == ("203.0.113.9", "wss")
+
+
 @pytest.mark.parametrize("compression", ["deflate", None])
 def test_one_mebibyte_message_round_trips(server: Served, compression: str | None) -> None:
     payload = os.urandom(1 << 20)
