@@ -255,3 +255,25 @@ def test_a_client_that_does_not_read_holds_back_the_app(server: Served) -> None:
     assert peak - before < 16 << 20, f"the worker grew by {(peak - before) >> 20} MiB"
     assert received == 160 * 256 * 1024
     assert closed.value.rcvd is not None and closed.value.rcvd.reason == "all sent"
+
+
+def test_open_websockets_count_toward_limit_concurrency(serve) -> None:
+    limited = serve("ws_app:app", "--limit-concurrency", "2")
+    with connect(url(limited, "/echo"), open_timeout=10) as first, \
+            connect(url(limited, "/echo"), open_timeout=10):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url(limited, "/echo"), open_timeout=10)
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["retry-after"] == "1"
+        first.close()
+    # both closed: room again
+    wait_until(lambda: _handshake_status(limited) == 101, 10,
+               message="a handshake to succeed once the others closed")
+
+
+def _handshake_status(served: Served) -> int:
+    try:
+        with connect(url(served, "/echo"), open_timeout=10):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
