@@ -169,12 +169,14 @@ class WebSocketConnection(asyncio.Protocol):
             # a worker on its way out takes no new WebSocket: the client retries at once
             # and lands on a worker that stays
             self._write(_unavailable(state.date_header))
+            self._answered(503, 0)
             self._finish_app_side()
             self._half_close()
             return
         if request is None:
             self._write(error_response(400, "Bad Request: invalid WebSocket handshake",
                                        state.date_header))
+            self._answered(400, 0)
             self._finish_app_side()
             self._half_close()
             return
@@ -189,6 +191,7 @@ class WebSocketConnection(asyncio.Protocol):
             log.info("refused a WebSocket handshake from %s: %d %s", self.http.client,
                      response.status_code, ws.handshake_exc)
             ws.send_response(response)
+            self._answered(response.status_code, len(response.body or b""))
             self._finish_app_side()
             self._flush()
             return
@@ -206,6 +209,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.state.connections.discard(self)
         if self.counted:
             self.counted = False
+            self.state.metrics.websockets -= 1
             self.state.websockets.discard(self)
         self._disconnected(ABNORMAL, "")
         waiter = self.drain_waiter
@@ -405,10 +409,11 @@ class WebSocketConnection(asyncio.Protocol):
         self.ws.send_response(response)
         self.phase = Phase.OPEN
         self.counted = True
+        self.state.metrics.websockets += 1  # forkd_websockets
         self.state.websockets.add(self)
         self.last_seen = self.state.now
         self._flush()
-        self._access_log(101, 0)
+        self._answered(101, 0)
 
     def _send_denial(self) -> None:
         assert self.denial is not None
@@ -432,13 +437,13 @@ class WebSocketConnection(asyncio.Protocol):
             parts.append(b"content-length: %d\r\n" % len(body))
         parts += (self.state.date_header, b"connection: close\r\n\r\n", body)
         self._write(b"".join(parts))
-        self._access_log(status, len(body))
+        self._answered(status, len(body))
         self._half_close()
 
     def _deny_plain(self, status: int) -> None:
         text = "Forbidden" if status == 403 else "Internal Server Error"
         self._write(error_response(status, text, self.state.date_header))
-        self._access_log(status, len(text) + 1)
+        self._answered(status, len(text) + 1)
         self._half_close()
 
     def _finish_app_side(self) -> None:
@@ -475,12 +480,15 @@ class WebSocketConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.abort()
 
-    def _access_log(self, status: int, size: int) -> None:
+    def _answered(self, status: int, size: int) -> None:
+        """The handshake's answer (101, a denial, a refusal): counted in
+        forkd_http_requests_total like any response, and access-logged."""
+        duration = time.perf_counter() - self.received_at
+        self.state.metrics.record(b"GET", b"%d" % status, duration)
         if self.state.access_log:
             from forkd.http.accesslog import log_access
 
-            log_access({**self.scope, "method": "GET"}, status, size,
-                       time.perf_counter() - self.received_at)
+            log_access({**self.scope, "method": "GET"}, status, size, duration)
 
     # -- the worker's clock and drain -----------------------------------------------------
     def check_timeouts(self, now: float) -> None:
