@@ -316,6 +316,10 @@ OPTIONS: tuple[Option, ...] = (
            "seconds of WebSocket silence before a ping (0: no pings)"),
     Option("ws_ping_timeout", _seconds, "seconds a pinged WebSocket has to answer"),
     Option("ws_per_message_deflate", _bool, "offer WebSocket permessage-deflate"),
+    Option("min_body_rate", _int(0),
+           "bytes per second a request body must average over 5 s (408 below; 0: off)"),
+    Option("wsgi_body_buffer", parse_size,
+           "request body read in the event loop before a WSGI thread is taken"),
 )
 OPTION_NAMES = frozenset(option.name for option in OPTIONS)
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -371,6 +375,8 @@ class Config:
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
     ws_per_message_deflate: bool = True
+    min_body_rate: int = 240
+    wsgi_body_buffer: int = 1 << 20
 
     @property
     def binds(self) -> tuple[Bind, ...]:

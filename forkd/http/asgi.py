@@ -49,6 +49,7 @@ class ASGICycle:
         "method",
         "keep_alive",
         "body",
+        "body_size",
         "more_body",
         "receive_waiter",
         "started",
@@ -95,7 +96,8 @@ class ASGICycle:
         }
         self.method = method
         self.keep_alive = keep_alive
-        self.body = b""
+        self.body: list[bytes] = []  # parts, joined once when the app receives them
+        self.body_size = 0
         self.more_body = True
         self.receive_waiter: asyncio.Future[None] | None = None
         self.started = False
@@ -122,7 +124,8 @@ class ASGICycle:
 
     def feed_body(self, body: bytes) -> None:
         if not self.complete:  # after the response, the rest of the body is dropped
-            self.body += body
+            self.body.append(body)
+            self.body_size += len(body)
             self._wake()
 
     def body_complete(self) -> None:
@@ -130,7 +133,7 @@ class ASGICycle:
         self._wake()
 
     def body_buffered(self) -> int:
-        return len(self.body)
+        return self.body_size
 
     def disconnect(self) -> None:
         self.disconnected = True
@@ -191,8 +194,10 @@ class ASGICycle:
             while not self.body and self.more_body and not self.disconnected:
                 await self._wait()
             if not self.disconnected and not self.complete:
-                body = self.body
-                self.body = b""
+                parts = self.body
+                body = parts[0] if len(parts) == 1 else b"".join(parts)
+                self.body = []
+                self.body_size = 0
                 more = self.more_body
                 self.delivered_last = not more
                 self.proto.resume_reading()

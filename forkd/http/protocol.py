@@ -30,7 +30,22 @@ from forkd.metrics.counters import RequestCounters
 log = logging.getLogger("forkd.http")
 
 HIGH_WATER = 64 * 1024  # buffered request body above which reading pauses
+# Bytes handed to the parser at once when a read is larger: between slices the pipeline
+# is checked, so a burst of tiny pipelined requests is never parsed into more than
+# about MAX_PIPELINE + one slice's worth of request objects (the rest stays raw bytes,
+# which are far smaller than the objects they would become).
+FEED_SLICE = 4096
+MAX_PIPELINE = 16  # requests parsed ahead of the one being answered
+RATE_WINDOW = 5.0  # seconds over which a request body's data rate is judged
+# What a chunked body's framing may add on top of --max-body-size on the wire: a fair
+# client's chunks cost a few bytes each; one-byte chunks cost six times the body.
+CHUNK_OVERHEAD = 64 * 1024
+# RFC 9112 7: the codings a request may name; forkd decodes only chunked, the others
+# are known (400 where they break framing, else 501), anything else is 501 at once.
+KNOWN_CODINGS = frozenset((b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress",
+                           b"x-compress"))
 LINGER_SECONDS = 2.0  # how long a closing connection reads and drops the client's leftovers
+LOG_EVERY = 10.0  # seconds between summary lines of counted events (408s)
 DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request on an idle connection
 
 
@@ -136,6 +151,11 @@ class ServerState:
         self.health_flag: HealthFlag | None = None
         self.limit_concurrency = config.limit_concurrency
         self.metrics = RequestCounters()  # read by the heartbeat; see metrics/counters.py
+        # 408s are counted, not logged one by one (slowloris would write thousands of
+        # lines); `tick` logs a summary at most once per LOG_EVERY seconds
+        self.timeouts_408 = 0
+        self.timeouts_logged = 0
+        self.timeouts_log_at = self.loop.time()
         self.tick()
 
     def tick(self) -> None:
@@ -143,6 +163,11 @@ class ServerState:
         self.date_header = b"date: " + formatdate(usegmt=True).encode("ascii") + b"\r\n"
         for connection in list(self.connections):
             connection.check_timeouts(self.now)
+        if self.timeouts_408 != self.timeouts_logged and self.now >= self.timeouts_log_at:
+            log.info("answered %d request(s) 408 (timed out) in the last %gs",
+                     self.timeouts_408 - self.timeouts_logged, LOG_EVERY)
+            self.timeouts_logged = self.timeouts_408
+            self.timeouts_log_at = self.now + LOG_EVERY
 
     def in_progress(self) -> int:
         """Requests being served: ASGI requests' tasks and WSGI calls."""
@@ -245,6 +270,14 @@ class HttpProtocol(asyncio.Protocol):
         self.limit_fields = config.limit_request_fields
         self.limit_field = config.limit_request_field_size
         self.max_body = config.max_body_size
+        # limits checked after each slice fed while a head (or a trailer section) is
+        # unfinished: llhttp buffers an unfinished field whole, so they must hold as the
+        # bytes arrive. The slack of one slice covers where in it the head began.
+        self.limit_line_open = max(self.limit_line + 32, self.limit_field) + FEED_SLICE
+        self.limit_head = (self.limit_line + self.limit_fields * (self.limit_field + 2)
+                           + FEED_SLICE)
+        self.wire_limit = self.max_body + max(CHUNK_OVERHEAD, self.max_body >> 3)
+        self.min_rate = config.min_body_rate
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.server: tuple[str, int | None] | None = None
@@ -280,6 +313,18 @@ class HttpProtocol(asyncio.Protocol):
         self.heads: deque[tuple[float, bytes]] = deque()
         self.response_status = b"000"  # the current response's code, from its status line
         self.upgrade: Any = None  # a WebSocket taking the connection over after this head
+        self.head_open = False  # a head or trailer section is being parsed
+        self.head_size = 0  # bytes of its complete field lines
+        self.line_bytes = 0  # bytes of its unfinished line
+        self.body_parts: list[bytes] = []  # body bytes of one slice, handed over at once
+        self.chunked = False
+        self.wire_body = 0  # bytes on the wire of a chunked body, framing included
+        self.rate_since = 0.0  # the start of the body's data-rate window
+        self.rate_bytes = 0  # body bytes received before that window
+        self.unparsed: bytes | None = None  # raw bytes held while the pipeline is full
+        self.feed_scheduled = False
+        self.awaiting_drain = False  # the next request waits for the client to read
+        self.write_paused_at = 0.0
 
     # -- connection events ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -319,6 +364,9 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.linger_until is not None or self.pending_error is not None:
             return  # a closing connection: drop what the client still sends
+        if self.unparsed is not None:  # the pipeline is full: keep the bytes raw
+            self.unparsed += data
+            return
         if self.at_boundary and data[:1] in (b"\r", b"\n"):
             # RFC 9112 2.2 asks a server to skip one empty line before a request (after a
             # body some old clients add one); llhttp skips any number: more is refused.
@@ -326,12 +374,33 @@ class HttpProtocol(asyncio.Protocol):
             if self.blank_bytes > 2:
                 self.reject(400, "Bad Request: empty lines before the request line")
                 return
+        if len(data) <= FEED_SLICE:
+            self.feed(data)
+        else:
+            self.feed_sliced(data)
+
+    def feed_sliced(self, data: bytes) -> None:
+        view = memoryview(data)
+        for start in range(0, len(data), FEED_SLICE):
+            if len(self.pipeline) >= MAX_PIPELINE:
+                self.unparsed = data[start:]
+                self.pause_reading()
+                return
+            if not self.feed(view[start:start + FEED_SLICE], data, start):
+                return
+
+    def feed(self, data: bytes | memoryview, whole: bytes | None = None, at: int = 0
+             ) -> bool:
+        """Parse bytes (a slice of `whole` from `at`, when sliced); False once the
+        connection refuses more (an error answered) or is handed over (an upgrade)."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            if self.upgrade is not None:  # a WebSocket: hand it the connection
-                upgrade, self.upgrade = self.upgrade, None
-                upgrade.take_over(data[exc.args[0]:])
+            if self.upgrade is not None:  # a WebSocket: hand it the connection, and
+                upgrade, self.upgrade = self.upgrade, None  # the rest of the read
+                rest = data[exc.args[0]:] if whole is None else whole[at + exc.args[0]:]
+                upgrade.take_over(bytes(rest))
+                return False
             # else no protocol switch: the app answered the request as plain HTTP
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
@@ -340,8 +409,52 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 log.exception("error in the HTTP parser callback", exc_info=cause)
                 self.reject(500, "Internal Server Error")
+            return False
         except httptools.HttpParserError as exc:
             self.reject(400, f"Bad Request: {exc}")
+            return False
+        if self.body_parts:
+            self.flush_body()
+        if self.head_open:
+            return self.check_head(data)
+        if self.chunked and self.parsing is not None:
+            self.wire_body += len(data)
+            if self.wire_body > self.wire_limit:
+                self.reject(413, "Content Too Large: chunk framing")
+                return False
+        return self.linger_until is None and self.pending_error is None
+
+    def check_head(self, data: bytes | memoryview) -> bool:
+        """An unfinished head after a read: its open line and its whole size so far
+        must be within the limits now, not when the line ends."""
+        chunk = data if isinstance(data, bytes) else bytes(data)  # (a slice: small)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            line = len(chunk) - newline - 1
+        else:
+            line = self.line_bytes + len(data)
+        self.line_bytes = line
+        if line > self.limit_line_open:
+            self.reject(431, "Request Header Fields Too Large")
+            return False
+        if len(self.url) + self.head_size + line > self.limit_head:
+            self.reject(431, "Request Header Fields Too Large: the head is too large")
+            return False
+        return self.linger_until is None and self.pending_error is None
+
+    def flush_body(self) -> None:
+        """Hand the body bytes of one slice to the request at once: a body of tiny
+        chunks wakes its app (or its WSGI reader) once per read, not once per chunk."""
+        parts = self.body_parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        cycle = self.parsing
+        if cycle is None:
+            return
+        self.body_activity = self.loop.time()  # (exact: the coarse clock may be a tick old)
+        cycle.feed_body(body)
+        if cycle.body_buffered() > HIGH_WATER:
+            self.pause_reading()
 
     def eof_received(self) -> bool | None:
         # A FIN cannot be told apart from a client that went away, and apps rely on
@@ -351,12 +464,16 @@ class HttpProtocol(asyncio.Protocol):
     # -- write flow control -------------------------------------------------
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = self.state.now
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
         self.drain_waiter = None
+        if self.awaiting_drain and self.cycle is None and not self.closed:
+            self.awaiting_drain = False
+            self.next_request()
 
     async def wait_writable(self) -> None:
         if self.write_paused and not self.closed:
@@ -371,12 +488,33 @@ class HttpProtocol(asyncio.Protocol):
 
     def resume_reading(self) -> None:
         if self.read_paused and not self.pipeline and self.transport is not None:
+            if self.unparsed is not None:  # parse what is held first (not from inside
+                if not self.feed_scheduled:  # a parser callback: the loop runs it)
+                    self.feed_scheduled = True
+                    self.loop.call_soon(self.feed_unparsed)
+                return
             self.read_paused = False
             if not self.closed:
+                # the client was not at fault while we paused: its body clocks restart
+                self.body_activity = self.rate_since = self.state.now
+                self.rate_bytes = self.body_received
                 self.transport.resume_reading()
+
+    def feed_unparsed(self) -> None:
+        self.feed_scheduled = False
+        data = self.unparsed
+        self.unparsed = None
+        if data is None or self.closed or self.linger_until is not None:
+            return
+        self.feed_sliced(data)
+        if self.unparsed is None and self.pending_error is None:
+            self.resume_reading()
 
     # -- parser callbacks ---------------------------------------------------
     def on_message_begin(self) -> None:
+        self.head_open = True
+        self.head_size = 0
+        self.chunked = False
         self.at_boundary = False
         self.blank_bytes = 0
         self.in_trailers = False
@@ -396,23 +534,28 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_trailers:
-            self.on_trailer(name.lower())
+            self.on_trailer(name.lower(), len(name) + len(value) + 2)
             return
         headers = self.headers
         if len(headers) >= self.limit_fields:
             raise RequestError(431, "Request Header Fields Too Large: too many header fields")
         # the whole field line, `name: value` (llhttp has dropped the space after the colon)
-        if len(name) + len(value) + 2 > self.limit_field:
+        size = len(name) + len(value) + 2
+        if size > self.limit_field:
             raise RequestError(431, "Request Header Fields Too Large")
+        self.head_size += size + 2
         # llhttp drops the whitespace before a value but not after it (RFC 9112 5: not part of it)
         headers.append((name.lower(), value.rstrip(b" \t")))
 
-    def on_trailer(self, name: bytes) -> None:
+    def on_trailer(self, name: bytes, size: int) -> None:
         """A trailer field: never merged into the headers (the app saw them already, and
         a proxy that checked the head did not check these)."""
         if name in FORBIDDEN_TRAILERS:
             raise RequestError(400, f"Bad Request: {name.decode('latin-1')} in a trailer")
         self.trailers += 1
+        self.head_size += size + 2
+        if size > self.limit_field:
+            raise RequestError(431, "Request Header Fields Too Large: a trailer field")
         if self.trailers > self.limit_fields:
             raise RequestError(431, "Request Header Fields Too Large: too many trailer fields")
 
@@ -422,6 +565,8 @@ class HttpProtocol(asyncio.Protocol):
         if version not in ("1.1", "1.0"):  # llhttp also parses HTTP/0.9 and HTTP/2.0 lines
             raise RequestError(505, "HTTP Version Not Supported")
         self.in_trailers = True
+        self.head_open = False
+        self.line_bytes = 0
         target = self.url
         method = parser.get_method()
         if target[:1] != b"/" or method == b"CONNECT":
@@ -429,6 +574,7 @@ class HttpProtocol(asyncio.Protocol):
         content_length = None
         hosts = content_types = 0
         chunked = proxied = False
+        codings: list[bytes] = []
         headers = self.headers
         for name, value in headers:
             if name == b"content-length":
@@ -441,6 +587,7 @@ class HttpProtocol(asyncio.Protocol):
                 content_types += 1
             elif name == b"transfer-encoding":
                 chunked = True
+                codings.extend(value.lower().split(b","))
             elif name in PROXY_HEADERS:
                 proxied = True
         if hosts > 1 or (hosts == 0 and version == "1.1"):
@@ -450,6 +597,8 @@ class HttpProtocol(asyncio.Protocol):
             raise RequestError(400, "Bad Request: more than one Content-Type header")
         if chunked and version == "1.0":  # RFC 9112 6.1: faulty framing from a 1.0 client
             raise RequestError(400, "Bad Request: Transfer-Encoding in an HTTP/1.0 request")
+        if chunked and codings != [b"chunked"]:
+            self.check_codings(codings)
         if content_length is not None and content_length > self.max_body:
             raise RequestError(413, "Content Too Large")
         # An Upgrade other than a WebSocket's (ASGI) is not performed, and httptools drops
@@ -486,7 +635,10 @@ class HttpProtocol(asyncio.Protocol):
             assert factory is not None
             cycle = factory(self, method.decode("ascii"), target, headers, version, keep_alive)
         if content_length or chunked:  # a body is coming: its stall clock starts now
-            self.body_activity = self.loop.time()
+            self.body_activity = self.rate_since = self.loop.time()
+            self.rate_bytes = 0
+            self.chunked = chunked
+            self.wire_body = 0
         started = self.request_started or state.now
         self.heads.append((started, method))
         self.metrics.begin(started)
@@ -495,7 +647,7 @@ class HttpProtocol(asyncio.Protocol):
         if state.requests == state.request_limit and state.on_limit is not None:
             state.on_limit()
         self.parsing = cycle
-        if self.cycle is None:
+        if self.cycle is None and not self.awaiting_drain:
             self.cycle = cycle
             self.response_begun = False
             cycle.start()
@@ -504,21 +656,27 @@ class HttpProtocol(asyncio.Protocol):
             self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
-        cycle = self.parsing
-        if cycle is None:
-            return
+        # kept until the slice is parsed (flush_body): one hand-over per read
+        self.head_open = False
+        self.body_parts.append(body)
         # the whole body counts, not what is buffered: an app draining it as it
         # arrives must still never be handed more than the limit
         self.body_received += len(body)
-        self.body_activity = self.loop.time()  # (the coarse clock may be a tick old)
         if self.body_received > self.max_body:
             raise RequestError(413, "Content Too Large")
-        cycle.feed_body(body)
-        if cycle.body_buffered() > HIGH_WATER:
-            self.pause_reading()
+
+    def on_chunk_header(self) -> None:
+        # after the last chunk's header come the trailers: a head-like section whose
+        # lines are limited as the head's are (a chunk with data clears it in on_body)
+        self.head_open = True
+        self.head_size = 0
 
     def on_message_complete(self) -> None:
         self.at_boundary = True
+        self.head_open = False
+        self.line_bytes = 0
+        if self.body_parts:
+            self.flush_body()
         if self.parsing is not None:
             self.parsing.body_complete()
             self.parsing = None
@@ -540,6 +698,18 @@ class HttpProtocol(asyncio.Protocol):
                 if not any(name == b"host" for name, _ in headers):
                     headers.append((b"host", host))
         return headers
+
+    @staticmethod
+    def check_codings(codings: list[bytes]) -> None:
+        """Transfer codings other than a lone chunked: RFC 9112 6.1 and 7."""
+        names = [coding.strip(b" \t").split(b";", 1)[0].strip(b" \t") for coding in codings]
+        for name in names:
+            if name not in KNOWN_CODINGS:
+                raise RequestError(501, "Not Implemented: transfer coding "
+                                   + name.decode("latin-1")[:40])
+        if names[-1] != b"chunked" or names.count(b"chunked") > 1:
+            raise RequestError(400, "Bad Request: chunked must be the last transfer coding")
+        raise RequestError(501, "Not Implemented: only the chunked transfer coding")
 
     @staticmethod
     def check_target(method: bytes, target: bytes) -> None:
@@ -585,6 +755,14 @@ class HttpProtocol(asyncio.Protocol):
                 self.parsing = None
             self.close_gracefully()
             return
+        if self.write_paused:
+            # the client is not reading what we wrote: the next request waits until it
+            # does, so a client that pipelines and never reads cannot make us buffer
+            self.awaiting_drain = True
+            return
+        self.next_request()
+
+    def next_request(self) -> None:
         if self.pipeline:
             self.cycle = self.pipeline.popleft()
             self.response_begun = False
@@ -621,7 +799,10 @@ class HttpProtocol(asyncio.Protocol):
             self.pending_error = (status, message)
             self.pause_reading()
             return
-        log.info("refused a request from %s: %d %s", self.client, status, message)
+        if status == 408:
+            self.state.timeouts_408 += 1  # counted; tick logs a summary
+        else:
+            log.info("refused a request from %s: %d %s", self.client, status, message)
         self._count_refusal(status)
         self.write(error_response(status, message, self.state.date_header))
         self.close_gracefully()
@@ -658,6 +839,8 @@ class HttpProtocol(asyncio.Protocol):
         if transport is None or self.closed or self.linger_until is not None:
             return
         self.linger_until = self.state.now + LINGER_SECONDS
+        self.unparsed = None
+        self.body_parts.clear()
         self.idle_since = None
         self.request_started = None
         if transport.can_write_eof():
@@ -675,18 +858,24 @@ class HttpProtocol(asyncio.Protocol):
             if now >= self.linger_until and self.transport is not None:
                 self.transport.abort()  # close() would wait on a client that reads nothing
             return
-        if self.request_started is not None and self.cycle is None:
+        if self.request_started is not None:
+            # a head arriving, whatever the connection does meanwhile (an endless head
+            # behind a long response is cut too); not while we hold its bytes unread
+            # because requests before it are still being answered
+            if self.read_paused and self.cycle is not None:
+                return
             if now - self.request_started >= config.header_timeout:
-                if self.url or self.headers:
-                    self.reject(408, "Request Timeout")
-                else:
+                self.request_started = None
+                if self.cycle is None and not (self.url or self.headers):
                     self.close_gracefully()
+                else:
+                    self.reject(408, "Request Timeout")
             return
-        if (self.parsing is not None and not self.read_paused
-                and now - self.body_activity >= config.header_timeout):
-            # a body that stopped arriving must not hold the request (and, with
-            # --limit-concurrency, a slot) for ever; WSGI's reader has the same limit
-            self.reject(408, "Request Timeout: the request body stalled")
+        if self.parsing is not None and self.pending_error is None:
+            self.check_body_rate(now, config.header_timeout)
+            return
+        if self.awaiting_drain and now - self.write_paused_at >= config.header_timeout:
+            self.abort()  # the client has read nothing of its answers for that long
             return
         if self.idle_since is not None:
             limit = config.keepalive_timeout
@@ -694,6 +883,22 @@ class HttpProtocol(asyncio.Protocol):
                 limit = min(limit, DRAIN_IDLE_GRACE)
             if now - self.idle_since >= limit:
                 self.close_gracefully()
+
+    def check_body_rate(self, now: float, stall: float) -> None:
+        """A body that stopped arriving, or trickles in below --min-body-rate, must
+        not hold the request (a WSGI thread, a --limit-concurrency slot) for ever."""
+        if self.read_paused:
+            return  # we are not reading: not the client's fault
+        if now - self.body_activity >= stall:
+            self.reject(408, "Request Timeout: the request body stalled")
+            return
+        window = now - self.rate_since
+        if self.min_rate and window >= min(RATE_WINDOW, stall):
+            if self.body_received - self.rate_bytes < self.min_rate * window:
+                self.reject(408, "Request Timeout: the request body is too slow")
+                return
+            self.rate_since = now
+            self.rate_bytes = self.body_received
 
     def drain(self) -> None:
         """The worker is stopping. In-flight requests finish and are answered with

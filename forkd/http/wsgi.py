@@ -21,7 +21,6 @@ from forkd.http.wsgipool import WSGIPool, clocks
 
 log = logging.getLogger("forkd.http")
 
-SMALL_BODY = 64 * 1024  # a body up to this size is read whole before the app is called
 MAX_IN_FLIGHT = 4  # response blocks handed to the loop and not yet written, at most
 
 
@@ -250,7 +249,11 @@ class WSGICycle:
         self.headers = headers
         self.http_version = http_version
         self.keep_alive = keep_alive
-        self.body = b""
+        # the body as it arrives, read in the loop up to --wsgi-body-buffer before a
+        # thread is taken: a slow client then holds a connection, not a thread
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.buffer_limit = proto.state.config.wsgi_body_buffer
         self.more_body = True
         self.stream: BodyInput | None = None
         self.wait_for_body = False
@@ -281,21 +284,31 @@ class WSGICycle:
         if self.length == 0:
             self.more_body = False  # (an inline call answers before the parser says so)
         if self.length == 0 or not self.more_body:
-            self._submit(_Empty() if not self.body else io.BytesIO(self.body))
-        elif self.length is not None and self.length <= SMALL_BODY:
-            self.wait_for_body = True
-            if self.expect_continue:
-                self.proto.send_continue()
-            self.proto.resume_reading()  # (paused if this request was pipelined)
+            self._submit(io.BytesIO(self._take_body()) if self.body_size else _Empty())
+            return
+        if self.expect_continue:
+            self.proto.send_continue()
+        if self.body_size > self.buffer_limit:
+            self._stream()
         else:
-            if self.expect_continue:
-                self.proto.send_continue()
-            self.stream = BodyInput(self._resume_soon, self.stall)
-            if self.body:
-                self.stream.feed(self.body)
-                self.body = b""
-            self._submit(self.stream)
-            self.proto.resume_reading()
+            self.wait_for_body = True
+        self.proto.resume_reading()  # (paused if this request was pipelined)
+
+    def _take_body(self) -> bytes:
+        parts = self.body
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.body = []
+        self.body_size = 0
+        return body
+
+    def _stream(self) -> None:
+        """The body outgrew the loop's buffer: a thread reads the rest as it comes
+        (the protocol's --min-body-rate frees it from a client that trickles)."""
+        self.wait_for_body = False
+        self.stream = BodyInput(self._resume_soon, self.stall)
+        if self.body:
+            self.stream.feed(self._take_body())
+        self._submit(self.stream)
 
     def _submit(self, body: Any) -> None:
         self.submitted = True
@@ -324,19 +337,25 @@ class WSGICycle:
     def feed_body(self, body: bytes) -> None:
         if self.stream is not None:
             self.stream.feed(body)
-        else:
-            self.body += body
+            return
+        self.body.append(body)
+        self.body_size += len(body)
+        if self.wait_for_body and self.body_size > self.buffer_limit:
+            self._stream()
 
     def body_complete(self) -> None:
         self.more_body = False
         if self.stream is not None:
             self.stream.finish()
         elif self.wait_for_body and not self.submitted:
-            self._submit(io.BytesIO(self.body))
-            self.body = b""
+            self.wait_for_body = False
+            self._submit(io.BytesIO(self._take_body()))
 
     def body_buffered(self) -> int:
-        return self.stream.buffered if self.stream is not None else len(self.body)
+        if self.stream is not None:
+            return self.stream.buffered
+        # while waiting for the body, the buffer's own limit bounds it
+        return 0 if self.wait_for_body else self.body_size
 
     def disconnect(self) -> None:
         self.disconnected = True

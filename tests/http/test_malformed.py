@@ -112,8 +112,12 @@ MALFORMED: list[tuple[str, bytes, set[int]]] = [
      post(b"Content-Length: 5\r\n" + CHUNKED, b"5\r\nhello\r\n0\r\n\r\n"), {400}),
     # -- Transfer-Encoding (RFC 9112 6.3: chunked must be the final coding of a request)
     ("te-not-chunked", post(b"Transfer-Encoding: gzip\r\n", b"hello"), {400}),
+    # RFC 9112 6.1: a coding the server does not know is 501, before the app runs (nginx too)
     ("te-unknown-coding", post(b"Transfer-Encoding: chunkedx\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
-     {400}),
+     {501}),
+    ("te-unknown-coding-no-length", post(b"Transfer-Encoding: xchunked\r\n", b"hello"), {501}),
+    ("te-gzip-then-chunked", post(b"Transfer-Encoding: gzip, chunked\r\n",
+                                   b"5\r\nhello\r\n0\r\n\r\n"), {501}),
     ("te-chunked-not-last", post(b"Transfer-Encoding: chunked, gzip\r\n",
                                   b"5\r\nhello\r\n0\r\n\r\n"), {400}),
     ("te-chunked-twice", post(CHUNKED + CHUNKED, b"5\r\nhello\r\n0\r\n\r\n"), {400}),
