@@ -164,8 +164,8 @@ class ServerState:
         for connection in list(self.connections):
             connection.check_timeouts(self.now)
         if self.timeouts_408 != self.timeouts_logged and self.now >= self.timeouts_log_at:
-            log.info("answered %d request(s) 408 (timed out) in the last %gs",
-                     self.timeouts_408 - self.timeouts_logged, LOG_EVERY)
+            log.info("answered %d more request(s) 408 (timed out): %d since start",
+                     self.timeouts_408 - self.timeouts_logged, self.timeouts_408)
             self.timeouts_logged = self.timeouts_408
             self.timeouts_log_at = self.now + LOG_EVERY
 
@@ -496,8 +496,11 @@ class HttpProtocol(asyncio.Protocol):
             self.read_paused = False
             if not self.closed:
                 # the client was not at fault while we paused: its body clocks restart
-                self.body_activity = self.rate_since = self.state.now
+                now = self.loop.time()
+                self.body_activity = self.rate_since = now
                 self.rate_bytes = self.body_received
+                if self.request_started is not None:
+                    self.request_started = now
                 self.transport.resume_reading()
 
     def feed_unparsed(self) -> None:
@@ -860,9 +863,9 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.request_started is not None:
             # a head arriving, whatever the connection does meanwhile (an endless head
-            # behind a long response is cut too); not while we hold its bytes unread
-            # because requests before it are still being answered
-            if self.read_paused and self.cycle is not None:
+            # behind a long response is cut too); not while we do not read it because
+            # requests before it are still being answered (its clock restarts after)
+            if self.read_paused:
                 return
             if now - self.request_started >= config.header_timeout:
                 self.request_started = None

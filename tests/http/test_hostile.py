@@ -19,7 +19,7 @@ from httpkit import Conn, Served, Truncated
 pytestmark = pytest.mark.integration
 
 MB = 1 << 20
-OPTIONS = ("--header-timeout", "1.5", "--threads", "4", "--wsgi-body-buffer", "64K",
+OPTIONS = ("--header-timeout", "1.5", "--threads", "4", "--wsgi-body-buffer", "256K",
            "--max-body-size", "1M")
 
 
@@ -205,14 +205,14 @@ def test_the_header_timeout_runs_behind_a_response_being_written(asgi: Served) -
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("interface", ["asgi", "wsgi"])
 def test_a_pipelining_client_that_never_reads_is_held_back(interface: str, request) -> None:
-    """Ten clients pipeline tiny requests as fast as they can and read nothing: the worker
+    """Twenty clients pipeline tiny requests as fast as they can and read nothing: the worker
     stops reading from them (parsed requests are bounded, answers are not buffered
     without end), stays small, and keeps answering others."""
     served: Served = request.getfixturevalue(interface)
     # tiny requests (about 6,000 in 256 KB) for large answers (64 KB each)
     burst = b"GET /sized?n=65536 HTTP/1.1\r\nHost: t\r\n\r\n" * 6000
     with watching(served) as watch:
-        socks = [connect(served.port) for _ in range(10)]
+        socks = [connect(served.port) for _ in range(20)]
         taken = [0] * len(socks)
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
@@ -225,7 +225,7 @@ def test_a_pipelining_client_that_never_reads_is_held_back(interface: str, reque
             time.sleep(0.01)
         for sock in socks:
             sock.close()
-    assert watch.growth < 24 * MB, f"{watch.summary()}; sent {sum(taken) / MB:.0f} MB"
+    assert watch.growth < 16 * MB, f"{watch.summary()}; sent {sum(taken) / MB:.0f} MB"
     assert_probes_served(watch, 2.0)
 
 
@@ -255,13 +255,13 @@ def _statuses(socks: list[socket.socket]) -> list[int | str]:
 
 @pytest.mark.timeout(60)
 def test_slow_wsgi_bodies_do_not_take_the_threads(wsgi: Served) -> None:
-    """16 clients send small bodies at a byte every half second: the bodies wait in the
-    event loop, never in the 4 threads, so the probe is answered at once; each slow
-    client gets 408 from --min-body-rate."""
+    """16 clients send bodies of 200 KB (within --wsgi-body-buffer, 256K here) at a byte
+    every half second: the bodies wait in the event loop, never in the 4 threads, so the
+    probe is answered at once; each slow client gets 408 from --min-body-rate."""
     with watching(wsgi) as watch:
         socks = [connect(wsgi.port) for _ in range(16)]
         for sock in socks:
-            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 50000\r\n\r\n")
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n\r\n")
         _trickle(socks, 2.5)
         statuses = _statuses(socks)
     assert statuses == [408] * 16, statuses
@@ -270,19 +270,19 @@ def test_slow_wsgi_bodies_do_not_take_the_threads(wsgi: Served) -> None:
 
 @pytest.mark.timeout(60)
 def test_a_large_body_that_slows_down_frees_its_thread(wsgi: Served) -> None:
-    """8 clients send more than --wsgi-body-buffer (64K here) quickly, so each takes one
+    """8 clients send more than --wsgi-body-buffer (256K here) quickly, so each takes one
     of the 4 threads, then a byte every half second: --min-body-rate answers them 408 and
     frees the threads within its window, and the probe is answered again."""
     with watching(wsgi) as watch:
         socks = [connect(wsgi.port) for _ in range(8)]
         for sock in socks:
-            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 500000\r\n\r\n"
-                         + b"b" * 100_000)
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 900000\r\n\r\n"
+                         + b"b" * 300_000)
         # (before, the threads stayed with the trickle: 8 s, longer than a probe waits)
         _trickle(socks, 8.0)
         statuses = _statuses(socks)
     assert statuses == [408] * 8, statuses
-    # the rate window is min(5 s, --header-timeout): the first one passes (100 KB came
+    # the rate window is min(5 s, --header-timeout): the first one passes (300 KB came
     # fast), the second frees the threads, so a probe waits about 3 s at most
     assert_probes_served(watch, 4.5)
 
