@@ -41,7 +41,7 @@ def format_size(value: float) -> str:
     return f"{value:.0f}"
 
 
-def _int(minimum: int) -> Callable[[Any], int]:
+def _int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool):
             raise ValueError(f"{value!r} is not a whole number")
@@ -51,6 +51,8 @@ def _int(minimum: int) -> Callable[[Any], int]:
             raise ValueError(f"{value!r} is not a whole number") from None
         if number < minimum:
             raise ValueError(f"{number} is less than {minimum}")
+        if maximum is not None and number > maximum:
+            raise ValueError(f"{number} is more than {maximum}")
         return number
 
     return parse
@@ -257,7 +259,7 @@ class Option:
 # (FORKD_<NAME>) and forkd.toml all read from it.
 OPTIONS: tuple[Option, ...] = (
     Option("bind", _binds, "HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N"),
-    Option("workers", _int(1), "number of workers (default: usable CPU cores)"),
+    Option("workers", _int(1, 1024), "number of workers (default: usable CPU cores)"),
     Option("name", _text, "name of this primary (default: the app's top-level module)"),
     Option("interface", _choice("auto", "asgi", "wsgi"), "how the app is called"),
     Option("max_memory", _optional_size, "per-worker memory limit (512M, 1G)"),

@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import random
+import resource
 import signal
 import socket
 import time
@@ -112,6 +113,7 @@ class Primary:
 
     def run(self) -> int:
         _import_worker_stack()
+        raise_fd_limit()
         self._install_signals()
         listeners = ", ".join(listener.address for listener in self.options.listeners)
         log.event("primary-started", name=self.options.name, pid=os.getpid(),
@@ -591,3 +593,26 @@ def _import_worker_stack() -> None:
 
 def _record(signum: int, frame: Any) -> None:
     """Signal handler: nothing to do, the wakeup fd has carried the number."""
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard one, as nginx does, before any
+    worker is forked (they inherit it): each connection is a descriptor, and the
+    distributions' soft default of 1024 is what an idle flood reaches first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:  # the kernel's ceiling for one process
+            with open("/proc/sys/fs/nr_open") as file:
+                target = int(file.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        logger.warning("could not raise the open files limit from %d to %d: %s",
+                       soft, target, exc)
+        return
+    log.event("fd-limit-raised", soft=target, was=soft)

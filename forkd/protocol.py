@@ -196,7 +196,12 @@ _ARG_KEYS: dict[str, frozenset[str]] = {
 _SCALE_RE = re.compile(r"[+-]?[0-9]{1,6}")
 
 
-def parse_scale(text: str, current: int, *, maximum: int | None = None) -> int:
+# The most workers one primary runs (`forkd scale`, SIGTTIN, `--workers`): far past what
+# any host serves well, and short of a typo (`scale 999999`) forking the host to death.
+MAX_WORKERS = 1024
+
+
+def parse_scale(text: str, current: int, *, maximum: int | None = MAX_WORKERS) -> int:
     """The worker count that `forkd scale TEXT` asks for, given the current count.
 
     "4" sets the count, "+2" / "-2" change it. The result must be at least 1 (stopping
@@ -213,7 +218,7 @@ def parse_scale_words(text: str) -> tuple[int, bool]:
 
 
 def resolve_scale(number: int, relative: bool, current: int, *,
-                  maximum: int | None = None) -> int:
+                  maximum: int | None = MAX_WORKERS) -> int:
     """The worker count asked for; at least 1, at most `maximum` when one is given."""
     target = current + number if relative else number
     if target < 1:
@@ -224,7 +229,7 @@ def resolve_scale(number: int, relative: bool, current: int, *,
         )
     if maximum is not None and target > maximum:
         raise ProtocolError(
-            Code.BAD_ARGS, f"cannot scale to {target} workers: the limit is {maximum}"
+            Code.BAD_ARGS, f"cannot scale to {target} workers: the most forkd runs is {maximum}"
         )
     return target
 

@@ -308,3 +308,16 @@ def test_sigusr1_does_not_end_the_primary(run_forkd) -> None:
     proc.signal(signal.SIGUSR1)
     wait_until(lambda: "event=logs-reopen" in proc.output(), 10, message=proc.describe)
     assert proc.proc.poll() is None and request(port)[0] == 200
+
+
+@pytest.mark.timeout(60)
+def test_the_open_files_limit_is_raised_to_the_hard_limit(run_forkd) -> None:
+    """Started with a soft limit of 256 (hard 4096), the primary raises it as nginx does,
+    says so, and every worker inherits 4096: an idle flood meets the hard limit only."""
+    proc = run_forkd("testapp:app", "-b", "127.0.0.1:0", "-w", "2",
+                     wrap=["prlimit", "--nofile=256:4096", "--"])
+    proc.port()
+    proc.wait_ready(2)
+    assert "event=fd-limit-raised soft=4096 was=256" in proc.output(), proc.describe()
+    limits = {psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE) for pid in proc.worker_pids()}
+    assert limits == {(4096, 4096)}, limits

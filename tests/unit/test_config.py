@@ -69,6 +69,9 @@ def test_env_lists_and_booleans() -> None:
 
 @pytest.mark.parametrize("cli, env, file_values, needle", [
     ({"workers": "0"}, {}, {}, "--workers"),
+    ({"workers": "999999"}, {}, {}, "--workers: 999999 is more than 1024"),
+    ({}, {"FORKD_MIN_BODY_RATE": "-1"}, {}, "FORKD_MIN_BODY_RATE"),
+    ({"wsgi_body_buffer": "0"}, {}, {}, "--wsgi-body-buffer"),
     ({}, {"FORKD_MAX_MEMORY": "huge"}, {}, "FORKD_MAX_MEMORY"),
     ({}, {}, {"memory_metric": "vss"}, "memory_metric"),
     ({}, {}, {"bind": "nope"}, "bind"),

@@ -184,8 +184,17 @@ def test_parse_scale_refuses(text: str, current: int, words: str) -> None:
 
 def test_parse_scale_respects_a_maximum() -> None:
     assert parse_scale("+4", 4, maximum=8) == 8
-    with pytest.raises(ProtocolError, match="the limit is 8"):
+    with pytest.raises(ProtocolError, match="the most forkd runs is 8"):
         parse_scale("+5", 4, maximum=8)
+
+
+def test_scale_is_bounded_by_default_and_the_error_names_the_bound() -> None:
+    assert parse_scale("1024", 4) == 1024
+    with pytest.raises(ProtocolError, match="cannot scale to 999999 workers: the most "
+                                            "forkd runs is 1024"):
+        parse_scale("999999", 4)
+    with pytest.raises(ProtocolError, match="the most forkd runs is 1024"):
+        parse_scale("+1", 1024)
 
 
 @given(st.binary(max_size=2048))
