@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import resource
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
@@ -45,6 +46,7 @@ CHUNK_OVERHEAD = 64 * 1024
 KNOWN_CODINGS = frozenset((b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress",
                            b"x-compress"))
 LINGER_SECONDS = 2.0  # how long a closing connection reads and drops the client's leftovers
+FD_MARGIN = 32  # descriptors a worker keeps besides its connections (listeners, pipes, app)
 LOG_EVERY = 10.0  # seconds between summary lines of counted events (408s)
 DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request on an idle connection
 
@@ -156,6 +158,10 @@ class ServerState:
         self.timeouts_408 = 0
         self.timeouts_logged = 0
         self.timeouts_log_at = self.loop.time()
+        # libuv handles EMFILE on accept by itself (it accepts and closes, so the client
+        # sees a reset) and tells nobody: the worker watches its own count instead
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_full_at = self.timeouts_log_at
         self.tick()
 
     def tick(self) -> None:
@@ -163,6 +169,12 @@ class ServerState:
         self.date_header = b"date: " + formatdate(usegmt=True).encode("ascii") + b"\r\n"
         for connection in list(self.connections):
             connection.check_timeouts(self.now)
+        if (len(self.connections) >= self.fd_limit - FD_MARGIN
+                and self.now >= self.fd_full_at):
+            log.warning("at the open files limit (%d): %d connections open, new ones are "
+                        "refused by the kernel or reset", self.fd_limit,
+                        len(self.connections))
+            self.fd_full_at = self.now + LOG_EVERY
         if self.timeouts_408 != self.timeouts_logged and self.now >= self.timeouts_log_at:
             log.info("answered %d more request(s) 408 (timed out): %d since start",
                      self.timeouts_408 - self.timeouts_logged, self.timeouts_408)

@@ -18,7 +18,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Se
     started: list[Forkd] = []
 
     def start(app: str, *options: str, env: dict[str, str] | None = None,
-              workers: int = 1) -> Served:
+              workers: int = 1, wrap: list[str] | None = None) -> Served:
         base = tmp_path_factory.mktemp("forkd")
         home = base / "home"
         home.mkdir(mode=0o700)
@@ -26,7 +26,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Se
         markers.mkdir()
         proc = Forkd([app, "-b", "127.0.0.1:0", "-w", str(workers), "--graceful-timeout", "3",
                       *options], home, base / "forkd.log",
-                     env={"HTTP_PROBE_MARKERS": str(markers), **(env or {})})
+                     env={"HTTP_PROBE_MARKERS": str(markers), **(env or {})}, wrap=wrap)
         started.append(proc)
         port = proc.port()
         proc.wait_ready(workers)

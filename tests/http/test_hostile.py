@@ -16,6 +16,8 @@ import psutil
 import pytest
 from httpkit import Conn, Served, Truncated
 
+from support import wait_until
+
 pytestmark = pytest.mark.integration
 
 MB = 1 << 20
@@ -311,3 +313,28 @@ def test_a_body_of_one_byte_chunks(interface: str, request) -> None:
         except (BrokenPipeError, ConnectionResetError):
             pass
         assert conn.read_head().status == 413
+
+
+@pytest.mark.timeout(60)
+def test_running_out_of_descriptors_is_logged_once_per_interval(serve) -> None:
+    """A worker whose hard open-files limit is 200 gets 300 idle connections: it says once
+    that it is at the limit (not once per refused connection) and keeps serving the
+    connections it holds."""
+    served = serve("http_asgi_probe:app", wrap=["prlimit", "--nofile=200:200", "--"])
+    socks = []
+    try:
+        for _ in range(300):
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", served.port), timeout=2))
+            except OSError:
+                break
+        with Conn(socks[0]) as conn:
+            conn.send(b"GET /sized?n=3 HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert conn.read_response().body == b"xxx"
+        wait_until(lambda: "at the open files limit (200)" in served.proc.output(), 5,
+                   message=served.proc.describe)
+        time.sleep(1.5)  # an observation window: three more ticks at the limit, one line
+        assert served.proc.output().count("at the open files limit") == 1
+    finally:
+        for sock in socks:
+            sock.close()
