@@ -15,7 +15,7 @@ from bench.harness import BENCH
 
 RESULTS_DIR = BENCH / "results"
 ORDER = ["throughput", "kills", "reload", "hooks", "recycle", "speed", "upgrade", "autoscale",
-         "wstls"]
+         "wstls", "hostile"]
 
 
 def save(name: str, data: dict[str, Any]) -> Path:
@@ -87,6 +87,7 @@ TITLES = {
     "upgrade": "7. Replacing the primary itself under load (2 workers)",
     "autoscale": "8. Autoscaling: a ramp of CPU-bound load, --autoscale 1:4 against fixed 1 and 4",
     "wstls": "9. WebSocket echo and HTTPS hello (2 workers)",
+    "hostile": "10. Hostile load: attacks against forkd, uvicorn and gunicorn (2 workers)",
 }
 
 
@@ -332,6 +333,15 @@ Run {data["meta"]["date"]}. `wrk -t1 -c32 -d{data["seconds"]}s`, `--max-requests
 """
 
 
+def _hostile(data: dict[str, Any]) -> str:
+    return f"""## {TITLES["hostile"]}
+
+Run {data["meta"]["date"]}. `bench/run hostile` (bench/hostile.py says what each attack does).
+
+{data.get("markdown", "No figures yet.")}
+"""
+
+
 def _target(target: float | None) -> str:
     return f"≥ {target:.1f}×" if target else "(shown)"
 
@@ -525,6 +535,7 @@ SECTIONS = {
     "upgrade": _upgrade,
     "autoscale": _autoscale,
     "wstls": _wstls,
+    "hostile": _hostile,
 }
 
 
