@@ -289,7 +289,7 @@ class WSGICycle:
         if self.expect_continue:
             self.proto.send_continue()
         if self.body_size > self.buffer_limit:
-            self._stream()
+            self._stream_body()
         else:
             self.wait_for_body = True
         self.proto.resume_reading()  # (paused if this request was pipelined)
@@ -301,7 +301,7 @@ class WSGICycle:
         self.body_size = 0
         return body
 
-    def _stream(self) -> None:
+    def _stream_body(self) -> None:
         """The body outgrew the loop's buffer: a thread reads the rest as it comes
         (the protocol's --min-body-rate frees it from a client that trickles)."""
         self.wait_for_body = False
@@ -341,7 +341,7 @@ class WSGICycle:
         self.body.append(body)
         self.body_size += len(body)
         if self.wait_for_body and self.body_size > self.buffer_limit:
-            self._stream()
+            self._stream_body()
 
     def body_complete(self) -> None:
         self.more_body = False
