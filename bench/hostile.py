@@ -135,6 +135,9 @@ def idle_flood(port: int, until: float) -> None:
     time.sleep(max(0.0, until - time.monotonic()))
 
 
+ANSWERED: Any = None  # the attacker's answered requests (a shared counter), where it loops
+
+
 def _loop_requests(port: int, request: bytes, until: float, count: int) -> None:
     def one() -> None:
         while time.monotonic() < until:
@@ -145,7 +148,9 @@ def _loop_requests(port: int, request: bytes, until: float, count: int) -> None:
             try:
                 sock.settimeout(max(0.1, until - time.monotonic()))
                 sock.sendall(request)
-                sock.recv(65536)
+                if sock.recv(65536).startswith(b"HTTP/1.1 200"):
+                    with ANSWERED.get_lock():
+                        ANSWERED.value += 1
             except OSError:
                 pass
             finally:
@@ -201,9 +206,11 @@ def _probe(port: int, stop: threading.Event, latencies: list[float | None]) -> N
             latencies.append(None)
 
 
-def _attack_entry(name: str, port: int, until: float) -> None:
+def _attack_entry(name: str, port: int, until: float, answered: Any) -> None:
     import resource
 
+    global ANSWERED
+    ANSWERED = answered
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ATTACKS[name](port, until)
@@ -220,8 +227,10 @@ def measure(spec: harness.ServerSpec, attack: str) -> dict[str, Any]:
         prober = threading.Thread(target=_probe, args=(server.port, stop, latencies))
         prober.start()
         until = time.monotonic() + SECONDS
-        child = multiprocessing.get_context("fork").Process(
-            target=_attack_entry, args=(attack, server.port, until), daemon=True)
+        context = multiprocessing.get_context("fork")
+        answered_attacks = context.Value("i", 0)
+        child = context.Process(target=_attack_entry,
+                                args=(attack, server.port, until, answered_attacks), daemon=True)
         child.start()
         while time.monotonic() < until:
             for worker in workers:
@@ -246,6 +255,7 @@ def measure(spec: harness.ServerSpec, attack: str) -> dict[str, Any]:
         p99 = answered[min(len(answered) - 1, int(len(answered) * 0.99))] if answered else None
         return {"peak_rss": peak, "base_rss": base, "cpu": cpu - cpu0,
                 "answered": len(answered), "probes": len(latencies),
+                "attacks_answered": answered_attacks.value,
                 "p99_ms": None if p99 is None else p99 * 1000,
                 "command": harness.server_command(spec)}
 
@@ -268,17 +278,21 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     for attack, servers in results.items():
         for name, entry in servers.items():
             if "failed" in entry:
-                rows.append(f"| {attack} | {name} | did not start | | | |")
+                rows.append(f"| {attack} | {name} | did not start | | | | |")
                 continue
             p99 = "–" if entry["p99_ms"] is None else f"{entry['p99_ms']:.0f}"
             rows.append(f"| {attack} | {name} | {entry['peak_rss'] / 2**20:.0f} "
                         f"(+{(entry['peak_rss'] - entry['base_rss']) / 2**20:.0f}) | "
-                        f"{entry['cpu']:.2f} | {entry['answered']}/{entry['probes']} | {p99} |")
+                        f"{entry['cpu']:.2f} | {entry['answered']}/{entry['probes']} | {p99} | "
+                        f"{entry.get('attacks_answered') or '–'} |")
     return (f"Each attack runs {SECONDS:g} s against a fresh server (2 workers) while a probe "
             "asks `GET /` every 100 ms (2 s timeout). On a shared, loaded 2-core machine: "
             "compare servers within a row group only.\n\n"
+            "The last column counts the attacker's own requests answered 200 where it loops "
+            "(header-flood, chunk-abuse): CPU seconds compare per request there.\n\n"
             "| attack | server | worker peak RSS MB (growth) | workers' CPU s | probes "
-            "answered | probe p99 ms |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
+            "answered | probe p99 ms | attack requests answered |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":
