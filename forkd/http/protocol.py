@@ -314,6 +314,7 @@ class HttpProtocol(asyncio.Protocol):
         self.linger_until: float | None = None
         self.pending_error: tuple[int, str] | None = None
         self.body_received = 0  # body bytes of the request being parsed, for --max-body-size
+        self.body_length = 0  # its Content-Length
         self.response_begun = False  # bytes of the current cycle's final response are out
         self.closed = False
         self.in_trailers = False  # the parser is past this request's head
@@ -393,13 +394,19 @@ class HttpProtocol(asyncio.Protocol):
 
     def feed_sliced(self, data: bytes) -> None:
         view = memoryview(data)
-        for start in range(0, len(data), FEED_SLICE):
+        start = 0
+        while start < len(data):
             if len(self.pipeline) >= MAX_PIPELINE:
                 self.unparsed = data[start:]
                 self.pause_reading()
                 return
-            if not self.feed(view[start:start + FEED_SLICE], data, start):
+            step = FEED_SLICE
+            if self.parsing is not None and not self.chunked:
+                # the rest of a sized body goes in at once: nothing in it can start a request
+                step = max(step, self.body_length - self.body_received)
+            if not self.feed(view[start:start + step], data, start):
                 return
+            start += step
 
     def feed(self, data: bytes | memoryview, whole: bytes | None = None, at: int = 0
              ) -> bool:
@@ -653,6 +660,7 @@ class HttpProtocol(asyncio.Protocol):
             self.body_activity = self.rate_since = self.loop.time()
             self.rate_bytes = 0
             self.chunked = chunked
+            self.body_length = content_length or 0
             self.wire_body = 0
         started = self.request_started or state.now
         self.heads.append((started, method))
