@@ -277,3 +277,27 @@ def _handshake_status(served: Served) -> int:
             return 101
     except InvalidStatus as exc:
         return exc.response.status_code
+
+
+def test_a_handshake_larger_than_a_parser_slice(server: Served) -> None:
+    """A handshake with 6 KB of cookies arrives in one read that the worker parses in
+    4 KB slices: the upgrade happens in the second slice and the WebSocket works."""
+    import base64
+    import socket
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    cookie = "c=" + "x" * 6000
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nCookie: {cookie}\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        mask = os.urandom(4)
+        payload = b"after a big handshake"
+        sock.sendall(bytes([0x82, 0x80 | len(payload)]) + mask
+                     + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        frames, _ = read_frames(sock, time.monotonic() + 2)
+    assert frames and frames[0] == (0x2, payload), frames
