@@ -1,0 +1,297 @@
+"""Each worker's three pipes to the primary, and the worker's end of them.
+
+stdout and stderr: the worker's descriptors 1 and 2 become pipes, so whatever writes to
+them (print, logging's StreamHandler, a traceback, faulthandler, C code, a subprocess)
+reaches the primary, which tags each line with slot and pid. `records`: forkd's own lines
+from the worker (the access log among them), one JSON object per line.
+
+In the worker, sys.stdout and sys.stderr are replaced by LineStream: a line is written
+the moment it is complete, whatever the descriptor is (a pipe would otherwise make
+Python buffer 8 KB, so a print showed up only when the worker exited), and each thread
+assembles its own lines, so two threads of a WSGI pool printing at once cannot
+interleave their halves (print writes the text and the newline separately).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import select
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+STREAMS = ("stdout", "stderr", "records")
+PIPE_SIZE = 128 * 1024  # per pipe: room for a burst while the primary is busy
+MAX_PENDING = 64 * 1024  # characters of an unfinished line a thread may hold
+
+
+@dataclass
+class WorkerPipes:
+    """Both ends of one worker's pipes, by stream name."""
+
+    read: dict[str, int] = field(default_factory=dict)  # the primary's ends (non-blocking)
+    write: dict[str, int] = field(default_factory=dict)  # the worker's ends
+
+    def close_write(self) -> None:
+        """In the primary after the fork: only the worker may hold the writing ends,
+        or the primary would never see end-of-file when it dies."""
+        for fd in self.write.values():
+            _close(fd)
+        self.write.clear()
+
+    def close_all(self) -> None:
+        self.close_write()
+        for fd in self.read.values():
+            _close(fd)
+        self.read.clear()
+
+
+def open_pipes() -> WorkerPipes:
+    pipes = WorkerPipes()
+    try:
+        for name in STREAMS:
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            pipes.read[name], pipes.write[name] = read_end, write_end
+            os.set_blocking(read_end, False)
+            try:
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # over the user's pipe-buffer quota: the default 64 KB will do
+    except OSError:
+        pipes.close_all()
+        raise
+    return pipes
+
+
+# ----------------------------------------------------------------------- worker side
+
+
+def attach_worker(pipes: WorkerPipes) -> int:
+    """In the worker right after fork: descriptors 1 and 2 become the pipes (inherited
+    by any subprocess), sys.stdout/sys.stderr write whole lines at once; returns the
+    records descriptor (close-on-exec: a subprocess has no business there)."""
+    for name, target in (("stdout", 1), ("stderr", 2)):
+        os.dup2(pipes.write[name], target)  # (dup2's copy is inheritable)
+        os.close(pipes.write[name])
+    for fd in pipes.read.values():
+        _close(fd)
+    sys.stdout = LineStream(1, "<stdout>")
+    sys.stderr = LineStream(2, "<stderr>")
+    return pipes.write["records"]
+
+
+class LineStream(io.TextIOBase):
+    """A text stream on a descriptor that writes each complete line at once, in one
+    locked write, assembling each thread's lines separately."""
+
+    def __init__(self, fd: int, name: str, encoding: str = "utf-8",
+                 errors: str = "backslashreplace") -> None:
+        super().__init__()
+        self._fd = fd
+        self._name = name
+        self._encoding = encoding
+        self._errors = errors
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        # Bytes written here go straight to the descriptor, unbuffered.
+        self.buffer = open(fd, "wb", buffering=0, closefd=False)  # noqa: SIM115
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]  # (read-only in io.TextIOBase)
+        return self._encoding
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return self._errors
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def line_buffering(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def reconfigure(self, **kwargs: object) -> None:
+        """TextIOWrapper's, for apps that call it: the encoding may change; lines are
+        always written when complete."""
+        encoding = kwargs.get("encoding")
+        if isinstance(encoding, str):
+            self._encoding = encoding
+        errors = kwargs.get("errors")
+        if isinstance(errors, str):
+            self._errors = errors
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        pending = getattr(self._local, "pending", "")
+        joined = pending + text if pending else text
+        cut = joined.rfind("\n")
+        if cut < 0:
+            if len(joined) > MAX_PENDING:
+                self._local.pending = ""
+                self._emit(joined)
+            else:
+                self._local.pending = joined
+            return len(text)
+        self._local.pending = joined[cut + 1:]
+        self._emit(joined[:cut + 1])
+        return len(text)
+
+    def flush(self) -> None:
+        """An explicit flush (a prompt, a progress dot) sends this thread's unfinished
+        line too; the primary holds it until its newline comes."""
+        pending = getattr(self._local, "pending", "")
+        if pending:
+            self._local.pending = ""
+            self._emit(pending)
+
+    def _emit(self, text: str) -> None:
+        data = memoryview(text.encode(self._encoding, self._errors))
+        with self._lock:
+            while data:
+                try:
+                    written = os.write(self._fd, data)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    return  # the primary is gone; PDEATHSIG ends us
+                data = data[written:]
+
+
+class RecordWriter:
+    """The worker's end of the records pipe: whole JSON lines, batched, never blocking
+    the event loop.
+
+    The access log writes a line per request; one write (and one wake-up of the primary,
+    which shares the cores with the workers) per line would cost about as much as the
+    request. So lines wait in a buffer for up to DELAY seconds (or a full batch) and go
+    out in one write. When the primary is slow to read (a loaded machine) and the pipe is
+    full, the rest waits here for the next try instead of stalling the worker's requests;
+    past MAX_HELD bytes, new lines are dropped and counted, and the count goes out as a
+    warning record once the pipe takes lines again. Without a loop (start-up, shutdown)
+    and for warnings and errors, which may precede a crash, a line is written at once,
+    waiting for room up to URGENT_WAIT seconds."""
+
+    BATCH = 64 * 1024
+    DELAY = 0.01  # seconds a line may wait: a hundred writes a second at most
+    MAX_HELD = 4 << 20
+    URGENT_WAIT = 2.0
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_blocking(fd, False)  # (the worker's own descriptor: no one else shares it)
+        self.lock = threading.Lock()
+        self.pending: list[bytes] = []
+        self.size = 0
+        self.loop: Any = None
+        self.loop_thread: int | None = None
+        self.scheduled = False
+        self.dropped = 0  # lines dropped since the last report
+        self.on_dropped: Any = None  # callback(count) that logs the drop, set by the worker
+
+    def attach_loop(self, loop: Any) -> None:
+        """From now on, batch lines for up to DELAY seconds on this loop."""
+        self.loop = loop
+        self.loop_thread = threading.get_ident()
+
+    def detach_loop(self) -> None:
+        self.loop = None
+        with self.lock:
+            self._write_locked(wait=self.URGENT_WAIT)
+
+    def __call__(self, line: bytes, urgent: bool = False) -> None:
+        with self.lock:
+            if self.size + len(line) > self.MAX_HELD and not urgent:
+                self.dropped += 1
+                return
+            self.pending.append(line)
+            self.size += len(line)
+            if urgent or self.loop is None:
+                self._write_locked(wait=self.URGENT_WAIT)
+                return
+            if self.size >= self.BATCH:
+                self._write_locked()
+                if not self.pending:
+                    return
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            if threading.get_ident() == self.loop_thread:
+                self._flush_later()
+            else:  # a WSGI thread: wakes the loop, once per batch
+                self.loop.call_soon_threadsafe(self._flush_later)
+        except RuntimeError:  # the loop is closed
+            self.flush()
+
+    def _flush_later(self) -> None:
+        loop = self.loop
+        if loop is None:  # detached meanwhile
+            self.flush()
+        else:
+            loop.call_later(self.DELAY, self.flush)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.scheduled = False
+            self._write_locked()
+            retry = bool(self.pending) and self.loop is not None
+            if retry:
+                self.scheduled = True
+            dropped = 0
+            if self.dropped and not self.pending:
+                dropped, self.dropped = self.dropped, 0
+        if retry:
+            self._flush_later()  # the pipe was full: try again in DELAY
+        if dropped and self.on_dropped is not None:
+            self.on_dropped(dropped)
+
+    def _write_locked(self, wait: float = 0.0) -> None:
+        """Write what is held; with `wait`, block for room up to that many seconds."""
+        if not self.pending:
+            return
+        data = memoryview(b"".join(self.pending) if len(self.pending) > 1 else self.pending[0])
+        deadline = None
+        while data:
+            try:
+                written = os.write(self.fd, data)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                if not wait:
+                    break
+                if deadline is None:
+                    deadline = time.monotonic() + wait
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                select.select([], [self.fd], [], remaining)
+                continue
+            except OSError:
+                data = data[len(data):]  # the primary is gone; PDEATHSIG ends us
+                break
+            data = data[written:]
+        self.pending = [bytes(data)] if data else []
+        self.size = len(data)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
