@@ -11,6 +11,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from forkd.http import accesslog
 from forkd.http.framing import BodyWriter, Request, frame_head
 from forkd.http.protocol import ClientDisconnected, HttpProtocol, error_response
 
@@ -62,6 +63,7 @@ class ASGICycle:
         "delivered_last",
         "overrun_logged",
         "received_at",
+        "request_id",
     )
 
     def __init__(
@@ -109,6 +111,8 @@ class ASGICycle:
         self.delivered_last = False
         self.overrun_logged = False
         self.received_at = time.perf_counter() if proto.state.access_log else 0.0
+        # (the scope's headers are this list: the app sees a made id too)
+        self.request_id = accesslog.request_id(headers) if proto.state.access_log else b""
         self.expect_continue = False
         if http_version == "1.1":
             for name, value in headers:
@@ -234,7 +238,8 @@ class ASGICycle:
                     self.status, self.head_headers, self.framing_request(),
                     complete_body=None if more else len(body),
                     date_header=proto.state.date_header,
-                    force_close=proto.state.draining and not proto.pipeline)
+                    force_close=proto.state.draining and not proto.pipeline,
+                    request_id=self.request_id)
                 self.writer = writer
                 data = head + writer.write(body) if body else head
             else:

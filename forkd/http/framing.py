@@ -154,6 +154,7 @@ def frame_head(
     date_header: bytes,
     force_close: bool = False,
     reason: bytes | None = None,
+    request_id: bytes = b"",
 ) -> tuple[bytes, BodyWriter]:
     """The response head and the writer of its body.
 
@@ -165,7 +166,7 @@ def frame_head(
     parts = [status_line(status, reason)]
     keep_alive = request.keep_alive and not force_close
     length: int | None = None
-    has_date = False
+    has_date = has_id = False
     for name, value in headers:
         lname = name.lower()
         if lname == b"content-length":
@@ -180,8 +181,12 @@ def frame_head(
             continue
         elif lname == b"date":
             has_date = True
+        elif lname == b"x-request-id":
+            has_id = True  # the app answers with its own
         check_field(name, value)
         parts += (name, b": ", value, b"\r\n")
+    if request_id and not has_id:  # (with --access-log: see accesslog.request_id)
+        parts += (b"x-request-id: ", request_id, b"\r\n")
     if not has_date:
         parts.append(date_header)
     if (length is not None and complete_body is not None and complete_body != length

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from forkd.http import accesslog
 from forkd.http.asgi import split_target
 from forkd.http.framing import BodyWriter, Request, frame_head, status_line
 from forkd.http.protocol import HIGH_WATER, ClientDisconnected, HttpProtocol, error_response
@@ -269,6 +270,8 @@ class WSGICycle:
         self.client = proto.req_client  # (a trusted proxy's word applied)
         self.scheme = proto.req_scheme
         self.received_at = time.perf_counter() if proto.state.access_log else 0.0
+        # before the environ is built from these headers: the app sees a made id too
+        self.request_id = accesslog.request_id(headers) if proto.state.access_log else b""
         length: int | None = 0
         for name, value in headers:
             if name == b"content-length":
@@ -596,7 +599,7 @@ class _Response:
                 complete_body=len(body) if final else None,
                 date_header=proto.state.date_header,
                 force_close=unread or (proto.state.draining and not proto.pipeline),
-                reason=self.reason)
+                reason=self.reason, request_id=cycle.request_id)
             self.writer = writer
             data = head + writer.write(body) if body else head
         else:
