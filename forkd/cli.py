@@ -151,6 +151,10 @@ def _run_start(config: Config, argv: list[str], start_dir: str,
     from forkd.sockets import Listener, adopt_fd, open_listeners
 
     name = config.name or default_name(config.app)
+    try:  # first: a bad --log-file fails the start before anything is bound
+        logs = open_logs(config, name)
+    except OSError as exc:
+        return _fail_start(f"--log-file {config.log_file}: {exc.strerror}", EXIT_FAILED)
     server = None
     if predecessor is None:  # (else taken over once the old primary lets go of it)
         try:
@@ -189,6 +193,7 @@ def _run_start(config: Config, argv: list[str], start_dir: str,
     interface = None if config.interface == "auto" else config.interface
     if config.preload:
         from forkd.http.loader import detect_interface, enter_directory, import_app
+        from forkd.log import guard
 
         try:
             enter_directory(config.chdir)  # the primary imports the app: from there
@@ -203,6 +208,7 @@ def _run_start(config: Config, argv: list[str], start_dir: str,
             if server is not None:
                 server.close()
             return _fail_start(f"cannot import {config.app}:\n{text.rstrip()}", EXIT_FAILED)
+        guard()  # the app may have reconfigured logging on import
         interface = interface or detect_interface(app_object)
     workers = config.workers or process.usable_cpus()
     if config.autoscale is not None:  # start inside the bounds: at MIN unless -w says more
@@ -212,8 +218,18 @@ def _run_start(config: Config, argv: list[str], start_dir: str,
                              control=server, app=app_object, interface=interface,
                              metrics_dir=metrics_dir,
                              argv=argv, start_dir=start_dir, predecessor=predecessor,
-                             open_control=lambda: open_control(config, name))
+                             open_control=lambda: open_control(config, name), logs=logs)
     return Primary(options).run(), ""
+
+
+def open_logs(config: Config, name: str) -> Any:
+    """The primary's log hub, its output opened now so that a bad --log-file fails the
+    start instead of the first line."""
+    from forkd.logs.hub import LogHub
+    from forkd.logs.writer import LogWriter
+
+    writer = LogWriter(config.log_file, max_size=config.log_max_size, keep=config.log_keep)
+    return LogHub(writer, fmt=config.log_format, app_name=name)
 
 
 _control_option = click.option(
@@ -343,6 +359,31 @@ def scale(words: tuple[str, ...], endpoint: str | None) -> None:
     else:
         _fail("error: scale takes [NAME] N|+N|-N", EXIT_USAGE)
     sys.exit(ctl.scale(name, _home(), count, endpoint=endpoint))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("-f", "--follow", is_flag=True, help="then print new lines as they come")
+@click.option("-n", "--lines", "count", type=click.IntRange(0, 100_000), default=50,
+              show_default=True, help="how many of the latest lines")
+@click.option("--worker", "slot", type=click.IntRange(0), default=None, metavar="SLOT",
+              help="only this worker's lines (its slot)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@_control_option
+def logs(name: str | None, follow: bool, count: int, slot: int | None, as_json: bool,
+         endpoint: str | None) -> None:
+    """The latest lines of the primary and its workers (their output, forkd's events and
+    the access log), from the primary's memory; -f follows until interrupted.
+
+    \b
+    Examples:
+      forkd logs sample_app -n 200
+      forkd logs -f --worker 0 --json
+    """
+    from forkd import ctl
+
+    sys.exit(ctl.logs(name, _home(), count=count, follow=follow, slot=slot,
+                      as_json=as_json, endpoint=endpoint))
 
 
 @cli.command(name="systemd-unit")

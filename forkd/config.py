@@ -293,7 +293,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("limit_request_fields", _int(1), "most header fields accepted (431 above)"),
     Option("limit_request_field_size", _int(64), "longest header field accepted"),
     Option("root_path", _text, "ASGI root_path / WSGI SCRIPT_NAME of the app"),
-    Option("access_log", _bool, "log every request in the combined format"),
+    Option("access_log", _bool, "log every request (with duration_ms and request_id)"),
     Option("forwarded_allow_ips", _allow_list,
            "IPs/CIDRs (or *) whose Forwarded / X-Forwarded-* headers are believed"),
     Option("proxy_protocol", _bool,
@@ -322,6 +322,10 @@ OPTIONS: tuple[Option, ...] = (
            "bytes per second a request body must average over 5 s (408 below; 0: off)"),
     Option("wsgi_body_buffer", parse_size,
            "request body read in the event loop before a WSGI thread is taken"),
+    Option("log_format", _choice("text", "json"), "log lines as text or JSON objects"),
+    Option("log_file", _text, "write every log line here (default stderr); SIGUSR1 reopens"),
+    Option("log_max_size", _optional_size, "rotate --log-file at this size (10M)"),
+    Option("log_keep", _int(0), "rotated --log-file copies kept"),
 )
 OPTION_NAMES = frozenset(option.name for option in OPTIONS)
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -379,6 +383,10 @@ class Config:
     ws_per_message_deflate: bool = True
     min_body_rate: int = 240
     wsgi_body_buffer: int = 1 << 20
+    log_format: str = "text"
+    log_file: str | None = None
+    log_max_size: int | None = None
+    log_keep: int = 5
 
     @property
     def binds(self) -> tuple[Bind, ...]:
@@ -456,6 +464,8 @@ def merge(
     for needs_cert in ("keyfile", "ca_certs"):
         if getattr(config, needs_cert) is not None and config.certfile is None:
             raise ConfigError(f"{option_flag(needs_cert)}: needs --certfile")
+    if config.log_max_size is not None and config.log_file is None:
+        raise ConfigError("--log-max-size: needs --log-file")
     return config
 
 

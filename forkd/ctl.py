@@ -28,6 +28,7 @@ STATUS_TIMEOUT = 10.0
 # bounds each step (--timeout, --graceful-timeout) and a primary that dies is noticed at
 # once (the connection drops), so this only guards against one that hangs.
 LONG_TIMEOUT = 3600.0
+FOLLOW_EVERY = 0.25  # seconds between a follower's requests for new lines
 
 # A fleet reload first checks that every host answers; a live primary answers at once.
 FLEET_PING_TIMEOUT = 5.0
@@ -245,6 +246,64 @@ def ls(
     out.write(format_table(["name", "pid", "workers", "app", "endpoint"], rows, right={1, 2}))
     out.flush()
     return EXIT_OK
+
+
+def logs(
+    name: str | None,
+    home: Path,
+    *,
+    count: int = 50,
+    follow: bool = False,
+    slot: int | None = None,
+    as_json: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    endpoint: str | None = None,
+    timeout: float = STATUS_TIMEOUT,
+) -> int:
+    """The latest `count` lines; with `follow`, then every new line until interrupted.
+
+    Following is a series of small requests, each carrying the cursor of the last line
+    seen: a lost reply costs nothing, and lines that left the primary's bounded memory
+    before they could be fetched are reported as missed, never skipped silently."""
+    out, err = out or sys.stdout, err or sys.stderr
+    base: dict[str, Any] = {"slot": slot, "json": as_json}
+    try:
+        target = endpoint or resolve(home, name)
+        curve = curve_from_env(os.environ)
+        page = call(target, "logs", {**base, "lines": count}, timeout=timeout, curve=curve)
+        _print_page(out, err, page)
+        primary = page.get("pid")
+        while follow:
+            if not page.get("more"):
+                time.sleep(FOLLOW_EVERY)
+            page = call(target, "logs", {**base, "after": page.get("cursor", 0)},
+                        timeout=timeout, curve=curve)
+            if page.get("pid") != primary:  # restarted under the same name: from its start
+                primary = page.get("pid")
+                _print(err, f"forkd logs: a new primary (pid {primary}) answers")
+                page = call(target, "logs", {**base, "after": 0}, timeout=timeout, curve=curve)
+            _print_page(out, err, page)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except ConfigError as exc:
+        _print(err, f"forkd logs: {exc}")
+        return EXIT_USAGE
+    except ControlError as exc:
+        _print(err, _error_text("logs", exc))
+        return EXIT_USAGE if exc.code in USAGE_CODES else EXIT_FAILED
+    return EXIT_OK
+
+
+def _print_page(out: TextIO, err: TextIO, page: dict[str, Any]) -> None:
+    missed = page.get("missed")
+    if isinstance(missed, int) and missed > 0:
+        _print(err, f"forkd logs: {missed} line(s) missed (they left the primary's memory "
+                    "of recent lines before they could be read)")
+    lines = page.get("lines")
+    if isinstance(lines, list) and lines:
+        out.write("".join(f"{line}\n" for line in lines if isinstance(line, str)))
+        out.flush()
 
 
 # ------------------------------------------------------------------------- formatting

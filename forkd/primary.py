@@ -22,6 +22,9 @@ from forkd import events, handoff, log, policy, process, protocol
 from forkd.config import Config
 from forkd.control import Poller
 from forkd.http.health import HealthFlag
+from forkd.logs.hub import LogHub
+from forkd.logs.pipes import open_pipes
+from forkd.logs.writer import LogWriter
 from forkd.metrics.shell import PoolMetrics
 from forkd.monitor import Monitor
 from forkd.sockets import Listener, close_listeners
@@ -39,6 +42,7 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
 HOUSEKEEPING = 1.0  # seconds between the loop's periodic passes when nothing else is due
 STATUS_EVERY = 5.0  # seconds between systemd STATUS= updates
 LOAD_EVERY = 1.0  # seconds between the load samples autoscaling decides on
+LOG_RETRY_MS = 50  # how soon to try again when the log output would block
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class PrimaryOptions:
     # the control endpoint once the old one has let go of it
     predecessor: handoff.Predecessor | None = None
     open_control: Callable[[], Any] | None = None
+    logs: LogHub | None = None  # the log hub (output opened by the caller, to fail early)
 
 
 class Primary:
@@ -97,6 +102,10 @@ class Primary:
         self.successor: handoff.Successor | None = None  # the new primary of an upgrade
         self.handed_over = False  # the successor serves: this primary only drains
         self.pending: deque[events.Event] = deque()  # outcomes of actions, fed after them
+        self.logs = options.logs or LogHub(LogWriter(), fmt=self.config.log_format,
+                                           app_name=options.name)
+        self.logs.poller = self.poller
+        log.setup(sink=self.logs.submit, app_name=options.name, reopen=self.logs.reopen)
 
     # -- set-up -----------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -162,6 +171,8 @@ class Primary:
     def _shutdown(self) -> None:
         self.metrics.close()
         signal.set_wakeup_fd(-1)
+        self.logs.close()  # the workers' last lines, then the output
+        log.setup(app_name=self.options.name)
         for channel in self.channels.values():
             channel.close()
         self.channels.clear()
@@ -180,6 +191,8 @@ class Primary:
     # -- the loop -------------------------------------------------------------------------------
     def _wait_once(self) -> None:
         timeout_ms = 0 if self.changed else max(0, int((self.due - time.monotonic()) * 1000) + 1)
+        if self.logs.pending:
+            timeout_ms = min(timeout_ms, LOG_RETRY_MS)
         ready = self.poller.poll(timeout_ms)
         if self.wake_r in ready:
             self._on_signals()
@@ -187,6 +200,8 @@ class Primary:
             pid = self.channel_owner.get(key)  # (the poller reports sockets by fd)
             if pid is not None:
                 self._drain_channel(pid, self.channels[pid])
+            elif key in self.logs.readers:
+                self.logs.on_readable(key)
         if self.options.control is not None and any(
                 sock in ready for sock in self.options.control.sockets()):
             self._on_control()
@@ -201,6 +216,7 @@ class Primary:
         # changed, not after every heartbeat: 64 workers beat 64 times a second.
         if self.changed or time.monotonic() >= self.due:
             self._housekeeping()
+        self.logs.flush()  # a pass's lines in one write
 
     def _next_due(self, now: float) -> float:
         due = now + HOUSEKEEPING
@@ -421,6 +437,9 @@ class Primary:
         if command == "status":
             control.reply_ok(peer, request.id, self.status_document(time.monotonic()))
             return
+        if command == "logs":  # (read-only: answered here, the core is not involved)
+            control.reply_ok(peer, request.id, self.logs.query(request.args))
+            return
         who = Requester(peer, request.id)
         event: events.ControlRequest
         if command == "reload":
@@ -475,12 +494,19 @@ class Primary:
     def spawn(self, action: policy.Spawn) -> int:
         """Fork a worker for the slot; its pid (OSError when it cannot)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            pipes = open_pipes()  # the worker's stdout, stderr and forkd records
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         ours.setblocking(False)
         close_fds = [ours.fileno(), self.wake_r, self.wake_w]
         if self.options.control is not None:
             close_fds += self.options.control.child_close_fds()
         close_fds += self.notifier.child_close_fds()
         close_fds += [channel.fileno() for channel in self.channels.values()]
+        close_fds += self.logs.fds()
         # an upgrade's handshake: its end of file must come when a primary dies
         if self.options.predecessor is not None:
             close_fds.append(self.options.predecessor.fileno())
@@ -491,7 +517,7 @@ class Primary:
             config=self.config, listeners=[listener.sock for listener in self.options.listeners],
             channel=theirs, primary_pid=os.getpid(), close_fds=close_fds,
             app=self.options.app, interface=self.options.interface,
-            request_limit=action.request_limit or 0, health=self.health)
+            request_limit=action.request_limit or 0, health=self.health, log_pipes=pipes)
         # Signals wait until the child has put its own handlers in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         # What exists now (a preloaded app above all) goes to the permanent generation,
@@ -503,11 +529,13 @@ class Primary:
         except OSError:
             ours.close()
             theirs.close()
+            pipes.close_all()
             raise
         finally:
             gc.unfreeze()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         theirs.close()
+        self.logs.attach(pipes, action.slot, pid)
         self.metrics.spawned(pid, action.slot, time.monotonic())
         self.channels[pid] = ours
         self.channel_owner[ours.fileno()] = pid

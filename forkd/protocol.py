@@ -46,6 +46,7 @@ COMMANDS: dict[str, bool] = {
     "scale": True,
     "stop": True,
     "upgrade": True,
+    "logs": False,
 }
 
 
@@ -179,7 +180,27 @@ def validate_args(command: str, args: object) -> dict[str, Any]:
         if not isinstance(graceful, bool):
             raise ProtocolError(Code.BAD_ARGS, "stop: 'graceful' must be true or false")
         return {"graceful": graceful}
+    if command == "logs":
+        return _logs_args(args)
     return {}
+
+
+def _logs_args(args: dict[str, Any]) -> dict[str, Any]:
+    """`logs`: lines (0..100000, default 50), after (a cursor), slot, json."""
+    checked: dict[str, Any] = {"lines": 50, "after": None, "slot": None, "json": False}
+    for key in ("lines", "after", "slot"):
+        value = args.get(key, checked[key])
+        if value is None and key != "lines":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= (
+                100_000 if key == "lines" else 2**62):
+            raise ProtocolError(Code.BAD_ARGS, f"logs: {key!r} must be a whole number "
+                                               f"{'0..100000' if key == 'lines' else '>= 0'}")
+        checked[key] = value
+    if not isinstance(args.get("json", False), bool):
+        raise ProtocolError(Code.BAD_ARGS, "logs: 'json' must be true or false")
+    checked["json"] = args.get("json", False)
+    return checked
 
 
 _ARG_KEYS: dict[str, frozenset[str]] = {
@@ -189,6 +210,7 @@ _ARG_KEYS: dict[str, frozenset[str]] = {
     "scale": frozenset({"count"}),
     "stop": frozenset({"graceful"}),
     "upgrade": frozenset(),
+    "logs": frozenset({"lines", "after", "slot", "json"}),
 }
 
 # ASCII digits only (str.isdigit would accept other scripts' digits); bounded length so

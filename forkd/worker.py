@@ -24,6 +24,7 @@ from forkd import events
 from forkd import log as forkd_log
 from forkd.config import Config
 from forkd.errors import EXIT_APP_LOAD, EXIT_BOOT, EXIT_OK, AppLoadError
+from forkd.logs.pipes import WorkerPipes
 from forkd.metrics.snapshot import to_wire
 
 logger = logging.getLogger("forkd.worker")
@@ -52,6 +53,7 @@ class WorkerSpec:
     # the primary's forkd.http.health.HealthFlag (made before forking): raised, it fails
     # --health-path on every worker at once, ahead of the drain (--drain-delay)
     health: Any = None
+    log_pipes: WorkerPipes | None = None  # stdout, stderr and forkd records to the primary
 
 
 def run(spec: WorkerSpec) -> NoReturn:
@@ -69,6 +71,8 @@ def run(spec: WorkerSpec) -> NoReturn:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
+            if _records is not None:
+                _records.detach_loop()
         finally:
             os._exit(code)
 
@@ -83,12 +87,12 @@ def _report_error(channel: socket.socket, text: str) -> None:
 
 def _reset_inherited(spec: WorkerSpec) -> None:
     signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                   signal.SIGUSR1):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     # Meant for the primary: a hang-up or a SIGHUP to the whole process group must not
-    # kill every worker at once, nor SIGTTIN/SIGTTOU stop them.
-    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+    # kill every worker at once, nor SIGTTIN/SIGTTOU stop them, nor a SIGUSR1 (log
+    # reopen) sent to the whole unit (`systemctl kill -s USR1` signals every process).
+    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     # Die with the primary, and close the race where it died before prctl ran.
@@ -101,6 +105,27 @@ def _reset_inherited(spec: WorkerSpec) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+_records: Any = None  # the RecordWriter, once logging is set up
+
+
+def _setup_logging(spec: WorkerSpec) -> None:
+    """stdout and stderr become pipes to the primary, forkd's own lines JSON records on
+    a third one; without pipes (a worker run on its own), everything stays on stderr."""
+    if spec.log_pipes is None:
+        forkd_log.setup(slot=spec.slot, app_name=spec.name)
+        return
+    from forkd.logs.pipes import RecordWriter, attach_worker
+    from forkd.logs.record import to_json
+
+    global _records
+    send = _records = RecordWriter(attach_worker(spec.log_pipes))
+    send.on_dropped = lambda count: forkd_log.event(
+        "log-dropped", logging.WARNING, lines=count, why="the primary was too slow to read")
+    forkd_log.setup(slot=spec.slot, app_name=spec.name,
+                    sink=lambda entry: send(to_json(entry), entry.level != "info"),
+                    json_sink=send)
 
 
 def _set_title(spec: WorkerSpec) -> None:
@@ -116,7 +141,7 @@ def _main(spec: WorkerSpec) -> int:
     os.environ["FORKD_WORKER_ID"] = str(spec.slot)
     os.environ["FORKD_WORKERS"] = str(spec.workers)
     os.environ.pop("NOTIFY_SOCKET", None)  # only the primary speaks to systemd
-    forkd_log.setup(f"forkd.worker.{spec.slot}")
+    _setup_logging(spec)
     _set_title(spec)
     faulthandler.enable(file=sys.stderr, all_threads=True)  # SIGABRT on a hang shows where
 
@@ -128,6 +153,7 @@ def _main(spec: WorkerSpec) -> int:
     ssl_context = tls.server_context(spec.config)
     cwd = enter_directory(spec.config.chdir)
     app = spec.app if spec.app is not None else import_app(spec.config.app)
+    forkd_log.guard()  # the app may have reconfigured logging on import (Django does)
     interface = spec.interface or spec.config.interface
     if interface == "auto":
         interface = detect_interface(app)
@@ -136,9 +162,13 @@ def _main(spec: WorkerSpec) -> int:
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    if _records is not None:
+        _records.attach_loop(loop)
     try:
         return loop.run_until_complete(_serve(spec, app, interface, loop, cwd, ssl_context))
     finally:
+        if _records is not None:
+            _records.detach_loop()
         loop.close()
 
 

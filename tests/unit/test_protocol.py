@@ -40,7 +40,7 @@ def code_of(data: bytes) -> str:
 def test_mutating_commands_are_exactly_reload_scale_stop() -> None:
     assert {name for name, mutates in COMMANDS.items() if mutates} == {"reload", "scale", "stop",
                                                                   "upgrade"}
-    assert {name for name, mutates in COMMANDS.items() if not mutates} == {"ping", "status"}
+    assert {name for name, mutates in COMMANDS.items() if not mutates} == {"ping", "status", "logs"}
 
 
 @pytest.mark.parametrize(

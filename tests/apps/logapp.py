@@ -1,0 +1,74 @@
+"""An app that prints, for the log tests (ASGI `app`, WSGI `wsgi_app`). Routes:
+/            200 hello
+/print?text=X  prints X on stdout
+/boom        raises (forkd logs the traceback)
+Environment, read at import:
+LOGAPP_SPAM=LINES,SIZE,THREADS  THREADS threads each print LINES lines of SIZE filler
+                                bytes at once: `SPAM <pid> <thread> <i> <filler>`
+LOGAPP_DJANGO=1                 configures logging as Django's LOGGING does: dictConfig with
+                                disable_existing_loggers and a root handler of its own"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import os
+import threading
+from urllib.parse import parse_qs
+
+if os.environ.get("LOGAPP_DJANGO"):
+    logging.config.dictConfig({
+        "version": 1,
+        "disable_existing_loggers": True,
+        "formatters": {"plain": {"format": "APPFMT %(levelname)s %(name)s %(message)s"}},
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+        "root": {"handlers": ["console"], "level": "DEBUG"},
+    })
+    logging.getLogger("myapp").info("configured like django")
+
+
+def filler(index: int, size: int) -> str:
+    return chr(ord("a") + index % 26) * size
+
+
+def _spam(thread: int, lines: int, size: int) -> None:
+    pid = os.getpid()
+    for index in range(lines):
+        print(f"SPAM {pid} {thread} {index} {filler(index, size)}")
+
+
+_spam_threads = []
+if os.environ.get("LOGAPP_SPAM"):
+    _lines, _size, _threads = (int(part) for part in os.environ["LOGAPP_SPAM"].split(","))
+    for _thread in range(_threads):
+        _spam_threads.append(threading.Thread(target=_spam, args=(_thread, _lines, _size),
+                                              daemon=True))
+    for _t in _spam_threads:
+        _t.start()
+
+
+def _answer(path: str, query: str) -> tuple[int, bytes]:
+    args = {k: v[0] for k, v in parse_qs(query).items()}
+    if path == "/print":
+        print(args.get("text", ""))
+        return 200, b"printed"
+    if path == "/boom":
+        raise RuntimeError("boom on purpose")
+    if path == "/":
+        return 200, b"Hello, world!"
+    return 404, b"not found"
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    status, body = _answer(scope["path"], scope["query_string"].decode())
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def wsgi_app(environ, start_response):
+    status, body = _answer(environ["PATH_INFO"], environ["QUERY_STRING"])
+    start_response(f"{status} X", [("Content-Type", "text/plain")])
+    return [body]

@@ -1,0 +1,231 @@
+"""Logs of a real pool: every worker's output through the primary, whole lines, JSON,
+rotation, SIGUSR1 reopen, `forkd logs -f`, the access line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import APPS, REPO, request, wait_until
+
+pytestmark = pytest.mark.integration
+
+SPAM = re.compile(r"^\S+Z logapp\.(\d+)\[(\d+)\] stdout: SPAM (\d+) (\d+) (\d+) ([a-z]+)$")
+RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def text_of(*paths: Path) -> str:
+    return "".join(path.read_text(errors="replace") for path in paths if path.exists())
+
+
+def port_in(text: str) -> int | None:
+    match = re.search(r'listen=\"?[^ ",]*:(\d+)|"listen":"[^"]*:(\d+)', text)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def start_logged(run_forkd, log_file: Path, *args: str, workers: int = 2, env=None):
+    proc = run_forkd(*args, "-b", "127.0.0.1:0", "-w", str(workers), "--log-file",
+                     str(log_file), cwd=APPS, env=env)
+
+    def every_file() -> str:  # rotated ones included
+        return text_of(*sorted(log_file.parent.glob(log_file.name + ".*")), log_file)
+
+    def describe() -> str:
+        return f"{proc.describe()}\nlog file:\n{text_of(log_file)[-6000:]}"
+
+    wait_until(lambda: every_file().count("worker-ready") >= workers
+               or proc.proc.poll() is not None, 30, message=describe)
+    assert proc.proc.poll() is None, describe()
+    port = port_in(every_file())
+    assert port is not None, describe()
+    return proc, port, describe
+
+
+def check_spam(text: str, workers: int, lines: int, size: int, threads: int) -> None:
+    """Every SPAM line whole, tagged with the pid that printed it, each exactly once."""
+    seen: set[tuple[int, int, int]] = set()
+    bad = []
+    for line in text.splitlines():
+        if "SPAM" not in line:
+            continue
+        match = SPAM.match(line)
+        if not match:
+            bad.append(line[:200])
+            continue
+        _slot, tag_pid, pid, thread, index, fill = match.groups()
+        key = (int(pid), int(thread), int(index))
+        if tag_pid != pid or fill != chr(ord("a") + key[2] % 26) * size or key in seen:
+            bad.append(line[:200])
+        seen.add(key)
+    assert not bad, f"{len(bad)} split, interleaved or repeated line(s), first: {bad[:3]}"
+    assert len(seen) == workers * lines * threads
+    assert len({pid for pid, _, _ in seen}) == workers
+
+
+@pytest.mark.timeout(90)
+def test_concurrent_long_lines_from_every_worker_are_never_split(run_forkd, tmp_path) -> None:
+    workers, lines, size, threads = 2, 300, 3000, 4
+    log_file = tmp_path / "forkd.log"
+    proc, _port, describe = start_logged(
+        run_forkd, log_file, "logapp:app", workers=workers,
+        env={"LOGAPP_SPAM": f"{lines},{size},{threads}"})
+    total = workers * lines * threads
+    wait_until(lambda: text_of(log_file).count(" SPAM ") >= total, 60, message=describe)
+    check_spam(text_of(log_file), workers, lines, size, threads)
+
+
+@pytest.mark.timeout(90)
+def test_rotation_under_load_loses_and_cuts_no_line(run_forkd, tmp_path) -> None:
+    workers, lines, size, threads = 2, 1000, 300, 2
+    log_file = tmp_path / "forkd.log"
+    max_size = 100 * 1024
+    proc, _port, describe = start_logged(
+        run_forkd, log_file, "logapp:app", "--log-max-size", "100K", "--log-keep", "100",
+        workers=workers, env={"LOGAPP_SPAM": f"{lines},{size},{threads}"})
+
+    def files() -> list[Path]:  # oldest first
+        rotated = sorted(tmp_path.glob("forkd.log.*"), key=lambda p: -int(p.suffix[1:]))
+        return [*rotated, log_file]
+
+    total = workers * lines * threads
+    wait_until(lambda: text_of(*files()).count(" SPAM ") >= total, 60, message=describe)
+    rotated = files()[:-1]
+    assert len(rotated) >= 5, [p.name for p in rotated]
+    for path in rotated:
+        data = path.read_bytes()
+        assert len(data) <= max_size and data.endswith(b"\n"), (path.name, len(data))
+    check_spam(text_of(*files()), workers, lines, size, threads)
+
+
+@pytest.mark.timeout(60)
+def test_sigusr1_reopens_a_log_file_that_was_moved(run_forkd, tmp_path) -> None:
+    log_file = tmp_path / "forkd.log"
+    moved = tmp_path / "forkd.log.1"
+    proc, port, describe = start_logged(run_forkd, log_file, "logapp:app")
+    os.rename(log_file, moved)  # what logrotate does before its postrotate
+    assert request(port, path="/print?text=before-reopen")[0] == 200
+    wait_until(lambda: "before-reopen" in text_of(moved), 10, message=describe)
+    proc.signal(signal.SIGUSR1)
+    wait_until(lambda: "event=logs-reopen file=" in text_of(log_file), 10, message=describe)
+    assert request(port, path="/print?text=after-reopen")[0] == 200
+    wait_until(lambda: "after-reopen" in text_of(log_file), 10, message=describe)
+    assert "after-reopen" not in text_of(moved)
+    assert len(proc.worker_pids()) == 2  # the workers ignore a SIGUSR1 meant for the unit
+
+
+@pytest.mark.timeout(60)
+def test_forkd_logs_follow_sees_a_line_printed_after_it_started(run_forkd, tmp_path) -> None:
+    proc = run_forkd("logapp:app", "-b", "127.0.0.1:0", "-w", "2", "--name", "followme",
+                     cwd=APPS)
+    port = proc.port()
+    proc.wait_ready(2)
+    assert request(port, path="/print?text=older-line")[0] == 200
+    wait_until(lambda: "older-line" in proc.output(), 10, message=proc.describe)
+    out_path = tmp_path / "follow.out"
+    with open(out_path, "wb") as out:
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "forkd", "logs", "followme", "-f", "-n", "5"],
+            cwd=REPO, env=proc.env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        wait_until(lambda: "older-line" in out_path.read_text(), 15,
+                   message=lambda: out_path.read_text())
+        assert request(port, path="/print?text=newer-line")[0] == 200
+        wait_until(lambda: "newer-line" in out_path.read_text(), 15,
+                   message=lambda: out_path.read_text())
+        line = next(x for x in out_path.read_text().splitlines() if "newer-line" in x)
+        assert re.match(r"^\S+Z followme\.[01]\[\d+\] stdout: newer-line$", line), line
+        assert follower.poll() is None  # still following
+        os.killpg(follower.pid, signal.SIGINT)
+        assert follower.wait(10) == 0
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+            follower.wait(5)
+    # -n and --worker: the latest N lines of that slot only
+    for index in range(8):
+        assert request(port, path=f"/print?text=fill-{index}")[0] == 200
+    wait_until(lambda: "fill-7" in proc.output(), 10, message=proc.describe)
+    by_slot: dict[str, list[str]] = {"0": [], "1": []}
+    for slot, text in re.findall(r"followme\.(\d)\[\d+\] stdout: (fill-\d)", proc.output()):
+        by_slot[slot].append(text)
+    slot = max(by_slot, key=lambda key: len(by_slot[key]))  # one has at least 4 of the 8
+    result = subprocess.run(
+        [sys.executable, "-m", "forkd", "logs", "followme", "-n", "3", "--worker", slot,
+         "--json"], cwd=REPO, env=proc.env, capture_output=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    objects = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [(obj["slot"], obj["message"]) for obj in objects] == [
+        (int(slot), text) for text in by_slot[slot][-3:]]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("app", ["logapp:app", "logapp:wsgi_app"])
+def test_json_lines_and_the_access_line(run_forkd, tmp_path, app) -> None:
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, app, "--log-format", "json",
+                                        "--access-log")
+    status, headers, _ = request(port, path="/print?text=a%20%22quoted%22%20line&x=1",
+                                 headers={"X-Request-ID": "req-from-lb-42"})
+    assert status == 200 and headers["x-request-id"] == "req-from-lb-42"
+    status, headers, _ = request(port, path="/")
+    made = headers["x-request-id"]
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", made)
+    wait_until(lambda: made in text_of(log_file), 10, message=describe)
+    objects = [json.loads(line) for line in text_of(log_file).splitlines()]  # each parses
+    for obj in objects:
+        assert RFC3339_MS.match(obj["ts"]) and obj["level"] in ("info", "warning", "error")
+        assert isinstance(obj["pid"], int) and ("event" in obj) != ("stream" in obj), obj
+    primary = [obj for obj in objects if obj.get("event") == "primary-started"]
+    assert primary and primary[0]["slot"] is None and primary[0]["pid"] == proc.pid
+    ready = [obj for obj in objects if obj.get("event") == "worker-ready"]
+    assert {obj["worker_slot"] for obj in ready} == {0, 1}
+    printed = [obj for obj in objects if obj.get("stream") == "stdout"]
+    assert [obj["message"] for obj in printed] == ['a "quoted" line']
+    assert printed[0]["slot"] in (0, 1) and printed[0]["pid"] in proc.worker_pids()
+    access = {obj["request_id"]: obj for obj in objects if obj.get("event") == "access"}
+    first = access["req-from-lb-42"]
+    assert (first["method"], first["path"], first["query"], first["status"], first["bytes"],
+            first["remote"]) == ("GET", "/print", "text=a%20%22quoted%22%20line&x=1", 200, 7,
+                                 "127.0.0.1")
+    assert first["slot"] in (0, 1) and first["pid"] in proc.worker_pids()
+    assert isinstance(first["duration_ms"], float) and 0 <= first["duration_ms"] < 5000
+    assert access[made]["path"] == "/" and access[made]["bytes"] == 13
+
+
+@pytest.mark.timeout(60)
+def test_app_reconfiguring_logging_leaves_forkd_lines_alone(run_forkd, tmp_path) -> None:
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, "logapp:app",
+                                        env={"LOGAPP_DJANGO": "1"})
+    assert request(port, path="/boom")[0] == 500
+    wait_until(lambda: "RuntimeError: boom on purpose" in text_of(log_file), 10,
+               message=describe)
+    text = text_of(log_file)
+    lines = text.splitlines()
+    error = [line for line in lines if "exception in ASGI app" in line]
+    assert len(error) == 1, describe()
+    assert re.match(r"^\S+Z forkd\.worker\.[01]\[\d+\] error: exception in ASGI app for GET "
+                    r"/boom$", error[0]), error
+    assert "APPFMT ERROR forkd" not in text  # not through the app's root handler as well
+    # the app's own logging keeps its own format, tagged as that worker's stderr
+    assert re.search(r"Z logapp\.[01]\[\d+\] stderr: APPFMT INFO myapp configured like django",
+                     text), describe()
+
+
+@pytest.mark.timeout(30)
+def test_a_log_file_that_cannot_be_opened_fails_the_start(tmp_path, forkd_home) -> None:
+    env = {**os.environ, "FORKD_HOME": str(forkd_home), "PYTHONPATH": f"{REPO}:{APPS}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "forkd", "start", "logapp:app", "-b", "127.0.0.1:0",
+         "--log-file", str(tmp_path / "missing-dir" / "forkd.log")],
+        cwd=APPS, env=env, capture_output=True, timeout=20, start_new_session=True)
+    assert result.returncode == 1
+    assert b"--log-file " in result.stderr and b"No such file or directory" in result.stderr

@@ -1,0 +1,422 @@
+"""The log pipeline's parts without processes: lines, records, the ring, the writer
+(rotation, reopen, a stalled output), the hub, the `logs` request's arguments."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+import os
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from forkd import log
+from forkd.errors import ProtocolError
+from forkd.logs import record
+from forkd.logs.hub import LogHub
+from forkd.logs.lines import LineSplitter
+from forkd.logs.pipes import LineStream, open_pipes
+from forkd.logs.record import Entry
+from forkd.logs.ring import Ring
+from forkd.logs.writer import LogWriter
+from forkd.protocol import validate_args
+
+# ------------------------------------------------------------------------------ lines
+
+
+@given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=20),
+       st.lists(st.integers(1, 50), min_size=1, max_size=30))
+def test_lines_come_out_whole_however_the_pipe_cut_them(lines: list[bytes],
+                                                         cuts: list[int]) -> None:
+    stream = b"".join(line + b"\n" for line in lines)
+    splitter = LineSplitter(cap=1000)
+    out: list[tuple[bytes, bool]] = []
+    position, index = 0, 0
+    while position < len(stream):
+        size = cuts[index % len(cuts)]
+        out += splitter.feed(stream[position:position + size])
+        position += size
+        index += 1
+    out += splitter.close()
+    assert out == [(line, False) for line in lines]
+
+
+def test_an_overlong_line_is_cut_into_marked_pieces_and_nothing_is_lost() -> None:
+    splitter = LineSplitter(cap=10)
+    out = splitter.feed(b"x" * 25)  # no newline yet: memory stays bounded
+    assert out == [(b"x" * 10, True), (b"x" * 10, True)]
+    out += splitter.feed(b"yy\nshort\n" + b"z" * 12 + b"\n")
+    assert out[2:] == [(b"xxxxxyy", False), (b"short", False), (b"z" * 10, True),
+                       (b"zz", False)]
+
+
+def test_the_unfinished_last_line_is_kept_at_the_end_of_the_stream() -> None:
+    splitter = LineSplitter()
+    assert splitter.feed(b"a\nno newline") == [(b"a", False)]
+    assert splitter.close() == [(b"no newline", False)]
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def test_text_lines_of_forkd_and_of_the_app() -> None:
+    ts = record.rfc3339(1796139097.0456)
+    assert ts == "2026-12-01T15:31:37.045Z"
+    own = Entry(ts=ts, level="warning", pid=7, slot=None, event="refused",
+                fields={"command": "scale", "why": 'busy: "reload" runs', "none": None})
+    assert record.to_text(own, "web") == (
+        b'2026-12-01T15:31:37.045Z forkd[7] warning: event=refused command=scale '
+        b'why="busy: \\"reload\\" runs"\n')
+    worker = Entry(ts=ts, level="info", pid=9, slot=1, event="access", fields={"status": 200})
+    assert record.to_text(worker, "web").startswith(b"2026-12-01T15:31:37.045Z "
+                                                    b"forkd.worker.1[9] event=access status=200")
+    app = Entry(ts=ts, level="info", pid=9, slot=1, stream="stderr", data=b"\xffraw")
+    assert record.to_text(app, "web") == b"2026-12-01T15:31:37.045Z web.1[9] stderr: \xffraw\n"
+
+
+def test_json_lines_carry_spec_fields_and_rename_what_would_collide() -> None:
+    ts = "2026-12-01T15:31:37.045Z"
+    about_worker = Entry(ts=ts, level="info", pid=7, slot=None, event="worker-ready",
+                         fields={"slot": 0, "pid": 12, "ms": 85})
+    assert json.loads(record.to_json(about_worker)) == {
+        "ts": ts, "level": "info", "event": "worker-ready", "pid": 7, "slot": None,
+        "worker_slot": 0, "worker_pid": 12, "ms": 85}
+    same_pid = Entry(ts=ts, level="info", pid=7, slot=None, event="primary-started",
+                     fields={"pid": 7})
+    assert json.loads(record.to_json(same_pid))["pid"] == 7
+    app = Entry(ts=ts, level="info", pid=9, slot=1, stream="stdout",
+                data=b'na\xc3\xafve "quoted"\t\x01 \xff')  # the app's bytes, invalid UTF-8 too
+    line = record.to_json(app)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == {"ts": ts, "level": "info", "stream": "stdout", "pid": 9,
+                                "slot": 1, "message": 'naïve "quoted"\t\x01 \ufffd'}
+
+
+def test_a_worker_record_is_passed_through_and_cannot_claim_another_slot() -> None:
+    mine = Entry(ts="t", level="info", pid=9, slot=1, event="access", fields={"status": 200})
+    raw = record.to_json(mine)
+    entry = record.from_json(raw.rstrip(b"\n"), 1, 9)
+    assert record.to_json(entry) is entry.raw == raw  # passed through, not re-encoded
+    assert record.to_text(entry, "web") == b"t forkd.worker.1[9] event=access status=200\n"
+    assert entry.fields == {"status": 200}  # decoded when text needed it
+    forged = record.from_json(raw.rstrip(b"\n"), 0, 5)  # came through slot 0's pipe
+    assert (forged.slot, forged.pid) == (0, 5)
+    assert json.loads(record.to_json(forged))["slot"] == 0
+    garbage = record.from_json(b"not json", 0, 5)
+    assert (garbage.stream, garbage.data) == ("stderr", b"not json")
+
+
+# ------------------------------------------------------------------------------- ring
+
+
+def entry(slot: int | None, text: str) -> Entry:
+    return Entry(ts="t", level="info", pid=1, slot=slot, stream="stdout", data=text.encode())
+
+
+def test_ring_tail_cursor_and_missed_lines() -> None:
+    ring = Ring(max_lines=5)
+    for index in range(4):
+        ring.append(entry(index % 2, f"l{index}"))
+    assert [e.data for e in ring.tail(2).entries] == [b"l2", b"l3"]
+    assert [e.data for e in ring.tail(5, slot=0).entries] == [b"l0", b"l2"]
+    page = ring.since(2)
+    assert [e.data for e in page.entries] == [b"l2", b"l3"] and page.cursor == 4
+    for index in range(4, 12):
+        ring.append(entry(0, f"l{index}"))
+    page = ring.since(4)  # lines 5..7 left the ring before the reader came back
+    assert page.missed == 3 and [e.data for e in page.entries][0] == b"l7"
+    assert ring.since(12).entries == [] and ring.since(12).cursor == 12
+    page = ring.since(4, limit=2)
+    assert page.more and page.cursor == 9
+
+
+def test_ring_is_bounded_by_bytes_too() -> None:
+    ring = Ring(max_lines=1000, max_bytes=10_000)
+    for _ in range(100):
+        ring.append(entry(0, "x" * 1000))
+    assert ring.bytes <= 10_000 and len(ring.entries) < 10
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def lines_in(*paths: Path) -> list[bytes]:
+    return [line for path in paths for line in path.read_bytes().splitlines()]
+
+
+def test_rotation_keeps_whole_lines_and_n_old_files(tmp_path: Path) -> None:
+    path = tmp_path / "app.log"
+    writer = LogWriter(str(path), max_size=1000, keep=3)
+    sent = [b"line %04d " % i + b"." * 80 + b"\n" for i in range(100)]
+    for index, line in enumerate(sent):
+        writer.write(line)
+        if index % 7 == 0:
+            writer.flush()
+    writer.close()
+    kept = [tmp_path / "app.log.3", tmp_path / "app.log.2", tmp_path / "app.log.1", path]
+    assert not (tmp_path / "app.log.4").exists()
+    for old in kept[:-1]:
+        assert 900 <= old.stat().st_size <= 1000
+    got = [line + b"\n" for line in lines_in(*kept)]
+    assert got == sent[-len(got):]  # the newest lines, whole, in order
+
+
+def test_reopen_after_the_file_was_moved(tmp_path: Path) -> None:
+    path = tmp_path / "app.log"
+    writer = LogWriter(str(path))
+    writer.write(b"one\n")
+    writer.flush()
+    os.rename(path, tmp_path / "app.log.1")
+    writer.write(b"two\n")
+    writer.reopen()  # what was buffered goes to the old file first
+    writer.write(b"three\n")
+    writer.close()
+    assert lines_in(tmp_path / "app.log.1") == [b"one", b"two"]
+    assert lines_in(path) == [b"three"]
+
+
+def test_a_stalled_pipe_buffers_then_drops_and_counts_never_cutting_a_line() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        os.set_blocking(read_end, False)
+        writer = LogWriter(stderr_fd=write_end, max_buffer=200_000)
+        assert writer.output.owned  # our own non-blocking description of the pipe
+        line = b"y" * 999 + b"\n"
+        accepted = sum(writer.write(line) for _ in range(400))
+        writer.flush()  # the pipe (64 KB) fills; the rest waits
+        assert writer.pending and writer.dropped == 400 - accepted > 0
+        assert writer.take_unreported() == 0  # not while the buffer is still full
+        got = b""
+        while writer.pending:
+            try:
+                got += os.read(read_end, 1 << 20)
+            except BlockingIOError:
+                pass
+            writer.flush()
+        got += os.read(read_end, 1 << 20)
+        assert got == line * accepted
+        assert writer.take_unreported() == 400 - accepted
+        writer.close()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+# -------------------------------------------------------------------------------- hub
+
+
+def test_hub_tags_worker_output_and_answers_logs_requests(tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    hub = LogHub(LogWriter(str(path)), fmt="json", app_name="web")
+    pipes = open_pipes()
+    try:
+        os.write(pipes.write["stdout"], b"hello\npart")
+        os.write(pipes.write["records"], record.to_json(
+            Entry(ts="t", level="info", pid=4242, slot=3, event="access",
+                  fields={"status": 200})))
+        readers = dict(pipes.read)
+        hub.attach(pipes, slot=3, pid=4242)  # closes the worker's ends: end of file next
+        for fd in readers.values():
+            hub.on_readable(fd)  # the data
+            hub.on_readable(fd)  # then, as the poller reports again, the end
+        assert hub.readers == {}  # every pipe ended and was closed
+        hub.submit(Entry(ts="t", level="info", pid=1, slot=None, event="all-ready",
+                         fields={}))
+        hub.flush()
+        objects = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [(o.get("stream") or o.get("event"), o["slot"]) for o in objects] == [
+            ("stdout", 3), ("stdout", 3), ("access", 3), ("all-ready", None)]
+        assert [o.get("message") for o in objects[:2]] == ["hello", "part"]
+        page = hub.query(validate_args("logs", {"lines": 2, "slot": 3}))
+        assert len(page["lines"]) == 2
+        assert page["lines"][0].endswith(" web.3[4242] stdout: part")
+        assert page["lines"][1].startswith("t forkd.worker.3[4242] event=access status=200")
+        assert hub.query(validate_args("logs", {"after": page["cursor"]}))["lines"] == []
+        hub.submit(Entry(ts="t", level="info", pid=1, slot=None, event="later", fields={}))
+        follow = hub.query(validate_args("logs", {"after": page["cursor"], "json": True}))
+        assert [json.loads(line)["event"] for line in follow["lines"]] == ["later"]
+    finally:
+        pipes.close_all()
+        hub.close()
+
+
+def test_logs_request_arguments_are_checked() -> None:
+    assert validate_args("logs", {}) == {"lines": 50, "after": None, "slot": None,
+                                         "json": False}
+    assert validate_args("logs", {"after": 7, "slot": 1, "json": True})["after"] == 7
+    for bad in ({"lines": -1}, {"lines": "5"}, {"slot": True}, {"json": 1}, {"tail": 1}):
+        with pytest.raises(ProtocolError):
+            validate_args("logs", bad)
+
+
+# ---------------------------------------------------------------------- worker side
+
+
+def test_line_stream_writes_each_thread_s_line_whole(tmp_path: Path) -> None:
+    import threading
+
+    read_end, write_end = os.pipe()
+    stream = LineStream(write_end, "<stdout>")
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while data := os.read(read_end, 65536):
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+
+    def spam(tag: str) -> None:
+        for index in range(200):
+            print(f"{tag} {index} " + tag * 3000, file=stream)
+
+    threads = [threading.Thread(target=spam, args=(tag,)) for tag in "abcd"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print("no newline yet", end="", file=stream)
+    stream.flush()
+    os.close(write_end)
+    reader.join(10)
+    os.close(read_end)
+    lines = b"".join(chunks).split(b"\n")
+    assert lines[-1] == b"no newline yet"
+    for line in lines[:-1]:
+        tag, index, fill = line.decode().split(" ")
+        assert fill == tag * 3000
+    assert len(lines) - 1 == 800
+
+
+def test_forkd_lines_survive_an_app_reconfiguring_logging() -> None:
+    got: list[Entry] = []
+    root = logging.getLogger()
+    saved = ([(lg, lg.disabled) for lg in logging.Logger.manager.loggerDict.values()
+              if isinstance(lg, logging.Logger)], list(root.handlers), root.level)
+    log.setup(slot=2, sink=got.append)
+    try:
+        logging.config.dictConfig({
+            "version": 1, "disable_existing_loggers": True,
+            "handlers": {"h": {"class": "logging.NullHandler"}},
+            "root": {"handlers": ["h"], "level": "CRITICAL"},
+            "loggers": {"forkd": {"level": "CRITICAL", "propagate": True}},
+        })
+        log.guard()
+        logging.getLogger("forkd.http").error("still here")
+        log.event("access", status=200)
+        assert [(e.event, e.level, e.slot) for e in got] == [
+            ("log", "error", 2), ("access", "info", 2)]
+        assert got[0].fields is not None and got[0].fields["message"] == "still here"
+    finally:
+        log.setup()
+        logging.getLogger("forkd").propagate = True
+        logging.getLogger("forkd").removeHandler(log._handler)
+        for logger, disabled in saved[0]:
+            logger.disabled = disabled
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[2])
+
+
+def test_the_workers_fast_access_line_is_the_generic_json_line() -> None:
+    from forkd.http import accesslog
+
+    sent: list[bytes] = []
+    got: list[Entry] = []
+    try:
+        for path, query, rid in ((b"/", b"", b"0123abcd"),
+                                 (b'/p\xe9"\\', b"a=\x01&b=%22", b'lb"id\\1')):
+            scope = {"client": ("10.0.0.9", 5555), "method": "GET", "raw_path": path,
+                     "query_string": query, "headers": [(b"x-request-id", rid)]}
+            log.setup(slot=1, sink=got.append, json_sink=sent.append)
+            accesslog.log_access(scope, 404, 9, 0.0123456)
+            log.setup(slot=1, sink=got.append)  # no fast path: through event()
+            accesslog.log_access(scope, 404, 9, 0.0123456)
+            fast, generic = sent[-1], record.to_json(got[-1])
+            assert fast[fast.index(b'"level"'):] == generic[generic.index(b'"level"'):]
+            obj = json.loads(fast)
+            assert (obj["path"], obj["query"], obj["request_id"], obj["duration_ms"]) == (
+                path.decode("latin-1"), query.decode("latin-1"), rid.decode(), 12.345)
+    finally:
+        log.setup()
+
+
+def test_request_ids_are_honoured_when_sane_else_made_and_shown_to_the_app() -> None:
+    from forkd.http.accesslog import request_id
+
+    assert request_id([(b"x-request-id", b"abc-123")]) == b"abc-123"
+    for bad in (b"", b"has space", b"x" * 201, b"\xffbin"):
+        headers = [(b"host", b"h"), (b"x-request-id", bad)]
+        made = request_id(headers)
+        assert re.fullmatch(rb"[0-9a-f]{32}", made) and headers[-1] == (b"x-request-id", made)
+    assert len({request_id([]) for _ in range(1000)}) == 1000
+
+
+def test_a_failing_output_counts_and_reports_its_lost_lines(tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    hub = LogHub(LogWriter(str(path)), fmt="text", app_name="web")
+    full = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
+    good = hub.writer.output.fd
+    hub.writer.output.fd = full
+    try:
+        for index in range(3):
+            hub.submit(Entry(ts="t", level="info", pid=1, slot=None, event="e",
+                             fields={"n": index}))
+        hub.writer.flush()
+        assert hub.writer.dropped == 3
+        hub.writer.output.fd = good  # the disk has room again
+        hub.flush()
+    finally:
+        os.close(full)
+        hub.close()
+    text = path.read_text()
+    assert "warning: event=log-dropped lines=3 total=3 why=\"ENOSPC: No space left on device\"" \
+        in text, text
+
+
+def test_the_text_access_line_is_the_combined_format_with_duration_and_id() -> None:
+    entry = Entry(ts="2026-12-01T15:31:37.045Z", level="info", pid=9, slot=1, event="access",
+                  fields={"remote": "10.0.0.7", "method": "GET", "path": "/session",
+                          "query": "a=1", "status": 503, "bytes": 82, "duration_ms": 1.25,
+                          "request_id": "abc", "http_version": "1.1", "referer": "-",
+                          "user_agent": 'curl "8"'})
+    assert record.to_text(entry, "web") == (
+        b'2026-12-01T15:31:37.045Z forkd.worker.1[9] 10.0.0.7 - - [01/Dec/2026:15:31:37 +0000]'
+        b' "GET /session?a=1 HTTP/1.1" 503 82 "-" "curl \\"8\\"" 1.25ms request_id=abc\n')
+
+
+def test_records_wait_in_the_worker_when_the_pipe_is_full_and_drops_are_counted() -> None:
+    from forkd.logs.pipes import RecordWriter
+
+    class Loop:  # the calls a RecordWriter makes of an event loop, run by hand
+        def __init__(self) -> None:
+            self.later: list = []
+
+        def call_later(self, delay: float, callback) -> None:
+            self.later.append(callback)
+
+    read_end, write_end = os.pipe()
+    loop = Loop()
+    reported: list[int] = []
+    try:
+        writer = RecordWriter(write_end)
+        writer.MAX_HELD = 200_000
+        writer.on_dropped = reported.append
+        writer.attach_loop(loop)
+        line = b"r" * 999 + b"\n"
+        for _ in range(400):  # 400 KB: more than the pipe and the held bytes together
+            writer(line)  # never blocks
+        assert writer.pending and writer.dropped > 0
+        got = b""
+        while loop.later:
+            loop.later.pop(0)()  # the retry timer fires...
+            got += os.read(read_end, 1 << 20)  # ...and the primary reads
+        assert not writer.pending
+        assert len(reported) == 1 and reported[0] > 0  # the drop, counted and reported once
+        assert got == line * (400 - reported[0])  # every line not dropped, whole, in order
+    finally:
+        os.close(read_end)
+        os.close(write_end)
