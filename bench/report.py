@@ -15,7 +15,7 @@ from bench.harness import BENCH
 
 RESULTS_DIR = BENCH / "results"
 ORDER = ["throughput", "kills", "reload", "hooks", "recycle", "speed", "upgrade", "autoscale",
-         "wstls", "hostile"]
+         "wstls", "hostile", "logs"]
 
 
 def save(name: str, data: dict[str, Any]) -> Path:
@@ -88,6 +88,7 @@ TITLES = {
     "autoscale": "8. Autoscaling: a ramp of CPU-bound load, --autoscale 1:4 against fixed 1 and 4",
     "wstls": "9. WebSocket echo and HTTPS hello (2 workers)",
     "hostile": "10. Hostile load: attacks against forkd, uvicorn and gunicorn (2 workers)",
+    "logs": "11. Logs: the access log's cost, the primary's CPU per line",
 }
 
 
@@ -525,6 +526,15 @@ Commands:
 """
 
 
+def _logs(data: dict[str, Any]) -> str:
+    return f"""## {TITLES["logs"]}
+
+Run {data["meta"]["date"]} on the shared, loaded 2-core machine: read ratios, not absolutes.
+
+{data.get("markdown", "No figures yet.")}
+"""
+
+
 SECTIONS = {
     "throughput": _throughput,
     "kills": _kills,
@@ -536,6 +546,7 @@ SECTIONS = {
     "autoscale": _autoscale,
     "wstls": _wstls,
     "hostile": _hostile,
+    "logs": _logs,
 }
 
 
