@@ -104,9 +104,11 @@ class LogHub:
             return
         if reader.stream == "records":
             from_json, add = record.from_json, self._add
+            slot, pid = reader.slot, reader.pid
+            origin = record.origin_marker(pid, slot)
             for line, _cut in lines:
                 if line:
-                    add(from_json(line, reader.slot, reader.pid))
+                    add(from_json(line, slot, pid, origin))
             return
         ts = record.rfc3339(time.time())
         for line, cut in lines:

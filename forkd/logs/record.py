@@ -189,7 +189,7 @@ def to_json(entry: Entry) -> bytes:
     return entry.raw
 
 
-def from_json(raw: bytes, slot: int | None, pid: int) -> Entry:
+def from_json(raw: bytes, slot: int | None, pid: int, origin: bytes | None = None) -> Entry:
     """A worker's forkd record (one JSON line, see to_json) -> Entry. The worker's claims
     of slot and pid are replaced by what the primary knows of the pipe it came through;
     anything that is not such a record is kept as the worker's stderr.
@@ -197,13 +197,16 @@ def from_json(raw: bytes, slot: int | None, pid: int) -> Entry:
     A record that names the pipe's own pid and slot, as the worker writes them, is not
     decoded now: JSON output passes it through as it is, and text output or `forkd logs`
     decode it when they need its fields (parse). That keeps the access log cheap."""
-    if slot is not None and raw.startswith(b'{"ts":"') and _origin(pid, slot) in raw[:160]:
+    if slot is None:
+        return _decode(raw, slot, pid)
+    if raw.startswith(b'{"ts":"') and raw.find(origin or origin_marker(pid, slot), 7, 160) >= 0:
         return Entry("", "info", pid, slot, None, None, None, b"", raw + b"\n", 0, False, 0)
     return _decode(raw, slot, pid)
 
 
 @functools.lru_cache(maxsize=1024)
-def _origin(pid: int, slot: int) -> bytes:
+def origin_marker(pid: int, slot: int) -> bytes:
+    """What a worker's own record says of its pid and slot (see from_json)."""
     return b',"pid":%d,"slot":%d,' % (pid, slot)
 
 

@@ -26,10 +26,6 @@ class Page:
     more: bool  # further lines are ready now (the page was cut at its limit)
 
 
-def _size(entry: Entry) -> int:
-    return ENTRY_OVERHEAD + len(entry.data) + (len(entry.raw) if entry.raw else 0)
-
-
 class Ring:
     def __init__(self, max_lines: int = DEFAULT_LINES, max_bytes: int = DEFAULT_BYTES) -> None:
         self.max_lines = max_lines
@@ -43,12 +39,13 @@ class Ring:
         entry.seq = self.last_seq
         entries = self.entries
         entries.append(entry)
-        entry.size = _size(entry)  # (its JSON rendering may be added later: not counted)
-        self.bytes += entry.size
-        if len(entries) > self.max_lines or self.bytes > self.max_bytes:
-            while len(entries) > self.max_lines or (
-                    self.bytes > self.max_bytes and len(entries) > 1):
-                self.bytes -= entries.popleft().size
+        size = entry.size = (ENTRY_OVERHEAD + len(entry.data)
+                             + (len(entry.raw) if entry.raw is not None else 0))
+        self.bytes += size  # (a JSON rendering added later is not counted)
+        if len(entries) > self.max_lines:
+            self.bytes -= entries.popleft().size
+        while self.bytes > self.max_bytes and len(entries) > 1:
+            self.bytes -= entries.popleft().size
 
     @property
     def first_seq(self) -> int:

@@ -18,10 +18,8 @@ import errno
 import os
 import socket
 import stat
-from collections import deque
 
 DEFAULT_BUFFER = 16 << 20  # bytes held when the output is slower than the pool
-BATCH = 256 * 1024  # bytes per write
 
 
 class _Output:
@@ -75,7 +73,7 @@ class LogWriter:
         self.keep = keep
         self.max_buffer = max_buffer
         self.stderr_fd = stderr_fd
-        self.buffer: deque[bytes] = deque()
+        self.buffer: list[bytes] = []
         self.buffered = 0
         self.dropped = 0  # lines dropped since the primary started
         self.unreported = 0  # of which not yet logged
@@ -138,73 +136,59 @@ class LogWriter:
         return bool(self.buffer)
 
     def flush(self) -> None:
-        """Write out as much as the output takes now, in batches of whole lines."""
-        while self.buffer:
-            limit = BATCH
-            if self.max_size is not None and not self.partial:
+        """Write out as much as the output takes now: everything queued in one write,
+        cut only where a rotation falls, and there between two lines."""
+        if not self.buffer:
+            return
+        data = b"".join(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
+        self.buffer.clear()
+        self.buffered = 0
+        pos = 0
+        while pos < len(data):
+            end = len(data)
+            if self.partial:  # first the rest of the line the output cut
+                end = data.find(b"\n", pos) + 1 or end
+            elif self.max_size is not None:
                 room = self.max_size - self.size
-                if self.size > 0 and len(self.buffer[0]) > room:
-                    try:
-                        self.rotate()
-                        room = self.max_size
-                    except OSError as exc:
-                        self._failed(exc)
-                        self.max_size = None  # keep writing to the current file
-                limit = min(BATCH, room)
-            batch = self._take_batch(limit)
-            written = self._write_all(batch)
-            if written < len(batch):
-                self._keep_unwritten(batch, written)
+                if end - pos > room:
+                    cut = data.rfind(b"\n", pos, pos + max(room, 0)) + 1  # last whole line
+                    if cut <= pos and self.size > 0:
+                        try:
+                            self.rotate()
+                        except OSError as exc:
+                            self._failed(exc)
+                            self.max_size = None  # keep writing to the current file
+                        continue
+                    if cut <= pos:  # one line longer than the limit: alone in a new file
+                        cut = data.find(b"\n", pos) + 1 or len(data)
+                    end = cut
+            written = self._write_all(data, pos, end)
+            pos += written
+            if pos < end:  # the output would block: the rest waits, the line is open
+                rest = data[pos:]
+                self.buffer.append(rest)
+                self.buffered = len(rest)
+                self.partial = data[pos - 1:pos] != b"\n"  # no rotation inside a line
                 return
-            self._consume(batch)
             self.partial = False
 
-    def _take_batch(self, limit: int) -> bytes:
-        """Whole lines from the head of the buffer, up to `limit` bytes (at least one)."""
-        if len(self.buffer) == 1 or len(self.buffer[0]) >= limit:
-            return self.buffer[0]
-        parts, size = [], 0
-        for line in self.buffer:
-            if size + len(line) > limit:
-                break
-            parts.append(line)
-            size += len(line)
-        return b"".join(parts)
-
-    def _write_all(self, data: bytes) -> int:
+    def _write_all(self, data: bytes, start: int, end: int) -> int:
         view = memoryview(data)
-        done = 0
-        while done < len(data):
+        done = start
+        while done < end:
             try:
-                count = self.output.write(view[done:])
-            except OSError as exc:  # ENOSPC, EIO, EPIPE: the batch's lines are lost
+                count = self.output.write(view[done:end])
+            except OSError as exc:  # ENOSPC, EIO, EPIPE: these lines are lost
                 self._failed(exc)
-                lost = data[done:].count(b"\n")
+                lost = data.count(b"\n", done, end)
                 self.dropped += lost
                 self.unreported += lost
-                return len(data)
+                return end - start
             if count == 0:
-                return done
+                break
             done += count
             self.size += count
-        return done
-
-    def _consume(self, batch: bytes) -> None:
-        """Remove the lines that `batch` (a prefix of the buffer) carried."""
-        size = len(batch)
-        while size > 0:
-            line = self.buffer.popleft()
-            size -= len(line)
-            self.buffered -= len(line)
-
-    def _keep_unwritten(self, batch: bytes, written: int) -> None:
-        """The output took `written` bytes of the batch: the unwritten tail goes back to
-        the head of the buffer, so the next write continues the same line."""
-        self._consume(batch)
-        rest = batch[written:]
-        self.buffer.appendleft(rest)
-        self.buffered += len(rest)
-        self.partial = True  # no rotation before the rest of this line is out
+        return done - start
 
     def _failed(self, exc: OSError) -> None:
         self.errors += 1
