@@ -91,8 +91,10 @@ def _reset_inherited(spec: WorkerSpec) -> None:
         signal.signal(signum, signal.SIG_DFL)
     # Meant for the primary: a hang-up or a SIGHUP to the whole process group must not
     # kill every worker at once, nor SIGTTIN/SIGTTOU stop them, nor a SIGUSR1 (log
-    # reopen) sent to the whole unit (`systemctl kill -s USR1` signals every process).
-    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
+    # reopen) or SIGUSR2 (upgrade) sent to the whole unit (`systemctl kill -s USR1`
+    # signals every process of it).
+    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
+                   signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     # Die with the primary, and close the race where it died before prctl ran.

@@ -50,6 +50,9 @@ def ensure_home(path: Path) -> Path:
         return path
     except FileExistsError:
         pass
+    except OSError as exc:  # a parent we may not enter or write: say which, not a traceback
+        raise ConfigError(f"FORKD_HOME {path} cannot be created: {exc.strerror}; point "
+                          "FORKD_HOME at a directory of your own") from None
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"FORKD_HOME {path} exists and is not a directory")

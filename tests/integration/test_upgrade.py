@@ -6,6 +6,7 @@ keep-alive: a closed listener or a dropped connection shows as an error there.""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -243,3 +244,25 @@ def test_upgrade_hands_over_the_metrics_address_and_the_app_counters(
         new.terminate()
         psutil.wait_procs([new], timeout=30)
     assert not app_dir.exists()  # ... which removed it when it stopped
+
+
+def test_sigusr2_to_every_process_of_the_unit_upgrades_without_killing_a_worker(
+        run_forkd) -> None:
+    """`systemctl kill -s USR2` signals every process of the unit: the workers ignore it
+    (before, its default action ended them all) and the primary upgrades."""
+    proc = run_forkd("testapp:app", "-b", "127.0.0.1:0", "-w", "2", "--name", "grp")
+    port = proc.port()
+    proc.wait_ready(2)
+    os.killpg(os.getpgid(proc.pid), signal.SIGUSR2)
+    wait_until(lambda: "event=took-over" in proc.output(), 60, message=proc.describe)
+    assert proc.wait(60) == 0, proc.describe()
+    out = proc.output()
+    assert "SIGUSR2" not in out.split("event=handed-over")[0].replace("name=SIGUSR2", "")
+    assert "worker-exited" not in out.split("event=handed-over")[0], out
+    (row,) = primaries(proc)
+    new = psutil.Process(int(row[1]))
+    try:
+        assert request(port)[0] == 200
+    finally:
+        new.terminate()
+        psutil.wait_procs([new], timeout=30)
