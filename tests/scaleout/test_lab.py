@@ -6,6 +6,7 @@ Figures the tests measure are printed (run with -s to see them)."""
 
 from __future__ import annotations
 
+import csv
 import http.client
 import json
 import os
@@ -158,3 +159,48 @@ def test_the_app_sees_the_client_address_from_proxy_v2(lab: Lab) -> None:
         assert json.loads(response.read()) == {"client": lab.client_address}
     finally:
         conn.close()
+
+
+def test_locust_through_the_balancer_with_a_fleet_reload_in_the_middle(
+        lab: Lab, tmp_path: Path) -> None:
+    """The realistic client mix of loadtest/ (sessions, cached reads, writes, slow calls)
+    through HAProxy while every host is reloaded one after another: no request fails."""
+    repo = Path(__file__).resolve().parents[2]
+    prefix = tmp_path / "lab"
+    env = {**os.environ, "LOADTEST_THINK_MIN": "0.05", "LOADTEST_THINK_MAX": "0.2",
+           "LOADTEST_ITEMS": "50", "LOADTEST_SLOW_MAX_MS": "200"}
+    before = {host: lab.worker_pids(host) for host in lab.hosts}
+    with open(tmp_path / "locust.txt", "wb") as sink:
+        locust = subprocess.Popen(
+            [sys.executable, "-m", "locust", "-f", str(repo / "loadtest" / "locustfile.py"),
+             "--headless", "-u", "20", "-r", "20", "-t", "14s", "--stop-timeout", "3",
+             "--host", lab.url, "--csv", str(prefix), "--only-summary",
+             "--loglevel", "WARNING"],
+            cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        def served() -> int:  # requests the pool's workers have counted so far
+            total = 0
+            for endpoint in lab.controls:
+                shown = forkd_cli(lab, "status", "--json", "--control", endpoint)
+                if shown.returncode == 0:
+                    total += sum(w["requests"] for w in json.loads(shown.stdout)["workers"])
+            return total
+
+        wait_until(lambda: served() > 100, 20, message="locust's load did not arrive")
+        done = fleet_reload(lab)
+        assert locust.wait(60) == 0, (tmp_path / "locust.txt").read_text()[-3000:]
+    finally:
+        if locust.poll() is None:
+            os.killpg(locust.pid, signal.SIGKILL)
+            locust.wait(10)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for host in lab.hosts:  # every host really was reloaded while locust ran
+        assert not lab.worker_pids(host) & before[host], host.name
+    with open(f"{prefix}_stats.csv", newline="") as handle:
+        total = next(row for row in csv.DictReader(handle) if row["Name"] == "Aggregated")
+    print(f"\nlocust through HAProxy with a fleet reload: {total['Request Count']} requests, "
+          f"{float(total['Requests/s']):.0f} req/s, {total['Failure Count']} failed, "
+          f"p50 {total['50%']} ms, p95 {total['95%']} ms, p99 {total['99%']} ms")
+    assert int(total["Request Count"]) > 200
+    assert int(total["Failure Count"]) == 0, (tmp_path / "locust.txt").read_text()[-3000:]
