@@ -182,8 +182,10 @@ class Primary:
             self.options.predecessor.close()
         if self.successor is not None:
             self.successor.close()
-        # after an upgrade the unix listeners' files are the new primary's
-        close_listeners(self.options.listeners, unlink=not self.handed_over)
+        # after an upgrade the unix listeners' files are the new primary's; a new primary
+        # that never took over leaves them to the old one, which serves on
+        close_listeners(self.options.listeners,
+                        unlink=not self.handed_over and self.options.predecessor is None)
         self.notifier.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
@@ -385,6 +387,7 @@ class Primary:
             control.close()  # (lingers for the upgrade's answer to get out)
             self.options.control = None
         self.metrics.hand_over()  # (first: the new primary binds its address on "take")
+        self.logs.writer.max_size = None  # the new primary rotates --log-file from now on
         if self.successor is not None and not self.successor.closed:
             self.poller.unregister(self.successor.sock)
             self.successor.take()
@@ -482,7 +485,9 @@ class Primary:
                     action.why or f"the new primary stopped (exit {action.code}) "
                     "before its workers were ready")
         elif isinstance(action, policy.FailHealth):
-            if self.health is not None:
+            # (a new primary that never took over must not fail the health path of the
+            # host its predecessor still serves: its workers answer on the same listeners)
+            if self.health is not None and self.options.predecessor is None:
                 self.health.fail()
         elif isinstance(action, policy.ReopenLogs):
             log.reopen()
@@ -507,6 +512,8 @@ class Primary:
         close_fds += self.notifier.child_close_fds()
         close_fds += [channel.fileno() for channel in self.channels.values()]
         close_fds += self.logs.fds()
+        if self.metrics.server is not None:  # (or draining workers keep the address bound)
+            close_fds.append(self.metrics.server.server.fileno())
         # an upgrade's handshake: its end of file must come when a primary dies
         if self.options.predecessor is not None:
             close_fds.append(self.options.predecessor.fileno())
