@@ -39,6 +39,9 @@ class State:
     # A worker's: where a hot path (the access log) may send a JSON record it rendered
     # itself, exactly as record.to_json would have; None: lines go through event().
     json_sink: Callable[[bytes], None] | None = None
+    # --log-format text: the access line carries its text rendering too (accesslog)
+    access_text: bool = False
+    generation: int = 0  # counts set-ups: what was derived from the last one is stale
     reopen: Callable[[], None] | None = None  # the primary's: SIGUSR1 reopens --log-file
 
 
@@ -82,17 +85,19 @@ _handler = _Handler()
 def setup(prefix: str = "forkd", level: int = logging.INFO, *, slot: int | None = None,
           sink: Sink | None = None, app_name: str | None = None,
           json_sink: Callable[[bytes], None] | None = None,
-          reopen: Callable[[], None] | None = None) -> None:
+          reopen: Callable[[], None] | None = None, access_text: bool = False) -> None:
     """(Re)install forkd's logging: in the primary (slot None) and in each worker after
     fork (its slot). `sink` receives every entry; stderr when None. (`prefix` is kept
     for callers of the first round: the text prefix now follows from the slot.)"""
     if slot is None and prefix.startswith("forkd.worker."):
         slot = int(prefix.rsplit(".", 1)[1])
+    _state.generation += 1
     _state.pid = os.getpid()
     _state.slot = slot
     _state.level = level
     _state.sink = sink
     _state.json_sink = json_sink
+    _state.access_text = access_text
     _state.reopen = reopen
     if app_name is not None:
         _state.app_name = app_name

@@ -127,7 +127,7 @@ def _setup_logging(spec: WorkerSpec) -> None:
         "log-dropped", logging.WARNING, lines=count, why="the primary was too slow to read")
     forkd_log.setup(slot=spec.slot, app_name=spec.name,
                     sink=lambda entry: send(to_json(entry), entry.level != "info"),
-                    json_sink=send)
+                    json_sink=send, access_text=spec.config.log_format == "text")
 
 
 def _set_title(spec: WorkerSpec) -> None:

@@ -18,14 +18,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 import time
-from collections.abc import Mapping
 from json.encoder import encode_basestring
-from typing import Any
 
 from forkd import log
-from forkd.logs.record import rfc3339
+from forkd.logs.record import clf_time, rfc3339
 
 REQUEST_ID = b"x-request-id"
 MAX_ID = 200  # bytes of a request id honoured; a longer one is replaced
@@ -39,26 +36,42 @@ class _Ids:
         os.register_at_fork(after_in_child=self.reset)  # a worker must not repeat ours
 
     def reset(self) -> None:
-        self.prefix = os.urandom(8).hex()
+        self.prefix = os.urandom(8).hex().encode()
         self.counter = itertools.count()
 
     def make(self) -> bytes:
-        return f"{self.prefix}{next(self.counter):016x}".encode()
+        return b"%s%016x" % (self.prefix, next(self.counter))
 
 
 _ids = _Ids()
+NONE = (b"", b"-", b"-")  # request_fields of a request not logged
 
 
 def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
     """The request's id; one is made (and added to `headers`) when it has none usable."""
+    return request_fields(headers)[0]
+
+
+def request_fields(headers: list[tuple[bytes, bytes]], make: bool = True
+                   ) -> tuple[bytes, bytes, bytes]:
+    """(request id, referer, user agent) of a request, in one pass over its headers. When
+    it has no usable id, one is made and added to `headers` (`make`), else it is `-`."""
+    rid: bytes | None = None
+    referer = agent = b"-"
     for name, value in headers:
         if name == REQUEST_ID:
-            if _printable(value):
-                return value
-            break
-    made = _ids.make()
-    headers.append((REQUEST_ID, made))
-    return made
+            if rid is None:  # (the first one counts)
+                rid = value if _printable(value) else b""
+        elif name == b"referer":
+            referer = value
+        elif name == b"user-agent":
+            agent = value
+    if not rid:
+        if not make:
+            return b"-", referer, agent
+        rid = _ids.make()
+        headers.append((REQUEST_ID, rid))
+    return rid, referer, agent
 
 
 def _printable(value: bytes) -> bool:
@@ -70,55 +83,79 @@ def id_header(rid: bytes) -> bytes:
     return b"x-request-id: " + rid + b"\r\n"
 
 
-def log_access(scope: Mapping[str, Any], status: int, size: int, duration: float) -> None:
-    """One access line, once the response has ended. `scope` is the ASGI scope or a
-    mapping with the same keys (WSGI); its headers carry the request id (request_id
-    put it there); `size` is the body bytes sent, `duration` seconds since the request
-    came in."""
-    rid = referer = agent = b"-"
-    for name, value in scope.get("headers", ()):
-        if name == REQUEST_ID:
-            rid = value
-        elif name == b"referer":
-            referer = value
-        elif name == b"user-agent":
-            agent = value
-    client = scope.get("client")
+def log_access(client: tuple[str, int | None] | None, method: str, raw_path: bytes,
+               query: bytes, version: str, fields: tuple[bytes, bytes, bytes], status: int,
+               size: int, duration: float) -> None:
+    """One access line, once the response has ended: `fields` are request_fields' (id,
+    referer, user agent), `size` the body bytes sent, `duration` seconds since the
+    request came in."""
+    micros = int(duration * 1_000_000)
+    rid, referer, agent = fields
     remote = client[0] if client else "-"
-    method = scope.get("method", "-")
-    raw_path = scope.get("raw_path", b"")
-    query = scope.get("query_string", b"")
-    version = scope.get("http_version", "1.1")
-    duration_ms = int(duration * 1_000_000) / 1000  # (round(x, 3) costs more than all else)
     state = log.state
     send = state.json_sink
     if send is None or state.slot is None:
         log.event("access", logging.INFO, remote=remote, method=method,
                   path=raw_path.decode("latin-1"), query=query.decode("latin-1"),
-                  status=status, bytes=size, duration_ms=duration_ms,
+                  status=status, bytes=size, duration_ms=micros / 1000,
                   request_id=rid.decode("latin-1"), http_version=version,
                   referer=referer.decode("latin-1"), user_agent=agent.decode("latin-1"))
         return
-    # The same JSON record.to_json renders for that event (a unit test holds it to that),
-    # built as bytes: the remote address, the method (an HTTP token) and the version need
-    # no escaping, the rest only when it holds a quote, a backslash or a byte outside
-    # printable ASCII.
-    if _UNSAFE.search(b"".join((raw_path, query, rid, referer, agent))) is not None:
+    # The JSON record record.to_json renders for that event (a unit test holds it to
+    # that), built as bytes: the remote address, the method (an HTTP token) and the
+    # version need no escaping, the rest only when it holds a quote, a backslash or a
+    # byte outside printable ASCII.
+    plain = not b"".join((raw_path, query, rid, referer, agent)).translate(None, _SAFE)
+    if not plain:
         raw_path, query, rid = _escaped(raw_path), _escaped(query), _escaped(rid)
         referer, agent = _escaped(referer), _escaped(agent)
-    send(_LINE % (rfc3339(time.time()).encode(), state.pid, state.slot, remote.encode(),
-                  method.encode(), raw_path, query, status, size, duration_ms, rid,
-                  version.encode(), referer, agent))
+    now = time.time()
+    stamp = _stamp
+    if int(now * 1000) != stamp[0]:
+        stamp = _stamp_for(now)
+    head = _head if _head[0] == state.generation else _head_for(state)
+    remote_b, method_b, version_b = remote.encode(), method.encode(), version.encode()
+    line = head[1] % (stamp[1], remote_b, method_b, raw_path, query, status, size,
+                      micros // 1000, micros % 1000, rid, version_b, referer, agent)
+    if state.access_text and plain:
+        # With --log-format text, the text line goes along (after a tab, which JSON
+        # never holds raw): rendered here in the worker, not once per line in the primary.
+        target = raw_path + b"?" + query if query else raw_path
+        send(line + _TEXT % (stamp[1], head[2], remote_b, stamp[2], method_b, target,
+                             version_b, status, size, referer, agent, micros / 1000,
+                             b'"' + rid + b'"' if b"=" in rid else rid))
+    else:
+        send(line + b"\n")
 
 
-_LINE = (b'{"ts":"%s","level":"info","event":"access","pid":%d,"slot":%d,"remote":"%s",'
-         b'"method":"%s","path":"%s","query":"%s","status":%d,"bytes":%d,"duration_ms":%a,'
-         b'"request_id":"%s","http_version":"%s","referer":"%s","user_agent":"%s"}\n')
-_UNSAFE = re.compile(rb'[^\x20\x21\x23-\x5b\x5d-\x7e]')
+_LINE = (b'{"ts":"%%s","level":"info","event":"access","pid":%d,"slot":%d,"remote":"%%s",'
+         b'"method":"%%s","path":"%%s","query":"%%s","status":%%d,"bytes":%%d,'
+         b'"duration_ms":%%d.%%03d,"request_id":"%%s","http_version":"%%s","referer":"%%s",'
+         b'"user_agent":"%%s"}')
+# record.to_text's rendering of the same line: combined log format, duration, request id
+_TEXT = b'\t%s %s %s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s" %ams request_id=%s\n'
+_SAFE = b" !" + bytes(range(0x23, 0x5C)) + bytes(range(0x5D, 0x7F))  # as they are in JSON
+_stamp: tuple[int, bytes, bytes] = (-1, b"", b"")  # (ms, JSON ts, combined-format time)
+_head: tuple[int, bytes, bytes] = (-1, b"", b"")  # (log set-up generation, template, prefix)
+
+
+def _stamp_for(now: float) -> tuple[int, bytes, bytes]:
+    global _stamp
+    ts = rfc3339(now)
+    _stamp = (int(now * 1000), ts.encode(), clf_time(ts).encode())
+    return _stamp
+
+
+def _head_for(state: log.State) -> tuple[int, bytes, bytes]:
+    """This process's line template (its pid and slot filled in) and text prefix."""
+    global _head
+    pid, slot = state.pid, state.slot or 0
+    _head = (state.generation, _LINE % (pid, slot), b"forkd.worker.%d[%d]" % (slot, pid))
+    return _head
 
 
 def _escaped(value: bytes) -> bytes:
     """A JSON string's inside for these bytes (read as latin-1, as the path is)."""
-    if _UNSAFE.search(value) is None:
+    if not value.translate(None, _SAFE):
         return value
     return encode_basestring(value.decode("latin-1"))[1:-1].encode()

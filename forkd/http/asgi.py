@@ -64,6 +64,7 @@ class ASGICycle:
         "overrun_logged",
         "received_at",
         "request_id",
+        "access",
     )
 
     def __init__(
@@ -110,9 +111,13 @@ class ASGICycle:
         self.head_headers: Any = ()
         self.delivered_last = False
         self.overrun_logged = False
-        self.received_at = time.perf_counter() if proto.state.access_log else 0.0
-        # (the scope's headers are this list: the app sees a made id too)
-        self.request_id = accesslog.request_id(headers) if proto.state.access_log else b""
+        if proto.state.access_log:
+            self.received_at = time.perf_counter()
+            # (the scope's headers are this list: the app sees a made id too)
+            self.access = accesslog.request_fields(headers)
+            self.request_id = self.access[0]
+        else:
+            self.received_at, self.access, self.request_id = 0.0, accesslog.NONE, b""
         self.expect_continue = False
         if http_version == "1.1":
             for name, value in headers:
@@ -274,6 +279,7 @@ class ASGICycle:
                        self.keep_alive)
 
     def _log_access(self, size: int) -> None:
-        from forkd.http.accesslog import log_access
-
-        log_access(self.scope, self.status, size, time.perf_counter() - self.received_at)
+        scope: Any = self.scope
+        accesslog.log_access(scope["client"], self.method, scope["raw_path"],
+                             scope["query_string"], scope["http_version"], self.access,
+                             self.status, size, time.perf_counter() - self.received_at)

@@ -486,9 +486,13 @@ class WebSocketConnection(asyncio.Protocol):
         duration = time.perf_counter() - self.received_at
         self.state.metrics.record(b"GET", b"%d" % status, duration)
         if self.state.access_log:
-            from forkd.http.accesslog import log_access
+            from forkd.http import accesslog
 
-            log_access({**self.scope, "method": "GET"}, status, size, duration)
+            scope = self.scope
+            accesslog.log_access(scope["client"], "GET", scope["raw_path"],
+                                 scope["query_string"], scope["http_version"],
+                                 accesslog.request_fields(scope["headers"], make=False),
+                                 status, size, duration)
 
     # -- the worker's clock and drain -----------------------------------------------------
     def check_timeouts(self, now: float) -> None:

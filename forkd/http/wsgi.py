@@ -269,9 +269,13 @@ class WSGICycle:
         self.overrun_logged = False
         self.client = proto.req_client  # (a trusted proxy's word applied)
         self.scheme = proto.req_scheme
-        self.received_at = time.perf_counter() if proto.state.access_log else 0.0
-        # before the environ is built from these headers: the app sees a made id too
-        self.request_id = accesslog.request_id(headers) if proto.state.access_log else b""
+        if proto.state.access_log:
+            self.received_at = time.perf_counter()
+            # before the environ is built from these headers: the app sees a made id too
+            self.access = accesslog.request_fields(headers)
+            self.request_id = self.access[0]
+        else:
+            self.received_at, self.access, self.request_id = 0.0, accesslog.NONE, b""
         length: int | None = 0
         for name, value in headers:
             if name == b"content-length":
@@ -454,14 +458,11 @@ class WSGICycle:
             self._to_loop(self._call_ended)
 
     def _log_access(self, response: _Response) -> None:
-        from forkd.http.accesslog import log_access
-
         raw_path, query = split_target(self.target)
-        scope = {"client": self.client, "method": self.method, "raw_path": raw_path,
-                 "query_string": query, "http_version": self.http_version,
-                 "headers": self.headers}
         sent = response.writer.sent if response.writer is not None else 0
-        log_access(scope, response.status or 0, sent, time.perf_counter() - self.received_at)
+        accesslog.log_access(self.client, self.method, raw_path, query, self.http_version,
+                             self.access, response.status or 0, sent,
+                             time.perf_counter() - self.received_at)
 
     def hand_off(self, data: bytes, final: bool, keep_alive: bool) -> None:
         """Called in the app's thread: pass bytes to the loop. The thread waits only

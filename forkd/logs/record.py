@@ -47,6 +47,7 @@ class Entry:
     seq: int = 0  # position in the primary's ring, set there
     parsed: bool = True  # False: only `raw` is known yet (see from_json)
     size: int = 0  # what the ring counted for it
+    text: bytes | None = None  # its text rendering, when the worker made it (access lines)
 
 
 _last_second = -1
@@ -107,6 +108,8 @@ def prefix(entry: Entry, app_name: str) -> str:
 
 def to_text(entry: Entry, app_name: str) -> bytes:
     """The text line, with its newline."""
+    if entry.text is not None:
+        return entry.text
     if not entry.parsed:
         parse(entry)
     head = f"{entry.ts} {prefix(entry, app_name)} "
@@ -133,11 +136,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 def combined(fields: dict[str, Any], ts: str) -> str:
     """An access line in the combined log format (as nginx, Apache and gunicorn write
     it, so log analysers read it), then the duration in ms and request_id=."""
-    stamp = "-"
-    if len(ts) >= 19:  # 2026-12-01T15:31:37.045Z -> 01/Dec/2026:15:31:37 +0000
-        month = int(ts[5:7]) if ts[5:7].isdigit() else 0
-        if 1 <= month <= 12:
-            stamp = f"{ts[8:10]}/{_MONTHS[month - 1]}/{ts[0:4]}:{ts[11:19]} +0000"
+    stamp = clf_time(ts)
     target = str(fields.get("path", ""))
     if fields.get("query"):
         target += "?" + str(fields["query"])
@@ -147,6 +146,14 @@ def combined(fields: dict[str, Any], ts: str) -> str:
             f'"{_clf(fields.get("user_agent", "-"))}" '
             f'{fields.get("duration_ms", "-")}ms '
             f'request_id={quote(fields.get("request_id", "-"))}')
+
+
+def clf_time(ts: str) -> str:
+    """2026-12-01T15:31:37.045Z -> 01/Dec/2026:15:31:37 +0000 (`-` if it is not one)."""
+    month = int(ts[5:7]) if len(ts) >= 19 and ts[5:7].isdigit() else 0
+    if not 1 <= month <= 12:
+        return "-"
+    return f"{ts[8:10]}/{_MONTHS[month - 1]}/{ts[0:4]}:{ts[11:19]} +0000"
 
 
 def _clf(value: Any) -> str:
@@ -196,11 +203,17 @@ def from_json(raw: bytes, slot: int | None, pid: int, origin: bytes | None = Non
 
     A record that names the pipe's own pid and slot, as the worker writes them, is not
     decoded now: JSON output passes it through as it is, and text output or `forkd logs`
-    decode it when they need its fields (parse). That keeps the access log cheap."""
+    decode it when they need its fields (parse). That keeps the access log cheap. An
+    access record may carry its text rendering after a tab (JSON never holds a raw one):
+    text output writes that as it is."""
     if slot is None:
         return _decode(raw, slot, pid)
     if raw.startswith(b'{"ts":"') and raw.find(origin or origin_marker(pid, slot), 7, 160) >= 0:
-        return Entry("", "info", pid, slot, None, None, None, b"", raw + b"\n", 0, False, 0)
+        tab = raw.find(b"\t", 160)  # an access line's text rendering follows a tab
+        if tab < 0:
+            return Entry("", "info", pid, slot, None, None, None, b"", raw + b"\n", 0, False, 0)
+        return Entry("", "info", pid, slot, None, None, None, b"", raw[:tab] + b"\n", 0, False,
+                     0, raw[tab + 1:] + b"\n")
     return _decode(raw, slot, pid)
 
 

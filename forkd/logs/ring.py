@@ -40,7 +40,8 @@ class Ring:
         entries = self.entries
         entries.append(entry)
         size = entry.size = (ENTRY_OVERHEAD + len(entry.data)
-                             + (len(entry.raw) if entry.raw is not None else 0))
+                             + (len(entry.raw) if entry.raw is not None else 0)
+                + (len(entry.text) if entry.text is not None else 0))
         self.bytes += size  # (a JSON rendering added later is not counted)
         if len(entries) > self.max_lines:
             self.bytes -= entries.popleft().size

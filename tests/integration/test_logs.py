@@ -229,3 +229,42 @@ def test_a_log_file_that_cannot_be_opened_fails_the_start(tmp_path, forkd_home) 
         cwd=APPS, env=env, capture_output=True, timeout=20, start_new_session=True)
     assert result.returncode == 1
     assert b"--log-file " in result.stderr and b"No such file or directory" in result.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("app", ["logapp:app", "logapp:wsgi_app"])
+def test_the_text_access_line_is_the_combined_format_and_logs_json_has_its_fields(
+        run_forkd, tmp_path, app) -> None:
+    """With --log-format text the worker renders the access line itself: the file gets
+    the combined log format, and `forkd logs --json` still gives every field."""
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, app, "--access-log",
+                                        "--name", "textlog", workers=1)
+    sent = {"X-Request-ID": "lb=7", "User-Agent": "probe/1.0", "Referer": "http://r/x"}
+    assert request(port, path="/print?text=hi&x=1", headers=sent)[0] == 200
+    status, headers, _ = request(port, path="/", headers={"User-Agent": 'odd "agent"'})
+    made = headers["x-request-id"]
+    assert status == 200
+    wait_until(lambda: made in text_of(log_file), 10, message=describe)
+    [pid] = proc.worker_pids()
+    access = [line for line in text_of(log_file).splitlines() if "request_id=" in line]
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    clf = r"\[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d \+0000\]"
+    assert re.fullmatch(
+        stamp + rf" forkd\.worker\.0\[{pid}\] 127\.0\.0\.1 - - {clf} "
+        r'"GET /print\?text=hi&x=1 HTTP/1\.1" 200 7 "http://r/x" "probe/1\.0" '
+        r'\d+\.?\d*ms request_id="lb=7"', access[0]), access
+    # (a quote in the user agent: rendered by the primary, escaped as the format wants)
+    assert re.fullmatch(
+        stamp + rf' forkd\.worker\.0\[{pid}\] 127\.0\.0\.1 - - {clf} "GET / HTTP/1\.1" 200 13 '
+        rf'"-" "odd \\"agent\\"" \d+\.?\d*ms request_id={made}', access[1]), access
+    result = subprocess.run(
+        [sys.executable, "-m", "forkd", "logs", "textlog", "-n", "50", "--json"],
+        cwd=REPO, env=proc.env, capture_output=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    objects = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    fields = {obj["request_id"]: obj for obj in objects if obj.get("event") == "access"}
+    assert (fields["lb=7"]["path"], fields["lb=7"]["query"], fields["lb=7"]["user_agent"],
+            fields["lb=7"]["referer"], fields["lb=7"]["pid"]) == (
+        "/print", "text=hi&x=1", "probe/1.0", "http://r/x", pid)
+    assert fields[made]["user_agent"] == 'odd "agent"'

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forkd import log
@@ -321,27 +321,47 @@ def test_forkd_lines_survive_an_app_reconfiguring_logging() -> None:
         root.setLevel(saved[2])
 
 
-def test_the_workers_fast_access_line_is_the_generic_json_line() -> None:
+_field_bytes = st.binary(max_size=40) | st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(str.encode)
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=_field_bytes, query=_field_bytes, rid=_field_bytes, referer=_field_bytes,
+       agent=_field_bytes, status=st.integers(100, 599), size=st.integers(0, 10**9),
+       micros=st.integers(0, 10**8), text=st.booleans())
+def test_the_workers_fast_access_line_is_the_generic_line(
+        path: bytes, query: bytes, rid: bytes, referer: bytes, agent: bytes, status: int,
+        size: int, micros: int, text: bool) -> None:
+    """What the worker renders itself (JSON, and with --log-format text its text line) is
+    what the primary would render from the generic access event: same fields, same text."""
     from forkd.http import accesslog
 
+    headers = [(b"x-request-id", rid), (b"referer", referer or b"-"),
+               (b"user-agent", agent or b"-")]
+    fields = accesslog.request_fields(headers)
     sent: list[bytes] = []
     got: list[Entry] = []
+    args = (("10.0.0.9", 5555), "GET", b"/" + path, query, "1.1", fields, status, size)
     try:
-        for path, query, rid in ((b"/", b"", b"0123abcd"),
-                                 (b'/p\xe9"\\', b"a=\x01&b=%22", b'lb"id\\1')):
-            scope = {"client": ("10.0.0.9", 5555), "method": "GET", "raw_path": path,
-                     "query_string": query, "headers": [(b"x-request-id", rid)]}
-            log.setup(slot=1, sink=got.append, json_sink=sent.append)
-            accesslog.log_access(scope, 404, 9, 0.0123456)
-            log.setup(slot=1, sink=got.append)  # no fast path: through event()
-            accesslog.log_access(scope, 404, 9, 0.0123456)
-            fast, generic = sent[-1], record.to_json(got[-1])
-            assert fast[fast.index(b'"level"'):] == generic[generic.index(b'"level"'):]
-            obj = json.loads(fast)
-            assert (obj["path"], obj["query"], obj["request_id"], obj["duration_ms"]) == (
-                path.decode("latin-1"), query.decode("latin-1"), rid.decode(), 12.345)
+        log.setup(slot=1, sink=got.append, json_sink=sent.append, access_text=text)
+        accesslog.log_access(*args, micros / 1e6)
+        log.setup(slot=1, sink=got.append)  # no fast path: through event()
+        accesslog.log_access(*args, micros / 1e6)
     finally:
         log.setup()
+    fast, generic = sent[-1], got[-1]
+    entry = record.from_json(fast.rstrip(b"\n"), 1, os.getpid())
+    record.parse(entry)
+    assert entry.fields == generic.fields
+    parsed = json.loads(record.to_json(entry))
+    assert parsed["path"] == ("/" + path.decode("latin-1"))
+    assert parsed["request_id"] == fields[0].decode("latin-1")
+    plain = all(re.fullmatch(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*", value)
+                for value in (path, query, *fields))
+    assert (entry.text is not None) == (text and plain)
+    if entry.text is not None:
+        generic.ts = entry.ts  # (the two lines were made a moment apart)
+        assert entry.text == record.to_text(generic, "app")
 
 
 def test_request_ids_are_honoured_when_sane_else_made_and_shown_to_the_app() -> None:
