@@ -102,13 +102,21 @@ class LogHub:
     def _lines(self, reader: _Reader, lines: list[tuple[bytes, bool]]) -> None:
         if not lines:
             return
-        if reader.stream == "records":
-            from_json, add = record.from_json, self._add
+        if reader.stream == "records":  # (the access log's path: one line per request)
+            from_json, remember, write = record.from_json, self.ring.append, self.writer.write
             slot, pid = reader.slot, reader.pid
             origin = record.origin_marker(pid, slot)
+            as_json, fmt, app_name = self.fmt == "json", self.fmt, self.app_name
             for line, _cut in lines:
                 if line:
-                    add(from_json(line, slot, pid, origin))
+                    entry = from_json(line, slot, pid, origin)
+                    remember(entry)
+                    if as_json and entry.raw is not None:
+                        write(entry.raw)
+                    elif not as_json and entry.text is not None:
+                        write(entry.text)
+                    else:
+                        write(record.render(entry, fmt, app_name))
             return
         ts = record.rfc3339(time.time())
         for line, cut in lines:
