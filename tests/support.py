@@ -63,7 +63,8 @@ class Forkd:
 
     # -- reading -------------------------------------------------------------
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:  # (it is after stop(); the file stays readable)
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def describe(self) -> str:
