@@ -199,6 +199,9 @@ class WebSocketConnection(asyncio.Protocol):
         task = self.loop.create_task(self.run())
         state.tasks.add(task)
         task.add_done_callback(state.tasks.discard)
+        # frames that came in the same read as the handshake (a client that does not wait
+        # for the 101): parsed already, and no later read brings them again
+        self._on_frames(events[1:])
 
     # -- the transport's side ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,9 +221,12 @@ class WebSocketConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.state.now
+        self.ws.receive_data(data)
+        self._on_frames(self.ws.events_received())
+
+    def _on_frames(self, received: list[Any]) -> None:
         ws = self.ws
-        ws.receive_data(data)
-        for frame in ws.events_received():
+        for frame in received:
             if not isinstance(frame, Frame):
                 continue  # the handshake's Request, consumed in take_over
             opcode = frame.opcode
@@ -232,7 +238,8 @@ class WebSocketConnection(asyncio.Protocol):
                 self.fragments.append(bytes(frame.data))
                 if frame.fin:
                     self._message_complete()
-        if ws.state is not OPEN:
+        # (CONNECTING: frames before the app accepted, which wait for it; not a close)
+        if ws.state is not OPEN and ws.state is not State.CONNECTING:
             self._closing()
         self._flush()
 
@@ -255,8 +262,9 @@ class WebSocketConnection(asyncio.Protocol):
     def _message_complete(self) -> None:
         data = b"".join(self.fragments) if len(self.fragments) > 1 else self.fragments[0]
         self.fragments = []
-        if self.phase is not Phase.OPEN:
-            return  # the app has closed its side: nobody reads this
+        if self.phase is not Phase.OPEN and self.phase is not Phase.HANDSHAKE:
+            return  # the app has closed its side (or denies): nobody reads this
+        # (in HANDSHAKE the message waits: the app reads it once it has accepted)
         message: dict[str, Any]
         if self.fragments_text:
             try:

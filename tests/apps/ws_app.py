@@ -37,6 +37,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     if path == "/fail-before-accept":
         raise RuntimeError("the app failed before accepting")
+    if path == "/late-accept":  # the client's first frames come before the accept
+        await asyncio.sleep(0.5)
     accept: dict[str, Any] = {"type": "websocket.accept"}
     if path == "/subprotocol":
         accept["subprotocol"] = scope["subprotocols"][-1] if scope["subprotocols"] else None

@@ -301,3 +301,57 @@ def test_a_handshake_larger_than_a_parser_slice(server: Served) -> None:
                      + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
         frames, _ = read_frames(sock, time.monotonic() + 2)
     assert frames and frames[0] == (0x2, payload), frames
+
+
+def test_a_frame_in_the_same_read_as_the_handshake_is_answered(server: Served) -> None:
+    """A client that sends its first message right behind the handshake (one write, so
+    one read on the server): the message is handled at once, not when more data comes."""
+    import base64
+    import socket
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    mask = os.urandom(4)
+    payload = b"sent with the handshake"
+    frame = (bytes([0x81, 0x80 | len(payload)]) + mask
+             + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\n\r\n".encode() + frame)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(1)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+        # (the client sends nothing more: an echo that waited for the next read never comes)
+        frames, ended = read_frames(sock, time.monotonic() + 3)
+    assert frames == [(0x1, payload)], (frames, ended)
+
+
+def test_frames_sent_before_the_app_accepts_wait_for_it(server: Served) -> None:
+    """The app takes half a second to accept; the client's message, sent right after
+    its handshake, reaches the app once it has, and the connection stays open (it was
+    taken for a closing one and cut after the close timeout)."""
+    import base64
+    import socket
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    mask = os.urandom(4)
+    payload = b"before the accept"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET /late-accept HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\n\r\n".encode())
+        sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask
+                     + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(1)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+        # past the 3 s close timeout: the connection must still be open
+        frames, ended = read_frames(sock, time.monotonic() + 4)
+    assert frames == [(0x1, payload)], (frames, ended)
+    assert not ended
