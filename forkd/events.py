@@ -273,12 +273,26 @@ class SuccessorReady:
 
 @dataclass(frozen=True)
 class SuccessorFailed:
-    """The new primary could not be started, said it failed, or exited before ready."""
+    """The new primary could not be started, or said it failed (while it runs: once it
+    has exited, SuccessorExited carries its last words)."""
 
     why: str
+
+
+@dataclass(frozen=True)
+class SuccessorExited:
+    """The new primary was reaped. `said` is what it had told this primary by then:
+    "ready", "failed", "gone" (its end closed without a word) or None; `why` is a
+    failure's reason it sent as its last words."""
+
+    pid: int
+    code: int | None
+    signum: int | None
+    said: str | None = None
+    why: str = ""
 
 
 ControlRequest = ReloadRequest | ScaleRequest | StopRequest | UpgradeRequest
 Event = (Start | FromWorker | Spawned | SpawnFailed | Exited | MemorySample | Tick
          | LoadSample | OperatorSignal | ControlRequest | SuccessorStarted | SuccessorReady
-         | SuccessorFailed)
+         | SuccessorFailed | SuccessorExited)

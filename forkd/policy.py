@@ -433,6 +433,19 @@ class Stop(Operation):
 
 UPGRADE_MARGIN = 30.0  # beyond --startup-timeout for a new primary: its own start-up
 # (interpreter, imports, a --preload import of the app) before its workers boot
+SUCCESSOR_KILL_MARGIN = 10.0  # beyond --graceful-timeout for a failed new primary told to
+# stop: it drains its own workers within --graceful-timeout, then exits; else SIGKILL
+
+
+@dataclass
+class LeavingSuccessor:
+    """The new primary of a failed upgrade, told to stop and not yet reaped. Another
+    upgrade waits for it to be gone: the shell holds one successor at a time, and a
+    third generation of workers beside a second that is still draining on the same
+    listeners is not what an operator asked for."""
+
+    pid: int
+    kill_at: float | None  # when it gets SIGKILL (None: sent)
 
 
 @dataclass(eq=False)
@@ -486,7 +499,22 @@ class Upgrade(Operation):
             HandOver(pid)]
         return actions + sup._begin_stop(True, now, 0, handed_over=True)
 
-    def on_successor_failed(self, sup: Supervisor, why: str, now: float) -> list[Action]:
+    def on_successor_exited(self, sup: Supervisor, event: ev.SuccessorExited,
+                            now: float) -> list[Action]:
+        status = exit_words(event.code, event.signum)
+        if event.why.strip():
+            why = event.why
+        elif event.said == "ready":  # (its word came too late: nobody takes over now)
+            why = (f"the new primary (pid {event.pid}) said it was ready, then exited "
+                   f"({status}) before it took over")
+        else:
+            why = f"the new primary (pid {event.pid}) exited ({status}) before it was ready"
+        return self.on_successor_failed(sup, why, now, alive=False)
+
+    def on_successor_failed(self, sup: Supervisor, why: str, now: float,
+                            alive: bool = True) -> list[Action]:
+        """The upgrade failed: this primary serves on. A successor that still runs
+        (`alive`) is told to stop, and another upgrade waits until it is gone."""
         sup.finish(self)
         text = why.strip() or "no reason given"
         # (a traceback starts on its own line, as a failed reload prints it)
@@ -495,8 +523,11 @@ class Upgrade(Operation):
                    f"upgrade failed, the old primary goes on serving:\n{text}")
         actions: list[Action] = [Log("upgrade-failed", {"pid": self.successor,
                                                         "why": text.splitlines()[-1]}, ERROR)]
-        if self.successor is not None:
-            actions.append(Signal(self.successor, signal.SIGTERM))  # (if it still runs)
+        if self.successor is not None and alive:
+            actions.append(Signal(self.successor, signal.SIGTERM))
+            sup.leaving_successor = LeavingSuccessor(
+                self.successor, now + sup.config.graceful_timeout + SUCCESSOR_KILL_MARGIN)
+        # (an exited one is not signalled: its pid is reaped, and may be another's now)
         return actions + sup.reply(self.requester, False, message, Code.FAILED) + [
             Notify("ready")]
 
@@ -541,6 +572,7 @@ class Supervisor:
         # replacements for health reasons since start, by cause (shown in status)
         self.counters: dict[str, int] = {cause.value: 0 for cause in _HEALTH}
         self.autoscaler: Autoscaler | None = None
+        self.leaving_successor: LeavingSuccessor | None = None  # of a failed upgrade
         if config.autoscale is not None:
             self.autoscaler = Autoscaler(*config.autoscale, target=config.autoscale_target,
                                          down_window=config.autoscale_window)
@@ -582,6 +614,8 @@ class Supervisor:
         step = self.operation.deadline() if self.operation is not None else None
         if step is not None:
             times.append(step)
+        if self.leaving_successor is not None and self.leaving_successor.kill_at is not None:
+            times.append(self.leaving_successor.kill_at)
         for worker in self.table.workers.values():
             if worker.kill_at is not None:
                 times.append(worker.kill_at)
@@ -841,6 +875,11 @@ class Supervisor:
     # -- time --------------------------------------------------------------------------------------
     def _tick(self, event: ev.Tick, now: float) -> list[Action]:
         actions: list[Action] = self.operation.on_tick(self, now) if self.operation else []
+        leaving = self.leaving_successor
+        if leaving is not None and leaving.kill_at is not None and now >= leaving.kill_at:
+            leaving.kill_at = None
+            actions += [Log("successor-kill", {"pid": leaving.pid}, WARNING),
+                        Signal(leaving.pid, signal.SIGKILL)]
         for slot in self.table.slots.values():
             if (slot.state is SlotState.BACKING_OFF and slot.respawn_at is not None
                     and now >= slot.respawn_at):
@@ -1045,6 +1084,12 @@ class Supervisor:
         busy = self._busy("upgrade", event.requester)
         if busy is not None:
             return busy
+        if self.leaving_successor is not None:
+            return self._refuse(
+                "upgrade", event.requester, Code.BUSY,
+                f"busy: the new primary of the last upgrade (pid "
+                f"{self.leaving_successor.pid}) is still stopping; try again once it has "
+                "exited")
         ready_by = now + self.config.startup_timeout + UPGRADE_MARGIN
         return self._start_operation(Upgrade(started_at=now, ready_by=ready_by,
                                              requester=event.requester), now)
@@ -1067,6 +1112,14 @@ class Supervisor:
         op = self.operation
         if isinstance(op, Upgrade):
             return op.on_successor_failed(self, event.why, now)
+        return []
+
+    def _successor_exited(self, event: ev.SuccessorExited, now: float) -> list[Action]:
+        if self.leaving_successor is not None and self.leaving_successor.pid == event.pid:
+            self.leaving_successor = None  # gone: the next upgrade may start
+        op = self.operation
+        if isinstance(op, Upgrade) and op.successor == event.pid:
+            return op.on_successor_exited(self, event, now)
         return []
 
     # -- status ----------------------------------------------------------------------------------
@@ -1122,6 +1175,7 @@ _HANDLERS: dict[type, _Handler] = {
     ev.SuccessorStarted: Supervisor._successor_started,
     ev.SuccessorReady: Supervisor._successor_ready,
     ev.SuccessorFailed: Supervisor._successor_failed,
+    ev.SuccessorExited: Supervisor._successor_exited,
 }
 _WorkerHandler = Callable[[Supervisor, Worker, Any, float], list[Action]]
 _WORKER_HANDLERS: dict[type, _WorkerHandler] = {

@@ -334,6 +334,13 @@ class Primary:
 
     # -- upgrade: the old primary's side --------------------------------------------------------
     def _start_successor(self) -> None:
+        if self.successor is not None:
+            # (the core waits for the last one to be reaped; should it not, a second
+            # successor must not replace the first here: the first's handshake would stay
+            # registered with nobody to read its end of file, and the loop would spin)
+            self.pending.append(events.SuccessorFailed(
+                f"the new primary of the last upgrade (pid {self.successor.pid}) still runs"))
+            return
         try:
             env = dict(os.environ)
             if self.options.metrics_dir is not None and self.options.metrics_dir[1]:
@@ -353,6 +360,12 @@ class Primary:
             return
         for state, why in successor.read():
             if state == "ready":
+                if successor.lines.eof or process.has_exited(successor.pid):
+                    # it said so and died (or is dying: its end closed unannounced):
+                    # nobody would take over. Its exit, reaped soon, fails the upgrade.
+                    log.event("successor-ready-but-gone", level=logging.WARNING,
+                              pid=successor.pid)
+                    continue
                 self._feed(events.SuccessorReady(successor.pid))
             elif state == "failed":
                 self._feed(events.SuccessorFailed(why))
@@ -362,20 +375,22 @@ class Primary:
             successor.close()
 
     def _successor_exited(self, code: int | None, signum: int | None) -> None:
+        """The new primary was reaped. Its last words still in the handshake go with
+        the news: a failure's reason; a "ready" is no longer true (nobody takes over)."""
         successor = self.successor
         assert successor is not None
-        successor.proc.returncode = code if code is not None else -(signum or 0)
-        self._on_successor()  # its last words (a failure's reason) come first
         self.successor = None
+        successor.proc.returncode = code if code is not None else -(signum or 0)
+        why = ""
         if not successor.closed:
+            for state, text in successor.read():
+                if state == "failed":
+                    why = text
             self.poller.unregister(successor.sock)
             successor.close()
-        if successor.said != "failed":
-            self._feed(events.SuccessorFailed(
-                f"the new primary (pid {successor.pid}) exited "
-                f"({exit_words(code, signum)}) before it was ready"))
         log.event("successor-exited", level=logging.WARNING, pid=successor.pid,
                   status=exit_words(code, signum))
+        self._feed(events.SuccessorExited(successor.pid, code, signum, successor.said, why))
 
     def _hand_over(self, pid: int) -> None:
         """Let go of the control endpoint (and its lock), tell the new primary to take

@@ -74,6 +74,14 @@ def reap() -> list[tuple[int, int | None, int | None]]:
             gone.append((pid, os.WEXITSTATUS(status), None))
 
 
+def has_exited(pid: int) -> bool:
+    """Whether our child `pid` has exited, without reaping it (reap() does that)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already (or never ours)
+        return True
+
+
 def send_signal(pid: int, signum: int) -> bool:
     try:
         os.kill(pid, signum)

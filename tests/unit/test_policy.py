@@ -25,6 +25,7 @@ from forkd.events import (
     ScaleRequest,
     Start,
     StopRequest,
+    SuccessorExited,
     SuccessorFailed,
     SuccessorReady,
     SuccessorStarted,
@@ -796,6 +797,82 @@ def test_a_new_primary_not_ready_by_the_deadline_is_stopped() -> None:
     # it reports ready after all: too late, it is told to stop again
     late = h.feed(SuccessorReady(900), deadline + 1)
     assert Signal(900, signal.SIGTERM) in late and HandOver(900) not in late
+
+
+def test_a_new_primary_that_said_ready_then_died_is_a_failed_upgrade() -> None:
+    """Its "ready" reached this primary only with (or after) its exit: nobody is there
+    to take over, so no hand-over; the old primary serves on and says why."""
+    sup = make(2)
+    h = Harness(sup)
+    pids = h.start(0.0)
+    h.feed(UpgradeRequest("op"), 1.0)
+    h.feed(SuccessorStarted(900), 1.0)
+    actions = h.feed(SuccessorExited(900, None, signal.SIGKILL, said="ready"), 2.0)
+    assert not [a for a in actions if isinstance(a, HandOver | Signal)]
+    (reply,) = [a for a in actions if isinstance(a, Reply)]
+    assert (reply.ok, reply.code) == (False, Code.FAILED)
+    assert reply.message == ("upgrade failed, the old primary goes on serving: the new "
+                             "primary (pid 900) said it was ready, then exited (SIGKILL) "
+                             "before it took over")
+    assert Notify("ready") in actions and sup.operation is None
+    assert table(sup) == {p: (i, "ready", "occupant") for i, p in enumerate(pids)}
+    # it is gone: the next upgrade may start at once
+    assert StartUpgrade() in h.feed(UpgradeRequest("again"), 2.1)
+
+
+def test_a_new_primary_whose_last_words_were_a_failure_gives_that_reason() -> None:
+    sup = make(1)
+    h = Harness(sup)
+    h.start(0.0)
+    h.feed(UpgradeRequest("op"), 1.0)
+    h.feed(SuccessorStarted(900), 1.0)
+    actions = h.feed(SuccessorExited(900, 1, None, said="failed",
+                                     why="cannot import app:main"), 2.0)
+    (reply,) = [a for a in actions if isinstance(a, Reply)]
+    assert reply.message.endswith(": cannot import app:main") and not reply.ok
+    assert not [a for a in actions if isinstance(a, Signal)]  # (reaped: not ours now)
+    actions = h.feed(SuccessorExited(901, 0, None), 3.0)  # (no upgrade of its own)
+    assert actions == []
+
+
+def test_another_upgrade_waits_until_the_last_failed_new_primary_is_gone() -> None:
+    """The first upgrade timed out; its new primary was told to stop but still drains.
+    A second upgrade is refused as busy, naming it, until it is reaped; one that does
+    not stop within --graceful-timeout (and a margin) gets SIGKILL."""
+    sup = make(1, startup_timeout=10.0, graceful_timeout=5.0)
+    h = Harness(sup)
+    (pid,) = h.start(0.0)
+    h.feed(UpgradeRequest("op"), 1.0)
+    h.feed(SuccessorStarted(900), 1.0)
+    failed_at = 1.0 + 10.0 + policy.UPGRADE_MARGIN
+    assert Signal(900, signal.SIGTERM) in h.feed(Tick(), failed_at)
+
+    busy = h.feed(UpgradeRequest("second"), failed_at + 0.1)
+    why = ("busy: the new primary of the last upgrade (pid 900) is still stopping; "
+           "try again once it has exited")
+    assert Reply("second", False, why, Code.BUSY) in busy
+    assert StartUpgrade() not in busy and sup.operation is None
+    assert StartUpgrade() not in h.feed(OperatorSignal(signal.SIGUSR2), failed_at + 0.2)
+    # other operations are not held back by it
+    h.feed(ReloadRequest("r"), failed_at + 0.3)
+    assert sup.operation is not None and sup.operation.noun == "reload"
+    (new,) = [p for p in sup.table.workers if p != pid]
+    h.msg(new, Ready("asgi"), failed_at + 0.4)
+    h.msg(pid, Draining(), failed_at + 0.4)
+    h.feed(Exited(pid, 0, None), failed_at + 0.5)
+    assert sup.operation is None
+
+    kill_at = failed_at + 5.0 + policy.SUCCESSOR_KILL_MARGIN
+    assert sup.next_deadline(failed_at + 1) is not None
+    assert sup.next_deadline(failed_at + 1) <= kill_at
+    assert Signal(900, signal.SIGKILL) not in h.feed(Tick(), kill_at - 0.1)
+    assert Signal(900, signal.SIGKILL) in h.feed(Tick(), kill_at)
+    assert Signal(900, signal.SIGKILL) not in h.feed(Tick(), kill_at + 1)  # once
+    assert StartUpgrade() not in h.feed(UpgradeRequest("third"), kill_at + 1.5)
+
+    h.feed(SuccessorExited(900, None, signal.SIGKILL), kill_at + 2)
+    actions = h.feed(UpgradeRequest("fourth"), kill_at + 2.1)
+    assert StartUpgrade() in actions
 
 
 def test_signals_during_an_upgrade_wait_and_a_stop_ends_the_new_primary_too() -> None:
