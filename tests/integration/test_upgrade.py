@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -266,3 +267,142 @@ def test_sigusr2_to_every_process_of_the_unit_upgrades_without_killing_a_worker(
     finally:
         new.terminate()
         psutil.wait_procs([new], timeout=30)
+
+
+GOOD_RELEASE = (
+    "RELEASE = 'NAME'\n\n"
+    "async def app(scope, receive, send):\n"
+    "    if scope['type'] == 'lifespan':\n"
+    "        while True:\n"
+    "            message = await receive()\n"
+    "            await send({'type': message['type'] + '.complete'})\n"
+    "            if message['type'] == 'lifespan.shutdown':\n"
+    "                return\n"
+    "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+    "    await send({'type': 'http.response.body', 'body': RELEASE.encode()})\n")
+
+# A release whose new primary is slow to go, as one that timed out (which takes
+# --startup-timeout + 30 s to come about): it fails to import, keeps its descriptors
+# (the upgrade's handshake among them) open, and ignores SIGTERM for 4 s on its way out.
+LINGERING_BROKEN_RELEASE = (
+    "import atexit, os, signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "_held = []\n"
+    "for fd in range(3, 256):\n"
+    "    try:\n"
+    "        _held.append(os.dup(fd))\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "atexit.register(time.sleep, 4)\n"
+    "raise ImportError('this release is broken')\n")
+
+# A release whose new primary dies right after it said ready (killed by the OOM
+# killer, say) and before the old primary read the word: the old primary is stopped
+# (SIGSTOP) while the new one says ready and kills itself, and continued (by a helper
+# process) only once the new one is a zombie.
+READY_THEN_DEAD_RELEASE = (
+    "import os, signal, time\n"
+    "from forkd import handoff\n"
+    "def _state(pid):\n"
+    "    with open(f'/proc/{pid}/stat') as stat:\n"
+    "        return stat.read().rpartition(')')[2].split()[0]\n"
+    "def _wait_state(pid, states):\n"
+    "    deadline = time.monotonic() + 10\n"
+    "    while _state(pid) not in states and time.monotonic() < deadline:\n"
+    "        time.sleep(0.002)\n"
+    "_ready = handoff.Predecessor.ready\n"
+    "def _ready_then_die(self):\n"
+    "    old, me = os.getppid(), os.getpid()\n"
+    "    os.kill(old, signal.SIGSTOP)\n"
+    "    _wait_state(old, ('T', 't'))\n"
+    "    if os.fork() == 0:\n"
+    "        try:\n"
+    "            _wait_state(me, ('Z', 'X'))\n"
+    "        finally:\n"
+    "            os.kill(old, signal.SIGCONT)\n"
+    "            os._exit(0)\n"
+    "    _ready(self)\n"
+    "    os.kill(me, signal.SIGKILL)\n"
+    "handoff.Predecessor.ready = _ready_then_die\n"
+    + GOOD_RELEASE.replace("NAME", "never"))
+
+
+def start_releases(run_forkd, tmp_path: Path, name: str) -> tuple[Forkd, int, Path]:
+    """forkd --preload of `current` -> release r1 (answers "one"), one worker."""
+    folder = tmp_path / "r1"
+    folder.mkdir()
+    (folder / "preloaded.py").write_text(GOOD_RELEASE.replace("NAME", "one"))
+    current = tmp_path / "current"
+    current.symlink_to(folder)
+    proc = run_forkd("preloaded:app", "--preload", "-b", "127.0.0.1:0", "-w", "1",
+                     "--name", name, "--chdir", str(current),
+                     env={"PYTHONDONTWRITEBYTECODE": "1"})
+    port = proc.port()
+    proc.wait_ready(1)
+    assert request(port)[2] == b"one"
+    return proc, port, current
+
+
+def switch_release(tmp_path: Path, current: Path, name: str, body: str) -> None:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "preloaded.py").write_text(body)
+    current.unlink()
+    current.symlink_to(folder)
+
+
+def successor_pids(proc: Forkd) -> list[int]:
+    return [int(pid) for pid in re.findall(r"event=upgrade-successor pid=(\d+)", proc.output())]
+
+
+def test_a_second_upgrade_while_the_failed_new_primary_still_stops_is_refused(
+        run_forkd, tmp_path: Path) -> None:
+    """The first upgrade fails and its new primary takes seconds to exit. A second
+    upgrade meanwhile is refused, naming it; the old primary serves on without spinning
+    on the first one's handshake, and once it is gone the next upgrade works."""
+    proc, port, current = start_releases(run_forkd, tmp_path, "linger")
+    switch_release(tmp_path, current, "r2", LINGERING_BROKEN_RELEASE)
+    first = forkd_cli(proc, "upgrade")
+    assert first.returncode == 1 and "this release is broken" in first.stderr, first.stderr
+    second = forkd_cli(proc, "upgrade")
+    (lingering, *_) = successor_pids(proc)
+    assert psutil.pid_exists(lingering)  # (it lingers 4 s: the second came meanwhile)
+
+    wait_until(lambda: not psutil.pid_exists(lingering), 20, message=proc.describe)
+    primary = psutil.Process(proc.pid)
+    before = primary.cpu_times()
+    time.sleep(2.0)  # a window to measure the idle primary's CPU time over
+    after = primary.cpu_times()
+    used = (after.user - before.user) + (after.system - before.system)
+    assert used < 0.2, f"the primary used {used:.2f}s of CPU in 2s idle\n{proc.describe()}"
+
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert (f"busy: the new primary of the last upgrade (pid {lingering}) is still "
+            "stopping; try again once it has exited") in second.stderr
+    assert successor_pids(proc) == [lingering]  # no second new primary was started
+    assert request(port)[2] == b"one"
+
+    switch_release(tmp_path, current, "r3", GOOD_RELEASE.replace("NAME", "three"))
+    result = forkd_cli(proc, "upgrade")
+    assert result.returncode == 0, result.stdout + result.stderr + proc.describe()
+    assert request(port)[2] == b"three"
+    assert proc.wait(60) == 0, proc.describe()
+    (row,) = primaries(proc)
+    new = psutil.Process(int(row[1]))
+    new.terminate()
+    psutil.wait_procs([new], timeout=30)
+
+
+def test_a_new_primary_that_dies_after_saying_ready_is_not_handed_over_to(
+        run_forkd, tmp_path: Path) -> None:
+    proc, port, current = start_releases(run_forkd, tmp_path, "rtd")
+    switch_release(tmp_path, current, "r2", READY_THEN_DEAD_RELEASE)
+    result = forkd_cli(proc, "upgrade")
+    (successor,) = successor_pids(proc)
+    assert result.returncode == 1, result.stdout + result.stderr + proc.describe()
+    assert (f"upgrade failed, the old primary goes on serving: the new primary (pid "
+            f"{successor}) said it was ready, then exited (SIGKILL) before it took over"
+            ) in result.stderr
+    assert proc.proc.poll() is None and "event=handed-over" not in proc.output()
+    assert request(port)[2] == b"one"
+    assert [row[1] for row in primaries(proc)] == [str(proc.pid)]
