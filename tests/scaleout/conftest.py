@@ -48,14 +48,6 @@ def lab(haproxy_lab: Lab, request: pytest.FixtureRequest) -> Iterator[Lab]:
     haproxy_lab.wait_pool(len(haproxy_lab.hosts))
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
-    if report.when == "call":
-        item.rep_call = report  # type: ignore[attr-defined]
-
-
 
 @pytest.fixture(scope="module")
 def nginx_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
