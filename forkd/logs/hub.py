@@ -81,7 +81,14 @@ class LogHub:
                 self._lines(reader, reader.splitter.close())
                 self._forget(fd)
                 return
-            self._lines(reader, reader.splitter.feed(data))
+            if reader.stream == "records" and self.fmt == "json":
+                block = reader.splitter.feed_block(data)
+                if block is None:
+                    self._lines(reader, reader.splitter.feed(data))
+                elif block:
+                    self._records(reader, block)
+            else:
+                self._lines(reader, reader.splitter.feed(data))
             if len(data) < READ_SIZE:
                 return
 
@@ -98,6 +105,22 @@ class LogHub:
             except KeyError:
                 pass
         os.close(fd)
+
+    def _records(self, reader: _Reader, block: bytes) -> None:
+        """Whole lines from a worker's records pipe, with JSON output. When every one is
+        a record the worker rendered itself (it names the pipe's pid and slot, carries
+        no text rendering), the block goes to the output and the ring as it is: no work
+        per line, which is what an access line per request needs."""
+        count = block.count(b"\n")
+        if (count > 1 and block.startswith(b'{"ts":"')
+                and block.count(b'\n{"ts":"') == count - 1
+                and block.count(record.origin_marker(reader.pid, reader.slot)) == count
+                and b"\t" not in block):
+            self.ring.append(Entry("", "info", reader.pid, reader.slot, None, None, None, b"",
+                                   block, 0, False, 0, None, count))
+            self.writer.write(block, count)
+            return
+        self._lines(reader, [(line, False) for line in block.split(b"\n")[:-1]])
 
     def _lines(self, reader: _Reader, lines: list[tuple[bytes, bool]]) -> None:
         if not lines:

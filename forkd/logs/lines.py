@@ -35,6 +35,17 @@ class LineSplitter:
                 lines += _pieces(line, self.cap)
         return lines + self._cut_overlong()
 
+    def feed_block(self, data: bytes) -> bytes | None:
+        """The whole lines `data` completes, as one bytes object (newlines kept; b"" when
+        none), or None when a line may be over the cap: then nothing was taken, and
+        feed(data) cuts it."""
+        joined = self.pending + data if self.pending else data
+        end = joined.rfind(b"\n") + 1
+        if end > self.cap or len(joined) - end > self.cap:
+            return None
+        self.pending = joined[end:]
+        return joined[:end]
+
     def close(self) -> list[tuple[bytes, bool]]:
         """At the end of the stream: the unfinished last line, if any."""
         rest, self.pending = self.pending, b""

@@ -48,6 +48,7 @@ class Entry:
     parsed: bool = True  # False: only `raw` is known yet (see from_json)
     size: int = 0  # what the ring counted for it
     text: bytes | None = None  # its text rendering, when the worker made it (access lines)
+    count: int = 1  # lines: more than one for a block of records kept whole (see Ring)
 
 
 _last_second = -1

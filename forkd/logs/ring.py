@@ -27,30 +27,55 @@ class Page:
 
 
 class Ring:
+    """An entry is one line, or a block of `count` whole lines from one worker (its
+    records, as they came through the pipe: see LogHub), kept as one bytes object and
+    cut into lines only when a reader asks for them."""
+
     def __init__(self, max_lines: int = DEFAULT_LINES, max_bytes: int = DEFAULT_BYTES) -> None:
         self.max_lines = max_lines
         self.max_bytes = max_bytes
         self.entries: deque[Entry] = deque()
         self.bytes = 0
+        self.lines = 0
         self.last_seq = 0
 
     def append(self, entry: Entry) -> None:
-        self.last_seq += 1
-        entry.seq = self.last_seq
+        count = entry.count
+        self.last_seq += count
+        entry.seq = self.last_seq  # (a block's: that of its last line)
         entries = self.entries
         entries.append(entry)
+        self.lines += count
         size = entry.size = (ENTRY_OVERHEAD + len(entry.data)
                              + (len(entry.raw) if entry.raw is not None else 0)
-                + (len(entry.text) if entry.text is not None else 0))
+                             + (len(entry.text) if entry.text is not None else 0))
         self.bytes += size  # (a JSON rendering added later is not counted)
-        if len(entries) > self.max_lines:
-            self.bytes -= entries.popleft().size
+        while self.lines > self.max_lines:
+            self._drop_first(self.lines - self.max_lines)
         while self.bytes > self.max_bytes and len(entries) > 1:
-            self.bytes -= entries.popleft().size
+            self._drop_first(entries[0].count)
+
+    def _drop_first(self, lines: int) -> None:
+        first = self.entries[0]
+        if first.count <= lines:
+            self.entries.popleft()
+            self.lines -= first.count
+            self.bytes -= first.size
+            return
+        kept = expand(first)[lines:]  # a block loses its oldest lines only
+        first.raw = b"".join(entry.raw or b"" for entry in kept)
+        first.count = len(kept)
+        self.lines -= lines
+        self.bytes -= first.size
+        first.size = ENTRY_OVERHEAD + len(first.raw)
+        self.bytes += first.size
 
     @property
     def first_seq(self) -> int:
-        return self.entries[0].seq if self.entries else self.last_seq + 1
+        if not self.entries:
+            return self.last_seq + 1
+        first = self.entries[0]
+        return first.seq - first.count + 1
 
     def tail(self, count: int, slot: int | None = None, primary_only: bool = False) -> Page:
         """The last `count` lines (of one slot when given)."""
@@ -59,7 +84,10 @@ class Ring:
             if len(picked) >= count:
                 break
             if _matches(entry, slot, primary_only):
-                picked.append(entry)
+                if entry.count == 1:
+                    picked.append(entry)
+                else:
+                    picked += reversed(expand(entry)[-(count - len(picked)):])
         picked.reverse()
         return Page(picked, self.last_seq, 0, False)
 
@@ -69,15 +97,34 @@ class Ring:
         if cursor > self.last_seq:  # a cursor from an earlier primary: start afresh
             cursor = self.last_seq
         missed = max(0, self.first_seq - cursor - 1)
-        start = max(0, cursor + 1 - self.first_seq)  # index of the first unseen line
+        entries = self.entries
+        start = len(entries)  # the first entry with unseen lines (a follower is near the end)
+        while start > 0 and entries[start - 1].seq > cursor:
+            start -= 1
         picked: list[Entry] = []
-        for index in range(start, len(self.entries)):
-            entry = self.entries[index]
-            if _matches(entry, slot, primary_only):
+        for index in range(start, len(entries)):
+            entry = entries[index]
+            if not _matches(entry, slot, primary_only):
+                continue
+            for line in (entry,) if entry.count == 1 else expand(entry):
+                if line.seq <= cursor:
+                    continue
                 if len(picked) == limit:
                     return Page(picked, picked[-1].seq, missed, True)
-                picked.append(entry)
+                picked.append(line)
         return Page(picked, self.last_seq, missed, False)
+
+
+def expand(block: Entry) -> list[Entry]:
+    """A block's lines, each an entry of its own (undecoded, as record.from_json makes
+    them), numbered in order."""
+    if block.count == 1:
+        return [block]
+    assert block.raw is not None
+    first = block.seq - block.count + 1
+    return [Entry("", "info", block.pid, block.slot, None, None, None, b"", line + b"\n",
+                  first + index, False, 0)
+            for index, line in enumerate(block.raw.split(b"\n")[:-1])]
 
 
 def _matches(entry: Entry, slot: int | None, primary_only: bool) -> bool:

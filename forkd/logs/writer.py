@@ -121,11 +121,12 @@ class LogWriter:
         self.output.close()
 
     # -- writing ----------------------------------------------------------------
-    def write(self, line: bytes) -> bool:
-        """Queue one whole line (with its newline); False when it had to be dropped."""
+    def write(self, line: bytes, lines: int = 1) -> bool:
+        """Queue one whole line (with its newline), or `lines` of them in one bytes
+        object; False when it had to be dropped."""
         if self.buffered + len(line) > self.max_buffer and self.buffer:
-            self.dropped += 1
-            self.unreported += 1
+            self.dropped += lines
+            self.unreported += lines
             return False
         self.buffer.append(line)
         self.buffered += len(line)

@@ -268,3 +268,36 @@ def test_the_text_access_line_is_the_combined_format_and_logs_json_has_its_field
             fields["lb=7"]["referer"], fields["lb=7"]["pid"]) == (
         "/print", "text=hi&x=1", "probe/1.0", "http://r/x", pid)
     assert fields[made]["user_agent"] == 'odd "agent"'
+
+
+@pytest.mark.timeout(60)
+def test_forkd_logs_reads_back_every_access_line_of_a_burst(run_forkd, tmp_path) -> None:
+    """A burst of requests: the primary keeps a worker's access records as they came
+    (blocks), and `forkd logs` still gives each line, in order, as JSON and as text."""
+    import http.client
+
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, "logapp:app", "--log-format",
+                                        "json", "--access-log", "--name", "burst", workers=1)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for index in range(300):
+            conn.request("GET", f"/?n={index}")
+            assert conn.getresponse().read() == b"Hello, world!"
+    finally:
+        conn.close()
+    wait_until(lambda: text_of(log_file).count('"query":"n=299"') == 1, 10, message=describe)
+
+    def logs(*args: str) -> list[str]:
+        result = subprocess.run([sys.executable, "-m", "forkd", "logs", "burst", *args],
+                                cwd=REPO, env=proc.env, capture_output=True, timeout=20)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.decode().splitlines()
+
+    objects = [json.loads(line) for line in logs("-n", "1000", "--json", "--worker", "0")]
+    queries = [obj["query"] for obj in objects if obj.get("event") == "access"]
+    assert queries == [f"n={index}" for index in range(300)]
+    assert len({obj["request_id"] for obj in objects if obj.get("event") == "access"}) == 300
+    last = logs("-n", "2")
+    assert [re.search(r'"GET /\?(n=\d+) HTTP/1\.1" 200 13 ', line).group(1)  # type: ignore[union-attr]
+            for line in last] == ["n=298", "n=299"], last
