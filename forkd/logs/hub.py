@@ -81,7 +81,7 @@ class LogHub:
                 self._lines(reader, reader.splitter.close())
                 self._forget(fd)
                 return
-            if reader.stream == "records" and self.fmt == "json":
+            if reader.stream == "records":
                 block = reader.splitter.feed_block(data)
                 if block is None:
                     self._lines(reader, reader.splitter.feed(data))
@@ -107,19 +107,28 @@ class LogHub:
         os.close(fd)
 
     def _records(self, reader: _Reader, block: bytes) -> None:
-        """Whole lines from a worker's records pipe, with JSON output. When every one is
-        a record the worker rendered itself (it names the pipe's pid and slot, carries
-        no text rendering), the block goes to the output and the ring as it is: no work
-        per line, which is what an access line per request needs."""
+        """Whole lines from a worker's records pipe. When every one is a record the
+        worker rendered itself (it names the pipe's pid and slot) and, for text output,
+        carries its text rendering after a tab, the block goes to the ring as it is and
+        its JSON or text to the output: no Python per line, which is what an access line
+        per request needs. The ring cuts it into lines if `forkd logs` asks."""
         count = block.count(b"\n")
         if (count > 1 and block.startswith(b'{"ts":"')
                 and block.count(b'\n{"ts":"') == count - 1
-                and block.count(record.origin_marker(reader.pid, reader.slot)) == count
-                and b"\t" not in block):
-            self.ring.append(Entry("", "info", reader.pid, reader.slot, None, None, None, b"",
-                                   block, 0, False, 0, None, count))
-            self.writer.write(block, count)
-            return
+                and block.count(record.origin_marker(reader.pid, reader.slot)) == count):
+            tabs = block.count(b"\t")
+            if self.fmt == "json" and tabs == 0:
+                self.ring.append(Entry("", "info", reader.pid, reader.slot, None, None, None,
+                                       b"", block, 0, False, 0, None, count))
+                self.writer.write(block, count)
+                return
+            if self.fmt != "json" and tabs == count:  # JSON\tTEXT\nJSON\tTEXT\n...
+                texts = b"".join([part[:part.find(b"\n") + 1]
+                                  for part in block.split(b"\t")[1:]])
+                self.ring.append(Entry("", "info", reader.pid, reader.slot, None, None, None,
+                                       b"", block, 0, False, 0, None, count))
+                self.writer.write(texts, count)
+                return
         self._lines(reader, [(line, False) for line in block.split(b"\n")[:-1]])
 
     def _lines(self, reader: _Reader, lines: list[tuple[bytes, bool]]) -> None:

@@ -62,12 +62,18 @@ class Ring:
             self.lines -= first.count
             self.bytes -= first.size
             return
-        kept = expand(first)[lines:]  # a block loses its oldest lines only
-        first.raw = b"".join(entry.raw or b"" for entry in kept)
-        first.count = len(kept)
+        assert first.raw is not None
+        cut = 0  # a block loses its oldest lines only
+        for _ in range(lines):
+            cut = first.raw.index(b"\n", cut) + 1
+        first.raw = first.raw[cut:]
+        first.count -= lines
+        if first.count == 1:  # a line again: its text rendering split off (see expand)
+            raw, tab, text = first.raw.rstrip(b"\n").partition(b"\t")
+            first.raw, first.text = raw + b"\n", text + b"\n" if tab else None
         self.lines -= lines
         self.bytes -= first.size
-        first.size = ENTRY_OVERHEAD + len(first.raw)
+        first.size = ENTRY_OVERHEAD + len(first.raw) + len(first.text or b"")
         self.bytes += first.size
 
     @property
@@ -117,14 +123,18 @@ class Ring:
 
 def expand(block: Entry) -> list[Entry]:
     """A block's lines, each an entry of its own (undecoded, as record.from_json makes
-    them), numbered in order."""
+    them, a text rendering after a tab split off), numbered in order."""
     if block.count == 1:
         return [block]
     assert block.raw is not None
     first = block.seq - block.count + 1
-    return [Entry("", "info", block.pid, block.slot, None, None, None, b"", line + b"\n",
-                  first + index, False, 0)
-            for index, line in enumerate(block.raw.split(b"\n")[:-1])]
+    entries = []
+    for index, line in enumerate(block.raw.split(b"\n")[:-1]):
+        raw, tab, text = line.partition(b"\t")
+        entries.append(Entry("", "info", block.pid, block.slot, None, None, None, b"",
+                             raw + b"\n", first + index, False, 0,
+                             text + b"\n" if tab else None))
+    return entries
 
 
 def _matches(entry: Entry, slot: int | None, primary_only: bool) -> bool:

@@ -271,14 +271,15 @@ def test_the_text_access_line_is_the_combined_format_and_logs_json_has_its_field
 
 
 @pytest.mark.timeout(60)
-def test_forkd_logs_reads_back_every_access_line_of_a_burst(run_forkd, tmp_path) -> None:
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_forkd_logs_reads_back_every_access_line_of_a_burst(run_forkd, tmp_path, fmt) -> None:
     """A burst of requests: the primary keeps a worker's access records as they came
     (blocks), and `forkd logs` still gives each line, in order, as JSON and as text."""
     import http.client
 
     log_file = tmp_path / "forkd.log"
     proc, port, describe = start_logged(run_forkd, log_file, "logapp:app", "--log-format",
-                                        "json", "--access-log", "--name", "burst", workers=1)
+                                        fmt, "--access-log", "--name", "burst", workers=1)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         for index in range(300):
@@ -286,7 +287,10 @@ def test_forkd_logs_reads_back_every_access_line_of_a_burst(run_forkd, tmp_path)
             assert conn.getresponse().read() == b"Hello, world!"
     finally:
         conn.close()
-    wait_until(lambda: text_of(log_file).count('"query":"n=299"') == 1, 10, message=describe)
+    wait_until(lambda: text_of(log_file).count("n=299") == 1, 10, message=describe)
+    written = [line for line in text_of(log_file).splitlines() if re.search(r'[?"]n=\d', line)]
+    assert len(written) == 300  # each line once, whole, in the output's own format
+    assert all(line.startswith("{") == (fmt == "json") for line in written), written[:3]
 
     def logs(*args: str) -> list[str]:
         result = subprocess.run([sys.executable, "-m", "forkd", "logs", "burst", *args],

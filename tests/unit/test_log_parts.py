@@ -137,33 +137,37 @@ def test_ring_tail_cursor_and_missed_lines() -> None:
 @settings(max_examples=200, deadline=None)
 @given(appends=st.lists(st.tuples(st.sampled_from([0, 1, None]), st.integers(1, 6)),
                         max_size=30),
-       max_lines=st.integers(1, 25), asks=st.lists(
+       max_lines=st.integers(1, 25), texts=st.booleans(), asks=st.lists(
            st.tuples(st.integers(0, 60), st.sampled_from([0, 1, None]), st.integers(1, 8)),
            min_size=1, max_size=5))
 def test_a_ring_of_blocks_answers_as_a_ring_of_lines(
-        appends: list[tuple[int | None, int]], max_lines: int,
+        appends: list[tuple[int | None, int]], max_lines: int, texts: bool,
         asks: list[tuple[int, int | None, int]]) -> None:
     """A worker's records kept as one block (the access log's path) read back line by
     line exactly as if each line had been kept alone: tail, since, missed, limits."""
     blocks, lines = Ring(max_lines=max_lines), Ring(max_lines=max_lines)
     number = 0
     for slot, count in appends:
-        raws = []
+        raws, renderings = [], []
         for _ in range(count):
             number += 1
             raws.append(b'{"ts":"t","level":"info","event":"access","n":%d}\n' % number)
+            renderings.append(b"t forkd.worker.0[1] access %d\n" % number if texts else None)
         if slot is None or count == 1:  # (the primary's own lines are never blocks)
-            for raw in raws:
-                blocks.append(Entry("t", "info", 1, slot, "access", raw=raw))
+            for raw, text in zip(raws, renderings, strict=True):
+                blocks.append(Entry("t", "info", 1, slot, "access", raw=raw, text=text))
         else:
-            blocks.append(Entry("", "info", 1, slot, None, None, None, b"", b"".join(raws),
+            block = b"".join(raw[:-1] + b"\t" + text if text else raw
+                             for raw, text in zip(raws, renderings, strict=True))
+            blocks.append(Entry("", "info", 1, slot, None, None, None, b"", block,
                                 0, False, 0, None, count))
-        for raw in raws:
-            lines.append(Entry("t", "info", 1, slot, "access", raw=raw))
+        for raw, text in zip(raws, renderings, strict=True):
+            lines.append(Entry("t", "info", 1, slot, "access", raw=raw, text=text))
     assert blocks.lines == lines.lines and blocks.first_seq == lines.first_seq
 
     def seen(page):
-        return ([(entry.seq, entry.slot, entry.raw) for entry in page.entries], page.cursor,
+        return ([(entry.seq, entry.slot, entry.raw, entry.text) for entry in page.entries],
+                page.cursor,
                 page.missed, page.more)
 
     for cursor, slot, limit in asks:
