@@ -23,6 +23,7 @@ from forkd.http.wsgipool import WSGIPool, clocks
 log = logging.getLogger("forkd.http")
 
 MAX_IN_FLIGHT = 4  # response blocks handed to the loop and not yet written, at most
+_SEQUENCES = (list, tuple)  # a result that is all there: one write, with a content-length
 
 
 def build_environ(
@@ -43,27 +44,26 @@ def build_environ(
     path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode("latin-1")
     if root_path and (path == root_path or path.startswith(root_path + "/")):
         path = path[len(root_path) :]
-    server_name, server_port = server if server else ("", None)
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": method,
-        "SCRIPT_NAME": root_path,
-        "PATH_INFO": path,
-        "QUERY_STRING": query.decode("latin-1"),
-        "SERVER_NAME": server_name,
-        "SERVER_PORT": str(server_port) if server_port is not None else "",
-        "SERVER_PROTOCOL": "HTTP/" + http_version,
-        "REMOTE_ADDR": client[0] if client else "",
-        "REMOTE_PORT": str(client[1]) if client else "",
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": scheme,
-        "wsgi.input": body,
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": True,
-        "wsgi.run_once": False,
-        "wsgi.input_terminated": True,
-        "wsgi.file_wrapper": FileWrapper,
-    }
+    # the keys that never change come from one dict: a copy is cheaper than building them
+    environ = _CONSTANT_ENVIRON.copy()
+    environ["REQUEST_METHOD"] = method
+    environ["SCRIPT_NAME"] = root_path
+    environ["PATH_INFO"] = path
+    environ["QUERY_STRING"] = query.decode("latin-1") if query else ""
+    if server:
+        environ["SERVER_NAME"] = server[0]
+        environ["SERVER_PORT"] = str(server[1]) if server[1] is not None else ""
+    else:
+        environ["SERVER_NAME"] = environ["SERVER_PORT"] = ""
+    environ["SERVER_PROTOCOL"] = "HTTP/1.1" if http_version == "1.1" else "HTTP/" + http_version
+    if client:
+        environ["REMOTE_ADDR"] = client[0]
+        environ["REMOTE_PORT"] = str(client[1])
+    else:
+        environ["REMOTE_ADDR"] = environ["REMOTE_PORT"] = ""
+    environ["wsgi.url_scheme"] = scheme
+    environ["wsgi.input"] = body
+    environ["wsgi.errors"] = sys.stderr  # (looked up each time: an app may replace it)
     keys = _ENVIRON_KEYS
     for name, value in headers:
         key = keys.get(name)
@@ -109,6 +109,16 @@ class FileWrapper:
             if not block:
                 return
             yield block
+
+
+_CONSTANT_ENVIRON: dict[str, Any] = {
+    "wsgi.version": (1, 0),
+    "wsgi.multithread": True,
+    "wsgi.multiprocess": True,
+    "wsgi.run_once": False,
+    "wsgi.input_terminated": True,
+    "wsgi.file_wrapper": FileWrapper,
+}
 
 
 class _Empty(io.RawIOBase):
@@ -228,6 +238,14 @@ class BodyInput:
 
 
 class WSGICycle:
+    __slots__ = (
+        "proto", "app", "pool", "inline", "root_path", "method", "target", "route",
+        "headers", "http_version", "keep_alive", "body", "body_size", "more_body",
+        "stream", "wait_for_body", "submitted", "disconnected", "flow", "in_flight",
+        "blocked", "expect_continue", "overrun_logged", "client", "scheme", "received_at",
+        "request_id", "length",
+    )  # fmt: skip
+
     def __init__(
         self,
         proto: HttpProtocol,
@@ -247,6 +265,7 @@ class WSGICycle:
         self.root_path = root_path
         self.method = method
         self.target = target
+        self.route = b""  # the path without the query, once submitted
         self.headers = headers
         self.http_version = http_version
         self.keep_alive = keep_alive
@@ -254,17 +273,16 @@ class WSGICycle:
         # thread is taken: a slow client then holds a connection, not a thread
         self.body: list[bytes] = []
         self.body_size = 0
-        self.buffer_limit = proto.state.config.wsgi_body_buffer
         self.more_body = True
         self.stream: BodyInput | None = None
         self.wait_for_body = False
         self.submitted = False
         self.disconnected = False
-        # write flow control between the app's thread and the loop
-        self.flow = threading.Condition()
+        # write flow control between the app's thread and the loop: made (on the loop's
+        # thread) before a call goes to a thread; an inline call needs none
+        self.flow: threading.Condition | None = None
         self.in_flight = 0  # blocks handed to the loop, not yet written
         self.blocked = False  # the client is not reading: the transport paused writing
-        self.stall = proto.state.config.header_timeout
         self.expect_continue = False
         self.overrun_logged = False
         self.client = proto.req_client  # (a trusted proxy's word applied)
@@ -295,7 +313,7 @@ class WSGICycle:
             return
         if self.expect_continue:
             self.proto.send_continue()
-        if self.body_size > self.buffer_limit:
+        if self.body_size > self.proto.state.config.wsgi_body_buffer:
             self._stream_body()
         else:
             self.wait_for_body = True
@@ -312,7 +330,7 @@ class WSGICycle:
         """The body outgrew the loop's buffer: a thread reads the rest as it comes
         (the protocol's --min-body-rate frees it from a client that trickles)."""
         self.wait_for_body = False
-        self.stream = BodyInput(self._resume_soon, self.stall)
+        self.stream = BodyInput(self._resume_soon, self.proto.state.config.header_timeout)
         if self.body:
             self.stream.feed(self._take_body())
         self._submit(self.stream)
@@ -320,14 +338,16 @@ class WSGICycle:
     def _submit(self, body: Any) -> None:
         self.submitted = True
         self.proto.state.calls += 1  # a drain waits for it, close() included
-        route = self.target.partition(b"?")[0]
-        if self.stream is None and self.pool.runs_inline(route):
+        route = self.route = self.target.partition(b"?")[0]
+        pool = self.pool
+        if self.stream is None and pool.runs_inline(route):
             self.inline = True
             started = time.perf_counter()
             self.run(body)
-            self.pool.inline_took(route, time.perf_counter() - started)
+            pool.inline_took(route, time.perf_counter() - started)
         else:
-            self.pool.submit(self.run, body)
+            self.flow = threading.Condition()
+            pool.submit(self.run, body)
 
     def _call_ended(self) -> None:
         self.proto.state.calls -= 1
@@ -347,7 +367,7 @@ class WSGICycle:
             return
         self.body.append(body)
         self.body_size += len(body)
-        if self.wait_for_body and self.body_size > self.buffer_limit:
+        if self.wait_for_body and self.body_size > self.proto.state.config.wsgi_body_buffer:
             self._stream_body()
 
     def body_complete(self) -> None:
@@ -368,8 +388,9 @@ class WSGICycle:
         self.disconnected = True
         if self.stream is not None:
             self.stream.finish(aborted=True)
-        with self.flow:
-            self.flow.notify_all()
+        if self.flow is not None:
+            with self.flow:
+                self.flow.notify_all()
 
     # -- the app's side (pool thread) ---------------------------------------------------
     def run(self, body: Any) -> None:
@@ -394,12 +415,13 @@ class WSGICycle:
         result: Any = None
         try:
             result = self.app(environ, response.start_response)
-            if isinstance(result, list | tuple):
+            if isinstance(result, _SEQUENCES):
                 for chunk in result:  # all there already: one write, with a content-length
                     response.gather(chunk)
             elif inline:
                 # A streamed body's blocks may be slow to come: iterate it on a thread.
                 self.inline = False
+                self.flow = threading.Condition()
                 self.pool.submit(self._stream, (response, result))
                 result = None  # closed by _stream
                 return
@@ -413,8 +435,7 @@ class WSGICycle:
                 self._close(result)
             if not inline:
                 end_wall, end_cpu = clocks()
-                self.pool.threaded_took(
-                    self.target.partition(b"?")[0], end_wall - wall, end_cpu - cpu)
+                self.pool.threaded_took(self.route, end_wall - wall, end_cpu - cpu)
 
     def _iterate(self, response: _Response, result: Any) -> None:
         for chunk in result:  # each block goes out as it comes (PEP 3333)
@@ -477,13 +498,16 @@ class WSGICycle:
         if final:
             self.pool.to_loop(self._write_final, data, keep_alive)
             return
-        with self.flow:
+        flow = self.flow
+        assert flow is not None  # (made before the call went to a thread)
+        with flow:
             self.in_flight += 1
             self.pool.to_loop(self._write_more, data)
             while (self.blocked or self.in_flight > MAX_IN_FLIGHT) and not self.disconnected:
-                if not self.flow.wait(self.stall):
+                stall = self.proto.state.config.header_timeout
+                if not flow.wait(stall):
                     self.abort()
-                    raise OSError(f"the client read nothing for {self.stall:g}s")
+                    raise OSError(f"the client read nothing for {stall:g}s")
         if self.disconnected:
             raise ClientDisconnected("the client went away")
 
@@ -491,18 +515,22 @@ class WSGICycle:
         proto = self.proto
         proto.write(data)
         blocked = proto.write_paused and not proto.closed
-        with self.flow:
+        flow = self.flow
+        assert flow is not None
+        with flow:
             self.in_flight -= 1
             self.blocked = blocked
-            self.flow.notify_all()
+            flow.notify_all()
         if blocked:
             proto.loop.create_task(self._wait_writable())
 
     async def _wait_writable(self) -> None:
         await self.proto.wait_writable()
-        with self.flow:
+        flow = self.flow
+        assert flow is not None
+        with flow:
             self.blocked = False
-            self.flow.notify_all()
+            flow.notify_all()
 
     def _write_final(self, data: bytes, keep_alive: bool) -> None:
         if data:
@@ -515,6 +543,9 @@ class WSGICycle:
 
 class _Response:
     """start_response, write() and the framing of one WSGI response (app thread)."""
+
+    __slots__ = ("cycle", "environ", "status", "reason", "headers", "writer", "pending",
+                 "pending_size")
 
     def __init__(self, cycle: WSGICycle, environ: dict[str, Any]) -> None:
         self.cycle = cycle
@@ -537,13 +568,10 @@ class _Response:
                 exc_info = None
         elif self.status is not None:
             raise RuntimeError("start_response called twice without exc_info")
-        if (not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit()
-                or status[3:4] not in ("", " ")):
-            raise ValueError(f"invalid WSGI status {status!r}")
-        code = int(status[:3])
-        reason = status[4:]
-        self.reason = None if reason == _phrase(code) else reason.encode("latin-1")
-        self.status = code
+        parsed = _STATUSES.get(status) if type(status) is str else None
+        if parsed is None:
+            parsed = _parse_status(status)
+        self.status, self.reason = parsed
         self.headers = headers
         return self.write
 
@@ -612,6 +640,22 @@ class _Response:
             log.warning("WSGI app sent more than its content-length for %s %s: cut, "
                         "the connection closes", cycle.method, self.environ["PATH_INFO"])
         cycle.hand_off(data, final, writer.keep_alive and not unread)
+
+
+# status text -> (code, reason bytes or None for the standard phrase), learnt as they come
+_STATUSES: dict[str, tuple[int, bytes | None]] = {}
+
+
+def _parse_status(status: Any) -> tuple[int, bytes | None]:
+    if (not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit()
+            or status[3:4] not in ("", " ")):
+        raise ValueError(f"invalid WSGI status {status!r}")
+    code = int(status[:3])
+    reason = status[4:]
+    parsed = (code, None if reason == _phrase(code) else reason.encode("latin-1"))
+    if type(status) is str and len(_STATUSES) < 256:  # (an app's own texts: bounded)
+        _STATUSES[status] = parsed
+    return parsed
 
 
 _PHRASES: dict[int, str] = {}

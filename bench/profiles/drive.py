@@ -1,0 +1,120 @@
+"""In-process driver: one worker's HTTP protocol and WSGI (or ASGI) path, no sockets.
+
+    .venv/bin/python -m bench.profiles.drive wsgi 200000          # CPU us per request
+    .venv/bin/python -m bench.profiles.drive wsgi 100000 --profile out.prof
+
+A real ServerState and HttpProtocol (as a worker makes them) get GET requests as wrk sends
+them through a transport that only counts what is written; the app is bench/apps' hello.
+The figure is the CPU time of the whole loop per request: forkd's own Python, without
+the kernel's socket work, so it moves only with forkd's code (and the machine's speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import sys
+import time
+from typing import Any
+
+from forkd.config import Config
+from forkd.http.protocol import ServerState, make_protocol_factory
+from forkd.worker import _positional
+
+BATCH = 5000
+WARM_UP = 2000
+REQUEST = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+
+
+class CountingTransport:
+    def __init__(self) -> None:
+        self.written = 0
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        self.writes += 1
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8080), "peername": ("127.0.0.1", 40000)}.get(
+            name, default)
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def is_closing(self) -> bool:
+        return False
+    def close(self) -> None: ...
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def drive(interface: str, n: int, path: bytes, profile: str | None,
+                threads: int) -> None:
+    loop = asyncio.get_running_loop()
+    if interface == "wsgi":
+        from bench.apps.hello_wsgi import app
+        from forkd.http.wsgi import WSGICycle
+        from forkd.http.wsgipool import WSGIPool
+
+        config = Config(app="x", threads=threads)
+        state = ServerState(config, loop)
+        pool = WSGIPool(loop, config.threads, config.wsgi_inline)
+        state.cycle_factory = _positional(WSGICycle, app, pool, config.root_path)
+    else:
+        from bench.apps.hello_asgi import app as asgi_app
+        from forkd.http.asgi import ASGICycle
+
+        config = Config(app="x")
+        state = ServerState(config, loop)
+        state.cycle_factory = _positional(ASGICycle, asgi_app, {}, config.root_path)
+    proto = make_protocol_factory(state)()
+    transport = CountingTransport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    request = REQUEST % path
+
+    async def run(count: int) -> None:
+        for _ in range(count):
+            before = transport.writes
+            proto.data_received(request)
+            while transport.writes == before:  # answered on a thread, or by a task
+                await asyncio.sleep(0)
+
+    await run(WARM_UP)  # warm-up: the WSGI route is learnt quick and runs inline after this
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        await run(n)
+        prof.disable()
+        prof.dump_stats(profile)
+        return
+    # in batches: on a shared machine the least CPU a batch took is the figure that other
+    # people's load disturbs least (it only ever adds: cache misses, preemption)
+    per: list[float] = []
+    batch = min(n, BATCH)
+    for _ in range(max(1, n // batch)):
+        cpu = time.process_time()
+        await run(batch)
+        per.append((time.process_time() - cpu) / batch * 1e6)
+    per.sort()
+    print(f"{interface} {path.decode()}: {len(per)} x {batch} requests, CPU per request "
+          f"min {per[0]:.2f} us, median {per[len(per) // 2]:.2f} us; "
+          f"{transport.written // transport.writes} bytes per response")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("interface", choices=["wsgi", "asgi"])
+    parser.add_argument("n", type=int, nargs="?", default=100_000)
+    parser.add_argument("--path", default="/")
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--profile", default=None, help="write cProfile stats here")
+    args = parser.parse_args()
+    import uvloop
+
+    uvloop.run(drive(args.interface, args.n, args.path.encode(), args.profile, args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
