@@ -413,6 +413,7 @@ class WSGICycle:
         if not inline:
             wall, cpu = clocks()
         result: Any = None
+        ended = True  # this call is over when run returns (not when _stream took it on)
         try:
             result = self.app(environ, response.start_response)
             if isinstance(result, _SEQUENCES):
@@ -422,8 +423,8 @@ class WSGICycle:
                 # A streamed body's blocks may be slow to come: iterate it on a thread.
                 self.inline = False
                 self.flow = threading.Condition()
+                ended = False  # _stream closes the result and ends the call
                 self.pool.submit(self._stream, (response, result))
-                result = None  # closed by _stream
                 return
             else:
                 self._iterate(response, result)
@@ -431,7 +432,8 @@ class WSGICycle:
         except BaseException as exc:  # the app's code: anything can come out
             self._failed(response, exc)
         finally:
-            if result is not None:
+            if ended:
+                # (a failed app may have returned nothing to close: the call ends anyway)
                 self._close(result)
             if not inline:
                 end_wall, end_cpu = clocks()
@@ -471,12 +473,15 @@ class WSGICycle:
 
     def _close(self, result: Any) -> None:
         try:
-            if hasattr(result, "close"):
+            if result is not None and hasattr(result, "close"):
                 result.close()
         except Exception as exc:
             log.error("exception in the WSGI result's close()", exc_info=exc)
         finally:
-            self._to_loop(self._call_ended)
+            if self.inline:
+                self.proto.state.calls -= 1
+            else:
+                self.pool.to_loop(self._call_ended)
 
     def _log_access(self, response: _Response) -> None:
         raw_path, query = split_target(self.target)

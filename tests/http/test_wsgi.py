@@ -197,6 +197,19 @@ def test_app_failure_before_any_byte_is_a_500(server: Served, worker_pid: int,
 
 
 @pytest.mark.timeout(30)
+def test_failed_calls_do_not_count_as_running(server: Served, serve) -> None:
+    """A call whose app raised is over: it must not hold one of --limit-concurrency's
+    places (nor keep a drain waiting) after its 500 went out. (Once per module: the
+    server fixture's own mode, on threads or inline.)"""
+    mode = server.proc.args[server.proc.args.index("--wsgi-inline") + 1]
+    limited = serve("http_wsgi_validate:app", "--limit-concurrency", "2", "--wsgi-inline", mode)
+    for _ in range(3):
+        assert call(limited, "GET", "/raise")[0] == 500
+    status, _, body = call(limited, "GET", "/query")
+    assert status == 200, body
+
+
+@pytest.mark.timeout(30)
 def test_app_failure_after_part_of_the_body_cuts_the_connection(server: Served,
                                                                  worker_pid: int) -> None:
     with Conn.open(server.port) as conn:
