@@ -644,7 +644,10 @@ class _Response:
             cycle.overrun_logged = True
             log.warning("WSGI app sent more than its content-length for %s %s: cut, "
                         "the connection closes", cycle.method, self.environ["PATH_INFO"])
-        cycle.hand_off(data, final, writer.keep_alive and not unread)
+        if final and cycle.inline:  # (the usual end: on the loop's thread, written now)
+            cycle._write_final(data, writer.keep_alive and not unread)
+        else:
+            cycle.hand_off(data, final, writer.keep_alive and not unread)
 
 
 # status text -> (code, reason bytes or None for the standard phrase), learnt as they come
