@@ -22,7 +22,16 @@ from typing import Any
 
 import psutil
 
-from bench.harness import SERVERS, ServerSpec, ensure_venv, log, run_load, running, wrk_command
+from bench.harness import (
+    SERVERS,
+    ServerSpec,
+    compile_forkd,
+    ensure_venv,
+    log,
+    run_load,
+    running,
+    wrk_command,
+)
 
 
 def _variant(text: str) -> tuple[str, ServerSpec]:
@@ -60,6 +69,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     ensure_venv()
+    compile_forkd()
     variants = [_variant(v) for v in args.variants]
     rows: dict[str, list[dict[str, float]]] = {name: [] for name, _ in variants}
     for rnd in range(args.rounds):

@@ -121,7 +121,7 @@ class Primary:
             self.poller.register(self.options.predecessor.fileno())
 
     def run(self) -> int:
-        _import_worker_stack()
+        _import_worker_stack(self.options.interface or self.config.interface)
         raise_fd_limit()
         self._install_signals()
         listeners = ", ".join(listener.address for listener in self.options.listeners)
@@ -622,12 +622,15 @@ class Primary:
         return document
 
 
-def _import_worker_stack() -> None:
+def _import_worker_stack(interface: str = "auto") -> None:
     """Import the worker's HTTP stack once, here: every worker (and each replacement
     of a recycle or reload) inherits it by fork instead of importing it anew, which
     shortens a replacement's start-up and so a recycled worker's overshoot. None of
     these modules starts a thread or a loop at import. Their pages stay shared
-    copy-on-write: a hello-world worker's unique memory (USS) is about 5 MB, not 9."""
+    copy-on-write: a hello-world worker's unique memory (USS) is about 5 MB, not 9.
+    A WSGI app never upgrades to a WebSocket: with `--interface wsgi` the websockets
+    package (25-40 ms of the start-up here) is left out (a worker of a reload that
+    changed the interface imports it itself)."""
     import httptools  # noqa: F401
     import uvloop  # noqa: F401
 
@@ -635,7 +638,9 @@ def _import_worker_stack() -> None:
     import forkd.http.lifespan
     import forkd.http.loader
     import forkd.http.protocol
-    import forkd.http.websocket  # the websockets package: about 20 ms, once, here
+
+    if interface != "wsgi":
+        import forkd.http.websocket  # noqa: F401  # the websockets package, once, here
     import forkd.http.wsgi
     import forkd.http.wsgipool
     import forkd.tls  # noqa: F401
