@@ -283,7 +283,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("reload_batch", _int(1), "workers replaced at once during a reload"),
     Option("backlog", _int(1), "listen backlog of each listener"),
     Option("unix_mode", _mode, "file mode of unix: listeners (octal)"),
-    Option("threads", _int(0), "WSGI thread pool size per worker (0: every call inline)"),
+    Option("threads", _int(0), "WSGI threads per worker, at most (up to 8 always; more while "
+           "calls wait on I/O; 0: every call inline)"),
     Option("wsgi_inline", _choice("auto", "always", "never"),
            "run WSGI calls learnt to be quick on the loop's thread (auto), every call, or none"),
     Option("keepalive_timeout", _seconds, "seconds an idle keep-alive connection is kept"),
@@ -356,7 +357,7 @@ class Config:
     reload_batch: int = 1
     backlog: int = 2048
     unix_mode: int = 0o660
-    threads: int = 8
+    threads: int = 32
     wsgi_inline: str = "auto"
     keepalive_timeout: float = 5.0
     header_timeout: float = 10.0

@@ -55,6 +55,25 @@ def test_a_blocking_route_stays_concurrent(server: Served) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_calls_that_block_are_served_concurrently_up_to_threads(serve) -> None:
+    """Past the pool's floor of 8 threads, up to --threads: calls that wait for a
+    thread while every thread sleeps get threads of their own."""
+    wide = serve("wsgi_inline_probe:app", "--threads", "12")
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(where(wide, "/slow-io?ms=700")))
+               for _ in range(12)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    elapsed = time.monotonic() - started
+    assert len(results) == 12
+    assert len(set(results)) == 12  # each on a thread of its own
+    assert elapsed < 1.3, f"took {elapsed:.2f}s: 8 threads would take 1.4 s or more"
+
+
+@pytest.mark.timeout(30)
 def test_a_learnt_route_that_blocks_goes_back_to_the_threads(server: Served) -> None:
     for _ in range(LEARN):
         where(server, "/flaky")

@@ -94,3 +94,32 @@ def test_routes_remembered_are_bounded(pool: WSGIPool) -> None:
 def test_modes(loop: asyncio.AbstractEventLoop, mode: str, size: int, inline: bool) -> None:
     pool = WSGIPool(loop, size, mode)
     assert pool.runs_inline(b"/") is inline
+
+
+def test_calls_that_mostly_wait_let_the_pool_run_more_threads(
+        loop: asyncio.AbstractEventLoop) -> None:
+    pool = WSGIPool(loop, 32, "auto")
+    assert pool.limit == wsgipool.FLOOR
+    for _ in range(wsgipool.WINDOW):  # 1 ms of waiting, 25 us of CPU: about 20 in flight help
+        pool.threaded_took(b"/io", 0.001, 0.000025)
+    assert pool.limit == 20
+    for _ in range(wsgipool.WINDOW):  # waiting on a slow database: as many as allowed
+        pool.threaded_took(b"/db", 0.050, 0.000025)
+    assert pool.limit == 32
+
+
+def test_cpu_bound_calls_keep_the_pool_at_its_floor(loop: asyncio.AbstractEventLoop) -> None:
+    pool = WSGIPool(loop, 32, "never")
+    for _ in range(wsgipool.WINDOW):
+        pool.threaded_took(b"/mix", 0.0012, 0.0002)  # 1 ms of waiting, 0.2 ms of Python
+    assert pool.limit == wsgipool.FLOOR
+    for _ in range(wsgipool.WINDOW):
+        pool.threaded_took(b"/", 0.00003, 0.00003)
+    assert pool.limit == wsgipool.FLOOR
+
+
+def test_a_small_pool_is_its_own_floor(loop: asyncio.AbstractEventLoop) -> None:
+    pool = WSGIPool(loop, 4, "auto")
+    for _ in range(wsgipool.WINDOW):
+        pool.threaded_took(b"/io", 0.050, 0.000025)
+    assert pool.limit == 4
