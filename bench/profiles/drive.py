@@ -50,14 +50,14 @@ class CountingTransport:
 
 
 async def drive(interface: str, n: int, path: bytes, profile: str | None,
-                threads: int) -> None:
+                threads: int, inline: str) -> None:
     loop = asyncio.get_running_loop()
     if interface == "wsgi":
         from bench.apps.hello_wsgi import app
         from forkd.http.wsgi import WSGICycle
         from forkd.http.wsgipool import WSGIPool
 
-        config = Config(app="x", threads=threads)
+        config = Config(app="x", threads=threads, wsgi_inline=inline)
         state = ServerState(config, loop)
         pool = WSGIPool(loop, config.threads, config.wsgi_inline)
         state.cycle_factory = _positional(WSGICycle, app, pool, config.root_path)
@@ -108,11 +108,13 @@ def main() -> int:
     parser.add_argument("n", type=int, nargs="?", default=100_000)
     parser.add_argument("--path", default="/")
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--inline", default="auto", help="--wsgi-inline (never: on threads)")
     parser.add_argument("--profile", default=None, help="write cProfile stats here")
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(drive(args.interface, args.n, args.path.encode(), args.profile, args.threads))
+    uvloop.run(drive(args.interface, args.n, args.path.encode(), args.profile, args.threads,
+                     args.inline))
     return 0
 
 

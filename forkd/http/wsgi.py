@@ -278,8 +278,10 @@ class WSGICycle:
         self.wait_for_body = False
         self.submitted = False
         self.disconnected = False
-        # write flow control between the app's thread and the loop: made (on the loop's
-        # thread) before a call goes to a thread; an inline call needs none
+        # write flow control between the app's thread and the loop, made by the app's
+        # thread at its first block of a streamed response (a response written in one
+        # block, and an inline call, need none). disconnect() sets `disconnected` before
+        # it looks for it, and the thread makes it before it reads `disconnected`.
         self.flow: threading.Condition | None = None
         self.in_flight = 0  # blocks handed to the loop, not yet written
         self.blocked = False  # the client is not reading: the transport paused writing
@@ -346,7 +348,6 @@ class WSGICycle:
             self.run(body)
             pool.inline_took(route, time.perf_counter() - started)
         else:
-            self.flow = threading.Condition()
             pool.submit(self.run, body)
 
     def _call_ended(self) -> None:
@@ -422,7 +423,6 @@ class WSGICycle:
             elif inline:
                 # A streamed body's blocks may be slow to come: iterate it on a thread.
                 self.inline = False
-                self.flow = threading.Condition()
                 ended = False  # _stream closes the result and ends the call
                 self.pool.submit(self._stream, (response, result))
                 return
@@ -504,7 +504,8 @@ class WSGICycle:
             self.pool.to_loop(self._write_final, data, keep_alive)
             return
         flow = self.flow
-        assert flow is not None  # (made before the call went to a thread)
+        if flow is None:
+            flow = self.flow = threading.Condition()
         with flow:
             self.in_flight += 1
             self.pool.to_loop(self._write_more, data)
