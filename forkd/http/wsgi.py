@@ -243,7 +243,7 @@ class WSGICycle:
         "headers", "http_version", "keep_alive", "body", "body_size", "more_body",
         "stream", "wait_for_body", "submitted", "disconnected", "flow", "in_flight",
         "blocked", "expect_continue", "overrun_logged", "client", "scheme", "received_at",
-        "request_id", "length",
+        "request_id", "access", "length",
     )  # fmt: skip
 
     def __init__(
