@@ -3,11 +3,13 @@
     .venv/bin/python -m bench.side --path io --seconds 5 --rounds 3 \\
         'forkd=forkd-wsgi' 'forkd-t64=forkd-wsgi --threads 64' 'granian=granian-wsgi'
 
-Each variant is NAME=SERVER [extra args...]: a server of bench/harness.py (`bench/run --list`)
-with extra arguments appended to its command line. Reported per variant: req/s and p99 (median
-of the rounds) and the CPU its worker processes used per request (user + system, in µs,
-median of the rounds): on a shared machine the CPU per request moves far less with the load
-other people put on it than req/s does, so it is the figure to compare code changes with.
+Each variant is NAME=SERVER[@DIR] [extra args...]: a server of bench/harness.py (`bench/run
+--list`) with extra arguments appended to its command line; @DIR runs forkd from the forkd/
+in DIR (`git archive main forkd | tar -x -C DIR`), to compare with an older version.
+Reported per variant: req/s and p99 (median of the rounds) and the CPU its worker
+processes used per request (user + system, in µs, median of the rounds): on a shared
+machine the CPU per request moves far less with the load other people put on it than
+req/s does, so it is the figure to compare code changes with.
 Nothing is written to bench/results/: this is a tool for trying changes out.
 """
 
@@ -37,13 +39,20 @@ from bench.harness import (
 def _variant(text: str) -> tuple[str, ServerSpec]:
     name, _, rest = text.partition("=")
     words = shlex.split(rest)
-    if not words or words[0] not in SERVERS:
-        raise SystemExit(f"{text!r}: want NAME=SERVER [args], SERVER one of {', '.join(SERVERS)}")
-    base = SERVERS[words[0]]
+    server, _, source = words[0].partition("@") if words else ("", "", "")
+    if server not in SERVERS:
+        raise SystemExit(f"{text!r}: want NAME=SERVER[@DIR] [args], SERVER one of "
+                         f"{', '.join(SERVERS)}")
+    base = SERVERS[server]
     extra = words[1:]
 
     def argv(port: int, workers: int, tmp: Any) -> list[str]:
-        return [*base.argv(port, workers, tmp), *extra]
+        command = [*base.argv(port, workers, tmp), *extra]
+        if source and base.is_forkd:  # forkd imported from DIR (e.g. an older forkd/)
+            run = (f"import runpy, sys; sys.path.insert(0, {source!r}); "
+                   "runpy.run_module('forkd', run_name='__main__', alter_sys=True)")
+            command[1:3] = ["-c", run]  # in place of `-m forkd`
+        return command
 
     return name, replace(base, name=name, argv=argv)
 
