@@ -63,7 +63,6 @@ class ASGICycle:
         "delivered_last",
         "overrun_logged",
         "received_at",
-        "request_id",
         "access",
     )
 
@@ -111,13 +110,10 @@ class ASGICycle:
         self.head_headers: Any = ()
         self.delivered_last = False
         self.overrun_logged = False
-        if proto.state.access_log:
-            self.received_at = time.perf_counter()
-            # (the scope's headers are this list: the app sees a made id too)
-            self.access = accesslog.request_fields(headers)
-            self.request_id = self.access[0]
+        if proto.state.access_log:  # the scope's headers are this list: the app sees a made id too
+            self.received_at, self.access = time.perf_counter(), accesslog.request_fields(headers)
         else:
-            self.received_at, self.access, self.request_id = 0.0, accesslog.NONE, b""
+            self.received_at, self.access = 0.0, accesslog.NONE
         self.expect_continue = False
         if http_version == "1.1":
             for name, value in headers:
@@ -244,7 +240,7 @@ class ASGICycle:
                     complete_body=None if more else len(body),
                     date_header=proto.state.date_header,
                     force_close=proto.state.draining and not proto.pipeline,
-                    request_id=self.request_id)
+                    request_id=self.access[0])
                 self.writer = writer
                 data = head + writer.write(body) if body else head
             else:

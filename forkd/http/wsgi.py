@@ -243,7 +243,7 @@ class WSGICycle:
         "headers", "http_version", "keep_alive", "body", "body_size", "more_body",
         "stream", "wait_for_body", "submitted", "disconnected", "flow", "in_flight",
         "blocked", "expect_continue", "overrun_logged", "client", "scheme", "received_at",
-        "request_id", "access", "length",
+        "access", "length",
     )  # fmt: skip
 
     def __init__(
@@ -289,13 +289,10 @@ class WSGICycle:
         self.overrun_logged = False
         self.client = proto.req_client  # (a trusted proxy's word applied)
         self.scheme = proto.req_scheme
-        if proto.state.access_log:
-            self.received_at = time.perf_counter()
-            # before the environ is built from these headers: the app sees a made id too
-            self.access = accesslog.request_fields(headers)
-            self.request_id = self.access[0]
+        if proto.state.access_log:  # (before the environ is made: the app sees a made id too)
+            self.received_at, self.access = time.perf_counter(), accesslog.request_fields(headers)
         else:
-            self.received_at, self.access, self.request_id = 0.0, accesslog.NONE, b""
+            self.received_at, self.access = 0.0, accesslog.NONE
         length: int | None = 0
         for name, value in headers:
             if name == b"content-length":
@@ -634,7 +631,7 @@ class _Response:
                 complete_body=len(body) if final else None,
                 date_header=proto.state.date_header,
                 force_close=unread or (proto.state.draining and not proto.pipeline),
-                reason=self.reason, request_id=cycle.request_id)
+                reason=self.reason, request_id=cycle.access[0])
             self.writer = writer
             data = head + writer.write(body) if body else head
         else:
