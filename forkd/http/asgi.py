@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
+from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -122,6 +124,20 @@ class ASGICycle:
 
     # -- the protocol's side ----------------------------------------------------
     def start(self) -> None:
+        proto = self.proto
+        if proto.ending:
+            # A pipelined request, started as the app before it ends its response: the
+            # task of that app runs this one too once that app returns, with no task of
+            # its own and no pass of the loop in between. If that app does more after
+            # its response (it awaits), this request gets a task on the next pass.
+            proto.chained = self
+            if not proto.chain_scheduled:
+                proto.chain_scheduled = True
+                proto.loop.call_soon(_start_chained, proto)
+            return
+        self.spawn()
+
+    def spawn(self) -> None:
         tasks = self.proto.state.tasks
         task = self.proto.loop.create_task(self.run())
         tasks.add(task)
@@ -153,8 +169,18 @@ class ASGICycle:
 
     # -- the app's side ------------------------------------------------------------
     async def run(self) -> None:
+        """The task of this request, and of the pipelined requests chained to it."""
+        proto = self.proto
+        base = contextvars.copy_context()  # as a task of its own would start each app
+        await self.call(self.app(self.scope, self.receive, self.send))
+        while (cycle := proto.chained) is not None:
+            proto.chained = None
+            await cycle.call(InContext(cycle.app(cycle.scope, cycle.receive, cycle.send),
+                                       base.copy()))
+
+    async def call(self, app: Awaitable[None]) -> None:
         try:
-            await self.app(self.scope, self.receive, self.send)
+            await app
         except BaseException as exc:
             if self.disconnected and isinstance(exc, Exception):
                 # the client went away and the app stopped on being told (send raised;
@@ -258,7 +284,11 @@ class ASGICycle:
                 self._wake()
                 if proto.state.access_log:
                     self._log_access(writer.sent)
-                proto.response_done(self, writer.keep_alive)
+                proto.ending = True  # (a pipelined request started now is chained)
+                try:
+                    proto.response_done(self, writer.keep_alive)
+                finally:
+                    proto.ending = False
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
@@ -279,3 +309,44 @@ class ASGICycle:
         accesslog.log_access(scope["client"], self.method, scope["raw_path"],
                              scope["query_string"], scope["http_version"], self.access,
                              self.status, size, time.perf_counter() - self.received_at)
+
+
+def _start_chained(proto: HttpProtocol) -> None:
+    """A pass after a request was chained: if the app before it has not returned yet
+    (it does more after its response), the request gets a task of its own."""
+    proto.chain_scheduled = False
+    cycle = proto.chained
+    if cycle is not None:
+        proto.chained = None
+        cycle.spawn()
+
+
+class InContext:
+    """Await a coroutine inside another task, stepping it in `context`: a chained
+    request's app sees the context a task of its own would have given it."""
+
+    __slots__ = ("coro", "context")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], context: contextvars.Context) -> None:
+        self.coro = coro
+        self.context = context
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro = self.coro
+        run = self.context.run
+        send = coro.send
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = run(send, value) if error is None else run(coro.throw, error)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            value = error = None
+            try:
+                value = yield step  # (a future, to the task, which resumes us when done)
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # the task's cancellation, into the app
+                error = exc

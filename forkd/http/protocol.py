@@ -37,6 +37,10 @@ HIGH_WATER = 64 * 1024  # buffered request body above which reading pauses
 # which are far smaller than the objects they would become).
 FEED_SLICE = 4096
 MAX_PIPELINE = 16  # requests parsed ahead of the one being answered
+# Responses held back to go out in one write (one send() for a batch of pipelined
+# requests), at most: past it they go out at once, so the transport's back-pressure
+# (pause_writing) still reaches a response that is large or an app that streams.
+OUT_LIMIT = 64 * 1024
 RATE_WINDOW = 5.0  # seconds over which a request body's data rate is judged
 # What a chunked body's framing may add on top of --max-body-size on the wire: a fair
 # client's chunks cost a few bytes each; one-byte chunks cost six times the body.
@@ -100,6 +104,10 @@ def _check_authority(value: bytes, port_required: bool) -> bool:
 
 class ClientDisconnected(OSError):
     """Raised by ASGI send() (and a WSGI write) once the client has gone (ASGI 2.4)."""
+
+
+class ConnectionClosing(Exception):
+    """Raised in a parser callback to stop parsing: the connection is closing."""
 
 
 class RequestError(Exception):
@@ -338,6 +346,19 @@ class HttpProtocol(asyncio.Protocol):
         self.feed_scheduled = False
         self.awaiting_drain = False  # the next request waits for the client to read
         self.write_paused_at = 0.0
+        # Responses written while more are due at once (inside data_received, or while
+        # pipelined requests wait behind the one answered) are held here and go out in
+        # one transport write: at the end of the read, with the last response queued,
+        # past OUT_LIMIT, or at the latest on the loop's next pass (flush_soon).
+        self.out: list[bytes] = []
+        self.out_size = 0
+        self.corked = False  # inside data_received
+        self.flush_scheduled = False
+        # ASGI (forkd.http.asgi): a request started while the app before it ends its
+        # response, which the task of that app runs once the app returns
+        self.ending = False
+        self.chained: Any = None
+        self.chain_scheduled = False
 
     # -- connection events ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -364,6 +385,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.out.clear()
         self.state.connections.discard(self)
         if self.heads:  # requests that will never be answered leave the in-flight set
             self._abandon(self.loop.time())
@@ -387,10 +409,18 @@ class HttpProtocol(asyncio.Protocol):
             if self.blank_bytes > 2:
                 self.reject(400, "Bad Request: empty lines before the request line")
                 return
-        if len(data) <= FEED_SLICE:
-            self.feed(data)
-        else:
-            self.feed_sliced(data)
+        # what the requests of this read are answered with at once (a WSGI call run
+        # inline, --health-path, refusals) goes out in one write at its end
+        self.corked = True
+        try:
+            if len(data) <= FEED_SLICE:
+                self.feed(data)
+            else:
+                self.feed_sliced(data)
+        finally:
+            self.corked = False
+            if self.out:
+                self.flush()
 
     def feed_sliced(self, data: bytes) -> None:
         view = memoryview(data)
@@ -417,11 +447,14 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             if self.upgrade is not None:  # a WebSocket: hand it the connection, and
                 upgrade, self.upgrade = self.upgrade, None  # the rest of the read
+                self.flush()  # (the answers before it first: it writes to the transport)
                 rest = data[exc.args[0]:] if whole is None else whole[at + exc.args[0]:]
                 upgrade.take_over(bytes(rest))
                 return False
             # else no protocol switch: the app answered the request as plain HTTP
         except httptools.HttpParserCallbackError as exc:
+            if self.linger_until is not None:
+                return False  # closed by an answer given inside the parse (on_message_begin)
             cause = exc.__context__
             if isinstance(cause, RequestError):
                 self.reject(cause.status, cause.reason)
@@ -534,6 +567,10 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- parser callbacks ---------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.linger_until is not None:
+            # an answer given during this read closed the connection (a WSGI call run
+            # inline that said `connection: close`): what follows is never run
+            raise ConnectionClosing
         self.head_open = True
         self.head_size = 0
         self.chunked = False
@@ -756,12 +793,42 @@ class HttpProtocol(asyncio.Protocol):
             if not self.response_begun:
                 self.response_begun = True
                 self.response_status = data[9:12]  # b"HTTP/1.1 200 ..."
-            self.transport.write(data)
+            if self.corked or self.pipeline:
+                # more answers follow at once: hold this one to write them together
+                self.out.append(data)
+                self.out_size += len(data)
+                if self.out_size > OUT_LIMIT:
+                    self.flush()
+                elif not self.corked and not self.flush_scheduled:
+                    # (the next answer may not come in this pass of the loop: an app
+                    # that streams, or does more after its response)
+                    self.flush_scheduled = True
+                    self.loop.call_soon(self.flush_soon)
+            elif self.out:
+                self.out.append(data)
+                self.flush()
+            else:
+                self.transport.write(data)
+
+    def flush(self) -> None:
+        """Write what is held back, in one transport write."""
+        out = self.out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            self.out_size = 0
+            if not self.closed and self.transport is not None:
+                self.transport.write(data)
+
+    def flush_soon(self) -> None:
+        self.flush_scheduled = False
+        self.flush()
 
     def send_continue(self) -> None:
         """The interim 100 (Continue): not the start of the final response."""
         if not self.closed and self.transport is not None and self.linger_until is None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.flush()  # the client waits for it: now, after what came before it
 
     def response_done(self, cycle: Cycle, keep_alive: bool) -> None:
         """The cycle's response is complete: start the next pipelined request, or go idle."""
@@ -851,6 +918,8 @@ class HttpProtocol(asyncio.Protocol):
             metrics.end(now)
 
     def abort(self) -> None:
+        self.out.clear()
+        self.out_size = 0
         if self.transport is not None and not self.closed:
             self.transport.abort()
 
@@ -861,6 +930,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed or self.linger_until is not None:
             return
+        self.flush()  # (before the FIN, and before write() refuses more)
         self.linger_until = self.state.now + LINGER_SECONDS
         self.unparsed = None
         self.body_parts.clear()
