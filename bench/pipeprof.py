@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import io
 import pstats
 import socket
@@ -143,6 +144,7 @@ async def _drive(interface: str, depth: int, batches: int, profile: cProfile.Pro
             return WSGICycle(proto, wsgi_app, pool, "", method, target, headers, version,
                              keep_alive)
     state.cycle_factory = factory
+    gc.freeze()  # as the worker does once the app is loaded
     proto = HttpProtocol(state)
     if real_socket:
         return await _drive_socket(proto, depth, batches, profile)

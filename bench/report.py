@@ -14,8 +14,9 @@ from typing import Any
 from bench.harness import BENCH
 
 RESULTS_DIR = BENCH / "results"
-ORDER = ["throughput", "kills", "reload", "hooks", "recycle", "speed", "upgrade", "autoscale",
-         "wstls", "hostile", "logs"]
+ORDER = ["throughput", "kills", "reload", "hooks", "recycle", "speed", "speed-cases", "upgrade",
+         "autoscale", "wstls", "hostile", "logs"]
+OPTIONAL = {"speed-cases"}  # sections shown only once run
 
 
 def save(name: str, data: dict[str, Any]) -> Path:
@@ -62,7 +63,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                 warning = "**Quick mode (`--quick`): a short try-out, not the figures.**"
                 text = f"{title}\n\n{warning}\n{rest}"
             parts.append(text)
-        else:
+        elif name not in OPTIONAL:
             parts.append(f"## {TITLES[name]}\n\nNot run yet (`bench/run {name}`).\n")
     return "\n".join(parts)
 
@@ -84,6 +85,7 @@ TITLES = {
     "hooks": "4. Hooks: memory recycle, primary CPU",
     "recycle": "5. --max-requests 1000 under load (2 workers)",
     "speed": "6. Speed: spread over rounds, pipelining, blocking WSGI, memory, start-up",
+    "speed-cases": "6b. Speed, some cases only (`bench/run speed --cases ...`)",
     "upgrade": "7. Replacing the primary itself under load (2 workers)",
     "autoscale": "8. Autoscaling: a ramp of CPU-bound load, --autoscale 1:4 against fixed 1 and 4",
     "wstls": "9. WebSocket echo and HTTPS hello (2 workers)",
@@ -347,9 +349,11 @@ def _target(target: float | None) -> str:
     return f"≥ {target:.1f}×" if target else "(shown)"
 
 
-def _speed(data: dict[str, Any]) -> str:
+def _speed(data: dict[str, Any], title: str = TITLES["speed"]) -> str:
+    loaded = data["meta"].get("loadavg_at_start")
+    load = f" Load average at the start: {loaded[0]:.1f}." if loaded else ""
     parts = [
-        f"## {TITLES['speed']}\n\n{data['meta']['date']}. {data['rounds']} alternating rounds "
+        f"## {title}\n\n{data['meta']['date']}.{load} {data['rounds']} alternating rounds "
         f"of {data['seconds']} s per server and case, 2 workers each; the ratio columns are "
         "taken round by round (the two servers ran side by side), median and min…max.\n"
     ]
@@ -358,26 +362,30 @@ def _speed(data: dict[str, Any]) -> str:
         for name, e in block["servers"].items():
             s = e.get("summary")
             if not s:
-                rows.append(f"| {name} | {_failed(e)} | | | |")
+                rows.append(f"| {name} | {_failed(e)} | | | | |")
                 continue
             rows.append(
                 f"| {name} | **{_n(s['rps'])}** | {_n(s['rps_min'])} … {_n(s['rps_max'])} | "
-                f"{_f(s['p99_ms'])} | {s['errors']} |"
+                f"{_f(s['p99_ms'])} | {s['errors']} | {_f(s.get('cpu_us_per_request'), 1)} |"
             )
         ratio_rows = [
             f"| {r['forkd']} / {r['peer']} | **{_f(r['ratio'])}×** | "
             f"{_f(r['ratio_min'])} … {_f(r['ratio_max'])} | "
-            f"{_target(r['target'])} | {_f(r['p99_ratio'])} |"
+            f"{_target(r['target'])} | {_f(r['p99_ratio'])} | {_f(r.get('cpu_ratio'))} |"
             for r in block["ratios"]
         ]
         parts.append(
             f"### {case}\n\n`{block['command']}`\n\n"
-            "| server | req/s (median) | min … max | p99 ms (median) | errors |\n"
-            "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-            "| ratio | median | min … max | target | p99 ratio |\n|---|---|---|---|---|\n"
+            "| server | req/s (median) | min … max | p99 ms (median) | errors | "
+            "CPU µs/request |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            "| ratio | median | min … max | target | p99 ratio | CPU/request ratio |\n"
+            "|---|---|---|---|---|---|\n"
             + "\n".join(ratio_rows) + "\n"
         )
-    mem = data.get("memory", {})
+    mem = data.get("memory")
+    if mem is None:  # (a run of some cases only)
+        return "\n".join(parts)
     rows = []
     for name, e in mem.get("servers", {}).items():
         if "failed" in e:
@@ -542,6 +550,7 @@ SECTIONS = {
     "hooks": _hooks,
     "recycle": _recycle,
     "speed": _speed,
+    "speed-cases": lambda data: _speed(data, TITLES["speed-cases"]),
     "upgrade": _upgrade,
     "autoscale": _autoscale,
     "wstls": _wstls,

@@ -10,26 +10,40 @@
 - ``startup``: time from launching the command to every worker ready and answering.
 
 Every server runs with 2 workers and its defaults otherwise; rounds alternate servers.
+Each round also records the server's CPU time per request (primary and workers, user +
+system, over the measured load): on a shared machine it moves far less than req/s does.
+`bench/run speed --cases pipelined` runs some cases only (memory/start-up is the case
+`memory`). With FORKD_BENCH_BEFORE naming a directory that holds an older `forkd/`
+(`git archive main forkd | tar -x -C DIR`), that version runs too, as "forkd-asgi (before)"
+and "forkd-wsgi (before)", alternating with the others in the hello and pipelined cases.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from bench.harness import (
+    ASGI_APP,
     BENCH,
+    HOST,
     SERVERS,
+    WSGI_APP,
     ServerFailed,
+    ServerSpec,
     log,
     run_load,
     running,
     server_command,
     wrk_command,
 )
+from bench.logs import _tree_cpu as tree_cpu
 
 HELLO_ASGI = ["forkd-asgi", "uvicorn", "granian-asgi"]
 HELLO_WSGI = ["forkd-wsgi", "gunicorn-gthread", "granian-wsgi"]
@@ -66,6 +80,26 @@ def pipeline_command(url: str, seconds: int) -> list[str]:
     ]  # fmt: skip
 
 
+def _before(app: str, interface: str, before: str) -> Any:
+    def argv(port: int, workers: int, tmp: Path) -> list[str]:
+        return [sys.executable, "-c", f"import sys; sys.path.insert(0, {before!r}); "
+                "import runpy; runpy.run_module('forkd', run_name='__main__')",
+                "start", app, "-b", f"{HOST}:{port}", "-w", str(workers),
+                "--interface", interface, "--name", "bench"]
+
+    return argv
+
+
+BEFORE = os.environ.get("FORKD_BENCH_BEFORE")
+if BEFORE:
+    for _name, _app, _iface in (("forkd-asgi", ASGI_APP, "asgi"), ("forkd-wsgi", WSGI_APP, "wsgi")):
+        SERVERS[f"{_name} (before)"] = ServerSpec(f"{_name} (before)", _iface,
+                                                  _before(_app, _iface, BEFORE), is_forkd=True)
+        for _case in ("hello", "pipelined"):
+            TARGETS[_case].append((_name, f"{_name} (before)", None))
+    HELLO_ASGI.insert(1, "forkd-asgi (before)")
+    HELLO_WSGI.insert(1, "forkd-wsgi (before)")
+
 CASES = {
     # name: (servers, argv builder (url, seconds) -> argv, path)
     "hello": (HELLO_ASGI + HELLO_WSGI, lambda url, s: wrk_command(url, 64, s), ""),
@@ -74,14 +108,23 @@ CASES = {
 }
 
 
-def run(quick: bool, only: list[str] | None, rounds: int | None) -> dict[str, Any]:
+def _selected(name: str, only: list[str] | None) -> bool:
+    return not only or name.removesuffix(" (before)") in only
+
+
+def run(quick: bool, only: list[str] | None, rounds: int | None,
+        cases: list[str] | None = None) -> dict[str, Any]:
     seconds = 3 if quick else 8
     n_rounds = rounds or (2 if quick else 5)
     out: dict[str, Any] = {"seconds": seconds, "rounds": n_rounds, "cases": {}}
     for case, (servers, argv_for, path) in CASES.items():
-        names = [n for n in servers if not only or n in only]
+        if cases and case not in cases:
+            continue
+        names = [n for n in servers if _selected(n, only)]
         out["cases"][case] = _alternate(case, names, argv_for, path, seconds, n_rounds)
-    out["memory"] = _memory([n for n in HELLO_ASGI + HELLO_WSGI if not only or n in only], quick)
+    if not cases or "memory" in cases:
+        out["memory"] = _memory([n for n in HELLO_ASGI + HELLO_WSGI
+                                 if _selected(n, only) and not n.endswith(" (before)")], quick)
     return out
 
 
@@ -101,14 +144,18 @@ def _alternate(case: str, names: list[str], argv_for: Any, path: str, seconds: i
                 with running(SERVERS[name]) as server:
                     url = server.url + path
                     run_load(argv_for(url, 1), 1)  # warm-up, discarded
+                    cpu = tree_cpu(server.pid)
                     result = run_load(argv_for(url, seconds), seconds)
+                    cpu = tree_cpu(server.pid) - cpu
             except ServerFailed as exc:
                 entry["failed"] = str(exc)
                 continue
-            log(f"  {result.rps:.0f} req/s p99 {result.p99_ms} ms errors {result.failures}")
+            cpu_us = round(cpu / result.requests * 1e6, 2) if result.requests else None
+            log(f"  {result.rps:.0f} req/s p99 {result.p99_ms} ms errors {result.failures} "
+                f"CPU {cpu_us} us/request")
             entry["rounds"].append(
                 {"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-                 "failures": result.failures}
+                 "failures": result.failures, "cpu_us_per_request": cpu_us}
             )  # fmt: skip
     for entry in per.values():
         entry["summary"] = _spread(entry["rounds"])
@@ -120,8 +167,10 @@ def _spread(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     rps = [r["rps"] for r in rounds]
     p99 = [r["p99_ms"] for r in rounds if r["p99_ms"] is not None]
+    cpu = [r["cpu_us_per_request"] for r in rounds if r.get("cpu_us_per_request")]
     return {
         "rps": statistics.median(rps), "rps_min": min(rps), "rps_max": max(rps),
+        "cpu_us_per_request": statistics.median(cpu) if cpu else None,
         "p99_ms": statistics.median(p99) if p99 else None,
         "errors": sum(r["failures"] for r in rounds), "rps_each": rps,
     }  # fmt: skip
@@ -136,8 +185,12 @@ def _ratios(case: str, per: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         # Round by round (they ran side by side), so the spread of the ratio is honest.
         each = [x["rps"] / y["rps"] for x, y in zip(a["rounds"], b["rounds"], strict=False)
                 if y["rps"]]
+        cpu = [x["cpu_us_per_request"] / y["cpu_us_per_request"]
+               for x, y in zip(a["rounds"], b["rounds"], strict=False)
+               if x.get("cpu_us_per_request") and y.get("cpu_us_per_request")]
         rows.append({
             "forkd": ours, "peer": peer, "target": target,
+            "cpu_ratio": statistics.median(cpu) if cpu else None,
             "ratio": statistics.median(each) if each else None,
             "ratio_min": min(each) if each else None, "ratio_max": max(each) if each else None,
             "p99_ratio": (a["summary"]["p99_ms"] / b["summary"]["p99_ms"]
