@@ -173,7 +173,8 @@ class ASGICycle:
         proto = self.proto
         base = contextvars.copy_context()  # as a task of its own would start each app
         await self.call(self.app(self.scope, self.receive, self.send))
-        while (cycle := proto.chained) is not None:
+        # (past this pass's slice the chained request gets its task on the next pass)
+        while (cycle := proto.chained) is not None and proto.state.may_chain():
             proto.chained = None
             await cycle.call(InContext(cycle.app(cycle.scope, cycle.receive, cycle.send),
                                        base.copy()))

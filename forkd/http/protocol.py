@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import re
 import resource
+import time
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
@@ -41,6 +42,11 @@ MAX_PIPELINE = 16  # requests parsed ahead of the one being answered
 # requests), at most: past it they go out at once, so the transport's back-pressure
 # (pause_writing) still reaches a response that is large or an app that streams.
 OUT_LIMIT = 64 * 1024
+# Seconds of each pass of the loop in which ASGI apps of pipelined requests may run in
+# the task of the request before them (forkd.http.asgi): past it, the requests left wait
+# for the next pass, so a pass stays short however many connections pipeline. A long
+# pass delays everything else, and uvloop accepts new connections only between passes.
+CHAIN_SLICE = 0.002
 RATE_WINDOW = 5.0  # seconds over which a request body's data rate is judged
 # What a chunked body's framing may add on top of --max-body-size on the wire: a fair
 # client's chunks cost a few bytes each; one-byte chunks cost six times the body.
@@ -170,7 +176,20 @@ class ServerState:
         # sees a reset) and tells nobody: the worker watches its own count instead
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fd_full_at = self.timeouts_log_at
+        self.chain_until = 0.0  # end of this pass's CHAIN_SLICE; 0: not begun
         self.tick()
+
+    def may_chain(self) -> bool:
+        """May a pipelined ASGI request run now in the task of the one before it?"""
+        now = time.perf_counter()
+        if not self.chain_until:  # the first this pass: the slice starts
+            self.chain_until = now + CHAIN_SLICE
+            self.loop.call_soon(self._next_pass)
+            return True
+        return now < self.chain_until
+
+    def _next_pass(self) -> None:
+        self.chain_until = 0.0
 
     def tick(self) -> None:
         self.now = self.loop.time()

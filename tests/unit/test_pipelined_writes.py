@@ -1,0 +1,355 @@
+"""Pipelined requests on one connection, without sockets: one HttpProtocol on a uvloop
+loop with a transport that records what it is given. What a client would see: the
+answers in order and complete, in as few writes as the batch allows, the transport's
+back-pressure still obeyed, and each ASGI app run as if in a task of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import uvloop
+
+from forkd.config import Config
+from forkd.http.protocol import OUT_LIMIT, HttpProtocol, ServerState
+
+pytestmark = pytest.mark.timeout(30)
+
+HIGH_WATER = 256 * 1024  # the recording transport's pause_writing threshold
+
+
+def get(path: str, extra: bytes = b"") -> bytes:
+    return b"GET %b HTTP/1.1\r\nHost: test\r\n%b\r\n" % (path.encode(), extra)
+
+
+def post(path: str, body: bytes) -> bytes:
+    return b"POST %b HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n%b" % (
+        path.encode(), len(body), body)
+
+
+class Transport:
+    """Records writes; pauses the protocol's writing past HIGH_WATER unread bytes, as a
+    real transport does when the client reads nothing."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.unread = 0
+        self.protocol: HttpProtocol | None = None
+        self.eof = False
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8080), "peername": ("127.0.0.1", 40000)}.get(
+            name, default)
+
+    def write(self, data: bytes) -> None:
+        assert not self.eof, "a write after the FIN"
+        self.writes.append(data)
+        self.unread += len(data)
+        if self.unread > HIGH_WATER and self.protocol is not None:
+            self.protocol.pause_writing()
+
+    def client_reads_everything(self) -> None:
+        self.unread = 0
+        assert self.protocol is not None
+        self.protocol.resume_writing()
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.writes)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.eof or self.aborted
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def close(self) -> None:
+        self.eof = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def bodies(data: bytes) -> list[bytes]:
+    """The bodies of the responses in `data` (content-length framed, as these apps are)."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        out.append(rest[:length])
+        data = rest[length:]
+    return out
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+def connect(loop: asyncio.AbstractEventLoop, interface: str, app: Any
+            ) -> tuple[HttpProtocol, Transport]:
+    state = ServerState(Config(app="test", interface=interface), loop)
+    if interface == "asgi":
+        from forkd.http.asgi import ASGICycle
+
+        def factory(proto: Any, method: str, target: bytes, headers: Any, version: str,
+                    keep_alive: bool) -> Any:
+            return ASGICycle(proto, app, {}, "", method, target, headers, version, keep_alive)
+    else:
+        from forkd.http.wsgi import WSGICycle
+        from forkd.http.wsgipool import WSGIPool
+
+        pool = WSGIPool(loop, 0, "always")  # every call inline, on the loop's thread
+
+        def factory(proto: Any, method: str, target: bytes, headers: Any, version: str,
+                    keep_alive: bool) -> Any:
+            return WSGICycle(proto, app, pool, "", method, target, headers, version,
+                             keep_alive)
+    state.cycle_factory = factory
+    proto = HttpProtocol(state)
+    transport = Transport()
+    transport.protocol = proto
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    return proto, transport
+
+
+def run_until(loop: asyncio.AbstractEventLoop, done: Callable[[], bool],
+              timeout: float = 5.0) -> None:
+    async def wait() -> None:
+        deadline = loop.time() + timeout
+        while not done():
+            assert loop.time() < deadline, "timed out"
+            await asyncio.sleep(0.001)
+
+    loop.run_until_complete(wait())
+
+
+def query(scope_or_environ: dict[str, Any]) -> dict[str, str]:
+    if "QUERY_STRING" in scope_or_environ:
+        raw = scope_or_environ["QUERY_STRING"]
+    else:
+        raw = scope_or_environ["query_string"].decode()
+    return dict(part.split("=", 1) for part in raw.split("&") if "=" in part)
+
+
+async def asgi_sized(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """?n=N: N bytes of x; POST: the body back."""
+    if scope["method"] == "POST":
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+    else:
+        body = b"x" * int(query(scope).get("n", "0"))
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def wsgi_sized(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    if environ["REQUEST_METHOD"] == "POST":
+        body = environ["wsgi.input"].read()
+    else:
+        body = b"x" * int(query(environ).get("n", "0"))
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+
+
+APPS = {"asgi": asgi_sized, "wsgi": wsgi_sized}
+
+
+@pytest.mark.parametrize("interface", sorted(APPS))
+def test_sixteen_pipelined_requests_are_answered_in_order_in_one_write(
+        loop: asyncio.AbstractEventLoop, interface: str) -> None:
+    proto, transport = connect(loop, interface, APPS[interface])
+    batch = [get(f"/?n={n}") if n != 7 else post("/", b"a body") for n in range(16)]
+    proto.data_received(b"".join(batch))
+    run_until(loop, lambda: len(bodies(transport.received)) == 16)
+    expected = [b"x" * n if n != 7 else b"a body" for n in range(16)]
+    assert bodies(transport.received) == expected
+    assert len(transport.writes) == 1  # one send() for the whole batch
+    # and the connection goes on: the next read is answered too
+    proto.data_received(get("/?n=3"))
+    run_until(loop, lambda: len(bodies(transport.received)) == 17)
+    assert bodies(transport.received)[-1] == b"xxx"
+    assert not transport.eof
+
+
+@pytest.mark.parametrize("interface", sorted(APPS))
+def test_a_large_answer_goes_out_before_the_batch_ends_and_back_pressure_holds(
+        loop: asyncio.AbstractEventLoop, interface: str) -> None:
+    """Answers past OUT_LIMIT are not held; once the client stops reading, the requests
+    behind wait for it (the transport's pause_writing still reaches the protocol)."""
+    proto, transport = connect(loop, interface, APPS[interface])
+    big = HIGH_WATER + OUT_LIMIT
+    proto.data_received(get(f"/?n={big}") + get("/?n=1") + get("/?n=2"))
+    run_until(loop, lambda: len(transport.received) > big)
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert bodies(transport.received) == [b"x" * big]  # the others wait for the reader
+    transport.client_reads_everything()
+    run_until(loop, lambda: len(bodies(transport.received)) == 3)
+    assert bodies(transport.received)[1:] == [b"x", b"xx"]
+
+
+def test_a_streamed_answer_is_not_held_back_by_requests_queued_behind_it(
+        loop: asyncio.AbstractEventLoop) -> None:
+    more = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/stream":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            await more.wait()  # the client must have the first part before this ends
+            await send({"type": "http.response.body", "body": b"last"})
+        else:
+            await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/stream") + get("/?n=2"))
+    run_until(loop, lambda: b"first" in transport.received)
+    more.set()
+    run_until(loop, lambda: transport.received.endswith(b"\r\n\r\nxx"))
+    assert transport.received.count(b"HTTP/1.1 200 OK") == 2
+    assert b"5\r\nfirst\r\n4\r\nlast\r\n0\r\n\r\n" in transport.received  # chunked, in order
+
+
+def test_each_pipelined_asgi_app_runs_as_in_a_task_of_its_own(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Context variables set by one request's app are not seen by the next, and every
+    app has a current task (sniffio and anyio, so Starlette and FastAPI, need one)."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: list[tuple[str, bool]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((var.get(), asyncio.current_task() is not None))
+        var.set(scope["path"])
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/a") + get("/b") + get("/c"))
+    run_until(loop, lambda: len(bodies(transport.received)) == 3)
+    assert seen == [("unset", True)] * 3
+
+
+def test_work_after_an_answer_does_not_hold_the_next_pipelined_request(
+        loop: asyncio.AbstractEventLoop) -> None:
+    later = asyncio.Event()
+    finished: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await asgi_sized(scope, receive, send)
+        if scope["path"] == "/background":
+            await later.wait()  # e.g. Starlette's BackgroundTasks, after the response
+        finished.append(scope["path"])
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/background?n=1") + get("/next?n=2"))
+    run_until(loop, lambda: len(bodies(transport.received)) == 2)
+    assert finished == ["/next"]
+    later.set()
+    run_until(loop, lambda: len(finished) == 2)
+
+
+def test_a_pipelined_asgi_app_waiting_at_the_drain_deadline_is_cancelled(
+        loop: asyncio.AbstractEventLoop) -> None:
+    forever = asyncio.Event()
+    outcome: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/hang":
+            try:
+                await forever.wait()
+            except asyncio.CancelledError:
+                outcome.append("cancelled")
+                raise
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/?n=1") + get("/hang"))
+    run_until(loop, lambda: len(bodies(transport.received)) == 1)
+    assert proto.state.in_progress() == 1
+    loop.run_until_complete(proto.state.cancel_tasks(1.0))
+    assert outcome == ["cancelled"]
+    assert transport.received.endswith(b"Internal Server Error\n")  # its 500, then close
+    assert transport.eof
+
+
+@pytest.mark.parametrize("interface", sorted(APPS))
+def test_an_answer_that_closes_the_connection_ends_the_pipeline(
+        loop: asyncio.AbstractEventLoop, interface: str) -> None:
+    """An app that answers `connection: close` in the middle of a pipeline: what was
+    asked after it is never run, and nothing follows its answer."""
+    calls: list[str] = []
+
+    async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        calls.append(scope["path"])
+        headers = [(b"content-length", b"2")]
+        if scope["path"] == "/close":
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        calls.append(environ["PATH_INFO"])
+        headers = [("Content-Length", "2")]
+        if environ["PATH_INFO"] == "/close":
+            headers.append(("Connection", "close"))
+        start_response("200 OK", headers)
+        return [b"ok"]
+
+    proto, transport = connect(loop, interface, asgi_app if interface == "asgi" else wsgi_app)
+    proto.data_received(get("/a") + get("/close") + get("/never") + get("/never"))
+    run_until(loop, lambda: transport.eof)
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert calls == ["/a", "/close"]
+    assert bodies(transport.received) == [b"ok", b"ok"]
+    assert transport.received.count(b"connection: close") == 1
+
+
+def test_past_the_pass_slice_pipelined_requests_wait_for_the_next_pass(
+        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no slice left, a pipelined request is not run in the pass in which the one
+    before it ended, but it is still run, and the answers keep their order."""
+    from forkd.http import protocol
+
+    monkeypatch.setattr(protocol, "CHAIN_SLICE", 0.0)
+    passes: list[int] = []
+    pass_number = [0]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        passes.append(pass_number[0])
+        await asgi_sized(scope, receive, send)
+
+    def count_passes() -> None:
+        pass_number[0] += 1
+        loop.call_soon(count_passes)
+
+    loop.call_soon(count_passes)
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(b"".join(get(f"/?n={n}") for n in range(6)))
+    run_until(loop, lambda: len(bodies(transport.received)) == 6)
+    assert bodies(transport.received) == [b"x" * n for n in range(6)]
+    assert len(set(passes)) > 1  # not all in one pass
