@@ -56,6 +56,50 @@ def test_many_pipelined_requests_in_one_write(server: Served) -> None:
         assert not conn.server_closed(0.2)
 
 
+def mixed_pipeline() -> tuple[list[bytes], list[bytes]]:
+    """16 requests (wrk's plaintext depth) of every kind: sized, streamed in pieces
+    (chunked), with a body, slow; and the bodies they are answered with."""
+    requests, bodies = [], []
+    for n in range(16):
+        if n % 4 == 1:
+            requests.append(get(f"/stream?n={3000 + n}&chunk=700"))
+            bodies.append(pattern(3000 + n))
+        elif n % 4 == 2:
+            requests.append(post("/echo", b"body %d" % n))
+            bodies.append(b"body %d" % n)
+        elif n == 7:
+            requests.append(get("/slow?ms=30"))
+            bodies.append(b"slow 30")
+        else:
+            requests.append(get(f"/sized?n={n}"))
+            bodies.append(b"x" * n)
+    return requests, bodies
+
+
+@pytest.mark.timeout(30)
+def test_sixteen_mixed_pipelined_requests_come_back_complete_and_in_order(
+        server: Served) -> None:
+    requests, expected = mixed_pipeline()
+    with Conn.open(server.port) as conn:
+        for _ in range(3):  # and the connection carries the next batch as well
+            conn.send(b"".join(requests))
+            assert [conn.read_response().body for _ in range(16)] == expected
+        assert not conn.server_closed(0.2)
+
+
+@pytest.mark.timeout(30)
+def test_connection_close_in_the_middle_of_a_pipeline_stops_after_its_answer(
+        server: Served) -> None:
+    requests, expected = mixed_pipeline()
+    requests[9] = requests[9].replace(b"Host: test\r\n", b"Host: test\r\nConnection: close\r\n")
+    with Conn.open(server.port) as conn:
+        conn.send(b"".join(requests))
+        answers = [conn.read_response() for _ in range(10)]
+        assert [a.body for a in answers] == expected[:10]
+        assert [a.closes for a in answers] == [False] * 9 + [True]
+        assert conn.server_closed()  # and nothing after it
+
+
 @pytest.mark.timeout(30)
 def test_keep_alive_serves_many_requests_on_one_connection(server: Served) -> None:
     with Conn.open(server.port) as conn:
