@@ -173,9 +173,10 @@ class ASGICycle:
         proto = self.proto
         base = contextvars.copy_context()  # as a task of its own would start each app
         await self.call(self.app(self.scope, self.receive, self.send))
-        # (past this pass's slice the chained request gets its task on the next pass)
-        while (cycle := proto.chained) is not None and proto.state.may_chain():
-            proto.chained = None
+        while (cycle := proto.chained) is not None:
+            proto.chained = None  # (taken: _start_chained finds nothing)
+            if not proto.state.may_chain():
+                await asyncio.sleep(0)  # the rest of this pass is for other connections
             await cycle.call(InContext(cycle.app(cycle.scope, cycle.receive, cycle.send),
                                        base.copy()))
 

@@ -9,7 +9,6 @@ import ipaddress
 import logging
 import re
 import resource
-import time
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
@@ -42,11 +41,13 @@ MAX_PIPELINE = 16  # requests parsed ahead of the one being answered
 # requests), at most: past it they go out at once, so the transport's back-pressure
 # (pause_writing) still reaches a response that is large or an app that streams.
 OUT_LIMIT = 64 * 1024
-# Seconds of each pass of the loop in which ASGI apps of pipelined requests may run in
-# the task of the request before them (forkd.http.asgi): past it, the requests left wait
-# for the next pass, so a pass stays short however many connections pipeline. A long
-# pass delays everything else, and uvloop accepts new connections only between passes.
-CHAIN_SLICE = 0.002
+# Pipelined ASGI requests a worker runs per pass of the loop in the task of the request
+# before them (forkd.http.asgi), at most: past it, such a task runs its next request on
+# the next pass, so a pass stays short however many connections pipeline. A long pass
+# delays everything else, and uvloop accepts new connections only between passes.
+# (A count, not a time: a worker descheduled on a busy machine would find any time
+# slice spent at once.)
+CHAIN_BUDGET = 128
 RATE_WINDOW = 5.0  # seconds over which a request body's data rate is judged
 # What a chunked body's framing may add on top of --max-body-size on the wire: a fair
 # client's chunks cost a few bytes each; one-byte chunks cost six times the body.
@@ -176,20 +177,21 @@ class ServerState:
         # sees a reset) and tells nobody: the worker watches its own count instead
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fd_full_at = self.timeouts_log_at
-        self.chain_until = 0.0  # end of this pass's CHAIN_SLICE; 0: not begun
+        self.chain_budget = CHAIN_BUDGET  # what is left of it in this pass
+        self.chain_counted = False  # a pass with chained requests: reset on the next
         self.tick()
 
     def may_chain(self) -> bool:
         """May a pipelined ASGI request run now in the task of the one before it?"""
-        now = time.perf_counter()
-        if not self.chain_until:  # the first this pass: the slice starts
-            self.chain_until = now + CHAIN_SLICE
+        if not self.chain_counted:
+            self.chain_counted = True
             self.loop.call_soon(self._next_pass)
-            return True
-        return now < self.chain_until
+        self.chain_budget -= 1
+        return self.chain_budget >= 0
 
     def _next_pass(self) -> None:
-        self.chain_until = 0.0
+        self.chain_counted = False
+        self.chain_budget = CHAIN_BUDGET
 
     def tick(self) -> None:
         self.now = self.loop.time()

@@ -329,13 +329,13 @@ def test_an_answer_that_closes_the_connection_ends_the_pipeline(
     assert transport.received.count(b"connection: close") == 1
 
 
-def test_past_the_pass_slice_pipelined_requests_wait_for_the_next_pass(
+def test_past_the_pass_budget_pipelined_requests_wait_for_the_next_pass(
         loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With no slice left, a pipelined request is not run in the pass in which the one
+    """With no budget left, a pipelined request is not run in the pass in which the one
     before it ended, but it is still run, and the answers keep their order."""
     from forkd.http import protocol
 
-    monkeypatch.setattr(protocol, "CHAIN_SLICE", 0.0)
+    monkeypatch.setattr(protocol, "CHAIN_BUDGET", 0)
     passes: list[int] = []
     pass_number = [0]
 
