@@ -135,11 +135,8 @@ class ASGICycle:
                 proto.chain_scheduled = True
                 proto.loop.call_soon(_start_chained, proto)
             return
-        self.spawn()
-
-    def spawn(self) -> None:
-        tasks = self.proto.state.tasks
-        task = self.proto.loop.create_task(self.run())
+        tasks = proto.state.tasks
+        task = proto.loop.create_task(self.run())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -168,36 +165,13 @@ class ASGICycle:
                 waiter.set_result(None)
 
     # -- the app's side ------------------------------------------------------------
-    async def run(self) -> None:
-        """The task of this request, and of the pipelined requests chained to it."""
-        proto = self.proto
-        base = contextvars.copy_context()  # as a task of its own would start each app
-        await self.call(self.app(self.scope, self.receive, self.send))
-        while (cycle := proto.chained) is not None:
-            proto.chained = None  # (taken: _start_chained finds nothing)
-            if not proto.state.may_chain():
-                await asyncio.sleep(0)  # the rest of this pass is for other connections
-            await cycle.call(InContext(cycle.app(cycle.scope, cycle.receive, cycle.send),
-                                       base.copy()))
-
-    async def call(self, app: Awaitable[None]) -> None:
+    async def run(self, app: Awaitable[None] | None = None) -> None:
+        """The task of this request (`app` None), and of the pipelined requests chained
+        to it (each `run` with its app already wrapped in a context of its own)."""
         try:
-            await app
+            await (self.app(self.scope, self.receive, self.send) if app is None else app)
         except BaseException as exc:
-            if self.disconnected and isinstance(exc, Exception):
-                # the client went away and the app stopped on being told (send raised;
-                # Starlette turns that into its own ClientDisconnect): not an error
-                log.info("%s %s ended by %s: the client disconnected", self.method,
-                         self.scope["path"], type(exc).__name__)
-                self.complete = True
-                return
-            if isinstance(exc, asyncio.CancelledError):  # the drain's deadline passed
-                self._fail()
-                raise
-            log.error("exception in ASGI app for %s %s", self.method, self.scope["path"],
-                      exc_info=exc)
-            self._fail()
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
+            if self._raised(exc):
                 raise
         else:
             if not self.complete and not self.disconnected:
@@ -206,6 +180,32 @@ class ASGICycle:
                 else:
                     log.error("ASGI app returned without starting a response")
                 self._fail()
+        if app is None:
+            proto = self.proto
+            while (cycle := proto.chained) is not None:
+                proto.chained = None  # (taken: _start_chained finds nothing)
+                if not proto.state.may_chain():
+                    await asyncio.sleep(0)  # the rest of this pass is for other connections
+                # as a task of its own would start it: in the context requests start in
+                await cycle.run(InContext(cycle.app(cycle.scope, cycle.receive, cycle.send),
+                                          proto.context.copy()))
+
+    def _raised(self, exc: BaseException) -> bool:
+        """The app raised `exc`: answer for it; True if it must go on up."""
+        if self.disconnected and isinstance(exc, Exception):
+            # the client went away and the app stopped on being told (send raised;
+            # Starlette turns that into its own ClientDisconnect): not an error
+            log.info("%s %s ended by %s: the client disconnected", self.method,
+                     self.scope["path"], type(exc).__name__)
+            self.complete = True
+            return False
+        if isinstance(exc, asyncio.CancelledError):  # the drain's deadline passed
+            self._fail()
+            return True
+        log.error("exception in ASGI app for %s %s", self.method, self.scope["path"],
+                  exc_info=exc)
+        self._fail()
+        return isinstance(exc, KeyboardInterrupt | SystemExit)
 
     def _fail(self) -> None:
         if self.complete:
@@ -320,7 +320,7 @@ def _start_chained(proto: HttpProtocol) -> None:
     cycle = proto.chained
     if cycle is not None:
         proto.chained = None
-        cycle.spawn()
+        cycle.start()  # (not while a response ends: a task of its own)
 
 
 class InContext:

@@ -5,6 +5,7 @@ hands each request to a cycle object (asgi.ASGICycle or wsgi.WSGICycle)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import logging
 import re
@@ -379,11 +380,15 @@ class HttpProtocol(asyncio.Protocol):
         # response, which the task of that app runs once the app returns
         self.ending = False
         self.chained: Any = None
+        self.context = contextvars.Context()
         self.chain_scheduled = False
 
     # -- connection events ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        # what a request's task starts from (a copy of it: the context of the loop's
+        # callbacks); a chained ASGI request gets a copy of this one
+        self.context = contextvars.copy_context()
         self.state.connections.add(self)
         sockname = transport.get_extra_info("sockname")
         peername = transport.get_extra_info("peername")
