@@ -120,7 +120,7 @@ async def _drive_socket(proto: HttpProtocol, depth: int, batches: int,
 
 
 async def _drive(interface: str, depth: int, batches: int, profile: cProfile.Profile | None,
-                 real_socket: bool = False) -> dict[str, float]:
+                 real_socket: bool = False, inline: bool = False) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     config = Config(app="bench", interface=interface)
     state = ServerState(config, loop)
@@ -137,7 +137,9 @@ async def _drive(interface: str, depth: int, batches: int, profile: cProfile.Pro
         from forkd.http.wsgi import WSGICycle
         from forkd.http.wsgipool import WSGIPool
 
-        pool = WSGIPool(loop, config.threads, config.wsgi_inline)
+        # (--inline: every call on the loop's thread, as `auto` does for a route it learnt
+        # is quick; under profilers or a loaded machine `auto` may keep it on the threads)
+        pool = WSGIPool(loop, config.threads, "always" if inline else config.wsgi_inline)
 
         def factory(proto: Any, method: str, target: bytes, headers: Any, version: str,
                     keep_alive: bool) -> Any:
@@ -188,6 +190,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="runs; the best is shown (5)")
     parser.add_argument("--socket", action="store_true",
                         help="a real socket pair and a client thread: send() counts too")
+    parser.add_argument("--inline", action="store_true",
+                        help="WSGI: run every call inline (--wsgi-inline always)")
     parser.add_argument("--profile", help="write cProfile's cumulative and tottime tables here")
     args = parser.parse_args()
     results = []
@@ -196,7 +200,8 @@ def main() -> None:
         loop = uvloop.new_event_loop()
         try:
             results.append(loop.run_until_complete(
-                _drive(args.interface, args.depth, args.batches, profile, args.socket)))
+                _drive(args.interface, args.depth, args.batches, profile, args.socket,
+                       args.inline)))
         finally:
             loop.close()
         if profile is not None and args.profile:
@@ -206,7 +211,8 @@ def main() -> None:
             stats.sort_stats("cumulative").print_stats(40)
             with open(args.profile, "w") as fh:
                 fh.write(f"# python -m bench.pipeprof {args.interface} --depth {args.depth} "
-                         f"--batches {args.batches} --repeat 1 --profile {args.profile}\n")
+                         f"--batches {args.batches} --repeat 1"
+                         f"{' --inline' if args.inline else ''} --profile {args.profile}\n")
                 fh.write(out.getvalue())
             break
     cpus = sorted(r["cpu_us_per_request"] for r in results)
