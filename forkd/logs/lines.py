@@ -41,7 +41,10 @@ class LineSplitter:
         feed(data) cuts it."""
         joined = self.pending + data if self.pending else data
         end = joined.rfind(b"\n") + 1
-        if end > self.cap or len(joined) - end > self.cap:
+        # Only the first line can be longer than one read (it began in what was pending);
+        # a read is never over the cap, so no other line can be.
+        if (len(data) > self.cap or joined.find(b"\n") + 1 > self.cap
+                or len(joined) - end > self.cap):
             return None
         self.pending = joined[end:]
         return joined[:end]

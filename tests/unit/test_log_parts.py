@@ -45,6 +45,31 @@ def test_lines_come_out_whole_however_the_pipe_cut_them(lines: list[bytes],
     assert out == [(line, False) for line in lines]
 
 
+@given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=20),
+       st.lists(st.integers(1, 50), min_size=1, max_size=30), st.integers(5, 60))
+def test_blocks_of_whole_lines_are_the_lines_feed_gives(lines: list[bytes], cuts: list[int],
+                                                        cap: int) -> None:
+    """feed_block (the records' path) gives the same lines as feed; it declines only a
+    read longer than the cap or where a line may be over it (feed cuts those)."""
+    stream = b"".join(line + b"\n" for line in lines)
+    blocks, reference = LineSplitter(cap=cap), LineSplitter(cap=cap)
+    out: list[tuple[bytes, bool]] = []
+    expected: list[tuple[bytes, bool]] = []
+    position, index = 0, 0
+    while position < len(stream):
+        data = stream[position:position + cuts[index % len(cuts)]]
+        block = blocks.feed_block(data)
+        if block is None:
+            assert len(data) > cap or any(len(line) >= cap for line in lines)
+            out += blocks.feed(data)
+        else:
+            out += [(line, False) for line in block.split(b"\n")[:-1]]
+        expected += reference.feed(data)
+        position += len(data)
+        index += 1
+    assert out + blocks.close() == expected + reference.close()
+
+
 def test_an_overlong_line_is_cut_into_marked_pieces_and_nothing_is_lost() -> None:
     splitter = LineSplitter(cap=10)
     out = splitter.feed(b"x" * 25)  # no newline yet: memory stays bounded
