@@ -7,7 +7,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Generator
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -136,7 +136,9 @@ class ASGICycle:
                 proto.loop.call_soon(_start_chained, proto)
             return
         tasks = proto.state.tasks
-        task = proto.loop.create_task(self.run())
+        # (in a context of its own: start may run in the task of the request before this
+        # one, whose context variables are not this request's)
+        task = proto.loop.create_task(self.run(), context=proto.context.copy())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -165,11 +167,15 @@ class ASGICycle:
                 waiter.set_result(None)
 
     # -- the app's side ------------------------------------------------------------
-    async def run(self, app: Awaitable[None] | None = None) -> None:
-        """The task of this request (`app` None), and of the pipelined requests chained
-        to it (each `run` with its app already wrapped in a context of its own)."""
+    async def run(self, context: contextvars.Context | None = None) -> None:
+        """The task of this request (`context` None), and of the pipelined requests
+        chained to it (each `run` in a context of its own)."""
         try:
-            await (self.app(self.scope, self.receive, self.send) if app is None else app)
+            if context is None:
+                await self.app(self.scope, self.receive, self.send)
+            else:  # (called in that context too: a class's __call__ may use it)
+                await InContext(context.run(self.app, self.scope, self.receive, self.send),
+                                context)
         except BaseException as exc:
             if self._raised(exc):
                 raise
@@ -180,15 +186,14 @@ class ASGICycle:
                 else:
                     log.error("ASGI app returned without starting a response")
                 self._fail()
-        if app is None:
+        if context is None:
             proto = self.proto
             while (cycle := proto.chained) is not None:
                 proto.chained = None  # (taken: _start_chained finds nothing)
                 if not proto.state.may_chain():
                     await asyncio.sleep(0)  # the rest of this pass is for other connections
                 # as a task of its own would start it: in the context requests start in
-                await cycle.run(InContext(cycle.app(cycle.scope, cycle.receive, cycle.send),
-                                          proto.context.copy()))
+                await cycle.run(proto.context.copy())
 
     def _raised(self, exc: BaseException) -> bool:
         """The app raised `exc`: answer for it; True if it must go on up."""
@@ -329,8 +334,9 @@ class InContext:
 
     __slots__ = ("coro", "context")
 
-    def __init__(self, coro: Coroutine[Any, Any, None], context: contextvars.Context) -> None:
-        self.coro = coro
+    def __init__(self, awaitable: Awaitable[None], context: contextvars.Context) -> None:
+        # (any awaitable an app returns: a coroutine, or an object with __await__)
+        self.coro: Any = context.run(awaitable.__await__)
         self.context = context
 
     def __await__(self) -> Generator[Any, Any, None]:

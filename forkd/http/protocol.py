@@ -374,6 +374,7 @@ class HttpProtocol(asyncio.Protocol):
         # past OUT_LIMIT, or at the latest on the loop's next pass (flush_soon).
         self.out: list[bytes] = []
         self.out_size = 0
+        self.out_complete = 0  # held parts before the current answer's first one
         self.corked = False  # inside data_received
         self.flush_scheduled = False
         # ASGI (forkd.http.asgi): a request started while the app before it ends its
@@ -819,6 +820,7 @@ class HttpProtocol(asyncio.Protocol):
             if not self.response_begun:
                 self.response_begun = True
                 self.response_status = data[9:12]  # b"HTTP/1.1 200 ..."
+                self.out_complete = len(self.out)  # what is held before is whole answers
             if self.corked or self.pipeline:
                 # more answers follow at once: hold this one to write them together
                 self.out.append(data)
@@ -944,9 +946,14 @@ class HttpProtocol(asyncio.Protocol):
             metrics.end(now)
 
     def abort(self) -> None:
-        self.out.clear()
+        """Reset the connection: the answer being written is cut, but the whole answers
+        held before it (pipelined requests) go out first."""
+        whole = self.out[:self.out_complete] if self.response_begun else self.out
+        self.out = []
         self.out_size = 0
         if self.transport is not None and not self.closed:
+            if whole:
+                self.transport.write(b"".join(whole))
             self.transport.abort()
 
     def close_gracefully(self) -> None:

@@ -353,3 +353,62 @@ def test_past_the_pass_budget_pipelined_requests_wait_for_the_next_pass(
     run_until(loop, lambda: len(bodies(transport.received)) == 6)
     assert bodies(transport.received) == [b"x" * n for n in range(6)]
     assert len(set(passes)) > 1  # not all in one pass
+
+
+def test_an_app_failing_mid_answer_does_not_take_the_answers_before_it_along(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The client gets the whole answers of the requests before the one that failed
+    halfway (held to go out together), then the reset that says the last one is cut."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/b":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"half", "more_body": True})
+            raise RuntimeError("broken halfway")
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/a?n=3") + get("/b") + get("/c?n=1"))
+    run_until(loop, lambda: transport.aborted)
+    first = b"HTTP/1.1 " + transport.received.split(b"HTTP/1.1 ")[1]
+    assert first.startswith(b"HTTP/1.1 200 OK") and bodies(first) == [b"xxx"]
+
+
+def test_a_pipelined_app_whose_call_raises_before_its_coroutine_gets_a_500(
+        loop: asyncio.AbstractEventLoop) -> None:
+    class App:
+        def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+            if scope["path"] == "/b":
+                raise RuntimeError("no coroutine for you")
+            return asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", App())
+    proto.data_received(get("/a?n=2") + get("/b"))
+    run_until(loop, lambda: b"Internal Server Error" in transport.received)
+    assert bodies(transport.received)[0] == b"xx"
+    assert transport.received.count(b"HTTP/1.1 500") == 1
+
+
+def test_a_request_after_one_that_works_past_its_answer_has_its_own_context(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The next request gets a task of its own when the one before does more after its
+    answer (Starlette's BackgroundTasks): that task does not start in the other's
+    context either."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: list[str] = []
+    later = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(var.get())
+        var.set(scope["path"])
+        await asgi_sized(scope, receive, send)
+        if scope["path"] == "/a":
+            await later.wait()
+        done.append(scope["path"])
+
+    done: list[str] = []
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/a?n=1") + get("/b?n=2"))
+    run_until(loop, lambda: len(bodies(transport.received)) == 2)
+    later.set()
+    run_until(loop, lambda: len(done) == 2)  # (no task left pending when the loop closes)
+    assert seen == ["unset", "unset"]
