@@ -238,8 +238,14 @@ class WebSocketConnection(asyncio.Protocol):
                 self.fragments.append(bytes(frame.data))
                 if frame.fin:
                     self._message_complete()
-        # (CONNECTING: frames before the app accepted, which wait for it; not a close)
-        if ws.state is not OPEN and ws.state is not State.CONNECTING:
+        if ws.state is State.CONNECTING:
+            # frames before the app accepted: data waits for it; a ping's pong must not go
+            # out before the 101 (nor anything else: see _accept); a close from the client
+            # is the app's disconnect, and no 101 follows
+            if ws.close_rcvd is not None:
+                self._disconnected(ws.close_rcvd.code, ws.close_rcvd.reason)
+            return
+        if ws.state is not OPEN:
             self._closing()
         self._flush()
 
@@ -402,8 +408,14 @@ class WebSocketConnection(asyncio.Protocol):
         response = self.response
         assert response is not None
         self.response = None
-        if self.closed:
-            self.phase = Phase.OPEN
+        # what the library queued while CONNECTING (a pong, the end of stream after the
+        # client's close) cannot precede the 101
+        for _ in self.ws.data_to_send():
+            pass
+        if self.closed or self.ws.close_rcvd is not None:
+            self.phase = Phase.OPEN  # (its receive() gets the disconnect)
+            if not self.closed:
+                self._half_close()  # the client closed before the accept: no 101
             return
         subprotocol = message.get("subprotocol")
         if subprotocol is not None:

@@ -355,3 +355,58 @@ def test_frames_sent_before_the_app_accepts_wait_for_it(server: Served) -> None:
         frames, ended = read_frames(sock, time.monotonic() + 4)
     assert frames == [(0x1, payload)], (frames, ended)
     assert not ended
+
+
+def _handshake(path: str) -> bytes:
+    import base64
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: {key}\r\n\r\n").encode()
+
+
+def _masked(opcode: int, payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    return (bytes([0x80 | opcode, 0x80 | len(payload)]) + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+def test_a_ping_before_the_accept_does_not_come_before_the_101(server: Served) -> None:
+    """The client's first bytes back are the 101, not a pong the library queued while
+    the app was still deciding; then the connection works."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(_handshake("/late-accept") + _masked(0x9, b"hi"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(1)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+        sock.sendall(_masked(0x1, b"after the ping"))
+        frames, _ = read_frames(sock, time.monotonic() + 2)
+    assert (0x1, b"after the ping") in frames, frames
+
+
+def test_a_close_before_the_accept_gets_no_101_and_the_app_its_disconnect(
+        server: Served) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(_handshake("/late-accept") + _masked(0x8, b"\x03\xe8bye"))
+        received = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    assert not received.startswith(b"HTTP/1.1 101"), received
+
+    def seen() -> dict[str, object]:
+        return get(server.port, "/last").json()
+
+    wait_until(lambda: seen().get("path") == "/late-accept", 5, message=lambda: str(seen()))
+    assert seen()["code"] == 1000
