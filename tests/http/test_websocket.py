@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -306,24 +307,12 @@ def test_a_handshake_larger_than_a_parser_slice(server: Served) -> None:
 def test_a_frame_in_the_same_read_as_the_handshake_is_answered(server: Served) -> None:
     """A client that sends its first message right behind the handshake (one write, so
     one read on the server): the message is handled at once, not when more data comes."""
-    import base64
     import socket
 
-    key = base64.b64encode(os.urandom(16)).decode()
-    mask = os.urandom(4)
     payload = b"sent with the handshake"
-    frame = (bytes([0x81, 0x80 | len(payload)]) + mask
-             + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(f"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                     f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                     f"Sec-WebSocket-Key: {key}\r\n\r\n".encode() + frame)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(1)
-            assert chunk, head
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 101"), head
+        sock.sendall(_handshake("/echo") + _masked(0x1, payload))
+        _expect_101(sock)
         # (the client sends nothing more: an echo that waited for the next read never comes)
         frames, ended = read_frames(sock, time.monotonic() + 3)
     assert frames == [(0x1, payload)], (frames, ended)
@@ -333,24 +322,13 @@ def test_frames_sent_before_the_app_accepts_wait_for_it(server: Served) -> None:
     """The app takes half a second to accept; the client's message, sent right after
     its handshake, reaches the app once it has, and the connection stays open (it was
     taken for a closing one and cut after the close timeout)."""
-    import base64
     import socket
 
-    key = base64.b64encode(os.urandom(16)).decode()
-    mask = os.urandom(4)
     payload = b"before the accept"
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(f"GET /late-accept HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                     f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                     f"Sec-WebSocket-Key: {key}\r\n\r\n".encode())
-        sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask
-                     + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(1)
-            assert chunk, head
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 101"), head
+        sock.sendall(_handshake("/late-accept"))
+        sock.sendall(_masked(0x1, payload))
+        _expect_101(sock)
         # past the 3 s close timeout: the connection must still be open
         frames, ended = read_frames(sock, time.monotonic() + 4)
     assert frames == [(0x1, payload)], (frames, ended)
@@ -366,6 +344,16 @@ def _handshake(path: str) -> bytes:
             f"Sec-WebSocket-Key: {key}\r\n\r\n").encode()
 
 
+def _expect_101(sock: Any) -> None:
+    """Read the handshake's answer byte by byte (nothing after it), and check it."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+
+
 def _masked(opcode: int, payload: bytes) -> bytes:
     mask = os.urandom(4)
     return (bytes([0x80 | opcode, 0x80 | len(payload)]) + mask
@@ -379,12 +367,7 @@ def test_a_ping_before_the_accept_does_not_come_before_the_101(server: Served) -
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(_handshake("/late-accept") + _masked(0x9, b"hi"))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(1)
-            assert chunk, head
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 101"), head
+        _expect_101(sock)
         sock.sendall(_masked(0x1, b"after the ping"))
         frames, _ = read_frames(sock, time.monotonic() + 2)
     assert (0x1, b"after the ping") in frames, frames
