@@ -151,19 +151,9 @@ def test_a_release_through_a_symlink_is_loaded_anew_and_a_broken_one_is_refused(
         (folder / "preloaded.py").write_text(body)
         return folder
 
-    good = ("RELEASE = 'NAME'\n\n"
-            "async def app(scope, receive, send):\n"
-            "    if scope['type'] == 'lifespan':\n"
-            "        while True:\n"
-            "            message = await receive()\n"
-            "            await send({'type': message['type'] + '.complete'})\n"
-            "            if message['type'] == 'lifespan.shutdown':\n"
-            "                return\n"
-            "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
-            "    await send({'type': 'http.response.body', 'body': RELEASE.encode()})\n")
-    one = release("r1", good.replace("NAME", "one"))
+    one = release("r1", GOOD_RELEASE.replace("NAME", "one"))
     broken = release("r2", "import no_such_module_here\n")
-    three = release("r3", good.replace("NAME", "three"))
+    three = release("r3", GOOD_RELEASE.replace("NAME", "three"))
     current = tmp_path / "current"
     current.symlink_to(one)
     proc = run_forkd("preloaded:app", "--preload", "-b", "127.0.0.1:0", "-w", "1",
