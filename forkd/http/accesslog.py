@@ -22,7 +22,8 @@ import time
 from json.encoder import encode_basestring
 
 from forkd import log
-from forkd.logs.record import clf_time, rfc3339
+from forkd.logs import record
+from forkd.logs.record import Entry, clf_time, rfc3339
 
 REQUEST_ID = b"x-request-id"
 MAX_ID = 200  # bytes of a request id honoured; a longer one is replaced
@@ -150,7 +151,8 @@ def _head_for(state: log.State) -> tuple[int, bytes, bytes]:
     """This process's line template (its pid and slot filled in) and text prefix."""
     global _head
     pid, slot = state.pid, state.slot or 0
-    _head = (state.generation, _LINE % (pid, slot), b"forkd.worker.%d[%d]" % (slot, pid))
+    prefix = record.prefix(Entry("", "info", pid, slot), state.app_name).encode()
+    _head = (state.generation, _LINE % (pid, slot), prefix)
     return _head
 
 

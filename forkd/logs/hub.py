@@ -117,38 +117,27 @@ class LogHub:
                 and block.count(b'\n{"ts":"') == count - 1
                 and block.count(record.origin_marker(reader.pid, reader.slot)) == count):
             tabs = block.count(b"\t")
+            out = None
             if self.fmt == "json" and tabs == 0:
-                self.ring.append(Entry("", "info", reader.pid, reader.slot, None, None, None,
-                                       b"", block, 0, False, 0, None, count))
-                self.writer.write(block, count)
-                return
-            if self.fmt != "json" and tabs == count:  # JSON\tTEXT\nJSON\tTEXT\n...
-                texts = b"".join([part[:part.find(b"\n") + 1]
-                                  for part in block.split(b"\t")[1:]])
-                self.ring.append(Entry("", "info", reader.pid, reader.slot, None, None, None,
-                                       b"", block, 0, False, 0, None, count))
-                self.writer.write(texts, count)
+                out = block
+            elif self.fmt != "json" and tabs == count:  # JSON\tTEXT\nJSON\tTEXT\n...
+                out = b"".join([part[:part.find(b"\n") + 1] for part in block.split(b"\t")[1:]])
+            if out is not None:
+                self.ring.append(record.undecoded(reader.pid, reader.slot, block, count=count))
+                self.writer.write(out, count)
                 return
         self._lines(reader, [(line, False) for line in block.split(b"\n")[:-1]])
 
     def _lines(self, reader: _Reader, lines: list[tuple[bytes, bool]]) -> None:
         if not lines:
             return
-        if reader.stream == "records":  # (the access log's path: one line per request)
-            from_json, remember, write = record.from_json, self.ring.append, self.writer.write
+        if reader.stream == "records":  # (what the block path in _records declined)
+            from_json, add = record.from_json, self._add
             slot, pid = reader.slot, reader.pid
             origin = record.origin_marker(pid, slot)
-            as_json, fmt, app_name = self.fmt == "json", self.fmt, self.app_name
             for line, _cut in lines:
                 if line:
-                    entry = from_json(line, slot, pid, origin)
-                    remember(entry)
-                    if as_json and entry.raw is not None:
-                        write(entry.raw)
-                    elif not as_json and entry.text is not None:
-                        write(entry.text)
-                    else:
-                        write(record.render(entry, fmt, app_name))
+                    add(from_json(line, slot, pid, origin))
             return
         ts = record.rfc3339(time.time())
         for line, cut in lines:

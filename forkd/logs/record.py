@@ -212,10 +212,16 @@ def from_json(raw: bytes, slot: int | None, pid: int, origin: bytes | None = Non
     if raw.startswith(b'{"ts":"') and raw.find(origin or origin_marker(pid, slot), 7, 160) >= 0:
         tab = raw.find(b"\t", 160)  # an access line's text rendering follows a tab
         if tab < 0:
-            return Entry("", "info", pid, slot, None, None, None, b"", raw + b"\n", 0, False, 0)
-        return Entry("", "info", pid, slot, None, None, None, b"", raw[:tab] + b"\n", 0, False,
-                     0, raw[tab + 1:] + b"\n")
+            return undecoded(pid, slot, raw + b"\n")
+        return undecoded(pid, slot, raw[:tab] + b"\n", raw[tab + 1:] + b"\n")
     return _decode(raw, slot, pid)
+
+
+def undecoded(pid: int, slot: int | None, raw: bytes, text: bytes | None = None,
+              count: int = 1) -> Entry:
+    """A worker's record (or a block of `count`) kept as the worker rendered it: `raw`
+    its JSON line(s), `text` its text rendering when it came along; see parse."""
+    return Entry("", "info", pid, slot, None, None, None, b"", raw, 0, False, 0, text, count)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from forkd.logs.record import Entry
+from forkd.logs.record import Entry, undecoded
 
 DEFAULT_LINES = 10_000
 DEFAULT_BYTES = 8 << 20
@@ -131,9 +131,9 @@ def expand(block: Entry) -> list[Entry]:
     entries = []
     for index, line in enumerate(block.raw.split(b"\n")[:-1]):
         raw, tab, text = line.partition(b"\t")
-        entries.append(Entry("", "info", block.pid, block.slot, None, None, None, b"",
-                             raw + b"\n", first + index, False, 0,
-                             text + b"\n" if tab else None))
+        entry = undecoded(block.pid, block.slot, raw + b"\n", text + b"\n" if tab else None)
+        entry.seq = first + index
+        entries.append(entry)
     return entries
 
 
