@@ -48,11 +48,6 @@ _ids = _Ids()
 NONE = (b"", b"-", b"-")  # request_fields of a request not logged
 
 
-def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The request's id; one is made (and added to `headers`) when it has none usable."""
-    return request_fields(headers)[0]
-
-
 def request_fields(headers: list[tuple[bytes, bytes]], make: bool = True
                    ) -> tuple[bytes, bytes, bytes]:
     """(request id, referer, user agent) of a request, in one pass over its headers. When
@@ -78,10 +73,6 @@ def request_fields(headers: list[tuple[bytes, bytes]], make: bool = True
 def _printable(value: bytes) -> bool:
     # visible ASCII only: the id goes back into a response header and into log lines
     return 0 < len(value) <= MAX_ID and all(0x21 <= byte <= 0x7E for byte in value)
-
-
-def id_header(rid: bytes) -> bytes:
-    return b"x-request-id: " + rid + b"\r\n"
 
 
 def log_access(client: tuple[str, int | None] | None, method: str, raw_path: bytes,

@@ -185,7 +185,7 @@ def frame_head(
             has_id = True  # the app answers with its own
         check_field(name, value)
         parts += (name, b": ", value, b"\r\n")
-    if request_id and not has_id:  # (with --access-log: see accesslog.request_id)
+    if request_id and not has_id:  # (with --access-log: see accesslog.request_fields)
         parts += (b"x-request-id: ", request_id, b"\r\n")
     if not has_date:
         parts.append(date_header)

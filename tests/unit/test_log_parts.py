@@ -432,7 +432,10 @@ def test_the_workers_fast_access_line_is_the_generic_line(
 
 
 def test_request_ids_are_honoured_when_sane_else_made_and_shown_to_the_app() -> None:
-    from forkd.http.accesslog import request_id
+    from forkd.http.accesslog import request_fields
+
+    def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
+        return request_fields(headers)[0]
 
     assert request_id([(b"x-request-id", b"abc-123")]) == b"abc-123"
     for bad in (b"", b"has space", b"x" * 201, b"\xffbin"):
