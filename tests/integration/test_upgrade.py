@@ -175,9 +175,15 @@ def test_a_release_through_a_symlink_is_loaded_anew_and_a_broken_one_is_refused(
 
     current.unlink()
     current.symlink_to(three)
+    upgrade_then_stop(proc, port, b"three")
+
+
+def upgrade_then_stop(proc, port: int, body: bytes) -> None:
+    """`forkd upgrade` succeeds, the new release answers, the old primary exits; then the
+    new primary (no child of the test's) is stopped by its pid."""
     result = forkd_cli(proc, "upgrade")
     assert result.returncode == 0, result.stdout + result.stderr + proc.describe()
-    assert request(port)[2] == b"three"
+    assert request(port)[2] == body
     assert proc.wait(60) == 0, proc.describe()
     (row,) = primaries(proc)
     new = psutil.Process(int(row[1]))
@@ -373,14 +379,7 @@ def test_a_second_upgrade_while_the_failed_new_primary_still_stops_is_refused(
     assert request(port)[2] == b"one"
 
     switch_release(tmp_path, current, "r3", GOOD_RELEASE.replace("NAME", "three"))
-    result = forkd_cli(proc, "upgrade")
-    assert result.returncode == 0, result.stdout + result.stderr + proc.describe()
-    assert request(port)[2] == b"three"
-    assert proc.wait(60) == 0, proc.describe()
-    (row,) = primaries(proc)
-    new = psutil.Process(int(row[1]))
-    new.terminate()
-    psutil.wait_procs([new], timeout=30)
+    upgrade_then_stop(proc, port, b"three")
 
 
 def test_a_new_primary_that_dies_after_saying_ready_is_not_handed_over_to(
