@@ -39,6 +39,9 @@ class State:
     # A worker's: where a hot path (the access log) may send a JSON record it rendered
     # itself, exactly as record.to_json would have; None: lines go through event().
     json_sink: Callable[[bytes], None] | None = None
+    # A worker's: where the access log hands a request's fields to be rendered with
+    # its batch (RecordWriter.defer); None: it renders them at once for json_sink.
+    access_sink: Callable[[tuple[Any, ...]], None] | None = None
     # --log-format text: the access line carries its text rendering too (accesslog)
     access_text: bool = False
     generation: int = 0  # counts set-ups: what was derived from the last one is stale
@@ -85,7 +88,8 @@ _handler = _Handler()
 def setup(prefix: str = "forkd", level: int = logging.INFO, *, slot: int | None = None,
           sink: Sink | None = None, app_name: str | None = None,
           json_sink: Callable[[bytes], None] | None = None,
-          reopen: Callable[[], None] | None = None, access_text: bool = False) -> None:
+          reopen: Callable[[], None] | None = None, access_text: bool = False,
+          access_sink: Callable[[tuple[Any, ...]], None] | None = None) -> None:
     """(Re)install forkd's logging: in the primary (slot None) and in each worker after
     fork (its slot). `sink` receives every entry; stderr when None. (`prefix` is kept
     for callers of the first round: the text prefix now follows from the slot.)"""
@@ -97,6 +101,7 @@ def setup(prefix: str = "forkd", level: int = logging.INFO, *, slot: int | None 
     _state.level = level
     _state.sink = sink
     _state.json_sink = json_sink
+    _state.access_sink = access_sink
     _state.access_text = access_text
     _state.reopen = reopen
     if app_name is not None:

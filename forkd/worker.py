@@ -118,16 +118,18 @@ def _setup_logging(spec: WorkerSpec) -> None:
     if spec.log_pipes is None:
         forkd_log.setup(slot=spec.slot, app_name=spec.name)
         return
+    from forkd.http import accesslog
     from forkd.logs.pipes import RecordWriter, attach_worker
     from forkd.logs.record import to_json
 
     global _records
-    send = _records = RecordWriter(attach_worker(spec.log_pipes))
+    send = _records = RecordWriter(attach_worker(spec.log_pipes), render=accesslog.render)
     send.on_dropped = lambda count: forkd_log.event(
         "log-dropped", logging.WARNING, lines=count, why="the primary was too slow to read")
     forkd_log.setup(slot=spec.slot, app_name=spec.name,
                     sink=lambda entry: send(to_json(entry), entry.level != "info"),
-                    json_sink=send, access_text=spec.config.log_format == "text")
+                    json_sink=send, access_sink=send.defer,
+                    access_text=spec.config.log_format == "text")
 
 
 def _set_title(spec: WorkerSpec) -> None:

@@ -14,12 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import sys
 import time
 from typing import Any
 
+from forkd import log
 from forkd.config import Config
+from forkd.http import accesslog
 from forkd.http.protocol import ServerState, make_protocol_factory
+from forkd.logs.pipes import RecordWriter
 from forkd.worker import _positional
 
 BATCH = 5000
@@ -50,14 +54,23 @@ class CountingTransport:
 
 
 async def drive(interface: str, n: int, path: bytes, profile: str | None,
-                threads: int, inline: str) -> None:
+                threads: int, inline: str, access_log: str | None = None) -> None:
     loop = asyncio.get_running_loop()
+    if access_log:  # as a worker logs: JSON records batched by a RecordWriter (to /dev/null)
+        writer = RecordWriter(os.open(os.devnull, os.O_WRONLY), render=accesslog.render)
+        writer.attach_loop(loop)
+        # batches full by size, as under load, not by a timer that a slowed-down run
+        # (valgrind) would fire every few requests
+        writer.DELAY = 3600.0
+        log.setup(slot=0, json_sink=writer, access_sink=writer.defer,
+                  access_text=access_log == "text")
     if interface == "wsgi":
         from bench.apps.hello_wsgi import app
         from forkd.http.wsgi import WSGICycle
         from forkd.http.wsgipool import WSGIPool
 
-        config = Config(app="x", threads=threads, wsgi_inline=inline)
+        config = Config(app="x", threads=threads, wsgi_inline=inline,
+                        access_log=bool(access_log))
         state = ServerState(config, loop)
         pool = WSGIPool(loop, config.threads, config.wsgi_inline)
         state.cycle_factory = _positional(WSGICycle, app, pool, config.root_path)
@@ -65,7 +78,7 @@ async def drive(interface: str, n: int, path: bytes, profile: str | None,
         from bench.apps.hello_asgi import app as asgi_app
         from forkd.http.asgi import ASGICycle
 
-        config = Config(app="x")
+        config = Config(app="x", access_log=bool(access_log))
         state = ServerState(config, loop)
         state.cycle_factory = _positional(ASGICycle, asgi_app, {}, config.root_path)
     proto = make_protocol_factory(state)()
@@ -110,11 +123,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--inline", default="auto", help="--wsgi-inline (never: on threads)")
     parser.add_argument("--profile", default=None, help="write cProfile stats here")
+    parser.add_argument("--access-log", choices=["json", "text"], default=None,
+                        help="with --access-log, in this --log-format")
     args = parser.parse_args()
     import uvloop
 
     uvloop.run(drive(args.interface, args.n, args.path.encode(), args.profile, args.threads,
-                     args.inline))
+                     args.inline, args.access_log))
     return 0
 
 

@@ -21,6 +21,7 @@ import select
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,15 +186,23 @@ class RecordWriter:
     past MAX_HELD bytes, new lines are dropped and counted, and the count goes out as a
     warning record once the pipe takes lines again. Without a loop (start-up, shutdown)
     and for warnings and errors, which may precede a crash, a line is written at once,
-    waiting for room up to URGENT_WAIT seconds."""
+    waiting for room up to URGENT_WAIT seconds.
+
+    `defer` holds an item to be rendered later instead of a line: the access log hands
+    over a request's fields, and `render` turns the batch's items into lines in one
+    loop just before its write (in their place, so lines keep their order)."""
 
     BATCH = 64 * 1024
     DELAY = 0.01  # seconds a line may wait: a hundred writes a second at most
     MAX_HELD = 4 << 20
     URGENT_WAIT = 2.0
+    DEFERRED_SIZE = 400  # bytes counted for an item not rendered yet (an access line's)
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, render: Callable[[list[Any]], list[bytes]] | None = None
+                 ) -> None:
         self.fd = fd
+        self.render = render
+        self.deferred = 0  # items in `pending` that `render` has yet to make lines of
         os.set_blocking(fd, False)  # (the worker's own descriptor: no one else shares it)
         self.lock = threading.Lock()
         self.pending: list[bytes] = []
@@ -224,13 +233,40 @@ class RecordWriter:
             if urgent or self.loop is None:
                 self._write_locked(wait=self.URGENT_WAIT)
                 return
-            if self.size >= self.BATCH:
-                self._write_locked()
-                if not self.pending:
-                    return
-            if self.scheduled:
+            if not self._batched_locked():
                 return
-            self.scheduled = True
+        self._schedule()
+
+    def defer(self, item: Any) -> None:
+        """Hold `item` for `render` (see the class): as __call__, for a line not made yet."""
+        with self.lock:
+            if self.size > self.MAX_HELD - self.DEFERRED_SIZE:
+                self.dropped += 1
+                return
+            self.pending.append(item)
+            self.size += self.DEFERRED_SIZE
+            self.deferred += 1
+            if self.loop is None:
+                self._write_locked(wait=self.URGENT_WAIT)
+                return
+            if self.scheduled and self.size < self.BATCH:  # (most calls: the batch waits)
+                return
+            if not self._batched_locked():
+                return
+        self._schedule()
+
+    def _batched_locked(self) -> bool:
+        """Write a full batch; True when a flush is now to be scheduled."""
+        if self.size >= self.BATCH:
+            self._write_locked()
+            if not self.pending:
+                return False
+        if self.scheduled:
+            return False
+        self.scheduled = True
+        return True
+
+    def _schedule(self) -> None:
         try:
             if threading.get_ident() == self.loop_thread:
                 self._flush_later()
@@ -265,6 +301,9 @@ class RecordWriter:
         """Write what is held; with `wait`, block for room up to that many seconds."""
         if not self.pending:
             return
+        if self.deferred:
+            assert self.render is not None
+            self.pending, self.deferred = self.render(self.pending), 0
         data = memoryview(b"".join(self.pending) if len(self.pending) > 1 else self.pending[0])
         deadline = None
         while data:

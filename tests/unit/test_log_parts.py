@@ -8,6 +8,8 @@ import logging
 import logging.config
 import os
 import re
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -510,3 +512,57 @@ def test_records_wait_in_the_worker_when_the_pipe_is_full_and_drops_are_counted(
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_deferred_access_lines_keep_their_place_among_urgent_records() -> None:
+    """A worker's access lines are rendered with their batch, not when the request ends;
+    a warning written at once (it may precede a crash) still comes after the access
+    lines before it, each access line is the one log_access renders at once, and its
+    timestamp is the time its request ended."""
+    from forkd.http import accesslog
+    from forkd.logs.pipes import RecordWriter
+
+    class Loop:
+        def __init__(self) -> None:
+            self.later: list = []
+
+        def call_later(self, delay: float, callback) -> None:
+            self.later.append(callback)
+
+    read_end, write_end = os.pipe()
+    fields = (b"rid-1", b"-", b"curl/8")
+    calls = [(("10.0.0.9", 5555), "GET", b"/a/%d" % index, b"q=1", "1.1", fields, 200,
+              index, 0.0025) for index in range(3)]
+    try:
+        writer = RecordWriter(write_end, render=accesslog.render)
+        writer.attach_loop(Loop())
+        log.setup(slot=2, json_sink=writer, access_sink=writer.defer)
+        before = time.time()
+        for call in calls[:2]:
+            accesslog.log_access(*call)
+        os.set_blocking(read_end, False)
+        with pytest.raises(BlockingIOError):  # held, not rendered or written yet
+            os.read(read_end, 1 << 16)
+        assert writer.deferred == 2
+        writer(b'{"warning":1}\n', urgent=True)  # written at once, after the two
+        accesslog.log_access(*calls[2])
+        writer.flush()
+        after = time.time()
+        got = os.read(read_end, 1 << 20).splitlines(keepends=True)
+        at_once: list[bytes] = []
+        log.setup(slot=2, json_sink=at_once.append)
+        for call in calls:
+            accesslog.log_access(*call)
+    finally:
+        log.setup()
+        os.close(read_end)
+        os.close(write_end)
+    assert len(got) == 4 and got[2] == b'{"warning":1}\n'
+    access = [got[0], got[1], got[3]]
+    for line, same in zip(access, at_once, strict=True):
+        parsed, expected = json.loads(line), json.loads(same)
+        stamp = datetime.strptime(parsed.pop("ts"), "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+        assert before - 0.002 <= stamp <= after + 0.002
+        expected.pop("ts")
+        assert parsed == expected
+    assert [json.loads(line)["path"] for line in access] == ["/a/0", "/a/1", "/a/2"]
