@@ -81,14 +81,14 @@ class LogHub:
                 self._lines(reader, reader.splitter.close())
                 self._forget(fd)
                 return
-            if reader.stream == "records":
-                block = reader.splitter.feed_block(data)
-                if block is None:
-                    self._lines(reader, reader.splitter.feed(data))
-                elif block:
-                    self._records(reader, block)
-            else:
+            block = reader.splitter.feed_block(data)
+            if block is None:  # (a line may be over the cap: cut it)
                 self._lines(reader, reader.splitter.feed(data))
+            elif block:
+                if reader.stream == "records":
+                    self._records(reader, block)
+                else:
+                    self._output(reader, block)
             if len(data) < READ_SIZE:
                 return
 
@@ -127,6 +127,21 @@ class LogHub:
                 self.writer.write(out, count)
                 return
         self._lines(reader, [(line, False) for line in block.split(b"\n")[:-1]])
+
+    def _output(self, reader: _Reader, block: bytes) -> None:
+        """Whole lines an app printed (a worker's stdout or stderr, none over the cap),
+        read together: tagged and rendered in a few C-level calls for the whole read,
+        not per line, and kept in the ring as one block, cut into lines only when
+        `forkd logs` reads it. The same bytes as _lines would make of them."""
+        count = block.count(b"\n")
+        if count < 2:
+            self._lines(reader, [(block[:-1], False)])
+            return
+        ts = record.rfc3339(time.time())
+        entry = Entry(ts, "info", reader.pid, reader.slot, stream=reader.stream, data=block,
+                      count=count)
+        self.ring.append(entry)
+        self.writer.write(record.render_block(entry, self.fmt, self.app_name), count)
 
     def _lines(self, reader: _Reader, lines: list[tuple[bytes, bool]]) -> None:
         if not lines:

@@ -28,6 +28,7 @@ MESSAGE_EVENT = "log"  # the event name of a free-text forkd line (logger.warnin
 
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+_encode_string = json.encoder.encode_basestring  # (what _dumps does to a str)
 
 
 @dataclass(slots=True)
@@ -262,3 +263,19 @@ def _decode(raw: bytes, slot: int | None, pid: int) -> Entry:
 
 def render(entry: Entry, fmt: str, app_name: str) -> bytes:
     return to_json(entry) if fmt == "json" else to_text(entry, app_name)
+
+
+def render_block(block: Entry, fmt: str, app_name: str) -> bytes:
+    """A block of an app's output lines (`data`: `count` lines, each with its newline,
+    all read at `ts`), rendered as render() renders each of them, per block rather than
+    per line where it can: a text prefix goes in with one replace; a JSON line needs
+    its message encoded, by the C encoder the JSON encoder itself uses."""
+    assert block.stream is not None
+    if fmt != "json":
+        head = f"{block.ts} {prefix(block, app_name)} {block.stream}: ".encode()
+        return head + block.data[:-1].replace(b"\n", b"\n" + head) + b"\n"
+    head = _dumps({"ts": block.ts, "level": "info", "stream": block.stream,
+                   "pid": block.pid, "slot": block.slot, "message": ""})[:-3].encode()
+    encode = _encode_string
+    return b"".join([head + encode(line.decode("utf-8", "replace")).encode() + b"}\n"
+                     for line in block.data.split(b"\n")[:-1]])

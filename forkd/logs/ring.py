@@ -28,8 +28,8 @@ class Page:
 
 class Ring:
     """An entry is one line, or a block of `count` whole lines from one worker (its
-    records, as they came through the pipe: see LogHub), kept as one bytes object and
-    cut into lines only when a reader asks for them."""
+    records, or its app's output, as they came through the pipe: see LogHub), kept as
+    one bytes object and cut into lines only when a reader asks for them."""
 
     def __init__(self, max_lines: int = DEFAULT_LINES, max_bytes: int = DEFAULT_BYTES) -> None:
         self.max_lines = max_lines
@@ -62,18 +62,25 @@ class Ring:
             self.lines -= first.count
             self.bytes -= first.size
             return
-        assert first.raw is not None
+        output = first.stream is not None  # an app's lines in `data`, else records in `raw`
+        data = first.data if output else first.raw
+        assert data is not None
         cut = 0  # a block loses its oldest lines only
         for _ in range(lines):
-            cut = first.raw.index(b"\n", cut) + 1
-        first.raw = first.raw[cut:]
+            cut = data.index(b"\n", cut) + 1
+        data = data[cut:]
         first.count -= lines
-        if first.count == 1:  # a line again: its text rendering split off (see expand)
-            raw, tab, text = first.raw.rstrip(b"\n").partition(b"\t")
+        if output:
+            first.data = data[:-1] if first.count == 1 else data  # (a line has no newline)
+        elif first.count == 1:  # a line again: its text rendering split off (see expand)
+            raw, tab, text = data.rstrip(b"\n").partition(b"\t")
             first.raw, first.text = raw + b"\n", text + b"\n" if tab else None
+        else:
+            first.raw = data
         self.lines -= lines
         self.bytes -= first.size
-        first.size = ENTRY_OVERHEAD + len(first.raw) + len(first.text or b"")
+        first.size = (ENTRY_OVERHEAD + len(first.data) + len(first.raw or b"")
+                      + len(first.text or b""))
         self.bytes += first.size
 
     @property
@@ -122,13 +129,21 @@ class Ring:
 
 
 def expand(block: Entry) -> list[Entry]:
-    """A block's lines, each an entry of its own (undecoded, as record.from_json makes
-    them, a text rendering after a tab split off), numbered in order."""
+    """A block's lines, each an entry of its own, numbered in order: an app's output
+    lines as LogHub._lines makes them, records undecoded, as record.from_json makes
+    them, a text rendering after a tab split off."""
     if block.count == 1:
         return [block]
-    assert block.raw is not None
     first = block.seq - block.count + 1
     entries = []
+    if block.stream is not None:
+        for index, line in enumerate(block.data.split(b"\n")[:-1]):
+            entry = Entry(block.ts, "info", block.pid, block.slot, stream=block.stream,
+                          data=line)
+            entry.seq = first + index
+            entries.append(entry)
+        return entries
+    assert block.raw is not None
     for index, line in enumerate(block.raw.split(b"\n")[:-1]):
         raw, tab, text = line.partition(b"\t")
         entry = undecoded(block.pid, block.slot, raw + b"\n", text + b"\n" if tab else None)

@@ -162,19 +162,31 @@ def test_ring_tail_cursor_and_missed_lines() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(appends=st.lists(st.tuples(st.sampled_from([0, 1, None]), st.integers(1, 6)),
-                        max_size=30),
+@given(appends=st.lists(st.tuples(st.sampled_from([0, 1, None]), st.integers(1, 6),
+                                  st.booleans()), max_size=30),
        max_lines=st.integers(1, 25), texts=st.booleans(), asks=st.lists(
            st.tuples(st.integers(0, 60), st.sampled_from([0, 1, None]), st.integers(1, 8)),
            min_size=1, max_size=5))
 def test_a_ring_of_blocks_answers_as_a_ring_of_lines(
-        appends: list[tuple[int | None, int]], max_lines: int, texts: bool,
+        appends: list[tuple[int | None, int, bool]], max_lines: int, texts: bool,
         asks: list[tuple[int, int | None, int]]) -> None:
-    """A worker's records kept as one block (the access log's path) read back line by
-    line exactly as if each line had been kept alone: tail, since, missed, limits."""
+    """A worker's records, or its app's output lines, kept as one block (the access
+    log's and a chatty app's path) read back line by line exactly as if each line had
+    been kept alone: tail, since, missed, limits."""
     blocks, lines = Ring(max_lines=max_lines), Ring(max_lines=max_lines)
     number = 0
-    for slot, count in appends:
+    for slot, count, output in appends:
+        if output and slot is not None:  # an app's output
+            printed = [b"printed %d" % (number + index) for index in range(1, count + 1)]
+            number += count
+            if count > 1:
+                blocks.append(Entry("t", "info", 1, slot, stream="stdout",
+                                    data=b"\n".join(printed) + b"\n", count=count))
+            for line in printed:
+                if count == 1:
+                    blocks.append(Entry("t", "info", 1, slot, stream="stdout", data=line))
+                lines.append(Entry("t", "info", 1, slot, stream="stdout", data=line))
+            continue
         raws, renderings = [], []
         for _ in range(count):
             number += 1
@@ -193,14 +205,35 @@ def test_a_ring_of_blocks_answers_as_a_ring_of_lines(
     assert blocks.lines == lines.lines and blocks.first_seq == lines.first_seq
 
     def seen(page):
-        return ([(entry.seq, entry.slot, entry.raw, entry.text) for entry in page.entries],
-                page.cursor,
-                page.missed, page.more)
+        return ([(entry.seq, entry.slot, entry.raw, entry.text, entry.stream, entry.data)
+                 for entry in page.entries], page.cursor, page.missed, page.more)
 
     for cursor, slot, limit in asks:
         assert seen(blocks.tail(limit, slot)) == seen(lines.tail(limit, slot))
         assert seen(blocks.since(cursor, slot, limit=limit)) == seen(
             lines.since(cursor, slot, limit=limit))
+
+
+@settings(max_examples=300, deadline=None)
+@given(printed=st.lists(st.binary(max_size=40).map(lambda line: line.replace(b"\n", b"")),
+                        min_size=2, max_size=8),
+       fmt=st.sampled_from(["text", "json"]), slot=st.integers(0, 3),
+       stream=st.sampled_from(["stdout", "stderr"]))
+def test_an_app_s_lines_read_together_are_rendered_as_each_alone(
+        printed: list[bytes], fmt: str, slot: int, stream: str) -> None:
+    """What the primary writes for a block of an app's output lines is, byte for byte,
+    what it writes for each line alone (whatever bytes the app printed), and `forkd logs`
+    reads the same lines back."""
+    block = Entry("2026-12-01T15:31:37.045Z", "info", 77, slot, stream=stream,
+                  data=b"\n".join(printed) + b"\n", count=len(printed))
+    alone = [Entry(block.ts, "info", 77, slot, stream=stream, data=line) for line in printed]
+    assert record.render_block(block, fmt, "web") == b"".join(
+        record.render(entry, fmt, "web") for entry in alone)
+    ring = Ring()
+    ring.append(block)
+    assert [(entry.seq, entry.ts, entry.stream, entry.data)
+            for entry in ring.tail(100).entries] == [
+        (seq, block.ts, stream, line) for seq, line in enumerate(printed, 1)]
 
 
 def test_ring_is_bounded_by_bytes_too() -> None:
