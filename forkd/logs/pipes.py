@@ -303,7 +303,12 @@ class RecordWriter:
             return
         if self.deferred:
             assert self.render is not None
-            self.pending, self.deferred = self.render(self.pending), 0
+            try:
+                self.pending = self.render(self.pending)
+            except Exception:  # (a bug: lose those lines, counted, never the batch)
+                self.dropped += self.deferred
+                self.pending = [line for line in self.pending if line.__class__ is bytes]
+            self.deferred = 0
         data = memoryview(b"".join(self.pending) if len(self.pending) > 1 else self.pending[0])
         deadline = None
         while data:

@@ -599,3 +599,26 @@ def test_deferred_access_lines_keep_their_place_among_urgent_records() -> None:
         expected.pop("ts")
         assert parsed == expected
     assert [json.loads(line)["path"] for line in access] == ["/a/0", "/a/1", "/a/2"]
+
+
+def test_an_access_line_that_cannot_be_rendered_is_counted_and_the_rest_go_out() -> None:
+    from forkd.logs.pipes import RecordWriter
+
+    def render(items: list) -> list[bytes]:
+        raise ValueError("a bug")
+
+    read_end, write_end = os.pipe()
+    try:
+        writer = RecordWriter(write_end, render=render)
+        reported: list[int] = []
+        writer.on_dropped = reported.append
+        writer.attach_loop(type("Loop", (), {"call_later": lambda self, delay, cb: None})())
+        writer(b"before\n")
+        writer.defer(("an", "access", "line"))
+        writer(b"after\n", urgent=True)
+        writer.flush()
+        assert os.read(read_end, 1 << 16) == b"before\nafter\n"
+        assert reported == [1] and not writer.pending
+    finally:
+        os.close(read_end)
+        os.close(write_end)
