@@ -21,6 +21,7 @@ from typing import Any
 from forkd import events, handoff, log, policy, process, protocol
 from forkd.config import Config
 from forkd.control import Poller
+from forkd.http.balance import ConnectionTable
 from forkd.http.health import HealthFlag
 from forkd.logs.hub import LogHub
 from forkd.logs.pipes import open_pipes
@@ -98,6 +99,8 @@ class Primary:
         # --health-path's shared flag, made before the first fork so that every worker maps
         # the same page: raising it (--drain-delay) fails the health path everywhere at once
         self.health = HealthFlag() if self.config.health_path else None
+        # likewise the table where workers count their connections (forkd.http.balance)
+        self.connections = ConnectionTable()
         self.metrics = PoolMetrics()
         self.successor: handoff.Successor | None = None  # the new primary of an upgrade
         self.handed_over = False  # the successor serves: this primary only drains
@@ -539,7 +542,8 @@ class Primary:
             config=self.config, listeners=[listener.sock for listener in self.options.listeners],
             channel=theirs, primary_pid=os.getpid(), close_fds=close_fds,
             app=self.options.app, interface=self.options.interface,
-            request_limit=action.request_limit or 0, health=self.health, log_pipes=pipes)
+            request_limit=action.request_limit or 0, health=self.health, log_pipes=pipes,
+            connections=self.connections)
         # Signals wait until the child has put its own handlers in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         # What exists now (a preloaded app above all) goes to the permanent generation,

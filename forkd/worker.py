@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -24,6 +24,7 @@ from forkd import events
 from forkd import log as forkd_log
 from forkd.config import Config
 from forkd.errors import EXIT_APP_LOAD, EXIT_BOOT, EXIT_OK, AppLoadError
+from forkd.http import balance
 from forkd.logs.pipes import WorkerPipes
 from forkd.metrics.snapshot import to_wire
 
@@ -54,6 +55,9 @@ class WorkerSpec:
     # --health-path on every worker at once, ahead of the drain (--drain-delay)
     health: Any = None
     log_pipes: WorkerPipes | None = None  # stdout, stderr and forkd records to the primary
+    # the primary's forkd.http.balance.ConnectionTable (made before forking): where each
+    # worker says how many connections it holds, so that none takes more than its share
+    connections: Any = None
 
 
 def run(spec: WorkerSpec) -> NoReturn:
@@ -218,8 +222,13 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     # collector's passes (shorter pauses on the request path).
     gc.freeze()
     factory = make_protocol_factory(state)
-    servers = [await _create_server(loop, factory, sock, config, ssl_context)
-               for sock in spec.listeners]
+    listening = _Listening(loop, spec.listeners, lambda sock: _create_server(
+        loop, factory, sock, config, ssl_context))
+    await listening.start()
+    if spec.connections is not None and spec.slot < balance.MAX_SLOTS:
+        state.balance = balance.Balancer(spec.connections, spec.slot, loop,
+                                         listening.pause, listening.resume)
+        state.balance.refresh(len(state.connections))
     stop = loop.create_future()
 
     def on_signal(signum: int) -> None:
@@ -238,10 +247,9 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
 
     # Drain: stop accepting at once; what is in the shared accept queue stays there
     # for the other workers. Then let the connections we hold finish.
-    for server in servers:
-        server.close()
-    for sock in spec.listeners:
-        sock.close()
+    if state.balance is not None:
+        state.balance.leave()
+    listening.close()
     _send(channel, events.encode(events.Draining()), surely=True)
     state.start_drain()
     deadline = loop.time() + config.graceful_timeout
@@ -269,6 +277,51 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     if pool is not None:
         pool.shutdown()
     return EXIT_OK
+
+
+class _Listening:
+    """This worker's servers on the shared listeners, which it can stop and start again
+    (forkd.http.balance). Each server gets a copy of its listener's descriptor, which
+    closing the server closes; the listener itself stays open until `close`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, listeners: list[socket.socket],
+                 create: Callable[[socket.socket], Awaitable[asyncio.AbstractServer]]
+                 ) -> None:
+        self.loop = loop
+        self.listeners = listeners
+        self.create = create
+        self.servers: list[asyncio.AbstractServer] = []
+        self.wanted = True  # (a resume while the servers are still being made is kept)
+        self.starting: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        servers = []
+        for sock in self.listeners:
+            servers.append(await self.create(sock.dup()))
+        self.servers = servers
+        if not self.wanted:  # paused meanwhile
+            self._stop()
+
+    def pause(self) -> None:
+        self.wanted = False
+        self._stop()
+
+    def resume(self) -> None:
+        self.wanted = True
+        if not self.servers and (self.starting is None or self.starting.done()):
+            self.starting = self.loop.create_task(self.start())
+
+    def close(self) -> None:
+        self.pause()
+        if self.starting is not None:
+            self.starting.cancel()
+        for sock in self.listeners:
+            sock.close()
+
+    def _stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.servers = []
 
 
 async def _create_server(loop: asyncio.AbstractEventLoop, factory: Any, sock: socket.socket,
@@ -331,6 +384,8 @@ class _Heartbeat:
 
     def beat(self) -> None:
         self.state.tick()
+        if self.state.balance is not None:
+            self.state.balance.refresh(len(self.state.connections))
         self.ticks += 1
         if self.ticks % BEAT_EVERY == 0:
             _send(self.channel, beat_message(self.state))

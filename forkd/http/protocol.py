@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import httptools
 
 from forkd.config import Config
+from forkd.http.balance import Balancer
 from forkd.http.framing import status_line
 from forkd.http.health import DRAINING, READY, HealthFlag
 from forkd.http.proxy import (
@@ -167,6 +168,7 @@ class ServerState:
         self.trusted = TrustedPeers(config.forwarded_allow_ips)
         self.health_path = config.health_path.encode() if config.health_path else None
         self.health_flag: HealthFlag | None = None
+        self.balance: Balancer | None = None  # set by the worker (forkd.http.balance)
         self.limit_concurrency = config.limit_concurrency
         self.metrics = RequestCounters()  # read by the heartbeat; see metrics/counters.py
         # 408s are counted, not logged one by one (slowloris would write thousands of
@@ -390,7 +392,10 @@ class HttpProtocol(asyncio.Protocol):
         # what a request's task starts from (a copy of it: the context of the loop's
         # callbacks); a chained ASGI request gets a copy of this one
         self.context = contextvars.copy_context()
-        self.state.connections.add(self)
+        connections = self.state.connections
+        connections.add(self)
+        if self.state.balance is not None:  # (forkd.http.balance: no more than our share)
+            self.state.balance.opened(len(connections))
         sockname = transport.get_extra_info("sockname")
         peername = transport.get_extra_info("peername")
         if isinstance(sockname, tuple):
@@ -414,6 +419,8 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = True
         self.out.clear()
         self.state.connections.discard(self)
+        if self.state.balance is not None:
+            self.state.balance.closed(len(self.state.connections))
         if self.heads:  # requests that will never be answered leave the in-flight set
             self._abandon(self.loop.time())
         for cycle in (self.cycle, self.parsing, *self.pipeline):
