@@ -210,6 +210,8 @@ class WebSocketConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.state.connections.discard(self)
+        if self.state.balance is not None:
+            self.state.balance.closed(len(self.state.connections))
         if self.counted:
             self.counted = False
             self.state.metrics.websockets -= 1
