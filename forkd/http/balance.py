@@ -44,8 +44,9 @@ def _now_ms() -> int:
 
 
 class ConnectionTable:
-    """Per slot: connections held (or -1), and when that was last written (monotonic
-    ms); entry 0 of `high` is one past the highest slot that ever took part."""
+    """Per slot: connections held (or -1), when that was last written (monotonic ms),
+    and whether the worker has paused its accepting; `high[0]` is one past the highest
+    slot that ever took part, so a scan reads only the slots in use."""
 
     def __init__(self) -> None:
         self.page = mmap.mmap(-1, 8 * (3 * MAX_SLOTS + 1))  # shared with every child forked
