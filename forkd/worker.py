@@ -302,6 +302,13 @@ class _Listening:
         if not self.wanted:  # paused meanwhile
             self._stop()
 
+    async def _restart(self) -> None:
+        try:
+            await self.start()
+        except OSError as exc:  # (out of descriptors, say): the others accept meanwhile
+            logger.warning("could not accept again (%s); retrying in 1 s", exc)
+            self.loop.call_later(1.0, self.resume)
+
     def pause(self) -> None:
         self.wanted = False
         self._stop()
@@ -309,7 +316,7 @@ class _Listening:
     def resume(self) -> None:
         self.wanted = True
         if not self.servers and (self.starting is None or self.starting.done()):
-            self.starting = self.loop.create_task(self.start())
+            self.starting = self.loop.create_task(self._restart())
 
     def close(self) -> None:
         self.pause()
