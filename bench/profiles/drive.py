@@ -2,11 +2,23 @@
 
     .venv/bin/python -m bench.profiles.drive wsgi 200000          # CPU us per request
     .venv/bin/python -m bench.profiles.drive wsgi 100000 --profile out.prof
+    .venv/bin/python -m bench.profiles.drive asgi 100000 --server uvicorn
 
 A real ServerState and HttpProtocol (as a worker makes them) get GET requests as wrk sends
 them through a transport that only counts what is written; the app is bench/apps' hello.
 The figure is the CPU time of the whole loop per request: forkd's own Python, without
 the kernel's socket work, so it moves only with forkd's code (and the machine's speed).
+
+`--server uvicorn` (ASGI only) drives uvicorn's httptools protocol instead, configured as
+bench/harness.py starts uvicorn (`--http httptools --no-access-log`, so its default
+proxy-headers middleware too, and the date and server headers its main loop keeps), with
+the same transport, requests and app: the same measurement for both servers. uvicorn is
+no dependency of forkd: `pip install uvicorn` into the venv that runs this.
+`--server null` answers each request with fixed bytes from data_received: what the
+driver itself costs per request, to subtract from the others.
+
+Each request is handed over, then the loop runs at least one pass (a real worker gets
+each read from a pass of the loop too), more until the response was written.
 """
 
 from __future__ import annotations
@@ -53,8 +65,42 @@ class CountingTransport:
         return 0
 
 
+class NullProtocol(asyncio.Protocol):
+    """--server null: every read answered at once with the same bytes, no parsing."""
+
+    RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 13\r\n"
+                b"\r\nHello, world!")
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(self.RESPONSE)
+
+
+def uvicorn_protocol(loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
+    """uvicorn's httptools protocol as `uvicorn --http httptools --no-access-log` makes it."""
+    from email.utils import formatdate
+
+    from uvicorn.config import Config as UvicornConfig
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState as UvicornState
+
+    from bench.apps.hello_asgi import app as asgi_app
+
+    config = UvicornConfig(app=asgi_app, http="httptools", loop="uvloop", access_log=False,
+                           log_level="warning")
+    config.load()
+    state = UvicornState()
+    # what uvicorn's Server.on_tick keeps there (once a second)
+    state.default_headers = ([(b"date", formatdate(usegmt=True).encode("latin-1"))]
+                             + config.encoded_headers)
+    return HttpToolsProtocol(config, state, {}, loop)
+
+
 async def drive(interface: str, n: int, path: bytes, profile: str | None,
-                threads: int, inline: str, access_log: str | None = None) -> None:
+                threads: int, inline: str, access_log: str | None = None,
+                server: str = "forkd") -> None:
     loop = asyncio.get_running_loop()
     if access_log:  # as a worker logs: JSON records batched by a RecordWriter (to /dev/null)
         writer = RecordWriter(os.open(os.devnull, os.O_WRONLY), render=accesslog.render)
@@ -64,7 +110,12 @@ async def drive(interface: str, n: int, path: bytes, profile: str | None,
         writer.DELAY = 3600.0
         log.setup(slot=0, json_sink=writer, access_sink=writer.defer,
                   access_text=access_log == "text")
-    if interface == "wsgi":
+    proto: Any
+    if server != "forkd":
+        if interface != "asgi" or access_log:
+            raise SystemExit("--server uvicorn and null are for asgi, without --access-log")
+        proto = uvicorn_protocol(loop) if server == "uvicorn" else NullProtocol()
+    elif interface == "wsgi":
         from bench.apps.hello_wsgi import app
         from forkd.http.wsgi import WSGICycle
         from forkd.http.wsgipool import WSGIPool
@@ -81,7 +132,8 @@ async def drive(interface: str, n: int, path: bytes, profile: str | None,
         config = Config(app="x", access_log=bool(access_log))
         state = ServerState(config, loop)
         state.cycle_factory = _positional(ASGICycle, asgi_app, {}, config.root_path)
-    proto = make_protocol_factory(state)()
+    if server == "forkd":
+        proto = make_protocol_factory(state)()
     transport = CountingTransport()
     proto.connection_made(transport)  # type: ignore[arg-type]
     request = REQUEST % path
@@ -90,6 +142,7 @@ async def drive(interface: str, n: int, path: bytes, profile: str | None,
         for _ in range(count):
             before = transport.writes
             proto.data_received(request)
+            await asyncio.sleep(0)  # (one pass: a worker's reads come from one each)
             while transport.writes == before:  # answered on a thread, or by a task
                 await asyncio.sleep(0)
 
@@ -110,7 +163,7 @@ async def drive(interface: str, n: int, path: bytes, profile: str | None,
         await run(batch)
         per.append((time.process_time() - cpu) / batch * 1e6)
     per.sort()
-    print(f"{interface} {path.decode()}: {len(per)} x {batch} requests, CPU per request "
+    print(f"{server} {interface} {path.decode()}: {len(per)} x {batch} requests, CPU per request "
           f"min {per[0]:.2f} us, median {per[len(per) // 2]:.2f} us; "
           f"{transport.written // transport.writes} bytes per response")
 
@@ -125,11 +178,13 @@ def main() -> int:
     parser.add_argument("--profile", default=None, help="write cProfile stats here")
     parser.add_argument("--access-log", choices=["json", "text"], default=None,
                         help="with --access-log, in this --log-format")
+    parser.add_argument("--server", choices=["forkd", "uvicorn", "null"], default="forkd",
+                        help="asgi: whose protocol is driven (null: the driver alone)")
     args = parser.parse_args()
     import uvloop
 
     uvloop.run(drive(args.interface, args.n, args.path.encode(), args.profile, args.threads,
-                     args.inline, args.access_log))
+                     args.inline, args.access_log, args.server))
     return 0
 
 
