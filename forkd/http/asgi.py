@@ -66,6 +66,7 @@ class ASGICycle:
         "overrun_logged",
         "received_at",
         "access",
+        "task",
     )
 
     def __init__(
@@ -117,6 +118,7 @@ class ASGICycle:
         else:
             self.received_at, self.access = 0.0, accesslog.NONE
         self.expect_continue = False
+        self.task: asyncio.Task[None] | None = None  # the task that runs this request
         if http_version == "1.1":
             for name, value in headers:
                 if name == b"expect" and value.lower() == b"100-continue":
@@ -135,12 +137,10 @@ class ASGICycle:
                 proto.chain_scheduled = True
                 proto.loop.call_soon(_start_chained, proto)
             return
-        tasks = proto.state.tasks
         # (in a context of its own: start may run in the task of the request before this
         # one, whose context variables are not this request's)
-        task = proto.loop.create_task(self.run(), context=proto.context.copy())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        task = self.task = proto.loop.create_task(self.run(), context=proto.context.copy())
+        proto.state.tasks.add(task)  # (run takes it out as it ends: no done callback)
 
     def feed_body(self, body: bytes) -> None:
         if not self.complete:  # after the response, the rest of the body is dropped
@@ -171,29 +171,35 @@ class ASGICycle:
         """The task of this request (`context` None), and of the pipelined requests
         chained to it (each `run` in a context of its own)."""
         try:
+            try:
+                if context is None:
+                    await self.app(self.scope, self.receive, self.send)
+                else:  # (called in that context too: a class's __call__ may use it)
+                    await InContext(context.run(self.app, self.scope, self.receive,
+                                                self.send), context)
+            except BaseException as exc:
+                if self._raised(exc):
+                    raise
+            else:
+                if not self.complete and not self.disconnected:
+                    if self.started:
+                        log.error("ASGI app returned before finishing its response")
+                    else:
+                        log.error("ASGI app returned without starting a response")
+                    self._fail()
             if context is None:
-                await self.app(self.scope, self.receive, self.send)
-            else:  # (called in that context too: a class's __call__ may use it)
-                await InContext(context.run(self.app, self.scope, self.receive, self.send),
-                                context)
-        except BaseException as exc:
-            if self._raised(exc):
-                raise
-        else:
-            if not self.complete and not self.disconnected:
-                if self.started:
-                    log.error("ASGI app returned before finishing its response")
-                else:
-                    log.error("ASGI app returned without starting a response")
-                self._fail()
-        if context is None:
-            proto = self.proto
-            while (cycle := proto.chained) is not None:
-                proto.chained = None  # (taken: _start_chained finds nothing)
-                if not proto.state.may_chain():
-                    await asyncio.sleep(0)  # the rest of this pass is for other connections
-                # as a task of its own would start it: in the context requests start in
-                await cycle.run(proto.context.copy())
+                proto = self.proto
+                while (cycle := proto.chained) is not None:
+                    proto.chained = None  # (taken: _start_chained finds nothing)
+                    if not proto.state.may_chain():
+                        await asyncio.sleep(0)  # the rest of this pass is for other connections
+                    # as a task of its own would start it: in the context requests start in
+                    await cycle.run(proto.context.copy())
+        finally:
+            if context is None:
+                # the task's last step: it leaves the set now, cheaper than a done
+                # callback (one more pass of the loop) and as exact
+                self.proto.state.tasks.discard(self.task)
 
     def _raised(self, exc: BaseException) -> bool:
         """The app raised `exc`: answer for it; True if it must go on up."""

@@ -237,6 +237,8 @@ class ServerState:
         for task in tasks:
             task.cancel()
         await asyncio.wait(tasks, timeout=grace)
+        # (a task cancelled before its first step never ran the code that takes it out)
+        self.tasks.difference_update(task for task in tasks if task.done())
 
     def start_drain(self) -> None:
         self.draining = True
