@@ -129,9 +129,7 @@ async def _drive(interface: str, depth: int, batches: int, profile: cProfile.Pro
         from bench.apps.hello_asgi import app
         from forkd.http.asgi import ASGICycle
 
-        def factory(proto: Any, method: str, target: bytes, headers: Any, version: str,
-                    keep_alive: bool) -> Any:
-            return ASGICycle(proto, app, {}, "", method, target, headers, version, keep_alive)
+        factory: Any = ASGICycle.bind(app, {}, "")
     else:
         from bench.apps.hello_wsgi import app as wsgi_app
         from forkd.http.wsgi import WSGICycle

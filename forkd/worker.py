@@ -207,7 +207,7 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         except LifespanFailed as exc:
             _report_error(spec.channel, f"lifespan startup failed: {exc}\n")
             return EXIT_APP_LOAD
-        state.cycle_factory = _positional(ASGICycle, app, lifespan.state, config.root_path)
+        state.cycle_factory = ASGICycle.bind(app, lifespan.state, config.root_path)
         from forkd.http.websocket import make_upgrade_factory  # imported by the primary
 
         state.upgrade_factory = make_upgrade_factory(app, lifespan.state, config.root_path)

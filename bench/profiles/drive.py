@@ -131,7 +131,7 @@ async def drive(interface: str, n: int, path: bytes, profile: str | None,
 
         config = Config(app="x", access_log=bool(access_log))
         state = ServerState(config, loop)
-        state.cycle_factory = _positional(ASGICycle, asgi_app, {}, config.root_path)
+        state.cycle_factory = ASGICycle.bind(asgi_app, {}, config.root_path)
     if server == "forkd":
         proto = make_protocol_factory(state)()
     transport = CountingTransport()
@@ -143,7 +143,11 @@ async def drive(interface: str, n: int, path: bytes, profile: str | None,
             before = transport.writes
             proto.data_received(request)
             await asyncio.sleep(0)  # (one pass: a worker's reads come from one each)
+            passes = 0
             while transport.writes == before:  # answered on a thread, or by a task
+                passes += 1
+                if passes > 100_000:
+                    raise SystemExit("no answer: the server failed (see its log above)")
                 await asyncio.sleep(0)
 
     await run(WARM_UP)  # warm-up: the WSGI route is learnt quick and runs inline after this

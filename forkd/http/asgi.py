@@ -20,7 +20,10 @@ from forkd.http.protocol import ClientDisconnected, HttpProtocol, error_response
 log = logging.getLogger("forkd.http")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
-_HTTP_VERSIONS = {"1.1": "1.1", "1.0": "1.0"}
+# every framing.Request there is, made once: (head_only, http11, keep_alive) -> it
+_REQUESTS = {(head_only, http11, keep_alive): Request(head_only, http11, keep_alive)
+             for head_only in (False, True) for http11 in (False, True)
+             for keep_alive in (False, True)}
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:
@@ -45,9 +48,10 @@ def decode_path(raw_path: bytes) -> str:
 
 
 class ASGICycle:
+    """One request of an app: made by the class `bind` returns, one per worker."""
+
     __slots__ = (
         "proto",
-        "app",
         "scope",
         "method",
         "keep_alive",
@@ -68,13 +72,23 @@ class ASGICycle:
         "access",
         "task",
     )
+    # (set by bind, on the class it makes)
+    app: Any = None
+    lifespan_state: dict[str, Any] = {}
+    root_path = ""
+
+    @classmethod
+    def bind(cls, app: Any, lifespan_state: dict[str, Any], root_path: str
+             ) -> type[ASGICycle]:
+        """The cycle class of one app, for ServerState.cycle_factory: it takes the
+        protocol's arguments directly (no wrapper call per request)."""
+        return type("ASGICycle", (cls,), {"__slots__": (), "app": staticmethod(app),
+                                          "lifespan_state": lifespan_state,
+                                          "root_path": root_path})
 
     def __init__(
         self,
         proto: HttpProtocol,
-        app: Any,
-        lifespan_state: dict[str, Any],
-        root_path: str,
         method: str,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
@@ -82,26 +96,30 @@ class ASGICycle:
         keep_alive: bool,
     ) -> None:
         self.proto = proto
-        self.app = app
-        raw_path, query = split_target(target)
+        if target[:1] == b"/":  # origin-form, as nearly every request
+            raw_path, _, query = target.partition(b"?")
+        else:
+            raw_path, query = split_target(target)
+        root_path = self.root_path
         self.scope = {
             "type": "http",
             "asgi": ASGI_VERSION,
-            "http_version": _HTTP_VERSIONS.get(http_version, http_version),
+            "http_version": http_version,  # (the protocol let only 1.1 and 1.0 through)
             "server": proto.server,
             "client": proto.req_client,
             "scheme": proto.req_scheme,
             "method": method,
             "root_path": root_path,
-            "path": root_path + decode_path(raw_path),
+            "path": root_path + (raw_path.decode("latin-1") if b"%" not in raw_path
+                                 else decode_path(raw_path)),
             "raw_path": raw_path,
             "query_string": query,
             "headers": headers,
-            "state": dict(lifespan_state),
+            "state": dict(self.lifespan_state),
         }
         self.method = method
         self.keep_alive = keep_alive
-        self.body: list[bytes] = []  # parts, joined once when the app receives them
+        self.body: list[bytes] | tuple[()] = ()  # parts, joined when the app receives them
         self.body_size = 0
         self.more_body = True
         self.receive_waiter: asyncio.Future[None] | None = None
@@ -117,12 +135,10 @@ class ASGICycle:
             self.received_at, self.access = time.perf_counter(), accesslog.request_fields(headers)
         else:
             self.received_at, self.access = 0.0, accesslog.NONE
-        self.expect_continue = False
+        # an Expect: 100-continue is looked for at the app's first receive(), the only
+        # time it matters (most requests have no body, and many apps never receive)
+        self.expect_continue = True
         self.task: asyncio.Task[None] | None = None  # the task that runs this request
-        if http_version == "1.1":
-            for name, value in headers:
-                if name == b"expect" and value.lower() == b"100-continue":
-                    self.expect_continue = True
 
     # -- the protocol's side ----------------------------------------------------
     def start(self) -> None:
@@ -144,13 +160,18 @@ class ASGICycle:
 
     def feed_body(self, body: bytes) -> None:
         if not self.complete:  # after the response, the rest of the body is dropped
-            self.body.append(body)
+            if self.body:
+                self.body.append(body)  # type: ignore[union-attr]
+            else:
+                self.body = [body]
             self.body_size += len(body)
-            self._wake()
+            if self.receive_waiter is not None:
+                self._wake()
 
     def body_complete(self) -> None:
         self.more_body = False
-        self._wake()
+        if self.receive_waiter is not None:
+            self._wake()
 
     def body_buffered(self) -> int:
         return self.body_size
@@ -230,9 +251,9 @@ class ASGICycle:
             proto.response_done(self, keep_alive=False)
 
     async def receive(self) -> dict[str, Any]:
-        if self.expect_continue:
+        if self.expect_continue:  # the first receive()
             self.expect_continue = False
-            if not self.started and self.more_body:
+            if not self.started and self.more_body and self._expects_continue():
                 self.proto.send_continue()
         if not self.delivered_last:
             while not self.body and self.more_body and not self.disconnected:
@@ -240,7 +261,7 @@ class ASGICycle:
             if not self.disconnected and not self.complete:
                 parts = self.body
                 body = parts[0] if len(parts) == 1 else b"".join(parts)
-                self.body = []
+                self.body = ()
                 self.body_size = 0
                 more = self.more_body
                 self.delivered_last = not more
@@ -250,6 +271,15 @@ class ASGICycle:
         while not (self.disconnected or self.complete):
             await self._wait()
         return {"type": "http.disconnect"}
+
+    def _expects_continue(self) -> bool:
+        scope: Any = self.scope
+        if scope["http_version"] != "1.1":
+            return False
+        for name, value in scope["headers"]:
+            if name == b"expect" and value.lower() == b"100-continue":
+                return True
+        return False
 
     async def _wait(self) -> None:
         waiter = self.receive_waiter = self.proto.loop.create_future()
@@ -274,11 +304,12 @@ class ASGICycle:
             body = message.get("body", b"")
             more = message.get("more_body", False)
             if writer is None:
+                state = proto.state
                 head, writer = frame_head(
                     self.status, self.head_headers, self.framing_request(),
                     complete_body=None if more else len(body),
-                    date_header=proto.state.date_header,
-                    force_close=proto.state.draining and not proto.pipeline,
+                    date_header=state.date_header,
+                    force_close=state.draining and not proto.pipeline,
                     request_id=self.access[0])
                 self.writer = writer
                 data = head + writer.write(body) if body else head
@@ -294,7 +325,8 @@ class ASGICycle:
             if data:
                 proto.write(data)
             if not more:
-                self._wake()
+                if self.receive_waiter is not None:
+                    self._wake()
                 if proto.state.access_log:
                     self._log_access(writer.sent)
                 proto.ending = True  # (a pipelined request started now is chained)
@@ -314,8 +346,8 @@ class ASGICycle:
             raise RuntimeError(f"unexpected ASGI message type {kind!r} for http")
 
     def framing_request(self) -> Request:
-        return Request(self.method == "HEAD", self.scope["http_version"] == "1.1",
-                       self.keep_alive)
+        return _REQUESTS[self.method == "HEAD", self.scope["http_version"] == "1.1",
+                         self.keep_alive]
 
     def _log_access(self, size: int) -> None:
         scope: Any = self.scope

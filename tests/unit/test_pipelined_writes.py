@@ -113,9 +113,7 @@ def connect(loop: asyncio.AbstractEventLoop, interface: str, app: Any
     if interface == "asgi":
         from forkd.http.asgi import ASGICycle
 
-        def factory(proto: Any, method: str, target: bytes, headers: Any, version: str,
-                    keep_alive: bool) -> Any:
-            return ASGICycle(proto, app, {}, "", method, target, headers, version, keep_alive)
+        factory: Any = ASGICycle.bind(app, {}, "")
     else:
         from forkd.http.wsgi import WSGICycle
         from forkd.http.wsgipool import WSGIPool
