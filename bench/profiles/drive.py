@@ -132,6 +132,9 @@ async def drive(interface: str, n: int, path: bytes, profile: str | None,
         config = Config(app="x", access_log=bool(access_log))
         state = ServerState(config, loop)
         state.cycle_factory = ASGICycle.bind(asgi_app, {}, config.root_path)
+        from forkd.http.websocket import make_upgrade_factory  # (as a worker has it)
+
+        state.upgrade_factory = make_upgrade_factory(asgi_app, {}, config.root_path)
     if server == "forkd":
         proto = make_protocol_factory(state)()
     transport = CountingTransport()

@@ -312,11 +312,15 @@ class ASGICycle:
                     force_close=state.draining and not proto.pipeline,
                     request_id=self.access[0])
                 self.writer = writer
-                data = head + writer.write(body) if body else head
-            else:
+                if more:
+                    data = head + writer.write(body) if body else head
+                else:
+                    data = head + writer.last(body)
+                    self.complete = True
+            elif more:
                 data = writer.write(body)
-            if not more:
-                data += writer.end()
+            else:
+                data = writer.last(body)
                 self.complete = True
             if writer.overrun and not self.overrun_logged:
                 self.overrun_logged = True

@@ -53,14 +53,19 @@ def status_line(code: int, reason: bytes | None = None) -> bytes:
 
 
 def check_field(name: bytes, value: bytes) -> None:
-    """Refuse what would split or corrupt the head (response splitting)."""
+    """Refuse what would split or corrupt the head (response splitting). (frame_head
+    does the same inline.)"""
     if name not in _checked_names:
-        if not _TOKEN.fullmatch(name):
-            raise ResponseError(f"invalid response header name {name!r}")
-        if len(_checked_names) < _MAX_CHECKED:
-            _checked_names.add(name)
+        _check_name(name)
     if _BAD_VALUE.search(value):
         raise ResponseError(f"invalid character in response header {name!r}")
+
+
+def _check_name(name: bytes) -> None:
+    if not _TOKEN.fullmatch(name):
+        raise ResponseError(f"invalid response header name {name!r}")
+    if len(_checked_names) < _MAX_CHECKED:
+        _checked_names.add(name)
 
 
 @dataclass(slots=True)  # (not frozen: a frozen __init__ costs a setattr call per field)
@@ -89,13 +94,32 @@ class BodyWriter:
     def end(self) -> bytes:
         return b""
 
+    def last(self, data: bytes) -> bytes:
+        """`write(data)` then `end()`: the body's last block."""
+        return self.write(data) + self.end()
+
 
 class LengthWriter(BodyWriter):
     __slots__ = ("length",)
 
     def __init__(self, keep_alive: bool, length: int) -> None:
-        super().__init__(keep_alive)
+        self.keep_alive = keep_alive  # (BodyWriter's, without the call: one per response)
+        self.sent = 0
+        self.overrun = False
         self.length = length
+
+    def last(self, data: bytes) -> bytes:
+        # (write and end in one call: a whole response's body, the usual case)
+        room = self.length - self.sent
+        size = len(data)
+        if size != room:
+            if size > room:
+                self.overrun = True
+                data = data[:room]
+                size = room
+            self.keep_alive = False  # cut, or short: either way the close must say so
+        self.sent += size
+        return data
 
     def write(self, data: bytes) -> bytes:
         room = self.length - self.sent
@@ -163,10 +187,13 @@ def frame_head(
     `force_close` ends the connection after this response (draining, unread body).
     The app's Transfer-Encoding and Connection are framing, which is ours: dropped
     (a `Connection: close` from the app is honoured)."""
-    parts = [status_line(status, reason)]
+    line = STATUS_LINES.get(status) if reason is None else None  # (status_line's usual case)
+    parts = [line if line is not None else status_line(status, reason)]
     keep_alive = request.keep_alive and not force_close
     length: int | None = None
     has_date = has_id = False
+    checked = _checked_names
+    bad_value = _BAD_VALUE.search
     for name, value in headers:
         lname = name.lower()
         if lname == b"content-length":
@@ -183,7 +210,10 @@ def frame_head(
             has_date = True
         elif lname == b"x-request-id":
             has_id = True  # the app answers with its own
-        check_field(name, value)
+        if name not in checked:  # (check_field, inline: once per header field)
+            _check_name(name)
+        if bad_value(value):
+            raise ResponseError(f"invalid character in response header {name!r}")
         parts += (name, b": ", value, b"\r\n")
     if request_id and not has_id:  # (with --access-log: see accesslog.request_fields)
         parts += (b"x-request-id: ", request_id, b"\r\n")

@@ -438,7 +438,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.unparsed is not None:  # the pipeline is full: keep the bytes raw
             self.unparsed += data
             return
-        if self.at_boundary and data[:1] in (b"\r", b"\n"):
+        if self.at_boundary and data[0] in (13, 10):  # CR, LF
             # RFC 9112 2.2 asks a server to skip one empty line before a request (after a
             # body some old clients add one); llhttp skips any number: more is refused.
             self.blank_bytes += len(data) - len(data.lstrip(b"\r\n"))
@@ -700,14 +700,14 @@ class HttpProtocol(asyncio.Protocol):
         # every byte after an upgrade request: the connection cannot carry another request,
         # so it closes after this one.
         state = self.state
-        keep_alive = (parser.should_keep_alive() and not state.draining
-                      and not parser.should_upgrade())
+        upgrading = parser.should_upgrade()
+        keep_alive = parser.should_keep_alive() and not state.draining and not upgrading
         self.req_client = self.client
         self.req_scheme = self.scheme
         if proxied and self.peer_trusted:
             headers = self.apply_forwarded(headers)
         upgrade = None
-        if state.upgrade_factory is not None and parser.should_upgrade() and self.cycle is None:
+        if upgrading and state.upgrade_factory is not None and self.cycle is None:
             upgrade = state.upgrade_factory(self, method.decode("ascii"), target, headers,
                                             version)  # None: not a WebSocket handshake
         cycle: Cycle
@@ -737,7 +737,10 @@ class HttpProtocol(asyncio.Protocol):
             self.wire_body = 0
         started = self.request_started or state.now
         self.heads.append((started, method))
-        self.metrics.begin(started)
+        metrics = self.metrics  # (its begin(), inlined: once per request)
+        metrics.in_flight += 1
+        if metrics.in_flight == 1:
+            metrics.busy_since = started
         self.request_started = None
         state.requests += 1
         if state.requests == state.request_limit and state.on_limit is not None:
@@ -887,7 +890,12 @@ class HttpProtocol(asyncio.Protocol):
             # does, so a client that pipelines and never reads cannot make us buffer
             self.awaiting_drain = True
             return
-        self.next_request()
+        if self.pipeline or self.pending_error is not None:
+            self.next_request()
+        else:  # (next_request's last case, inline: the usual one)
+            self.idle_since = self.state.now
+            if self.read_paused:
+                self.resume_reading()
 
     def next_request(self) -> None:
         if self.pipeline:

@@ -3,7 +3,11 @@ in, bytes and the keep-alive verdict come out. No socket."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from forkd.http.framing import (
     ChunkedWriter,
@@ -144,3 +148,21 @@ def test_empty_block_never_ends_a_chunked_body() -> None:
     writer = ChunkedWriter(True)
     assert writer.write(b"") == b""
     assert writer.end() == b"0\r\n\r\n"
+
+
+@given(st.sampled_from(["length", "chunked", "close", "nobody"]), st.integers(0, 12),
+       st.lists(st.binary(max_size=6), max_size=3), st.binary(max_size=12))
+def test_last_block_is_write_then_end(kind: str, length: int, before: list[bytes],
+                                      block: bytes) -> None:
+    """`last` (what ASGI calls for a body's final block) frames exactly as write + end:
+    the same bytes, and the same verdict on a body cut at or short of its length."""
+    def make() -> Any:
+        return {"length": lambda: LengthWriter(True, length),
+                "chunked": lambda: ChunkedWriter(True), "close": CloseWriter,
+                "nobody": lambda: NoBodyWriter(True)}[kind]()
+
+    one, two = make(), make()
+    for part in before:
+        assert one.write(part) == two.write(part)
+    assert one.last(block) == two.write(block) + two.end()
+    assert (one.keep_alive, one.sent, one.overrun) == (two.keep_alive, two.sent, two.overrun)
