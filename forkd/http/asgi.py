@@ -306,7 +306,9 @@ class ASGICycle:
             if writer is None:
                 state = proto.state
                 head, writer = frame_head(
-                    self.status, self.head_headers, self.framing_request(),
+                    self.status, self.head_headers,
+                    _REQUESTS[self.method == "HEAD", self.scope["http_version"] == "1.1",
+                              self.keep_alive],
                     complete_body=None if more else len(body),
                     date_header=state.date_header,
                     force_close=state.draining and not proto.pipeline,
@@ -348,10 +350,6 @@ class ASGICycle:
             self.head_headers = message.get("headers", ())
         else:
             raise RuntimeError(f"unexpected ASGI message type {kind!r} for http")
-
-    def framing_request(self) -> Request:
-        return _REQUESTS[self.method == "HEAD", self.scope["http_version"] == "1.1",
-                         self.keep_alive]
 
     def _log_access(self, size: int) -> None:
         scope: Any = self.scope

@@ -669,19 +669,21 @@ class HttpProtocol(asyncio.Protocol):
         content_length = None
         hosts = content_types = 0
         chunked = proxied = False
-        codings: list[bytes] = []
+        codings: list[bytes] | None = None  # (a list only for a transfer-encoding)
         headers = self.headers
         for name, value in headers:
             if name == b"content-length":
                 content_length = int(value)  # llhttp has checked it is a number
             elif name == b"host":
-                hosts += 1
-                if not valid_authority(value):  # RFC 9112 3.2: MUST 400
+                hosts += 1  # (valid_authority's cache of valid values, looked at inline)
+                if value not in _valid_hosts and not valid_authority(value):  # RFC 9112 3.2
                     raise RequestError(400, "Bad Request: invalid Host header")
             elif name == b"content-type":
                 content_types += 1
             elif name == b"transfer-encoding":
                 chunked = True
+                if codings is None:
+                    codings = []
                 codings.extend(value.lower().split(b","))
             elif name in PROXY_HEADERS:
                 proxied = True
@@ -692,7 +694,7 @@ class HttpProtocol(asyncio.Protocol):
             raise RequestError(400, "Bad Request: more than one Content-Type header")
         if chunked and version == "1.0":  # RFC 9112 6.1: faulty framing from a 1.0 client
             raise RequestError(400, "Bad Request: Transfer-Encoding in an HTTP/1.0 request")
-        if chunked and codings != [b"chunked"]:
+        if codings is not None and codings != [b"chunked"]:
             self.check_codings(codings)
         if content_length is not None and content_length > self.max_body:
             raise RequestError(413, "Content Too Large")
