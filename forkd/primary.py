@@ -101,6 +101,7 @@ class Primary:
         self.health = HealthFlag() if self.config.health_path else None
         # likewise the table where workers count their connections (forkd.http.balance)
         self.connections = ConnectionTable()
+        self.connection_rows: dict[int, int] = {}  # worker pid -> its row in that table
         self.metrics = PoolMetrics()
         self.successor: handoff.Successor | None = None  # the new primary of an upgrade
         self.handed_over = False  # the successor serves: this primary only drains
@@ -298,6 +299,9 @@ class Primary:
                 self.poller.unregister(channel)
                 channel.close()
             self.monitor.forget(pid)
+            row = self.connection_rows.pop(pid, None)
+            if row is not None:  # (a worker that was killed left its count there)
+                self.connections.release(row)
             self._metrics_exit(pid, code, signum)
             self._feed(events.Exited(pid, code, signum))
 
@@ -543,7 +547,7 @@ class Primary:
             channel=theirs, primary_pid=os.getpid(), close_fds=close_fds,
             app=self.options.app, interface=self.options.interface,
             request_limit=action.request_limit or 0, health=self.health, log_pipes=pipes,
-            connections=self.connections)
+            connections=self.connections, connections_row=self.connections.take())
         # Signals wait until the child has put its own handlers in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         # What exists now (a preloaded app above all) goes to the permanent generation,
@@ -556,6 +560,8 @@ class Primary:
             ours.close()
             theirs.close()
             pipes.close_all()
+            if spec.connections_row is not None:
+                self.connections.release(spec.connections_row)
             raise
         finally:
             gc.unfreeze()
@@ -565,6 +571,8 @@ class Primary:
         self.metrics.spawned(pid, action.slot, time.monotonic())
         self.channels[pid] = ours
         self.channel_owner[ours.fileno()] = pid
+        if spec.connections_row is not None:
+            self.connection_rows[pid] = spec.connections_row
         self.poller.register(ours)
         return pid
 

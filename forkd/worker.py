@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -56,8 +56,10 @@ class WorkerSpec:
     health: Any = None
     log_pipes: WorkerPipes | None = None  # stdout, stderr and forkd records to the primary
     # the primary's forkd.http.balance.ConnectionTable (made before forking): where each
-    # worker says how many connections it holds, so that none takes more than its share
+    # worker says how many connections it holds, so that none takes more than its share;
+    # this worker's row in it (None: all taken, it does not take part)
     connections: Any = None
+    connections_row: int | None = None
 
 
 def run(spec: WorkerSpec) -> NoReturn:
@@ -222,11 +224,11 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     # collector's passes (shorter pauses on the request path).
     gc.freeze()
     factory = make_protocol_factory(state)
-    listening = _Listening(loop, spec.listeners, lambda sock: _create_server(
+    listening = balance.Listening(loop, spec.listeners, lambda sock: _create_server(
         loop, factory, sock, config, ssl_context))
     await listening.start()
-    if spec.connections is not None and spec.slot < balance.MAX_SLOTS:
-        state.balance = balance.Balancer(spec.connections, spec.slot, loop,
+    if spec.connections is not None and spec.connections_row is not None:
+        state.balance = balance.Balancer(spec.connections, spec.connections_row, loop,
                                          listening.pause, listening.resume)
         state.balance.refresh(len(state.connections))
     stop = loop.create_future()
@@ -277,58 +279,6 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
     if pool is not None:
         pool.shutdown()
     return EXIT_OK
-
-
-class _Listening:
-    """This worker's servers on the shared listeners, which it can stop and start again
-    (forkd.http.balance). Each server gets a copy of its listener's descriptor, which
-    closing the server closes; the listener itself stays open until `close`."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, listeners: list[socket.socket],
-                 create: Callable[[socket.socket], Awaitable[asyncio.AbstractServer]]
-                 ) -> None:
-        self.loop = loop
-        self.listeners = listeners
-        self.create = create
-        self.servers: list[asyncio.AbstractServer] = []
-        self.wanted = True  # (a resume while the servers are still being made is kept)
-        self.starting: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        servers = []
-        for sock in self.listeners:
-            servers.append(await self.create(sock.dup()))
-        self.servers = servers
-        if not self.wanted:  # paused meanwhile
-            self._stop()
-
-    async def _restart(self) -> None:
-        try:
-            await self.start()
-        except OSError as exc:  # (out of descriptors, say): the others accept meanwhile
-            logger.warning("could not accept again (%s); retrying in 1 s", exc)
-            self.loop.call_later(1.0, self.resume)
-
-    def pause(self) -> None:
-        self.wanted = False
-        self._stop()
-
-    def resume(self) -> None:
-        self.wanted = True
-        if not self.servers and (self.starting is None or self.starting.done()):
-            self.starting = self.loop.create_task(self._restart())
-
-    def close(self) -> None:
-        self.pause()
-        if self.starting is not None:
-            self.starting.cancel()
-        for sock in self.listeners:
-            sock.close()
-
-    def _stop(self) -> None:
-        for server in self.servers:
-            server.close()
-        self.servers = []
 
 
 async def _create_server(loop: asyncio.AbstractEventLoop, factory: Any, sock: socket.socket,

@@ -309,6 +309,9 @@ class RecordWriter:
                 self.dropped += self.deferred
                 self.pending = [line for line in self.pending if line.__class__ is bytes]
             self.deferred = 0
+            if not self.pending:
+                self.size = 0
+                return
         data = memoryview(b"".join(self.pending) if len(self.pending) > 1 else self.pending[0])
         deadline = None
         while data:

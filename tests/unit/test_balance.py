@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
 
 from forkd.http import balance
-from forkd.http.balance import Balancer, ConnectionTable
+from forkd.http.balance import Balancer, ConnectionTable, Listening
 
 
 class Loop:
@@ -42,11 +43,13 @@ class Loop:
 
 
 class Worker:
-    def __init__(self, table: ConnectionTable, slot: int) -> None:
+    def __init__(self, table: ConnectionTable, row: int | None = None) -> None:
         self.loop = Loop()
         self.accepting = True
         self.held = 0
-        self.balancer = Balancer(table, slot, self.loop, self.pause, self.resume)
+        self.row = table.take() if row is None else row
+        assert self.row is not None
+        self.balancer = Balancer(table, self.row, self.loop, self.pause, self.resume)
         self.balancer.refresh(0)
 
     def pause(self) -> None:
@@ -69,16 +72,18 @@ class Worker:
 
 def test_a_worker_past_its_share_pauses_and_someone_always_accepts() -> None:
     table = ConnectionTable()
-    a, b, c = workers = [Worker(table, slot) for slot in range(3)]
+    a, b, c = workers = [Worker(table) for _ in range(3)]
     for _ in range(2):  # up to 2 above the least-loaded: still its share
         a.accept()
     assert a.accepting
     a.accept()  # 3 against 0: more than its share
     assert not a.accepting
-    for turn in range(60):  # the kernel gives each connection to some accepting worker
+    for turn in range(60):
+        # the kernel gives each connection to the first worker to wake that accepts:
+        # always the same one when it can (without pauses, a would get them all)
         accepting = [worker for worker in workers if worker.accepting]
         assert accepting
-        accepting[turn % len(accepting)].accept()
+        accepting[0].accept()
         if turn % 4 == 3:  # now and then, RECHECK has passed
             for worker in workers:
                 worker.loop.fire()
@@ -88,7 +93,7 @@ def test_a_worker_past_its_share_pauses_and_someone_always_accepts() -> None:
 
 def test_a_paused_worker_accepts_again_when_a_connection_of_its_own_closes() -> None:
     table = ConnectionTable()
-    a, _idle = Worker(table, 0), Worker(table, 1)
+    a, _idle = Worker(table), Worker(table)
     for _ in range(3):
         a.accept()
     assert not a.accepting
@@ -98,7 +103,7 @@ def test_a_paused_worker_accepts_again_when_a_connection_of_its_own_closes() -> 
 
 def test_a_paused_worker_stays_paused_while_the_others_take_connections() -> None:
     table = ConnectionTable()
-    a, b, _idle = Worker(table, 0), Worker(table, 1), Worker(table, 2)
+    a, b, _idle = Worker(table), Worker(table), Worker(table)
     for _ in range(3):
         a.accept()
     b.accept()
@@ -114,7 +119,7 @@ def test_a_paused_worker_stays_paused_while_the_others_take_connections() -> Non
 
 def test_a_stale_or_departed_worker_counts_for_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     table = ConnectionTable()
-    a, b = Worker(table, 0), Worker(table, 1)
+    a, b = Worker(table), Worker(table)
     now = [1_000_000]
     monkeypatch.setattr(balance, "_now_ms", lambda: now[0])
     b.balancer.refresh(0)
@@ -133,10 +138,91 @@ def test_a_stale_or_departed_worker_counts_for_nothing(monkeypatch: pytest.Monke
     assert a.accepting
 
 
-def test_workers_past_the_table_or_alone_never_pause() -> None:
+def test_a_lone_worker_never_pauses_and_rows_run_out_politely() -> None:
     table = ConnectionTable()
-    alone = Worker(table, 0)
+    alone = Worker(table)
     for _ in range(50):
         alone.accept()
     assert alone.accepting
-    assert table.others(balance.MAX_SLOTS - 1) == (50, 50, True)
+    rows = [table.take() for _ in range(balance.ROWS - 1)]
+    assert None not in rows and table.take() is None  # a worker then does not take part
+    assert table.others(rows[-1]) == (50, 50, True)  # (rows not yet written: not counted)
+
+
+def test_a_reloaded_slot_s_outgoing_worker_does_not_hide_its_replacement() -> None:
+    """In a rolling reload the new worker of a slot is ready before the old one drains:
+    each has a row of its own, so the old one leaving (or being reaped) leaves the new
+    one counted, and the others keep sending it its share."""
+    table = ConnectionTable()
+    old, other = Worker(table), Worker(table)
+    for _ in range(10):
+        (old if old.held <= other.held else other).accept()
+    new = Worker(table)  # the replacement: ready, holding nothing yet
+    old.balancer.leave()  # the old one drains
+    table.release(old.row)  # and is reaped
+    other.accept()
+    assert not other.accepting  # 6 against the new worker's 0: the new one takes them
+    for _ in range(6):
+        new.accept()
+    assert new.accepting
+    other.loop.fire()  # and the other takes its turn again
+    assert other.accepting
+    assert table.take() == old.row  # the row is free for the next worker
+
+
+class Server:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_listening_pauses_resumes_and_never_outlives_close() -> None:
+    """The worker's servers: pause closes them (the listener stays open), resume makes
+    new ones, a listener that fails closes what was made for the others and is tried
+    again, and close leaves nothing running and nothing to retry."""
+    import asyncio
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        listeners = [socket.socket(), socket.socket()]
+        made: list[Server] = []
+        fail = [False]
+
+        async def create(sock: socket.socket) -> Any:
+            if fail[0] and sock.fileno() > 0 and len(made) % 2 == 1:
+                raise OSError(24, "Too many open files")
+            made.append(Server(sock))
+            return made[-1]
+
+        listening = Listening(loop, listeners, create)
+        listening.RETRY = 0.01
+        await listening.start()
+        assert len(listening.servers) == 2
+        listening.pause()
+        assert listening.servers == [] and all(s.sock.fileno() == -1 for s in made)
+        assert all(sock.fileno() != -1 for sock in listeners)  # the shared ones stay open
+        fail[0] = True  # the second listener's server cannot be made
+        listening.resume()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert listening.servers == [] and made[-1].sock.fileno() == -1  # none left half-made
+        assert listening.retry is not None
+        fail[0] = False
+        await asyncio.sleep(0.05)  # the retry
+        assert len(listening.servers) == 2
+        fail[0] = True
+        listening.pause()
+        listening.resume()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert listening.retry is not None
+        listening.close()  # the drain: no retry after it
+        assert listening.retry is not None and listening.closed
+        count = len(made)
+        await asyncio.sleep(0.05)
+        assert len(made) == count and listening.servers == []
+        assert all(sock.fileno() == -1 for sock in listeners)
+
+    asyncio.run(scenario())

@@ -570,7 +570,7 @@ def test_deferred_access_lines_keep_their_place_among_urgent_records() -> None:
         writer = RecordWriter(write_end, render=accesslog.render)
         writer.attach_loop(Loop())
         log.setup(slot=2, json_sink=writer, access_sink=writer.defer)
-        before = time.time()
+        ended = time.time()
         for call in calls[:2]:
             accesslog.log_access(*call)
         os.set_blocking(read_end, False)
@@ -579,8 +579,13 @@ def test_deferred_access_lines_keep_their_place_among_urgent_records() -> None:
         assert writer.deferred == 2
         writer(b'{"warning":1}\n', urgent=True)  # written at once, after the two
         accesslog.log_access(*calls[2])
-        writer.flush()
-        after = time.time()
+        real_time, real_perf = time.time, time.perf_counter
+        time.time = lambda: real_time() + 5.0  # the batch is rendered 5 s after the last
+        time.perf_counter = lambda: real_perf() + 5.0  # request ended
+        try:
+            writer.flush()
+        finally:
+            time.time, time.perf_counter = real_time, real_perf
         got = os.read(read_end, 1 << 20).splitlines(keepends=True)
         at_once: list[bytes] = []
         log.setup(slot=2, json_sink=at_once.append)
@@ -595,7 +600,7 @@ def test_deferred_access_lines_keep_their_place_among_urgent_records() -> None:
     for line, same in zip(access, at_once, strict=True):
         parsed, expected = json.loads(line), json.loads(same)
         stamp = datetime.strptime(parsed.pop("ts"), "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
-        assert before - 0.002 <= stamp <= after + 0.002
+        assert ended - 0.002 <= stamp <= ended + 0.5  # when the request ended, not rendered
         expected.pop("ts")
         assert parsed == expected
     assert [json.loads(line)["path"] for line in access] == ["/a/0", "/a/1", "/a/2"]
@@ -619,6 +624,10 @@ def test_an_access_line_that_cannot_be_rendered_is_counted_and_the_rest_go_out()
         writer.flush()
         assert os.read(read_end, 1 << 16) == b"before\nafter\n"
         assert reported == [1] and not writer.pending
+        for _ in range(3):  # a batch of access lines only, as most are
+            writer.defer(("an", "access", "line"))
+        writer.flush()
+        assert reported == [1, 3] and not writer.pending and writer.size == 0
     finally:
         os.close(read_end)
         os.close(write_end)
