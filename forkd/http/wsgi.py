@@ -341,11 +341,24 @@ class WSGICycle:
         pool = self.pool
         if self.stream is None and pool.runs_inline(route):
             self.inline = True
-            started = time.perf_counter()
-            self.run(body)
-            pool.inline_took(route, time.perf_counter() - started)
+            proto = self.proto
+            # A pipelined request whose turn comes outside a read (its predecessor was
+            # answered by a thread, or run inline itself) runs now only within the pass's
+            # budget (shared with ASGI's chained requests): when a route goes inline while
+            # every connection has a pipeline queued, one pass would otherwise run them
+            # all, and the loop reads and accepts nothing else meanwhile.
+            if proto.corked or proto.state.may_chain():
+                self.run(body)
+            else:
+                proto.loop.call_soon(self._run_later, body)
         else:
             pool.submit(self.run, body)
+
+    def _run_later(self, body: Any) -> None:
+        if self.proto.state.may_chain():
+            self.run(body)
+        else:
+            self.proto.loop.call_soon(self._run_later, body)
 
     def _call_ended(self) -> None:
         self.proto.state.calls -= 1
@@ -408,8 +421,12 @@ class WSGICycle:
         )
         response = _Response(self, environ)
         inline = self.inline
-        if not inline:
+        if inline:
+            started = time.perf_counter()
+        else:
             wall, cpu = clocks()
+        took = 0.0  # an inline call's own time: up to its answer, which may start the
+        # next pipelined request inline too (response_done), whose time is not this one's
         result: Any = None
         ended = True  # this call is over when run returns (not when _stream took it on)
         try:
@@ -419,20 +436,27 @@ class WSGICycle:
                     response.gather(chunk)
             elif inline:
                 # A streamed body's blocks may be slow to come: iterate it on a thread.
+                took = time.perf_counter() - started
                 self.inline = False
                 ended = False  # _stream closes the result and ends the call
                 self.pool.submit(self._stream, (response, result))
                 return
             else:
                 self._iterate(response, result)
+            if inline:
+                took = time.perf_counter() - started
             self._finish(response)
         except BaseException as exc:  # the app's code: anything can come out
+            if inline and not took:
+                took = time.perf_counter() - started
             self._failed(response, exc)
         finally:
             if ended:
                 # (a failed app may have returned nothing to close: the call ends anyway)
                 self._close(result)
-            if not inline:
+            if inline:
+                self.pool.inline_took(self.route, took)
+            else:
                 end_wall, end_cpu = clocks()
                 self.pool.threaded_took(self.route, end_wall - wall, end_cpu - cpu)
 

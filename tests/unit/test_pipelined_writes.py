@@ -410,3 +410,71 @@ def test_a_request_after_one_that_works_past_its_answer_has_its_own_context(
     later.set()
     run_until(loop, lambda: len(done) == 2)  # (no task left pending when the loop closes)
     assert seen == ["unset", "unset"]
+
+
+def test_pipelines_queued_behind_threads_when_their_route_goes_inline_share_the_pass_budget(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Every connection has 15 requests queued behind one on a WSGI thread when the
+    route is learnt to be quick: the 15 then run inline, each as the one before it is
+    answered. They take turns with the rest of the loop (reads, accepts, timers) in
+    passes of at most CHAIN_BUDGET calls, instead of one pass running them all."""
+    import threading
+    import time
+
+    from forkd.http import wsgipool
+    from forkd.http.protocol import CHAIN_BUDGET
+    from forkd.http.wsgi import WSGICycle
+
+    inline_calls = [0]
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if threading.current_thread() is threading.main_thread():
+            inline_calls[0] += 1
+        elif not pool.runs_inline(b"/"):  # (work enough that the threads do not learn
+            until = time.thread_time() + 2 * wsgipool.QUICK_CPU  # the route themselves)
+            while time.thread_time() < until:
+                pass
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    state = ServerState(Config(app="test", interface="wsgi"), loop)
+    pool = wsgipool.WSGIPool(loop, 2, "auto")
+
+    def factory(proto: Any, method: str, target: bytes, headers: Any, version: str,
+                keep_alive: bool) -> Any:
+        return WSGICycle(proto, app, pool, "", method, target, headers, version, keep_alive)
+
+    state.cycle_factory = factory
+    connections = []
+    for _ in range(40):
+        proto = HttpProtocol(state)
+        transport = Transport()
+        transport.protocol = proto
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        connections.append((proto, transport))
+    per_pass: list[int] = []
+
+    def count_pass() -> None:
+        per_pass.append(inline_calls[0])
+        loop.call_soon(count_pass)
+
+    loop.call_soon(count_pass)  # (first in the loop's queue: before any answer)
+    try:
+        for proto, _ in connections:  # a new route: the first of each 16 goes to a thread
+            proto.data_received(get("/") * 16)
+        # the threads' answers (the answer, and the call's end) all wait for the loop
+        deadline = time.monotonic() + 10
+        while len(pool.answers) < 2 * len(connections):
+            assert time.monotonic() < deadline, "the threads did not answer"
+            time.sleep(0.001)
+        for _ in range(wsgipool.PROMOTE_AFTER):  # ...when the route is learnt to be quick
+            pool.threaded_took(b"/", 0.0001, 0.0001)
+        assert pool.runs_inline(b"/")
+        run_until(loop, lambda: all(len(bodies(t.received)) == 16 for _, t in connections))
+        per_pass.append(inline_calls[0])
+    finally:
+        pool.shutdown()
+    assert all(bodies(t.received) == [b"ok"] * 16 for _, t in connections)
+    assert inline_calls[0] == 40 * 15  # all but the first of each
+    most = max(after - before for before, after in zip(per_pass, per_pass[1:], strict=False))
+    assert most <= CHAIN_BUDGET
