@@ -341,24 +341,9 @@ class WSGICycle:
         pool = self.pool
         if self.stream is None and pool.runs_inline(route):
             self.inline = True
-            proto = self.proto
-            # A pipelined request whose turn comes outside a read (its predecessor was
-            # answered by a thread, or run inline itself) runs now only within the pass's
-            # budget (shared with ASGI's chained requests): when a route goes inline while
-            # every connection has a pipeline queued, one pass would otherwise run them
-            # all, and the loop reads and accepts nothing else meanwhile.
-            if proto.corked or proto.state.may_chain():
-                self.run(body)
-            else:
-                proto.loop.call_soon(self._run_later, body)
+            pool.run_inline(self.run, body)  # now, or in a later pass of the loop
         else:
             pool.submit(self.run, body)
-
-    def _run_later(self, body: Any) -> None:
-        if self.proto.state.may_chain():
-            self.run(body)
-        else:
-            self.proto.loop.call_soon(self._run_later, body)
 
     def _call_ended(self) -> None:
         self.proto.state.calls -= 1

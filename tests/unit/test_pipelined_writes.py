@@ -417,12 +417,11 @@ def test_pipelines_queued_behind_threads_when_their_route_goes_inline_share_the_
     """Every connection has 15 requests queued behind one on a WSGI thread when the
     route is learnt to be quick: the 15 then run inline, each as the one before it is
     answered. They take turns with the rest of the loop (reads, accepts, timers) in
-    passes of at most CHAIN_BUDGET calls, instead of one pass running them all."""
+    passes of at most INLINE_PER_PASS calls, instead of one pass running them all."""
     import threading
     import time
 
     from forkd.http import wsgipool
-    from forkd.http.protocol import CHAIN_BUDGET
     from forkd.http.wsgi import WSGICycle
 
     inline_calls = [0]
@@ -477,4 +476,4 @@ def test_pipelines_queued_behind_threads_when_their_route_goes_inline_share_the_
     assert all(bodies(t.received) == [b"ok"] * 16 for _, t in connections)
     assert inline_calls[0] == 40 * 15  # all but the first of each
     most = max(after - before for before, after in zip(per_pass, per_pass[1:], strict=False))
-    assert most <= CHAIN_BUDGET
+    assert most <= wsgipool.INLINE_PER_PASS
