@@ -4,6 +4,8 @@ route that starts blocking goes back to them."""
 
 from __future__ import annotations
 
+import selectors
+import socket
 import threading
 import time
 
@@ -96,3 +98,46 @@ def test_a_quick_route_pipelined_deep_is_learnt_as_quick(server: Served) -> None
             answers = [conn.read_response() for _ in range(depth)]
             assert [a.status for a in answers] == [200] * depth
     assert {a.body for a in answers} == {b"MainThread"}  # the third batch: all inline
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_of_pipelining_connections_is_accepted_while_calls_run_inline(serve) -> None:
+    """uvloop accepts one connection per pass of the loop. With every call of a pass
+    run inline, a pass took as long as the pipelined requests of every connection
+    already accepted, and the last connections of a burst waited seconds for their
+    first answer (wrk counts them as timeouts past 2 s). A client here: 48 connections
+    at once, 16 requests pipelined on each and 16 more as soon as those are answered."""
+    busy = serve("wsgi_inline_probe:app", "--wsgi-inline", "always")
+    count, depth = 48, 16
+    batch = b"GET /?us=300 HTTP/1.1\r\nHost: test\r\n\r\n" * depth
+    marker = b"\r\n\r\nMainThread"  # the end of one answer
+    selector = selectors.DefaultSelector()
+    socks = [socket.create_connection(("127.0.0.1", busy.port), timeout=5) for _ in range(count)]
+    answered = dict.fromkeys(socks, 0)
+    tails = dict.fromkeys(socks, b"")
+    first: dict[socket.socket, float] = {}
+    try:
+        started = time.monotonic()
+        for sock in socks:
+            sock.sendall(batch)
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = started + 20
+        while len(first) < count and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.5):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                data = sock.recv(65536)
+                assert data, "the server closed a connection"
+                seen = tails[sock] + data
+                answered[sock] += seen.count(marker)
+                tails[sock] = seen[-(len(marker) - 1):]
+                if answered[sock] % depth == 0:
+                    first.setdefault(sock, time.monotonic() - started)
+                    sock.sendall(batch)
+    finally:
+        selector.close()
+        for sock in socks:
+            sock.close()
+    assert len(first) == count, f"{count - len(first)} connections never answered in 20 s"
+    slowest = max(first.values())
+    assert slowest < 2.0, f"the last connection's first 16 answers took {slowest:.2f} s"
