@@ -14,11 +14,14 @@ GIL passed back and forth). So:
   tell a quick call from a slow one on the threads (under load a call waits for the GIL as
   long as one that sleeps), except at its extreme: a route that once took NEVER_INLINE on
   a thread blocks for long at times, and never runs inline. Inline, the wall clock is
-  honest: a call over SLOW_INLINE sends its route back to the threads at once, and
-  STRIKES calls in a row over INLINE_LIMIT (it waits on something: a database, a sleep)
-  do too, for the rest of the worker's life. The cost of a wrong guess is a few calls of
-  that route holding the loop, once per worker. `--wsgi-inline never` turns this off;
-  `always` (or `--threads 0`) runs every call inline, for apps that never block.
+  honest while no thread is in a call: a call over SLOW_INLINE then sends its route back
+  to the threads at once, and STRIKES calls in a row over INLINE_LIMIT (it waits on
+  something: a database, a sleep) do too, for the rest of the worker's life. While threads
+  run calls, an inline call waits for the GIL they hold (5 ms a turn, often more than one:
+  hello calls of 10-23 ms were seen as a route went inline with threaded calls still
+  queued), so a slow call then counts as one strike only. The cost of a wrong guess is a
+  few calls of that route holding the loop, once per worker. `--wsgi-inline never` turns
+  this off; `always` (or `--threads 0`) runs every call inline, for apps that never block.
 
 Inline calls share the loop's passes with everything else it does, and uvloop accepts
 one connection per pass: with every call of a pass run inline, a pass lasted as long as
@@ -199,7 +202,7 @@ class WSGIPool:
                 del self.strikes[route]
             return
         strikes = self.strikes.get(route, 0) + 1
-        if seconds > SLOW_INLINE or strikes >= STRIKES:
+        if strikes >= STRIKES or (seconds > SLOW_INLINE and not self.busy_since):
             self.routes[route] = _THREADS
             self.strikes.pop(route, None)
         else:

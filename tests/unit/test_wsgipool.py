@@ -65,6 +65,21 @@ def test_an_inline_call_that_blocked_long_sends_the_route_back(pool: WSGIPool) -
     assert not pool.runs_inline(b"/a")
 
 
+def test_a_slow_inline_call_while_threads_run_calls_is_one_strike_only(pool: WSGIPool
+                                                                      ) -> None:
+    """Threads in calls hold the GIL an inline call needs: its wall time says little then,
+    and only slow calls in a row send the route back."""
+    for _ in range(wsgipool.PROMOTE_AFTER):
+        pool.threaded_took(b"/a", *QUICK)
+    pool.busy_since[1] = 0.0  # a thread is in a call (its id -> since when)
+    pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
+    pool.inline_took(b"/a", wsgipool.INLINE_LIMIT / 2)  # and the next call is quick again
+    assert pool.runs_inline(b"/a")
+    for _ in range(wsgipool.STRIKES):
+        pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
+    assert not pool.runs_inline(b"/a")
+
+
 def test_inline_calls_that_wait_a_little_every_time_send_the_route_back(pool: WSGIPool
                                                                         ) -> None:
     for _ in range(wsgipool.PROMOTE_AFTER):
