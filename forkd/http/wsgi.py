@@ -341,11 +341,11 @@ class WSGICycle:
         pool = self.pool
         if self.stream is None and pool.runs_inline(route):
             self.inline = True
-            if pool.pass_counted and pool.pass_left > 0 and not pool.waiting:
-                pool.pass_left -= 1  # (run_inline's usual case, without its call)
+            if pool.pass_left > 0 and not pool.waiting:  # (the loop's share: wsgipool)
+                pool.pass_left -= 1
                 self.run(body)
             else:
-                pool.run_inline(self.run, body)  # now, or in a later pass of the loop
+                pool.run_inline(self.run, body)  # in a later pass of the loop
         else:
             pool.submit(self.run, body)
 

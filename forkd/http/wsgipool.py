@@ -98,8 +98,8 @@ class WSGIPool:
         self.wake_pending = False
         self.routes: dict[bytes, int] = {}  # score, or _INLINE / _THREADS
         self.strikes: dict[bytes, int] = {}  # inline routes' slow calls in a row
-        self.pass_left = INLINE_PER_PASS  # inline calls this pass of the loop may still run
-        self.pass_counted = False  # a call ran inline in this pass: the count resets next
+        self.pass_left = INLINE_PER_PASS  # inline calls that may run before a new pass
+        self.pass_due = False  # _next_pass is scheduled
         self.waiting: deque[tuple[Callable[..., None], Any]] = deque()  # inline, for a pass
 
     # -- loop thread ------------------------------------------------------------------
@@ -111,36 +111,28 @@ class WSGIPool:
         return self.routes.get(route) == _INLINE
 
     def run_inline(self, fn: Callable[..., None], arg: Any) -> None:
-        """fn(arg) on the loop's thread: now, if this pass of the loop has not run its
-        share of calls and none wait, else in turn in a later pass."""
-        if self.pass_left > 0 and not self.waiting:
-            if not self.pass_counted:
-                self.pass_counted = True
-                self.loop.call_soon(self._next_pass)
-            self.pass_left -= 1
-            fn(arg)
-            return
+        """fn(arg) on the loop's thread, once the share runs afresh: the caller found it
+        spent, or calls waiting (WSGICycle runs the call itself when neither is so)."""
         self.waiting.append((fn, arg))
-        if not self.pass_counted:
-            self.pass_counted = True
+        if not self.pass_due:
+            self.pass_due = True
             self.loop.call_soon(self._next_pass)
 
     def _next_pass(self) -> None:
         """A new pass: the share counts afresh, and the calls that wait run first (one
         that answers a pipelined request may add the next one behind them: each
-        connection takes its turn)."""
-        self.pass_counted = False
+        connection takes its turn). The count goes on over the passes after this one
+        until it is spent again: no pass runs more than the share, and a pass that runs
+        few costs no callback to reset it."""
+        self.pass_due = False
         self.pass_left = INLINE_PER_PASS
         waiting = self.waiting
         while waiting and self.pass_left > 0:
             fn, arg = waiting.popleft()
-            if not self.pass_counted:
-                self.pass_counted = True
-                self.loop.call_soon(self._next_pass)
             self.pass_left -= 1
             fn(arg)
-        if waiting and not self.pass_counted:
-            self.pass_counted = True
+        if waiting and not self.pass_due:
+            self.pass_due = True
             self.loop.call_soon(self._next_pass)
 
     def submit(self, fn: Callable[..., None], arg: Any) -> None:
