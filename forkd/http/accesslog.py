@@ -45,9 +45,6 @@ class _Ids:
         self.stream = map(b"%s%016x".__mod__, zip(itertools.repeat(self.prefix),
                                                     itertools.count()))
 
-    def make(self) -> bytes:
-        return next(self.stream)
-
 
 _ids = _Ids()
 NONE = (b"", b"-", b"-")  # request_fields of a request not logged
@@ -87,17 +84,16 @@ def log_access(client: tuple[str, int | None] | None, method: str, raw_path: byt
     referer, user agent), `size` the body bytes sent, `duration` seconds since the
     request came in."""
     state = log.state
-    if state.slot is not None:
-        defer = state.access_sink
-        if defer is not None:  # a worker: rendered with the next batch of records
-            defer((time.perf_counter(), client, method, raw_path, query, version, fields,
-                   status, size, duration))
-            return
-        send = state.json_sink
-        if send is not None:
-            send(b"".join(render([(time.perf_counter(), client, method, raw_path, query,
-                                   version, fields, status, size, duration)])))
-            return
+    defer, send = state.access_sink, state.json_sink
+    if state.slot is not None and (defer is not None or send is not None):
+        item = (time.perf_counter(), client, method, raw_path, query, version, fields,
+                status, size, duration)
+        if defer is not None:  # a worker: rendered with its next batch of records
+            defer(item)
+        else:
+            assert send is not None
+            send(b"".join(render([item])))
+        return
     rid, referer, agent = fields
     log.event("access", logging.INFO, remote=client[0] if client else "-", method=method,
               path=raw_path.decode("latin-1"), query=query.decode("latin-1"),

@@ -211,11 +211,15 @@ def from_json(raw: bytes, slot: int | None, pid: int, origin: bytes | None = Non
     if slot is None:
         return _decode(raw, slot, pid)
     if raw.startswith(b'{"ts":"') and raw.find(origin or origin_marker(pid, slot), 7, 160) >= 0:
-        tab = raw.find(b"\t", 160)  # an access line's text rendering follows a tab
-        if tab < 0:
-            return undecoded(pid, slot, raw + b"\n")
-        return undecoded(pid, slot, raw[:tab] + b"\n", raw[tab + 1:] + b"\n")
+        return worker_line(pid, slot, raw)
     return _decode(raw, slot, pid)
+
+
+def worker_line(pid: int, slot: int | None, line: bytes) -> Entry:
+    """A worker's own record (one line, without its newline) kept undecoded; an access
+    line's text rendering, after a tab (JSON never holds a raw one), split off."""
+    raw, tab, text = line.partition(b"\t")
+    return undecoded(pid, slot, raw + b"\n", text + b"\n" if tab else None)
 
 
 def undecoded(pid: int, slot: int | None, raw: bytes, text: bytes | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from forkd.logs.record import Entry, undecoded
+from forkd.logs.record import Entry, worker_line
 
 DEFAULT_LINES = 10_000
 DEFAULT_BYTES = 8 << 20
@@ -46,10 +46,8 @@ class Ring:
         entries = self.entries
         entries.append(entry)
         self.lines += count
-        size = entry.size = (ENTRY_OVERHEAD + len(entry.data)
-                             + (len(entry.raw) if entry.raw is not None else 0)
-                             + (len(entry.text) if entry.text is not None else 0))
-        self.bytes += size  # (a JSON rendering added later is not counted)
+        size = entry.size = _counted(entry)
+        self.bytes += size
         while self.lines > self.max_lines:
             self._drop_first(self.lines - self.max_lines)
         while self.bytes > self.max_bytes and len(entries) > 1:
@@ -62,25 +60,23 @@ class Ring:
             self.lines -= first.count
             self.bytes -= first.size
             return
-        output = first.stream is not None  # an app's lines in `data`, else records in `raw`
-        data = first.data if output else first.raw
-        assert data is not None
-        cut = 0  # a block loses its oldest lines only
-        for _ in range(lines):
-            cut = data.index(b"\n", cut) + 1
-        data = data[cut:]
-        first.count -= lines
-        if output:
-            first.data = data[:-1] if first.count == 1 else data  # (a line has no newline)
-        elif first.count == 1:  # a line again: its text rendering split off (see expand)
-            raw, tab, text = data.rstrip(b"\n").partition(b"\t")
-            first.raw, first.text = raw + b"\n", text + b"\n" if tab else None
-        else:
-            first.raw = data
         self.lines -= lines
         self.bytes -= first.size
-        first.size = (ENTRY_OVERHEAD + len(first.data) + len(first.raw or b"")
-                      + len(first.text or b""))
+        if first.count - lines == 1:  # a line again: as expand makes it
+            first = self.entries[0] = expand(first)[-1]
+        else:  # a block loses its oldest lines only
+            output = first.stream is not None  # an app's lines in `data`, records in `raw`
+            data = first.data if output else first.raw
+            assert data is not None
+            cut = 0
+            for _ in range(lines):
+                cut = data.index(b"\n", cut) + 1
+            if output:
+                first.data = data[cut:]
+            else:
+                first.raw = data[cut:]
+            first.count -= lines
+        first.size = _counted(first)
         self.bytes += first.size
 
     @property
@@ -145,11 +141,17 @@ def expand(block: Entry) -> list[Entry]:
         return entries
     assert block.raw is not None
     for index, line in enumerate(block.raw.split(b"\n")[:-1]):
-        raw, tab, text = line.partition(b"\t")
-        entry = undecoded(block.pid, block.slot, raw + b"\n", text + b"\n" if tab else None)
+        entry = worker_line(block.pid, block.slot, line)
         entry.seq = first + index
         entries.append(entry)
     return entries
+
+
+def _counted(entry: Entry) -> int:
+    """What the ring counts for an entry: its bytes (a JSON rendering added later is not
+    counted) and a rough overhead."""
+    return (ENTRY_OVERHEAD + len(entry.data) + len(entry.raw or b"")
+            + len(entry.text or b""))
 
 
 def _matches(entry: Entry, slot: int | None, primary_only: bool) -> bool:
