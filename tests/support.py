@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +117,21 @@ class Forkd:
         if self.proc.poll() is None:
             self.proc.wait(5)
         self.log.close()
+
+
+def at_once(call: Callable[[], Any], count: int, timeout: float = 10.0
+            ) -> tuple[list[Any], float]:
+    """Run `call` on `count` threads at once: what they returned (in the order they
+    finished; a call that raised or did not finish within `timeout` is missing) and
+    the seconds until the last one finished."""
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(call())) for _ in range(count)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return results, time.monotonic() - started
 
 
 def request(port: int, method: str = "GET", path: str = "/", body: bytes | None = None,

@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 from httpkit import Conn, Served, Truncated, get, pattern
+
+from support import at_once
 
 pytestmark = pytest.mark.integration
 
@@ -167,18 +167,7 @@ def test_requests_run_in_parallel_threads(server: Served, request: pytest.Fixtur
     four connections take about 400 ms, not 1.6 s."""
     if "always" in request.node.callspec.id:
         pytest.skip("--wsgi-inline always is for apps that never block: one call at a time")
-    results: list[int] = []
-
-    def one() -> None:
-        results.append(call(server, "GET", "/slow?ms=400")[0])
-
-    threads = [threading.Thread(target=one) for _ in range(4)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    elapsed = time.monotonic() - started
+    results, elapsed = at_once(lambda: call(server, "GET", "/slow?ms=400")[0], 4)
     assert results == [200] * 4
     assert elapsed < 1.2, f"took {elapsed:.2f}s"
 

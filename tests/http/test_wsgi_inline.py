@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import selectors
 import socket
-import threading
 import time
 
 import pytest
 from httpkit import Conn, Served, get
 
 from forkd.http import wsgipool
+from support import at_once
 
 pytestmark = pytest.mark.integration
 
@@ -44,16 +44,9 @@ def test_a_blocking_route_stays_concurrent(server: Served) -> None:
     # its CPU is small, so it is tried inline once; that call's 25 ms sends it back
     assert seen.count("MainThread") <= 1
     assert seen[-1].startswith("forkd-wsgi-")
-    results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(where(server, "/slow-io?ms=400")))
-               for _ in range(4)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    results, elapsed = at_once(lambda: where(server, "/slow-io?ms=400"), 4)
     assert len(results) == 4
-    assert time.monotonic() - started < 1.2
+    assert elapsed < 1.2
 
 
 @pytest.mark.timeout(30)
@@ -61,15 +54,7 @@ def test_calls_that_block_are_served_concurrently_up_to_threads(serve) -> None:
     """Past the pool's floor of 8 threads, up to --threads: calls that wait for a
     thread while every thread sleeps get threads of their own."""
     wide = serve("wsgi_inline_probe:app", "--threads", "12")
-    results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(where(wide, "/slow-io?ms=700")))
-               for _ in range(12)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    elapsed = time.monotonic() - started
+    results, elapsed = at_once(lambda: where(wide, "/slow-io?ms=700"), 12)
     assert len(results) == 12
     assert len(set(results)) == 12  # each on a thread of its own
     assert elapsed < 1.3, f"took {elapsed:.2f}s: 8 threads would take 1.4 s or more"
