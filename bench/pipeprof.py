@@ -25,6 +25,7 @@ import pstats
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvloop
@@ -88,6 +89,20 @@ def _client(sock: socket.socket, batch: bytes, depth: int, n: int) -> None:
             seen += sock.recv(1 << 20).count(MARK)
 
 
+async def _timed(run: Callable[[int], Awaitable[None]], batches: int,
+                 profile: cProfile.Profile | None, cpu_clock: Callable[[], float]
+                 ) -> tuple[float, float]:
+    """CPU seconds (by `cpu_clock`) and wall seconds of `run(batches)`, profiled if asked."""
+    if profile is not None:
+        profile.enable()
+    cpu0, wall0 = cpu_clock(), time.perf_counter()
+    await run(batches)
+    cpu, wall = cpu_clock() - cpu0, time.perf_counter() - wall0
+    if profile is not None:
+        profile.disable()
+    return cpu, wall
+
+
 async def _drive_socket(proto: HttpProtocol, depth: int, batches: int,
                         profile: cProfile.Profile | None) -> dict[str, float]:
     """Over a real socket pair (uvloop's transport, so send() system calls count); the
@@ -104,13 +119,7 @@ async def _drive_socket(proto: HttpProtocol, depth: int, batches: int,
             await asyncio.sleep(0.002)
 
     await run(max(200, 2000 // depth))  # warm-up
-    if profile is not None:
-        profile.enable()
-    cpu0, wall0 = time.thread_time(), time.perf_counter()
-    await run(batches)
-    cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
-    if profile is not None:
-        profile.disable()
+    cpu, wall = await _timed(run, batches, profile, time.thread_time)
     transport.abort()
     theirs.close()
     requests = batches * depth
@@ -161,13 +170,7 @@ async def _drive(interface: str, depth: int, batches: int, profile: cProfile.Pro
 
     await run(max(200, 2000 // depth))  # warm-up: WSGI routes learn to run inline
     writes0, pauses0 = transport.writes, transport.pauses
-    if profile is not None:
-        profile.enable()
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    await run(batches)
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    if profile is not None:
-        profile.disable()
+    cpu, wall = await _timed(run, batches, profile, time.process_time)
     if pool is not None:
         pool.shutdown()
     requests = batches * depth
