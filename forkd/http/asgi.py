@@ -8,6 +8,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Generator
+from contextvars import copy_context
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -153,6 +154,15 @@ class ASGICycle:
                 proto.chain_scheduled = True
                 proto.loop.call_soon(_start_chained, proto)
             return
+        waiter = proto.runner
+        if waiter is not None:
+            # the task of an earlier request of this connection waits for the next one
+            # (see run): it runs this one, in the task's own context, which its apps
+            # left as a new task's would be
+            proto.runner = None
+            proto.state.idle_tasks -= 1
+            waiter.set_result(self)
+            return
         # (in a context of its own: start may run in the task of the request before this
         # one, whose context variables are not this request's)
         task = self.task = proto.loop.create_task(self.run(), context=proto.context.copy())
@@ -188,39 +198,86 @@ class ASGICycle:
                 waiter.set_result(None)
 
     # -- the app's side ------------------------------------------------------------
-    async def run(self, context: contextvars.Context | None = None) -> None:
-        """The task of this request (`context` None), and of the pipelined requests
-        chained to it (each `run` in a context of its own)."""
+    async def run(self) -> None:
+        """The task of this request, then of the connection's next requests while it
+        can start them as a task of their own would: pipelined ones chained to it
+        (see start) at once, later ones once it waits for them (`proto.runner`). Each
+        app starts in a context equal to the connection's (a copy, as a new task's):
+        this task's own, while its apps leave it so; else a copy of its own, and the
+        task serves no later request. One task for a connection's requests saves a
+        task per request (creating it, asyncio's registry of tasks, its end)."""
+        proto = self.proto
+        task = self.task
+        state = proto.state
+        cycle = self
         try:
-            try:
-                if context is None:
-                    await self.app(self.scope, self.receive, self.send)
-                else:  # (called in that context too: a class's __call__ may use it)
-                    await InContext(context.run(self.app, self.scope, self.receive,
-                                                self.send), context)
-            except BaseException as exc:
-                if self._raised(exc):
-                    raise
-            else:
-                if not self.complete and not self.disconnected:
-                    if self.started:
-                        log.error("ASGI app returned before finishing its response")
-                    else:
-                        log.error("ASGI app returned without starting a response")
-                    self._fail()
-            if context is None:
-                proto = self.proto
-                while (cycle := proto.chained) is not None:
-                    proto.chained = None  # (taken: _start_chained finds nothing)
-                    if not proto.state.may_chain():
-                        await asyncio.sleep(0)  # the rest of this pass is for other connections
-                    # as a task of its own would start it: in the context requests start in
-                    await cycle.run(proto.context.copy())
+            while True:
+                try:
+                    await cycle.app(cycle.scope, cycle.receive, cycle.send)
+                except BaseException as exc:
+                    if cycle._raised(exc):
+                        raise
+                else:
+                    if not cycle.complete and not cycle.disconnected:
+                        cycle._returned_early()
+                while True:
+                    nxt = proto.chained
+                    if nxt is not None:
+                        proto.chained = None  # (taken: _start_chained finds nothing)
+                        if not state.may_chain():
+                            await asyncio.sleep(0)  # the rest of this pass is for others
+                        if _as_new(proto):
+                            break
+                        # as a task of its own would start it: in the context requests
+                        # start in
+                        await nxt.run_in(proto.context.copy())
+                        continue
+                    # wait for the connection's next request, unless the connection is
+                    # ending, a task waits already, or this one is unfit for a next app
+                    # (a cancellation asked of it, the context changed by the app)
+                    if (proto.linger_until is not None or proto.closed
+                            or proto.runner is not None or task is None
+                            or task.cancelling() or not _as_new(proto)):
+                        return
+                    waiter = proto.runner = proto.loop.create_future()
+                    state.idle_tasks += 1  # (not in progress: --limit-concurrency)
+                    try:
+                        nxt = await waiter  # (start, or the protocol's end_runner)
+                    except BaseException:  # cancelled as it waited, or as it woke
+                        if proto.runner is waiter:
+                            proto.runner = None
+                        if not waiter.done() or waiter.cancelled() or waiter.result() is None:
+                            state.idle_tasks -= 1  # (else start counted it in progress)
+                        raise
+                    if nxt is None:  # the connection closed, or was handed over
+                        state.idle_tasks -= 1
+                        return
+                    break
+                cycle = nxt
         finally:
-            if context is None:
-                # the task's last step: it leaves the set now, cheaper than a done
-                # callback (one more pass of the loop) and as exact
-                self.proto.state.tasks.discard(self.task)
+            # the task's last step: it leaves the set now, cheaper than a done
+            # callback (one more pass of the loop) and as exact
+            state.tasks.discard(task)
+
+    async def run_in(self, context: contextvars.Context) -> None:
+        """A chained request whose app must start in a context other than the task's."""
+        try:
+            # (called in that context too: a class's __call__ may use it)
+            await InContext(context.run(self.app, self.scope, self.receive, self.send),
+                            context)
+        except BaseException as exc:
+            if self._raised(exc):
+                raise
+        else:
+            if not self.complete and not self.disconnected:
+                self._returned_early()
+
+    def _returned_early(self) -> None:
+        if self.started:
+            log.error("ASGI app returned before finishing its response")
+        else:
+            log.error("ASGI app returned without starting a response")
+        self._fail()
 
     def _raised(self, exc: BaseException) -> bool:
         """The app raised `exc`: answer for it; True if it must go on up."""
@@ -356,6 +413,22 @@ class ASGICycle:
         accesslog.log_access(scope["client"], self.method, scope["raw_path"],
                              scope["query_string"], scope["http_version"], self.access,
                              self.status, size, time.perf_counter() - self.received_at)
+
+
+def _as_new(proto: HttpProtocol) -> bool:
+    """Is the running task's context as the connection's, which a new request's task
+    would start from? (An app that set a context variable, and did not reset it, made
+    it differ: its value would reach the next request.)"""
+    context = copy_context()
+    base = proto.context
+    if len(context) != len(base):
+        return False
+    if not base:  # (usually: both are empty)
+        return True
+    return all(context.get(var, _MISSING) is value for var, value in base.items())
+
+
+_MISSING = object()
 
 
 def _start_chained(proto: HttpProtocol) -> None:

@@ -155,6 +155,9 @@ class ServerState:
         # take_over(leftover), or None to answer the upgrade request as plain HTTP
         self.upgrade_factory: Callable[..., Any] | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps tasks only weakly
+        # of those, ASGI tasks that wait for their connection's next request (no request
+        # of theirs is in progress): forkd.http.asgi's ASGICycle.run
+        self.idle_tasks = 0
         self.requests = 0
         self.request_limit = 0  # --max-requests: on_limit runs as this request starts
         self.on_limit: Callable[[], None] | None = None
@@ -215,7 +218,7 @@ class ServerState:
 
     def in_progress(self) -> int:
         """Requests being served: ASGI requests' tasks and WSGI calls."""
-        return len(self.tasks) + self.calls
+        return len(self.tasks) - self.idle_tasks + self.calls
 
     def healthy(self) -> bool:
         flag = self.health_flag
@@ -233,7 +236,9 @@ class ServerState:
         tasks = list(self.tasks)
         if not tasks:
             return
-        log.warning("graceful timeout: cancelling %d request task(s)", len(tasks))
+        if len(tasks) > self.idle_tasks:  # (an idle one ends at once, serving nothing)
+            log.warning("graceful timeout: cancelling %d request task(s)",
+                        len(tasks) - self.idle_tasks)
         for task in tasks:
             task.cancel()
         await asyncio.wait(tasks, timeout=grace)
@@ -387,6 +392,8 @@ class HttpProtocol(asyncio.Protocol):
         self.chained: Any = None
         self.context = contextvars.Context()
         self.chain_scheduled = False
+        # ASGI: the future an earlier request's task waits on for the next request
+        self.runner: asyncio.Future[Any] | None = None
 
     # -- connection events ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -419,6 +426,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.runner is not None:
+            self.end_runner()
         self.out.clear()
         self.state.connections.discard(self)
         if self.state.balance is not None:
@@ -484,6 +493,8 @@ class HttpProtocol(asyncio.Protocol):
             if self.upgrade is not None:  # a WebSocket: hand it the connection, and
                 upgrade, self.upgrade = self.upgrade, None  # the rest of the read
                 self.flush()  # (the answers before it first: it writes to the transport)
+                if self.runner is not None:
+                    self.end_runner()
                 rest = data[exc.args[0]:] if whole is None else whole[at + exc.args[0]:]
                 upgrade.take_over(bytes(rest))
                 return False
@@ -964,9 +975,19 @@ class HttpProtocol(asyncio.Protocol):
             self.heads.pop()
             metrics.end(now)
 
+    def end_runner(self) -> None:
+        """No request will come for the task waiting for one (ASGI): it ends."""
+        waiter = self.runner
+        if waiter is not None:
+            self.runner = None
+            if not waiter.done():
+                waiter.set_result(None)
+
     def abort(self) -> None:
         """Reset the connection: the answer being written is cut, but the whole answers
         held before it (pipelined requests) go out first."""
+        if self.runner is not None:
+            self.end_runner()
         whole = self.out[:self.out_complete] if self.response_begun else self.out
         self.out = []
         self.out_size = 0
@@ -984,6 +1005,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.flush()  # (before the FIN, and before write() refuses more)
         self.linger_until = self.state.now + LINGER_SECONDS
+        if self.runner is not None:
+            self.end_runner()
         self.unparsed = None
         self.body_parts.clear()
         self.idle_since = None

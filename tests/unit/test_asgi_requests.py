@@ -4,6 +4,7 @@ what the lean per-request path must still give a client."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 import pytest
@@ -64,3 +65,137 @@ def test_a_request_task_cancelled_before_it_ran_leaves_nothing_in_progress(
     loop.run_until_complete(proto.state.cancel_tasks(1.0))
     assert proto.state.in_progress() == 0
     assert bodies(transport.received) == []
+
+
+def ask_in_turn(loop: asyncio.AbstractEventLoop, proto: HttpProtocol, transport: Transport,
+                paths: list[str]) -> list[bytes]:
+    """Keep-alive requests, each sent in a read of its own once the one before it is
+    answered (as a client that waits for its answer does): their bodies."""
+    before = len(bodies(transport.received))
+    for number, path in enumerate(paths, before + 1):
+        proto.data_received(get(path))
+        run_until(loop, lambda number=number: len(bodies(transport.received)) == number)
+    return bodies(transport.received)
+
+
+def test_keep_alive_requests_share_a_task_and_each_starts_as_in_a_new_one(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A connection's requests after the first are run by the task of the one before
+    (a task per request costs more), yet each app starts as in a task of its own: a
+    current task with no cancellation asked of it (asyncio.timeout, anyio's cancel
+    scopes, so Starlette and FastAPI need that), context variables as the connection
+    began, and the other connections' requests are not held back by the waiting task."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    tasks: list[asyncio.Task[Any]] = []
+    seen: list[tuple[str, int]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        seen.append((var.get(), task.cancelling()))
+        if scope["path"] == "/set":
+            var.set("set by /set")  # (and not reset: the next request must not see it)
+        elif scope["path"] == "/swallow":
+            task.cancel()  # a cancellation the app swallows without uncancel()
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                pass
+        elif scope["path"] == "/timeout":
+            try:
+                async with asyncio.timeout(0.01):
+                    await asyncio.sleep(1)
+            except TimeoutError:
+                scope["query_string"] = b"n=7"
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.state.limit_concurrency = 1
+    assert ask_in_turn(loop, proto, transport, ["/?n=1", "/?n=2", "/timeout", "/?n=3"]) == [
+        b"x", b"xx", b"x" * 7, b"xxx"]
+    assert len(set(tasks)) == 1  # one task served the four
+    assert proto.state.in_progress() == 0  # the waiting task is no request in progress
+    other, other_transport = connect(loop, "asgi", app)
+    other.state = proto.state  # (the same worker: --limit-concurrency 1 is shared)
+    other.data_received(get("/?n=4"))
+    run_until(loop, lambda: b"\r\n\r\n" in other_transport.received)
+    assert other_transport.received.startswith(b"HTTP/1.1 200 OK")
+
+    tasks.clear()
+    seen.clear()
+    assert ask_in_turn(loop, proto, transport, ["/set", "/?n=1", "/swallow", "/?n=1",
+                                                "/timeout"])[-5:] == [
+        b"", b"x", b"", b"x", b"x" * 7]
+    assert seen == [("unset", 0)] * 5
+    # after /set and /swallow, the task was unfit for a next request: a new one came
+    assert tasks[0] is not tasks[1] and tasks[2] is not tasks[3]
+
+
+def test_a_connection_that_began_with_context_variables_starts_each_request_with_them(
+        loop: asyncio.AbstractEventLoop) -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(var.get())
+        if scope["path"] == "/set":
+            var.set("changed")
+        await asgi_sized(scope, receive, send)
+
+    context = contextvars.copy_context()
+    context.run(var.set, "as the connection began")
+    proto, transport = context.run(connect, loop, "asgi", app)
+    ask_in_turn(loop, proto, transport, ["/?n=1", "/set", "/?n=1", "/?n=1"])
+    assert seen == ["as the connection began"] * 4
+
+
+@pytest.mark.parametrize("how", ["client-closed", "idle-timeout", "drain-deadline", "abort"])
+def test_the_task_waiting_for_a_next_request_ends_with_its_connection(
+        loop: asyncio.AbstractEventLoop, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    proto, transport = connect(loop, "asgi", asgi_sized)
+    state = proto.state
+    ask_in_turn(loop, proto, transport, ["/?n=1", "/?n=2"])
+    (task,) = state.tasks
+    assert not task.done()
+    if how == "client-closed":
+        proto.connection_lost(None)
+    elif how == "idle-timeout":
+        proto.check_timeouts(state.now + state.config.keepalive_timeout + 1)
+        assert transport.eof
+    elif how == "abort":
+        proto.abort()
+        assert transport.aborted
+    else:
+        with caplog.at_level("WARNING", logger="forkd.http"):
+            loop.run_until_complete(state.cancel_tasks(1.0))
+        assert "cancelling" not in caplog.text  # it served no request: nothing was cut
+    run_until(loop, task.done)
+    assert not state.tasks and state.in_progress() == 0
+
+
+def test_a_connection_handed_to_a_websocket_ends_the_task_waiting_on_it(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """After an upgrade the connection is the WebSocket's: no request comes for the
+    task of the one before, which must end (else the drain waits for it in vain)."""
+    from forkd.http.websocket import make_upgrade_factory
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            await receive()  # (until the client goes)
+            return
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    transport.set_protocol = lambda protocol: None  # type: ignore[attr-defined]
+    proto.state.upgrade_factory = make_upgrade_factory(app, {}, "")
+    ask_in_turn(loop, proto, transport, ["/?n=1"])
+    (waiting,) = proto.state.tasks
+    proto.data_received(b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        b"Sec-WebSocket-Version: 13\r\n\r\n")
+    run_until(loop, lambda: b"HTTP/1.1 101" in transport.received)
+    run_until(loop, waiting.done)
+    assert waiting not in proto.state.tasks and len(proto.state.tasks) == 1  # the WebSocket's

@@ -103,6 +103,11 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     yield loop
+    # what a worker's drain does last: a task still waiting ends before the loop closes
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
     asyncio.set_event_loop(None)
 
