@@ -362,14 +362,12 @@ class ASGICycle:
             more = message.get("more_body", False)
             if writer is None:
                 state = proto.state
-                head, writer = frame_head(
+                head, writer = frame_head(  # (positional: cheaper)
                     self.status, self.head_headers,
                     _REQUESTS[self.method == "HEAD", self.scope["http_version"] == "1.1",
                               self.keep_alive],
-                    complete_body=None if more else len(body),
-                    date_header=state.date_header,
-                    force_close=state.draining and not proto.pipeline,
-                    request_id=self.access[0])
+                    None if more else len(body), state.date_header,
+                    state.draining and not proto.pipeline, None, self.access[0])
                 self.writer = writer
                 if more:
                     data = head + writer.write(body) if body else head

@@ -21,6 +21,15 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")
 _checked_names: set[bytes] = set()  # names already found to be tokens (a few dozen at most)
 _MAX_CHECKED = 512
+# Response fields frame_head has checked, as they go out: (name, value) -> b"name: value\r\n"
+# for a field that does not frame the response, -> (length, that line) for a Content-Length.
+# Apps send the same few fields again and again (content-type, server, cache-control):
+# one dict lookup instead of lowering, comparing and searching each. Bounded: emptied
+# when full, so the fields that keep coming are soon back; long values are not kept.
+_field_lines: dict[tuple[bytes, bytes], bytes] = {}
+_length_lines: dict[tuple[bytes, bytes], tuple[int, bytes]] = {}
+_MAX_FIELDS = 1024
+_MAX_KEPT_VALUE = 256
 
 
 class ResponseError(Exception):
@@ -173,7 +182,6 @@ def frame_head(
     status: int,
     headers: Iterable[tuple[bytes, bytes]],
     request: Request,
-    *,
     complete_body: int | None,
     date_header: bytes,
     force_close: bool = False,
@@ -194,8 +202,23 @@ def frame_head(
     has_date = has_id = False
     checked = _checked_names
     bad_value = _BAD_VALUE.search
+    field_lines = _field_lines
     for name, value in headers:
+        key: tuple[bytes, bytes] | None = (name, value)
+        try:
+            line = field_lines.get(key)  # type: ignore[arg-type]
+        except TypeError:  # (a bytearray, which cannot be a key: not kept)
+            line = key = None
+        if line is not None:  # (checked before, and no framing field)
+            parts.append(line)
+            continue
+        known_length = _length_lines.get(key)  # type: ignore[arg-type]
+        if known_length is not None and length is None:
+            length, line = known_length
+            parts.append(line)
+            continue
         lname = name.lower()
+        plain = False
         if lname == b"content-length":
             if length is not None or not value.strip().isdigit():
                 raise ResponseError(f"invalid response content-length {value!r}")
@@ -210,11 +233,23 @@ def frame_head(
             has_date = True
         elif lname == b"x-request-id":
             has_id = True  # the app answers with its own
+        else:
+            plain = True
         if name not in checked:  # (check_field, inline: once per header field)
             _check_name(name)
         if bad_value(value):
             raise ResponseError(f"invalid character in response header {name!r}")
-        parts += (name, b": ", value, b"\r\n")
+        line = b"%b: %b\r\n" % (name, value)
+        parts.append(line)
+        if key is not None and len(value) <= _MAX_KEPT_VALUE:
+            if plain:
+                if len(field_lines) >= _MAX_FIELDS:
+                    field_lines.clear()
+                field_lines[key] = line
+            elif lname == b"content-length":
+                if len(_length_lines) >= _MAX_FIELDS:
+                    _length_lines.clear()
+                _length_lines[key] = (int(value), line)
     if request_id and not has_id:  # (with --access-log: see accesslog.request_fields)
         parts += (b"x-request-id: ", request_id, b"\r\n")
     if not has_date:

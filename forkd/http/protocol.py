@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import re
 import resource
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
@@ -29,6 +30,7 @@ from forkd.http.proxy import (
     resolve_forwarded,
 )
 from forkd.metrics.counters import RequestCounters
+from forkd.metrics.snapshot import BOUNDS
 
 log = logging.getLogger("forkd.http")
 
@@ -667,7 +669,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        version = parser.get_http_version()
+        alive = parser.should_keep_alive()
+        # llhttp keeps a request without a Connection field alive only if it is HTTP/1.1
+        # (of the 0.9, 1.0, 1.1 and 2.0 it parses): the usual request's version, known
+        # without get_http_version, which formats a new string per call. (Checked again
+        # below if the request had a Connection field.)
+        version = "1.1" if alive else parser.get_http_version()
         if version not in ("1.1", "1.0"):  # llhttp also parses HTTP/0.9 and HTTP/2.0 lines
             raise RequestError(505, "HTTP Version Not Supported")
         self.in_trailers = True
@@ -679,7 +686,7 @@ class HttpProtocol(asyncio.Protocol):
             self.check_target(method, target)
         content_length = None
         hosts = content_types = 0
-        chunked = proxied = False
+        chunked = proxied = connection = False
         codings: list[bytes] | None = None  # (a list only for a transfer-encoding)
         headers = self.headers
         for name, value in headers:
@@ -696,8 +703,14 @@ class HttpProtocol(asyncio.Protocol):
                 if codings is None:
                     codings = []
                 codings.extend(value.lower().split(b","))
+            elif name == b"connection":
+                connection = True
             elif name in PROXY_HEADERS:
                 proxied = True
+        if connection and alive:  # (a 1.0 or 2.0 request with keep-alive is kept alive too)
+            version = parser.get_http_version()
+            if version not in ("1.1", "1.0"):
+                raise RequestError(505, "HTTP Version Not Supported")
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             # RFC 9112 3.2: a 1.1 request has exactly one Host; two invite cache poisoning
             raise RequestError(400, "Bad Request: an HTTP/1.1 request needs one Host header")
@@ -714,7 +727,7 @@ class HttpProtocol(asyncio.Protocol):
         # so it closes after this one.
         state = self.state
         upgrading = parser.should_upgrade()
-        keep_alive = parser.should_keep_alive() and not state.draining and not upgrading
+        keep_alive = alive and not state.draining and not upgrading
         self.req_client = self.client
         self.req_scheme = self.scheme
         if proxied and self.peer_trusted:
@@ -890,9 +903,20 @@ class HttpProtocol(asyncio.Protocol):
         self.cycle = None
         if self.closed:
             return
-        if self.heads:
+        if self.heads:  # (RequestCounters.finish, inline: once per request)
             started, method = self.heads.popleft()
-            self.metrics.finish(method, self.response_status, started, self.loop.time())
+            metrics = self.metrics
+            now = self.loop.time()
+            duration = now - started
+            metrics.duration_sum += duration
+            metrics.buckets[bisect_left(BOUNDS, duration)] += 1
+            key = (method, self.response_status)
+            answered = metrics.answered
+            answered[key] = answered.get(key, 0) + 1
+            if metrics.in_flight > 0:
+                metrics.in_flight -= 1
+                if metrics.in_flight == 0:
+                    metrics.busy += now - metrics.busy_since
         if not keep_alive:
             if self.parsing is cycle:  # the app answered before reading the whole body
                 self.parsing = None

@@ -199,3 +199,37 @@ def test_a_connection_handed_to_a_websocket_ends_the_task_waiting_on_it(
     run_until(loop, lambda: b"HTTP/1.1 101" in transport.received)
     run_until(loop, waiting.done)
     assert waiting not in proto.state.tasks and len(proto.state.tasks) == 1  # the WebSocket's
+
+
+@pytest.mark.parametrize(("request_line", "fields", "version", "connection"), [
+    (b"GET / HTTP/1.1", b"", "1.1", None),
+    (b"GET / HTTP/1.1", b"Connection: keep-alive\r\n", "1.1", None),
+    (b"GET / HTTP/1.1", b"Connection: close\r\n", "1.1", b"close"),
+    (b"GET / HTTP/1.0", b"", "1.0", b"close"),
+    (b"GET / HTTP/1.0", b"Connection: keep-alive\r\n", "1.0", b"keep-alive"),
+    (b"GET / HTTP/2.0", b"", None, None),
+    (b"GET / HTTP/2.0", b"Connection: keep-alive\r\n", None, None),
+    (b"GET / HTTP/0.9", b"Connection: keep-alive\r\n", None, None),
+])
+def test_each_http_version_is_told_apart(loop: asyncio.AbstractEventLoop, request_line: bytes,
+                                          fields: bytes, version: str | None,
+                                          connection: bytes | None) -> None:
+    """The version is worked out without asking the parser for it when it can only be
+    1.1: with or without a Connection field, each version is the right one (the app's
+    http_version, the response's framing), and 2.0 and 0.9 are refused 505."""
+    seen: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope["http_version"])
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(request_line + b"\r\nHost: test\r\n" + fields + b"\r\n")
+    run_until(loop, lambda: b"\r\n\r\n" in transport.received)
+    head = transport.received.split(b"\r\n\r\n")[0].lower()
+    if version is None:
+        assert head.startswith(b"http/1.1 505") and seen == []
+        return
+    assert head.startswith(b"http/1.1 200") and seen == [version]
+    said = [line.split(b": ")[1] for line in head.split(b"\r\n") if line.startswith(b"connection")]
+    assert said == ([] if connection is None else [connection])

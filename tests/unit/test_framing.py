@@ -166,3 +166,29 @@ def test_last_block_is_write_then_end(kind: str, length: int, before: list[bytes
         assert one.write(part) == two.write(part)
     assert one.last(block) == two.write(block) + two.end()
     assert (one.keep_alive, one.sent, one.overrun) == (two.keep_alive, two.sent, two.overrun)
+
+
+def test_fields_sent_again_are_framed_and_checked_as_the_first_time() -> None:
+    """frame_head keeps the fields it checked: a field sent again goes out the same, a
+    Content-Length kept from before still counts (twice is still refused, a body past it
+    still cut), and what is kept stays bounded however many fields an app makes up."""
+    from forkd.http import framing
+
+    headers = [(b"Content-Type", b"text/plain"), (b"content-length", b"5")]
+    first = run(200, headers, GET11, [b"hello"], complete=True)
+    again = run(200, list(headers), GET11, [b"hello"], complete=True)
+    assert again == first == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                              b"content-length: 5\r\n" + DATE + b"\r\nhello", True)
+    out, keep = run(200, headers, GET11, [b"hello, world"], complete=True)
+    assert out.endswith(b"\r\n\r\nhello") and not keep  # (cut at the kept length: closes)
+    with pytest.raises(ResponseError):
+        frame_head(200, headers + [(b"content-length", b"5")], GET11, complete_body=5,
+                   date_header=DATE)
+    with pytest.raises(ResponseError):  # a kept name, a value never checked
+        frame_head(200, [(b"Content-Type", b"text/plain\r\nx: y")], GET11, complete_body=0,
+                   date_header=DATE)
+    out, keep = run(200, [(b"x-a", bytearray(b"b"))], GET11, [b""], complete=True)
+    assert b"\r\nx-a: b\r\n" in out
+    for number in range(3 * framing._MAX_FIELDS):
+        frame_head(200, [(b"x-n", b"%d" % number)], GET11, complete_body=0, date_header=DATE)
+    assert len(framing._field_lines) <= framing._MAX_FIELDS
