@@ -237,7 +237,10 @@ class ASGICycle:
                     # (a cancellation asked of it, the context changed by the app)
                     if (proto.linger_until is not None or proto.closed
                             or proto.runner is not None or task is None
-                            or task.cancelling() or not _as_new(proto)):
+                            or task.cancelling()):
+                        return
+                    context = copy_context()  # (_as_new, inline: once per request)
+                    if len(context) != len(proto.context) or (context and not _as_new(proto)):
                         return
                     waiter = proto.runner = proto.loop.create_future()
                     state.idle_tasks += 1  # (not in progress: --limit-concurrency)
