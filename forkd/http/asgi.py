@@ -210,6 +210,7 @@ class ASGICycle:
         task = self.task
         state = proto.state
         cycle = self
+        del self  # (a waiting task keeps no request of its own alive: see below)
         try:
             while True:
                 try:
@@ -242,6 +243,7 @@ class ASGICycle:
                     context = copy_context()  # (_as_new, inline: once per request)
                     if len(context) != len(proto.context) or (context and not _as_new(proto)):
                         return
+                    del cycle, nxt  # (their scope, headers, body: not kept while it waits)
                     waiter = proto.runner = proto.loop.create_future()
                     state.idle_tasks += 1  # (not in progress: --limit-concurrency)
                     try:
