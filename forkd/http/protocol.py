@@ -670,10 +670,10 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         alive = parser.should_keep_alive()
-        # llhttp keeps a request without a Connection field alive only if it is HTTP/1.1
-        # (of the 0.9, 1.0, 1.1 and 2.0 it parses): the usual request's version, known
-        # without get_http_version, which formats a new string per call. (Checked again
-        # below if the request had a Connection field.)
+        # Of the versions llhttp parses (0.9, 1.0, 1.1, 2.0), it keeps a request without
+        # a Connection field (nor a Proxy-Connection, which it reads as one) alive only if
+        # it is HTTP/1.1: the usual request's version, known without get_http_version,
+        # which formats a new string per call. (Asked below if there was such a field.)
         version = "1.1" if alive else parser.get_http_version()
         if version not in ("1.1", "1.0"):  # llhttp also parses HTTP/0.9 and HTTP/2.0 lines
             raise RequestError(505, "HTTP Version Not Supported")
@@ -703,7 +703,7 @@ class HttpProtocol(asyncio.Protocol):
                 if codings is None:
                     codings = []
                 codings.extend(value.lower().split(b","))
-            elif name == b"connection":
+            elif name == b"connection" or name == b"proxy-connection":  # (llhttp: alike)
                 connection = True
             elif name in PROXY_HEADERS:
                 proxied = True

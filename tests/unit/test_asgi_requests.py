@@ -207,6 +207,8 @@ def test_a_connection_handed_to_a_websocket_ends_the_task_waiting_on_it(
     (b"GET / HTTP/1.1", b"Connection: close\r\n", "1.1", b"close"),
     (b"GET / HTTP/1.0", b"", "1.0", b"close"),
     (b"GET / HTTP/1.0", b"Connection: keep-alive\r\n", "1.0", b"keep-alive"),
+    (b"GET / HTTP/1.0", b"Proxy-Connection: keep-alive\r\n", "1.0", b"keep-alive"),
+    (b"GET / HTTP/2.0", b"Proxy-Connection: keep-alive\r\n", None, None),
     (b"GET / HTTP/2.0", b"", None, None),
     (b"GET / HTTP/2.0", b"Connection: keep-alive\r\n", None, None),
     (b"GET / HTTP/0.9", b"Connection: keep-alive\r\n", None, None),
