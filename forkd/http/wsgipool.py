@@ -13,15 +13,23 @@ GIL passed back and forth). So:
   in a row that each used less than QUICK_CPU of the thread's CPU. Wall-clock time cannot
   tell a quick call from a slow one on the threads (under load a call waits for the GIL as
   long as one that sleeps), except at its extreme: a route that once took NEVER_INLINE on
-  a thread blocks for long at times, and never runs inline. Inline, the wall clock is
+  a thread blocks for long at times, and stays on the threads. Inline, the wall clock is
   honest while no thread is in a call: a call over SLOW_INLINE then sends its route back
   to the threads at once, and STRIKES calls in a row over INLINE_LIMIT (it waits on
-  something: a database, a sleep) do too, for the rest of the worker's life. While threads
+  something: a database, a sleep) do too. While threads
   run calls, an inline call waits for the GIL they hold (5 ms a turn, often more than one:
   hello calls of 10-23 ms were seen as a route went inline with threaded calls still
-  queued), so a slow call then counts as one strike only. The cost of a wrong guess is a
-  few calls of that route holding the loop, once per worker. `--wsgi-inline never` turns
+  queued), so a slow call then counts as one strike only. `--wsgi-inline never` turns
   this off; `always` (or `--threads 0`) runs every call inline, for apps that never block.
+
+A route sent back to the threads is not kept there for good: a call can be slow because
+the scheduler took the CPU away from it (a host running more than its cores), which its
+clocks cannot tell from a call that waits on I/O, and a quick route would then stay on
+the threads for the rest of the worker's life. So after RETRY_AFTER it is on probation:
+it learns afresh (PROMOTE_AFTER quick threaded calls, then inline); each time it is sent
+back again the wait doubles, up to RETRY_MAX, and starts over once the route has stayed
+inline for RETRY_MAX. The cost of a wrong guess is a few calls of a route that blocks
+holding the loop once per back-off: at most STRIKES calls every RETRY_MAX.
 
 Inline calls share the loop's passes with everything else it does, and uvloop accepts
 one connection per pass: with every call of a pass run inline, a pass lasted as long as
@@ -72,6 +80,8 @@ BLOCKED_AFTER = 0.005  # every thread in its call this long: they wait, one more
 WINDOW = 64  # threaded calls per estimate of the threads that help
 LOOP_SHARE = 2.0  # a request's GIL time over its thread's CPU time (the loop's part too)
 INLINE_PER_PASS = 32  # inline calls per pass of the loop (a hello call: about 60 us)
+RETRY_AFTER = 10.0  # seconds a route sent back to the threads waits to learn afresh
+RETRY_MAX = 640.0  # the longest wait (doubled per return to the threads)
 
 _INLINE = -1
 _THREADS = -2
@@ -98,6 +108,8 @@ class WSGIPool:
         self.wake_pending = False
         self.routes: dict[bytes, int] = {}  # score, or _INLINE / _THREADS
         self.strikes: dict[bytes, int] = {}  # inline routes' slow calls in a row
+        # routes sent back to the threads -> (when they learn afresh, the wait before that)
+        self.retry: dict[bytes, tuple[float, float]] = {}
         self.pass_left = INLINE_PER_PASS  # inline calls that may run before a new pass
         self.pass_due = False  # _next_pass is scheduled
         self.waiting: deque[tuple[Callable[..., None], Any]] = deque()  # inline, for a pass
@@ -195,10 +207,23 @@ class WSGIPool:
             return
         strikes = self.strikes.get(route, 0) + 1
         if strikes >= STRIKES or (seconds > SLOW_INLINE and not self.busy_since):
-            self.routes[route] = _THREADS
             self.strikes.pop(route, None)
+            self._to_threads(route)
         else:
             self.strikes[route] = strikes
+
+    def _to_threads(self, route: bytes) -> None:
+        """The route runs on the threads until its probation (the module's docstring)."""
+        if route not in self.routes and len(self.routes) >= MAX_ROUTES:
+            return  # (unknown routes run on the threads anyway)
+        now = _clock()
+        last = self.retry.get(route)
+        if last is None or now - last[0] > RETRY_MAX:  # (inline this long: a fresh start)
+            wait = RETRY_AFTER
+        else:
+            wait = min(last[1] * 2, RETRY_MAX)
+        self.retry[route] = (now + wait, wait)
+        self.routes[route] = _THREADS
 
     def shutdown(self) -> None:
         for _ in self.threads:
@@ -235,9 +260,11 @@ class WSGIPool:
             return
         score = self.routes.get(route, 0)
         if score < 0:
+            if score == _THREADS and _clock() >= self.retry[route][0]:
+                self.routes[route] = 0  # probation: it learns afresh
             return
         if wall > NEVER_INLINE:
-            self.routes[route] = _THREADS
+            self._to_threads(route)
         elif cpu > QUICK_CPU:
             self.routes[route] = 0
         elif score + 1 >= PROMOTE_AFTER:
@@ -263,6 +290,9 @@ class WSGIPool:
                     self.threads.remove(threading.current_thread())
                     return
                 self.idle += 1
+
+
+_clock = time.monotonic  # (the probation's clock; tests move it)
 
 
 def clocks() -> tuple[float, float]:

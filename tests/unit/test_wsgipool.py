@@ -43,7 +43,7 @@ def test_a_cpu_heavy_call_starts_the_count_again(pool: WSGIPool) -> None:
     assert not pool.runs_inline(b"/a")
 
 
-def test_a_very_slow_call_keeps_the_route_on_the_threads_for_good(pool: WSGIPool) -> None:
+def test_a_very_slow_call_keeps_the_route_on_the_threads(pool: WSGIPool) -> None:
     pool.threaded_took(b"/a", wsgipool.NEVER_INLINE * 2, 0.0)  # waited on I/O: little CPU
     for _ in range(wsgipool.PROMOTE_AFTER * 2):
         pool.threaded_took(b"/a", *QUICK)
@@ -138,3 +138,85 @@ def test_a_small_pool_is_its_own_floor(loop: asyncio.AbstractEventLoop) -> None:
     for _ in range(wsgipool.WINDOW):
         pool.threaded_took(b"/io", 0.050, 0.000025)
     assert pool.limit == 4
+
+
+class Clock:
+    """The pool's probation clock, moved by the test (wsgipool._clock)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(wsgipool, "_clock", clock)
+    return clock
+
+
+def learn(pool: WSGIPool, route: bytes) -> None:
+    for _ in range(wsgipool.PROMOTE_AFTER):
+        pool.threaded_took(route, *QUICK)
+
+
+def test_a_quick_route_preempted_once_runs_inline_again_after_its_probation(
+        pool: WSGIPool, clock: Clock) -> None:
+    """One inline call descheduled for 20 ms by a loaded host looks like a call that
+    blocked: its route goes back to the threads, but only for a while."""
+    learn(pool, b"/a")
+    pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
+    assert not pool.runs_inline(b"/a")
+    clock.now += wsgipool.RETRY_AFTER / 2
+    learn(pool, b"/a")
+    assert not pool.runs_inline(b"/a")  # too early: still on the threads
+    clock.now += wsgipool.RETRY_AFTER / 2
+    pool.threaded_took(b"/a", *QUICK)  # the first call after the wait starts its probation
+    assert not pool.runs_inline(b"/a")  # which it must pass as a new route would
+    learn(pool, b"/a")
+    assert pool.runs_inline(b"/a")
+
+
+def test_a_route_that_keeps_blocking_waits_longer_each_time(pool: WSGIPool, clock: Clock
+                                                            ) -> None:
+    waits = []
+    for _ in range(10):
+        learn(pool, b"/db")
+        assert pool.runs_inline(b"/db")
+        for _ in range(wsgipool.STRIKES):
+            pool.inline_took(b"/db", wsgipool.INLINE_LIMIT * 4)  # it waits on a database
+        assert not pool.runs_inline(b"/db")
+        began = clock.now
+        for _ in range(int(wsgipool.RETRY_MAX) + 1):  # its threaded calls: one a second
+            clock.now += 1.0
+            pool.threaded_took(b"/db", 0.002, 0.00005)
+            if pool.routes[b"/db"] != wsgipool._THREADS:
+                break
+        else:
+            pytest.fail("the route never learnt afresh")
+        waits.append(clock.now - began)
+    assert waits[:4] == [wsgipool.RETRY_AFTER, wsgipool.RETRY_AFTER * 2,
+                         wsgipool.RETRY_AFTER * 4, wsgipool.RETRY_AFTER * 8]
+    assert waits[-1] == wsgipool.RETRY_MAX
+
+
+def test_a_route_long_back_inline_starts_its_back_off_over(pool: WSGIPool, clock: Clock
+                                                           ) -> None:
+    learn(pool, b"/a")
+    pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
+    clock.now += wsgipool.RETRY_AFTER
+    pool.threaded_took(b"/a", *QUICK)
+    learn(pool, b"/a")
+    assert pool.runs_inline(b"/a")
+    clock.now += wsgipool.RETRY_MAX * 2  # inline and quick for long
+    pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
+    assert pool.retry[b"/a"] == (clock.now + wsgipool.RETRY_AFTER, wsgipool.RETRY_AFTER)
+
+
+def test_routes_sent_back_are_bounded(pool: WSGIPool, clock: Clock) -> None:
+    for i in range(wsgipool.MAX_ROUTES + 100):
+        pool.threaded_took(b"/item/%d" % i, wsgipool.NEVER_INLINE * 2, 0.0)
+    assert len(pool.routes) == wsgipool.MAX_ROUTES
+    assert len(pool.retry) == wsgipool.MAX_ROUTES
