@@ -150,7 +150,7 @@ async def _drive(interface: str, depth: int, batches: int, profile: cProfile.Pro
 
         def factory(proto: Any, method: str, target: bytes, headers: Any, version: str,
                     keep_alive: bool) -> Any:
-            return WSGICycle(proto, wsgi_app, pool, "", method, target, headers, version,
+            return WSGICycle(wsgi_app, pool, "", proto, method, target, headers, version,
                              keep_alive)
     state.cycle_factory = factory
     gc.freeze()  # as the worker does once the app is loaded

@@ -16,7 +16,6 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -218,7 +217,7 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         from forkd.http.wsgipool import WSGIPool
 
         pool = WSGIPool(loop, config.threads, config.wsgi_inline)
-        state.cycle_factory = _positional(WSGICycle, app, pool, config.root_path)
+        state.cycle_factory = WSGICycle.bind(app, pool, config.root_path)
 
     # The app's import-time objects live as long as the worker: keep them out of the
     # collector's passes (shorter pauses on the request path).
@@ -290,14 +289,6 @@ async def _create_server(loop: asyncio.AbstractEventLoop, factory: Any, sock: so
                                         ssl=ssl_context,
                                         ssl_handshake_timeout=config.header_timeout)
     return await loop.create_server(factory, sock=sock, backlog=config.backlog)
-
-
-def _positional(cls: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
-    def make(proto: Any, method: str, target: bytes, headers: Any, version: str,
-             keep_alive: bool) -> Any:
-        return cls(proto, *bound, method, target, headers, version, keep_alive)
-
-    return make
 
 
 def _send(channel: socket.socket, message: bytes, surely: bool = False) -> None:

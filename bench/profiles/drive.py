@@ -36,7 +36,6 @@ from forkd.config import Config
 from forkd.http import accesslog
 from forkd.http.protocol import ServerState, make_protocol_factory
 from forkd.logs.pipes import RecordWriter
-from forkd.worker import _positional
 
 BATCH = 5000
 WARM_UP = 2000
@@ -124,7 +123,7 @@ async def drive(interface: str, n: int, path: bytes, profile: str | None,
                         access_log=bool(access_log))
         state = ServerState(config, loop)
         pool = WSGIPool(loop, config.threads, config.wsgi_inline)
-        state.cycle_factory = _positional(WSGICycle, app, pool, config.root_path)
+        state.cycle_factory = WSGICycle.bind(app, pool, config.root_path)
     else:
         from bench.apps.hello_asgi import app as asgi_app
         from forkd.http.asgi import ASGICycle

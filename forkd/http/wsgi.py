@@ -4,6 +4,7 @@ the response bytes and hands them to the loop, which alone touches the transport
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import sys
@@ -237,12 +238,18 @@ class WSGICycle:
         "access", "length", "query",
     )  # fmt: skip
 
+    @classmethod
+    def bind(cls, app: Any, pool: WSGIPool, root_path: str) -> Callable[..., WSGICycle]:
+        """The cycle factory of one app, for ServerState.cycle_factory: it takes the
+        protocol's arguments (a partial, in C: no wrapper call of ours per request)."""
+        return functools.partial(cls, app, pool, root_path)
+
     def __init__(
         self,
-        proto: HttpProtocol,
         app: Any,
         pool: WSGIPool,
         root_path: str,
+        proto: HttpProtocol,
         method: str,
         target: bytes,
         headers: list[tuple[bytes, bytes]],

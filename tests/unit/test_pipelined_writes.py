@@ -127,7 +127,7 @@ def connect(loop: asyncio.AbstractEventLoop, interface: str, app: Any
 
         def factory(proto: Any, method: str, target: bytes, headers: Any, version: str,
                     keep_alive: bool) -> Any:
-            return WSGICycle(proto, app, pool, "", method, target, headers, version,
+            return WSGICycle(app, pool, "", proto, method, target, headers, version,
                              keep_alive)
     state.cycle_factory = factory
     proto = HttpProtocol(state)
@@ -446,7 +446,7 @@ def test_pipelines_queued_behind_threads_when_their_route_goes_inline_share_the_
 
     def factory(proto: Any, method: str, target: bytes, headers: Any, version: str,
                 keep_alive: bool) -> Any:
-        return WSGICycle(proto, app, pool, "", method, target, headers, version, keep_alive)
+        return WSGICycle(app, pool, "", proto, method, target, headers, version, keep_alive)
 
     state.cycle_factory = factory
     connections = []
