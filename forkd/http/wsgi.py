@@ -19,7 +19,7 @@ from forkd.http import accesslog
 from forkd.http.asgi import _REQUESTS, split_target
 from forkd.http.framing import BodyWriter, frame_head, status_line
 from forkd.http.protocol import HIGH_WATER, ClientDisconnected, HttpProtocol, error_response
-from forkd.http.wsgipool import WSGIPool, clocks
+from forkd.http.wsgipool import INLINE_LIMIT, WSGIPool, clocks
 
 log = logging.getLogger("forkd.http")
 
@@ -443,7 +443,9 @@ class WSGICycle:
                 # (a failed app may have returned nothing to close: the call ends anyway)
                 self._close(result)
             if inline:
-                self.pool.inline_took(self.route, took)
+                pool = self.pool
+                if took > INLINE_LIMIT or pool.strikes:  # (else it has nothing to note)
+                    pool.inline_took(self.route, took)
             else:
                 end_wall, end_cpu = clocks()
                 self.pool.threaded_took(self.route, end_wall - wall, end_cpu - cpu)
@@ -481,6 +483,9 @@ class WSGICycle:
         response.fail()
 
     def _close(self, result: Any) -> None:
+        if type(result) is list and self.inline:  # (the usual end: nothing to close)
+            self.proto.state.calls -= 1
+            return
         try:
             if result is not None and hasattr(result, "close"):
                 result.close()
@@ -619,10 +624,17 @@ class _Response:
 
     def _byte_headers(self) -> list[tuple[bytes, bytes]]:
         fields = []
-        for name, value in self.headers:
-            if type(name) is not str or type(value) is not str:
-                raise TypeError(f"WSGI header {name!r}: {value!r} is not a pair of str")
-            fields.append((name.encode("latin-1"), value.encode("latin-1")))
+        known = _HEADER_BYTES
+        for pair in self.headers:
+            field = known.get(pair) if type(pair) is tuple else None
+            if field is None:
+                name, value = pair
+                if type(name) is not str or type(value) is not str:
+                    raise TypeError(f"WSGI header {name!r}: {value!r} is not a pair of str")
+                field = (name.encode("latin-1"), value.encode("latin-1"))
+                if len(known) < 1024 and type(pair) is tuple:
+                    known[pair] = field
+            fields.append(field)
         return fields
 
     def _flush(self, final: bool) -> None:
@@ -660,6 +672,10 @@ class _Response:
         else:
             cycle.hand_off(data, final, writer.keep_alive and not unread)
 
+
+# an app's (name, value) header -> its bytes, learnt as they come (bounded: the values
+# of some headers differ per response; past the bound they are encoded every time)
+_HEADER_BYTES: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 
 # status text -> (code, reason bytes or None for the standard phrase), learnt as they come
 _STATUSES: dict[str, tuple[int, bytes | None]] = {}
