@@ -235,7 +235,7 @@ class WSGICycle:
         "headers", "http_version", "keep_alive", "body", "body_size", "more_body",
         "stream", "wait_for_body", "submitted", "disconnected", "flow", "in_flight",
         "blocked", "expect_continue", "overrun_logged", "client", "scheme", "received_at",
-        "access", "length", "query",
+        "access", "length", "query", "ending",
     )  # fmt: skip
 
     @classmethod
@@ -265,6 +265,9 @@ class WSGICycle:
         self.target = target
         self.route = b""  # the raw path, once submitted
         self.query = b""  # the raw query string, once submitted
+        # a threaded call whose result has nothing to close: 1, its final block's hand-off
+        # to the loop ends the call too (one hand-off, not two); 2 once it did
+        self.ending = 0
         self.headers = headers
         self.http_version = http_version
         self.keep_alive = keep_alive
@@ -418,6 +421,8 @@ class WSGICycle:
             if isinstance(result, _SEQUENCES):
                 for chunk in result:  # all there already: one write, with a content-length
                     response.gather(chunk)
+                if not inline and not hasattr(result, "close"):
+                    self.ending = 1
             elif inline:
                 # A streamed body's blocks may be slow to come: iterate it on a thread.
                 took = time.perf_counter() - started
@@ -494,7 +499,7 @@ class WSGICycle:
         finally:
             if self.inline:
                 self.proto.state.calls -= 1
-            else:
+            elif self.ending != 2:  # (else the final block's hand-off ended it)
                 self.pool.to_loop(self._call_ended)
 
     def _log_access(self, response: _Response) -> None:
@@ -515,7 +520,11 @@ class WSGICycle:
                 self.proto.write(data)
             return
         if final:
-            self.pool.to_loop(self._write_final, data, keep_alive)
+            if self.ending == 1:
+                self.ending = 2
+                self.pool.to_loop(self._write_final_ended, data, keep_alive)
+            else:
+                self.pool.to_loop(self._write_final, data, keep_alive)
             return
         flow = self.flow
         if flow is None:
@@ -556,6 +565,10 @@ class WSGICycle:
         if data:
             self.proto.write(data)
         self.proto.response_done(self, keep_alive)
+
+    def _write_final_ended(self, data: bytes, keep_alive: bool) -> None:
+        self._write_final(data, keep_alive)
+        self.proto.state.calls -= 1
 
     def abort(self) -> None:
         self._to_loop(self.proto.abort)
