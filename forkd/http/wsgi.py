@@ -19,7 +19,7 @@ from forkd.http import accesslog
 from forkd.http.asgi import _REQUESTS, split_target
 from forkd.http.framing import BodyWriter, frame_head, status_line
 from forkd.http.protocol import HIGH_WATER, ClientDisconnected, HttpProtocol, error_response
-from forkd.http.wsgipool import INLINE_LIMIT, WSGIPool, clocks
+from forkd.http.wsgipool import _INLINE, INLINE_LIMIT, WSGIPool, clocks
 
 log = logging.getLogger("forkd.http")
 
@@ -348,7 +348,8 @@ class WSGICycle:
             route, self.query = split_target(target)
         self.route = route
         pool = self.pool
-        if self.stream is None and pool.runs_inline(route):
+        # (pool.runs_inline, inline: once per request)
+        if self.stream is None and (pool.always or pool.routes.get(route) == _INLINE):
             self.inline = True
             if pool.pass_left > 0 and not pool.waiting:  # (the loop's share: wsgipool)
                 pool.pass_left -= 1
@@ -444,7 +445,11 @@ class WSGICycle:
                 took = time.perf_counter() - started
             self._failed(response, exc)
         finally:
-            if ended:
+            if not ended:
+                pass
+            elif inline and type(result) is list:  # (the usual end: nothing to close)
+                self.proto.state.calls -= 1
+            else:
                 # (a failed app may have returned nothing to close: the call ends anyway)
                 self._close(result)
             if inline:
@@ -488,9 +493,6 @@ class WSGICycle:
         response.fail()
 
     def _close(self, result: Any) -> None:
-        if type(result) is list and self.inline:  # (the usual end: nothing to close)
-            self.proto.state.calls -= 1
-            return
         try:
             if result is not None and hasattr(result, "close"):
                 result.close()

@@ -93,6 +93,7 @@ class WSGIPool:
         self.loop = loop
         self.size = size
         self.mode = "always" if size == 0 else inline
+        self.always = self.mode == "always"  # (every call inline: no route is looked up)
         self.calls: queue.SimpleQueue[tuple[Callable[..., None], Any] | None] = (
             queue.SimpleQueue()
         )
@@ -116,11 +117,8 @@ class WSGIPool:
 
     # -- loop thread ------------------------------------------------------------------
     def runs_inline(self, route: bytes) -> bool:
-        if self.mode == "always":
-            return True
-        if self.mode == "never":
-            return False
-        return self.routes.get(route) == _INLINE
+        """(WSGICycle._submit asks the same, inline; in `never` mode no route is learnt)"""
+        return self.always or self.routes.get(route) == _INLINE
 
     def run_inline(self, fn: Callable[..., None], arg: Any) -> None:
         """fn(arg) on the loop's thread, once the share runs afresh: the caller found it
