@@ -673,11 +673,14 @@ class _Response:
                 force_close=unread or (proto.state.draining and not proto.pipeline),
                 reason=self.reason, request_id=cycle.access[0])
             self.writer = writer
-            data = head + writer.write(body) if body else head
+            if final:
+                data = head + writer.last(body)  # (write and end in one call)
+            else:
+                data = head + writer.write(body) if body else head
+        elif final:
+            data = writer.last(body)
         else:
             data = writer.write(body)
-        if final:
-            data += writer.end()
         if writer.overrun and not cycle.overrun_logged:
             cycle.overrun_logged = True
             log.warning("WSGI app sent more than its content-length for %s %s: cut, "
