@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -220,3 +221,33 @@ def test_routes_sent_back_are_bounded(pool: WSGIPool, clock: Clock) -> None:
         pool.threaded_took(b"/item/%d" % i, wsgipool.NEVER_INLINE * 2, 0.0)
     assert len(pool.routes) == wsgipool.MAX_ROUTES
     assert len(pool.retry) == wsgipool.MAX_ROUTES
+
+
+def test_a_thread_past_the_floor_starts_only_when_every_thread_is_blocked(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Calls queued behind threads in calls begun just now wait for them (they may be
+    quick); behind threads all in calls for BLOCKED_AFTER or more, one more starts."""
+    import threading
+    import time
+
+    pool = WSGIPool(loop, 16, "never")
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def block(_: Any) -> None:
+        started.release()
+        release.wait(10)
+
+    try:
+        for _ in range(wsgipool.FLOOR):
+            pool.submit(block, None)
+        for _ in range(wsgipool.FLOOR):
+            assert started.acquire(timeout=10)
+        pool.submit(block, None)  # the threads' calls began just now: it waits
+        assert len(pool.threads) == wsgipool.FLOOR
+        time.sleep(wsgipool.BLOCKED_AFTER * 2)  # (the condition itself: time in the calls)
+        pool.submit(block, None)  # every thread blocked for long enough: one more
+        assert len(pool.threads) == wsgipool.FLOOR + 1
+    finally:
+        release.set()
+        pool.shutdown()
