@@ -192,6 +192,14 @@ def _granian(interface: str, app: str, extra: list[str]) -> Callable[..., list[s
     return argv
 
 
+def _floor(app: str, interface: str, extra: list[str]) -> Callable[..., list[str]]:
+    def argv(port: int, workers: int, tmp: Path) -> list[str]:
+        return [sys.executable, "-m", "bench.floor", app, "-b", f"{HOST}:{port}",
+                "-w", str(workers), "--interface", interface, *extra]
+
+    return argv
+
+
 def _nginx(port: int, workers: int, tmp: Path) -> list[str]:
     conf = tmp / "nginx.conf"
     conf.write_text(
@@ -244,6 +252,12 @@ SERVERS: dict[str, ServerSpec] = {
             note="--respawn-failed-workers (off by default)",
         ),
         ServerSpec("nginx", "static", _nginx, helper_words=(), note="return 200 (ceiling)"),
+        # the pure-Python floor (bench/floor.py): a measuring stick, not a peer
+        ServerSpec("floor-asgi", "asgi", _floor(ASGI_APP, "asgi", []),
+                   note="bench/floor.py: the thinnest pure-Python server, uvloop + httptools"),
+        ServerSpec("floor-wsgi", "wsgi",
+                   _floor(WSGI_APP, "wsgi", ["--threads", "32", "--blocking", "/io"]),
+                   note="bench/floor.py; /io on 32 threads, the other paths on the loop"),
     ]
 }
 

@@ -16,6 +16,11 @@ system, over the measured load): on a shared machine it moves far less than req/
 `memory`). With FORKD_BENCH_BEFORE naming a directory that holds an older `forkd/`
 (`git archive main forkd | tar -x -C DIR`), that version runs too, as "forkd-asgi (before)"
 and "forkd-wsgi (before)", alternating with the others in the hello and pipelined cases.
+
+The pure-Python floor (bench/floor.py: the thinnest server on uvloop + httptools, the
+ceiling of any pure-Python design) runs only when asked for, by FORKD_BENCH_FLOOR=1 or
+by naming floor-asgi / floor-wsgi in --only. It adds rows forkd / floor, floor / granian
+and floor / uvicorn, without a target; forkd's own target rows are computed as before.
 """
 
 from __future__ import annotations
@@ -100,6 +105,16 @@ if BEFORE:
     HELLO_ASGI.insert(1, "forkd-asgi (before)")
     HELLO_WSGI.insert(1, "forkd-wsgi (before)")
 
+FLOOR = {"floor-asgi", "floor-wsgi"}  # (run only when asked for: see the docstring)
+FLOOR_ALWAYS = os.environ.get("FORKD_BENCH_FLOOR") == "1"
+HELLO_ASGI.append("floor-asgi")
+HELLO_WSGI.append("floor-wsgi")
+for _case in ("hello", "pipelined"):
+    TARGETS[_case] += [("forkd-asgi", "floor-asgi", None), ("floor-asgi", "uvicorn", None),
+                       ("floor-asgi", "granian-asgi", None), ("forkd-wsgi", "floor-wsgi", None),
+                       ("floor-wsgi", "granian-wsgi", None)]
+TARGETS["io"] += [("forkd-wsgi", "floor-wsgi", None), ("floor-wsgi", "granian-wsgi", None)]
+
 CASES = {
     # name: (servers, argv builder (url, seconds) -> argv, path)
     "hello": (HELLO_ASGI + HELLO_WSGI, lambda url, s: wrk_command(url, 64, s), ""),
@@ -109,6 +124,8 @@ CASES = {
 
 
 def _selected(name: str, only: list[str] | None) -> bool:
+    if name in FLOOR:
+        return FLOOR_ALWAYS or bool(only and name in only)
     return not only or name.removesuffix(" (before)") in only
 
 
