@@ -9,6 +9,7 @@ kernel's or a client's, so it is far steadier on a shared machine than req/s.
     python -m bench.pipeprof asgi             # CPU µs per request, pipelined 16 deep
     python -m bench.pipeprof wsgi --depth 1   # one request per read (the hello shape)
     python -m bench.pipeprof asgi --profile bench/profiles/pipelined-asgi.txt
+    python -m bench.pipeprof asgi --server floor   # bench/floor.py's protocol instead
 
 The transport counts write() calls too: the number of writes (so of send() system calls
 on a real socket) per request is printed with the CPU figure.
@@ -103,7 +104,7 @@ async def _timed(run: Callable[[int], Awaitable[None]], batches: int,
     return cpu, wall
 
 
-async def _drive_socket(proto: HttpProtocol, depth: int, batches: int,
+async def _drive_socket(proto: Any, depth: int, batches: int,
                         profile: cProfile.Profile | None) -> dict[str, float]:
     """Over a real socket pair (uvloop's transport, so send() system calls count); the
     CPU figure is the loop thread's own, the client runs on another thread."""
@@ -129,8 +130,20 @@ async def _drive_socket(proto: HttpProtocol, depth: int, batches: int,
 
 
 async def _drive(interface: str, depth: int, batches: int, profile: cProfile.Profile | None,
-                 real_socket: bool = False, inline: bool = False) -> dict[str, float]:
+                 real_socket: bool = False, inline: bool = False,
+                 server: str = "forkd") -> dict[str, float]:
     loop = asyncio.get_running_loop()
+    if server == "floor":  # bench/floor.py (WSGI: every call on the loop's thread)
+        from bench import floor
+
+        if interface == "asgi":
+            from bench.apps.hello_asgi import app as floor_app
+        else:
+            from bench.apps.hello_wsgi import app as floor_app
+        gc.freeze()
+        proto: Any = (floor.ASGIProtocol if interface == "asgi" else floor.WSGIProtocol)(
+            floor_app, loop)
+        return await _run(proto, loop, depth, batches, profile, real_socket, None)
     config = Config(app="bench", interface=interface)
     state = ServerState(config, loop)
     pool = None
@@ -154,7 +167,12 @@ async def _drive(interface: str, depth: int, batches: int, profile: cProfile.Pro
                              keep_alive)
     state.cycle_factory = factory
     gc.freeze()  # as the worker does once the app is loaded
-    proto = HttpProtocol(state)
+    return await _run(HttpProtocol(state), loop, depth, batches, profile, real_socket, pool)
+
+
+async def _run(proto: Any, loop: asyncio.AbstractEventLoop, depth: int, batches: int,
+               profile: cProfile.Profile | None, real_socket: bool, pool: Any
+               ) -> dict[str, float]:
     if real_socket:
         return await _drive_socket(proto, depth, batches, profile)
     transport = FakeTransport()
@@ -193,6 +211,8 @@ def main() -> None:
                         help="a real socket pair and a client thread: send() counts too")
     parser.add_argument("--inline", action="store_true",
                         help="WSGI: run every call inline (--wsgi-inline always)")
+    parser.add_argument("--server", choices=["forkd", "floor"], default="forkd",
+                        help="floor: bench/floor.py's protocol (the pure-Python floor)")
     parser.add_argument("--profile", help="write cProfile's cumulative and tottime tables here")
     args = parser.parse_args()
     results = []
@@ -202,7 +222,7 @@ def main() -> None:
         try:
             results.append(loop.run_until_complete(
                 _drive(args.interface, args.depth, args.batches, profile, args.socket,
-                       args.inline)))
+                       args.inline, args.server)))
         finally:
             loop.close()
         if profile is not None and args.profile:

@@ -14,6 +14,9 @@ bench/harness.py starts uvicorn (`--http httptools --no-access-log`, so its defa
 proxy-headers middleware too, and the date and server headers its main loop keeps), with
 the same transport, requests and app: the same measurement for both servers. uvicorn is
 no dependency of forkd: `pip install uvicorn` into the venv that runs this.
+`--server floor` drives bench/floor.py's protocol (ASGI, or WSGI with every call on the
+loop's thread, as the floor runs the hello route): the thinnest pure-Python server on the
+same libraries, the ceiling of any pure-Python design.
 `--server null` answers each request with fixed bytes from data_received: what the
 driver itself costs per request, to subtract from the others.
 
@@ -110,7 +113,20 @@ async def drive(interface: str, n: int, path: bytes, profile: str | None,
         log.setup(slot=0, json_sink=writer, access_sink=writer.defer,
                   access_text=access_log == "text")
     proto: Any
-    if server != "forkd":
+    if server == "floor":
+        if access_log:
+            raise SystemExit("--server floor logs nothing: no --access-log")
+        from bench import floor
+
+        if interface == "asgi":
+            from bench.apps.hello_asgi import app as asgi_app
+
+            proto = floor.ASGIProtocol(asgi_app, loop)
+        else:
+            from bench.apps.hello_wsgi import app
+
+            proto = floor.WSGIProtocol(app, loop)
+    elif server != "forkd":
         if interface != "asgi" or access_log:
             raise SystemExit("--server uvicorn and null are for asgi, without --access-log")
         proto = uvicorn_protocol(loop) if server == "uvicorn" else NullProtocol()
@@ -184,8 +200,9 @@ def main() -> int:
     parser.add_argument("--profile", default=None, help="write cProfile stats here")
     parser.add_argument("--access-log", choices=["json", "text"], default=None,
                         help="with --access-log, in this --log-format")
-    parser.add_argument("--server", choices=["forkd", "uvicorn", "null"], default="forkd",
-                        help="asgi: whose protocol is driven (null: the driver alone)")
+    parser.add_argument("--server", choices=["forkd", "floor", "uvicorn", "null"],
+                        default="forkd", help="whose protocol is driven (uvicorn, null: asgi "
+                        "only; floor: bench/floor.py; null: the driver alone)")
     args = parser.parse_args()
     import uvloop
 
