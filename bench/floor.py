@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import io
 import os
@@ -393,6 +394,7 @@ def worker(sock: socket.socket, args: argparse.Namespace) -> None:
 
     module, _, name = args.app.partition(":")
     app = getattr(importlib.import_module(module), name or "app")
+    gc.freeze()  # (as forkd's worker does once the app is loaded)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     factory: Any
