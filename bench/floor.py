@@ -82,8 +82,10 @@ class _Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.server = transport.get_extra_info("sockname")[:2]
-        self.client = transport.get_extra_info("peername")[:2]
+        here, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        # (a Unix socket's names are strings: then none, as ASGI says)
+        self.server = tuple(here[:2]) if isinstance(here, tuple) else None
+        self.client = tuple(peer[:2]) if isinstance(peer, tuple) else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
@@ -287,9 +289,9 @@ class WSGIProtocol(_Protocol):
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self.base = {
-            "SCRIPT_NAME": "", "SERVER_NAME": self.server[0],
-            "SERVER_PORT": str(self.server[1]), "REMOTE_ADDR": self.client[0],
-            "REMOTE_PORT": str(self.client[1]), "wsgi.version": (1, 0),
+            "SCRIPT_NAME": "", "SERVER_NAME": self.server[0] if self.server else "localhost",
+            "SERVER_PORT": str(self.server[1]) if self.server else "",
+            "REMOTE_ADDR": self.client[0] if self.client else "", "wsgi.version": (1, 0),
             "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr, "wsgi.multithread": True,
             "wsgi.multiprocess": True, "wsgi.run_once": False,
         }  # fmt: skip
