@@ -434,23 +434,26 @@ def main() -> int:
     sock.bind((host, int(port)))
     sock.listen(2048)
     sock.setblocking(False)
-    children = []
-    for _ in range(args.workers):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                worker(sock, args)
-            finally:
-                os._exit(1)
-        children.append(pid)
+    children: list[int] = []
 
     def stop(signum: int, frame: Any) -> None:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    # (before the forks, so that no worker outlives a primary stopped while forking)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    for _ in range(args.workers):
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            try:
+                worker(sock, args)
+            finally:
+                os._exit(1)
+        children.append(pid)
     for pid in children:
         os.waitpid(pid, 0)
     sock.close()
