@@ -74,7 +74,8 @@ class _Protocol(asyncio.Protocol):
         self.app = app
         self.loop = loop
         self.parser = httptools.HttpRequestParser(self)
-        self.pending: deque[tuple[Any, ...] | None] = deque()  # None: answer 400, close
+        # requests in order; None: answer 400 and close, (): close
+        self.pending: deque[tuple[Any, ...] | None] = deque()
         self.busy = False  # a request of this connection is being answered
         self.out: list[bytes] = []  # answers due, not written yet
         self.held = 0  # their size
@@ -95,9 +96,12 @@ class _Protocol(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:  # (an upgrade too: the floor has none)
+        except httptools.HttpParserError:
             self.transport.pause_reading()
             self.on_request(None)
+        except httptools.HttpParserUpgrade:  # (answered as plain HTTP; the floor has no
+            self.transport.pause_reading()  # other protocol: close after the answer)
+            self.on_request(())
         self.flush()
 
     # httptools' callbacks
@@ -167,8 +171,8 @@ class ASGIProtocol(_Protocol):
             self.lost.set_result(None)
 
     def serve(self, request: tuple[Any, ...] | None) -> None:
-        if request is None:
-            self.answered(BAD_REQUEST, False)
+        if not request:
+            self.answered(b"" if request == () else BAD_REQUEST, False)
         else:
             self.loop.create_task(Cycle(self, request).run())
 
@@ -299,8 +303,8 @@ class WSGIProtocol(_Protocol):
     def serve(self, request: tuple[Any, ...] | None) -> None:
         """Answer requests in order until one goes to a thread or none is left."""
         while True:
-            if request is None:
-                self.answered(BAD_REQUEST, False)
+            if not request:
+                self.answered(b"" if request == () else BAD_REQUEST, False)
                 return
             method, url, headers, body, keep_alive, version = request
             parsed = httptools.parse_url(url)
