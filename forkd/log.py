@@ -100,8 +100,8 @@ def setup(prefix: str = "forkd", level: int = logging.INFO, *, slot: int | None 
     _state.slot = slot
     _state.level = level
     _state.sink = sink
-    _state.json_sink = json_sink
-    _state.access_sink = access_sink
+    _state.json_sink = json_sink if slot is not None else None  # (a worker's only)
+    _state.access_sink = access_sink if slot is not None else None
     _state.access_text = access_text
     _state.reopen = reopen
     if app_name is not None:

@@ -83,16 +83,16 @@ def log_access(client: tuple[str, int | None] | None, method: str, raw_path: byt
     """One access line, once the response has ended: `fields` are request_fields' (id,
     referer, user agent), `size` the body bytes sent, `duration` seconds since the
     request came in."""
+    defer = log.state.access_sink  # (a worker's only: log.setup sees to it)
+    if defer is not None:  # rendered with the worker's next batch of records
+        defer((perf_counter(), duration, fields, status, size, client, method, raw_path,
+               query, version))
+        return
     state = log.state
-    defer, send = state.access_sink, state.json_sink
-    if state.slot is not None and (defer is not None or send is not None):
-        item = (time.perf_counter(), client, method, raw_path, query, version, fields,
-                status, size, duration)
-        if defer is not None:  # a worker: rendered with its next batch of records
-            defer(item)
-        else:
-            assert send is not None
-            send(b"".join(render([item])))
+    send = state.json_sink
+    if state.slot is not None and send is not None:
+        send(b"".join(render([(perf_counter(), duration, fields, status, size, client,
+                               method, raw_path, query, version)])))
         return
     rid, referer, agent = fields
     log.event("access", logging.INFO, remote=client[0] if client else "-", method=method,
@@ -102,54 +102,130 @@ def log_access(client: tuple[str, int | None] | None, method: str, raw_path: byt
               referer=referer.decode("latin-1"), user_agent=agent.decode("latin-1"))
 
 
+perf_counter = time.perf_counter
+
+
 def render(items: list[Any]) -> list[bytes]:
     """The records of a batch: each access line handed to log_access's `defer` (a tuple
-    of its arguments, after the perf_counter() of its end) becomes the JSON record that
-    record.to_json renders for the generic `access` event (a unit test holds it to that),
-    with, for --log-format text, its text line after a tab (JSON never holds a raw tab),
-    so the primary renders nothing; anything else in `items` (bytes) is kept. One loop
-    for the batch, in the worker that served the requests, away from their latency."""
+    of its arguments, the perf_counter() of its end and its duration first) becomes the
+    JSON record that record.to_json renders for the generic `access` event (a unit test
+    holds it to that), with, for --log-format text, its text line after a tab (JSON
+    never holds a raw tab), so the primary renders nothing; anything else in `items`
+    (bytes) is kept. One loop for the batch, in the worker that served the requests,
+    away from their latency.
+
+    What a request shares with the requests before it (its remote address, method,
+    path, query, version, referer and user agent: a keep-alive connection repeats them,
+    and so do most clients of a route) is rendered once, into a template of the line
+    kept in `_templates`; a line is then one format of its own values (the time, status,
+    size, duration and request id) into that template."""
     state = log.state
     head = _head if _head[0] == state.generation else _head_for(state)
-    line_format, prefix, text = head[1], head[2], state.access_text
+    text = state.access_text
     offset = time.time() - time.perf_counter()  # (wall clock of a perf_counter reading)
-    second, last_ms, ts = _second, -1, b""
-    ascii_ = _ascii
+    second, ts, ms_from, ms_to = _second, b"", 0.0, -1.0
+    templates, seen, durations, sizes = _templates, _seen, _durations, _sizes
     out: list[bytes] = []
+    append = out.append
     for item in items:
         if item.__class__ is not tuple:
-            out.append(item)
+            append(item)
             continue
-        end, client, method, raw_path, query, version, fields, status, size, duration = item
-        micros = int(duration * 1_000_000)
+        end, duration, fields, status, size, client, method, raw_path, query, version = item
         rid, referer, agent = fields
-        # The remote address, the method (an HTTP token) and the version need no
-        # escaping; the rest only when it holds a quote, a backslash or a byte outside
-        # printable ASCII.
-        plain = not b"".join((raw_path, query, rid, referer, agent)).translate(None, _SAFE)
-        if not plain:
-            raw_path, query, rid = _escaped(raw_path), _escaped(query), _escaped(rid)
-            referer, agent = _escaped(referer), _escaped(agent)
-        ms = int((end + offset) * 1000)
-        if ms != last_ms:  # (a busy worker ends many requests in one millisecond)
-            last_ms = ms
+        key = (client[0] if client else "-", method, raw_path, query, version, referer, agent,
+               status)
+        made = templates.get(key)
+        if made is None and key in seen:  # (its second sight)
+            made = _template_for(key, head)
+        if not ms_from <= end < ms_to:  # (a busy worker ends many requests in one ms)
+            ms = int((end + offset) * 1000)
+            ms_from, ms_to = ms / 1000 - offset, (ms + 1) / 1000 - offset
             if ms // 1000 != second[0]:
                 second = _second_for(ms // 1000)
             ts = b"%s.%03dZ" % (second[1], ms % 1000)
-        remote = client[0] if client else "-"
-        remote_b = ascii_.get(remote) or _ascii_for(remote)
-        method_b = ascii_.get(method) or _ascii_for(method)
-        version_b = ascii_.get(version) or _ascii_for(version)
-        line = line_format % (ts, remote_b, method_b, raw_path, query, status, size,
-                              micros // 1000, micros % 1000, rid, version_b, referer, agent)
-        if text and plain:
-            target = raw_path + b"?" + query if query else raw_path
-            out.append(line + _TEXT % (
-                ts, prefix, remote_b, second[2], method_b, target, version_b, status, size,
-                referer, agent, micros / 1000, b'"' + rid + b'"' if b"=" in rid else rid))
-        else:
-            out.append(line + b"\n")
+        micros = int(duration * 1_000_000)
+        if made is None:  # seen for the first time: rendered on its own
+            _first_sight(key)
+            append(_line(head, text, ts, second, size, micros, rid, key))
+            continue
+        if not (rid.isalnum() or not rid.translate(None, _SAFE)):  # (a made id is safe)
+            if text and made[1] is not None:
+                made = (made[0], None, made[2])  # (the text line escapes as JSON does not)
+            rid = _escaped(rid)
+        if text and made[1] is not None:
+            append(b"".join((b'{"ts":"', ts, made[0], b"%d" % size, b',"duration_ms":',
+                             _duration(micros), b',"request_id":"', rid, made[2][:-1],
+                             made[1] % (ts, second[2], size, micros / 1000,
+                                        b'"' + rid + b'"' if b"=" in rid else rid))))
+            continue
+        append(b"".join((b'{"ts":"', ts, made[0], sizes.get(size) or _size(size),
+                         b',"duration_ms":', durations.get(micros) or _duration(micros),
+                         b',"request_id":"', rid, made[2])))
     return out
+
+
+def _line(head: tuple[int, bytes, bytes], text: bool, ts: bytes,
+          second: tuple[int, bytes, bytes], size: int, micros: int, rid: bytes,
+          key: tuple[str, str, bytes, bytes, str, bytes, bytes, int]) -> bytes:
+    """An access line rendered without a template (its fields seen for the first time)."""
+    remote, method, raw_path, query, version, referer, agent, status = key
+    # The remote address, the method (an HTTP token) and the version need no escaping;
+    # the rest only when it holds a quote, a backslash or a byte outside printable ASCII.
+    plain = not b"".join((raw_path, query, rid, referer, agent)).translate(None, _SAFE)
+    if not plain:
+        raw_path, query, rid = _escaped(raw_path), _escaped(query), _escaped(rid)
+        referer, agent = _escaped(referer), _escaped(agent)
+    remote_b, method_b, version_b = _ascii(remote), _ascii(method), _ascii(version)
+    line = head[1] % (ts, remote_b, method_b, raw_path, query, status, size, micros // 1000,
+                      micros % 1000, rid, version_b, referer, agent)
+    if text and plain:
+        target = raw_path + b"?" + query if query else raw_path
+        return line + _TEXT % (ts, head[2], remote_b, second[2], method_b, target, version_b,
+                               status, size, referer, agent, micros / 1000,
+                               b'"' + rid + b'"' if b"=" in rid else rid)
+    return line + b"\n"
+
+
+def _first_sight(key: tuple[Any, ...]) -> None:
+    """Remember that these fields were seen: a template is made on their second sight
+    (a stream of fields that never repeat costs a set insertion a line, no template)."""
+    if len(_seen) >= MAX_TEMPLATES:
+        _seen.clear()
+    _seen.add(key)
+
+
+def _template_for(key: tuple[str, str, bytes, bytes, str, bytes, bytes, int],
+                  head: tuple[int, bytes, bytes]) -> tuple[bytes, bytes | None, bytes]:
+    """The line's template for these fields: the JSON record with its time, size,
+    duration and request id left to fill in (as `%` conversions), and the text line's
+    likewise (with its second's time too), None when a field needs escaping (the
+    combined format does not escape as JSON does: that line takes the generic way)."""
+    remote, method, raw_path, query, version, referer, agent, status = key
+    plain = not b"".join((raw_path, query, referer, agent)).translate(None, _SAFE)
+    remote_b, method_b, version_b = _ascii(remote), _ascii(method), _ascii(version)
+
+    def literal(value: bytes) -> bytes:  # (in a % format)
+        return value.replace(b"%", b"%%")
+
+    # the JSON record's fixed parts: after its time up to its size, and after its id
+    after_ts = (head[1][head[1].index(b'"level":') - 2:head[1].index(b'"remote":"') + 10]
+                + b'%s","method":"%s","path":"%s","query":"%s","status":%d,"bytes":' % (
+                    remote_b, method_b, _escaped(raw_path), _escaped(query), status))
+    after_id = b'","http_version":"%s","referer":"%s","user_agent":"%s"}\n' % (
+        version_b, _escaped(referer), _escaped(agent))
+    text_line = None
+    if plain:
+        target = raw_path + b"?" + query if query else raw_path
+        text_line = (b'\t%%s %s %s - - [%%s] "%s %s HTTP/%s" %d %%d "%s" "%s" %%ams '
+                     b'request_id=%%s\n' % (
+                         literal(head[2]), literal(remote_b), literal(method_b),
+                         literal(target), literal(version_b), status, literal(referer),
+                         literal(agent)))
+    if len(_templates) >= MAX_TEMPLATES:  # (many different requests: start afresh)
+        _templates.clear()
+    made = _templates[key] = (after_ts, text_line, after_id)
+    return made
 
 
 _LINE = (b'{"ts":"%%s","level":"info","event":"access","pid":%d,"slot":%d,"remote":"%%s",'
@@ -159,9 +235,28 @@ _LINE = (b'{"ts":"%%s","level":"info","event":"access","pid":%d,"slot":%d,"remot
 # record.to_text's rendering of the same line: combined log format, duration, request id
 _TEXT = b'\t%s %s %s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s" %ams request_id=%s\n'
 _SAFE = b" !" + bytes(range(0x23, 0x5C)) + bytes(range(0x5D, 0x7F))  # as they are in JSON
+MAX_TEMPLATES = 1024  # lines' templates kept (and fields seen once remembered)
+_templates: dict[tuple[Any, ...], tuple[bytes, bytes | None, bytes]] = {}
+_seen: set[tuple[Any, ...]] = set()
+_durations: dict[int, bytes] = {}  # microseconds -> the duration_ms field's value
+_sizes: dict[int, bytes] = {}  # body sizes -> their digits
+
+
+def _size(size: int) -> bytes:
+    if len(_sizes) >= 4096:
+        _sizes.clear()
+    made = _sizes[size] = b"%d" % size
+    return made
+
+
+def _duration(micros: int) -> bytes:
+    if len(_durations) >= 4096:  # (slow requests vary: keep the cache small)
+        _durations.clear()
+    made = _durations[micros] = b"%d.%03d" % (micros // 1000, micros % 1000)
+    return made
 # (the second, its JSON timestamp to the second, its combined-format time)
 _second: tuple[int, bytes, bytes] = (-1, b"", b"")
-_ascii: dict[str, bytes] = {}  # the bytes of remote addresses, methods and versions seen
+_ascii_cache: dict[str, bytes] = {}  # the bytes of remote addresses, methods and versions seen
 _head: tuple[int, bytes, bytes] = (-1, b"", b"")  # (log set-up generation, template, prefix)
 
 
@@ -172,16 +267,20 @@ def _second_for(second: int) -> tuple[int, bytes, bytes]:
     return _second
 
 
-def _ascii_for(value: str) -> bytes:
-    if len(_ascii) >= 1024:  # (many clients: forget them, keep the cache small)
-        _ascii.clear()
-    data = _ascii[value] = value.encode()
+def _ascii(value: str) -> bytes:
+    data = _ascii_cache.get(value)
+    if data is None:
+        if len(_ascii_cache) >= 1024:  # (many clients: forget them, keep the cache small)
+            _ascii_cache.clear()
+        data = _ascii_cache[value] = value.encode()
     return data
 
 
 def _head_for(state: log.State) -> tuple[int, bytes, bytes]:
     """This process's line template (its pid and slot filled in) and text prefix."""
     global _head
+    _templates.clear()  # (they hold the pid and slot of the last set-up)
+    _seen.clear()
     pid, slot = state.pid, state.slot or 0
     prefix = record.prefix(Entry("", "info", pid, slot), state.app_name).encode()
     _head = (state.generation, _LINE % (pid, slot), prefix)
