@@ -202,16 +202,29 @@ class RecordWriter:
                  ) -> None:
         self.fd = fd
         self.render = render
-        self.deferred = 0  # items in `pending` that `render` has yet to make lines of
         os.set_blocking(fd, False)  # (the worker's own descriptor: no one else shares it)
         self.lock = threading.Lock()
-        self.pending: list[bytes] = []
-        self.size = 0
+        self.pending: list[Any] = []  # lines (bytes) and items for `render`, in order
+        self.held = 0  # bytes of the lines in `pending`
+        self.lines = 0  # how many of `pending` are lines; the rest are items
+        # defer's quick way: while `pending` is shorter, an item only joins it (a flush
+        # is scheduled and the batch is not full); 0 sends the next one the long way
+        self.limit = 0
         self.loop: Any = None
         self.loop_thread: int | None = None
         self.scheduled = False
         self.dropped = 0  # lines dropped since the last report
         self.on_dropped: Any = None  # callback(count) that logs the drop, set by the worker
+
+    @property
+    def deferred(self) -> int:
+        """Items in `pending` that `render` has yet to make lines of."""
+        return len(self.pending) - self.lines
+
+    @property
+    def size(self) -> int:
+        """Bytes held, an item counted as DEFERRED_SIZE."""
+        return self.held + (len(self.pending) - self.lines) * self.DEFERRED_SIZE
 
     def attach_loop(self, loop: Any) -> None:
         """From now on, batch lines for up to DELAY seconds on this loop."""
@@ -221,6 +234,7 @@ class RecordWriter:
     def detach_loop(self) -> None:
         self.loop = None
         with self.lock:
+            self.limit = 0
             self._write_locked(wait=self.URGENT_WAIT)
 
     def __call__(self, line: bytes, urgent: bool = False) -> None:
@@ -229,7 +243,9 @@ class RecordWriter:
                 self.dropped += 1
                 return
             self.pending.append(line)
-            self.size += len(line)
+            self.held += len(line)
+            self.lines += 1
+            self.limit = 0
             if urgent or self.loop is None:
                 self._write_locked(wait=self.URGENT_WAIT)
                 return
@@ -239,27 +255,32 @@ class RecordWriter:
 
     def defer(self, item: Any) -> None:
         """Hold `item` for `render` (see the class): as __call__, for a line not made yet.
-        (Once per request: the lock is taken without a `with`, which costs twice as much.)"""
+        Once per request, so most calls only append (see `limit`), and the lock is taken
+        without a `with`, which costs twice as much."""
         lock = self.lock
         lock.acquire()
+        pending = self.pending
+        if len(pending) < self.limit:
+            pending.append(item)
+            lock.release()
+            return
         try:
-            size = self.size + self.DEFERRED_SIZE
-            if size > self.MAX_HELD:
+            if self.size + self.DEFERRED_SIZE > self.MAX_HELD:
                 self.dropped += 1
                 return
-            self.pending.append(item)
-            self.size = size
-            self.deferred += 1
+            pending.append(item)
             if self.loop is None:
                 self._write_locked(wait=self.URGENT_WAIT)
                 return
-            if self.scheduled and size < self.BATCH:  # (most calls: the batch waits)
-                return
-            if not self._batched_locked():
-                return
+            schedule = self._batched_locked()
+            if self.scheduled:  # items that fit in the batch may now just join it
+                self.limit = len(self.pending) + max(
+                    0, (min(self.BATCH, self.MAX_HELD + 1) - 1 - self.size)
+                    // self.DEFERRED_SIZE)
         finally:
             lock.release()
-        self._schedule()
+        if schedule:
+            self._schedule()
 
     def _batched_locked(self) -> bool:
         """Write a full batch; True when a flush is now to be scheduled."""
@@ -305,18 +326,19 @@ class RecordWriter:
 
     def _write_locked(self, wait: float = 0.0) -> None:
         """Write what is held; with `wait`, block for room up to that many seconds."""
+        self.limit = 0  # (`pending` changes: defer's next call takes the long way)
         if not self.pending:
             return
-        if self.deferred:
+        deferred = len(self.pending) - self.lines
+        if deferred:
             assert self.render is not None
             try:
                 self.pending = self.render(self.pending)
             except Exception:  # (a bug: lose those lines, counted, never the batch)
-                self.dropped += self.deferred
+                self.dropped += deferred
                 self.pending = [line for line in self.pending if line.__class__ is bytes]
-            self.deferred = 0
             if not self.pending:
-                self.size = 0
+                self.held = self.lines = 0
                 return
         data = memoryview(b"".join(self.pending) if len(self.pending) > 1 else self.pending[0])
         deadline = None
@@ -340,7 +362,8 @@ class RecordWriter:
                 break
             data = data[written:]
         self.pending = [bytes(data)] if data else []
-        self.size = len(data)
+        self.held = len(data)
+        self.lines = len(self.pending)
 
 
 def _close(fd: int) -> None:
