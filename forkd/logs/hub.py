@@ -112,17 +112,21 @@ class LogHub:
         carries its text rendering after a tab, the block goes to the ring as it is and
         its JSON or text to the output: no Python per line, which is what an access line
         per request needs. The ring cuts it into lines if `forkd logs` asks."""
-        count = block.count(b"\n")
-        if (count > 1 and block.startswith(b'{"ts":"')
-                and block.count(b'\n{"ts":"') == count - 1
-                and block.count(record.origin_marker(reader.pid, reader.slot)) == count):
-            tabs = block.count(b"\t")
+        # Counted by the start of a record, which no JSON line holds but at its start (a
+        # count of b"\n", one byte, goes byte by byte: 4x the cost of this whole check).
+        if block.startswith(b'{"ts":"'):
             out = None
-            if self.fmt == "json" and tabs == 0:
-                out = block
-            elif self.fmt != "json" and tabs == count:  # JSON\tTEXT\nJSON\tTEXT\n...
-                out = b"".join([part[:part.find(b"\n") + 1] for part in block.split(b"\t")[1:]])
-            if out is not None:
+            if self.fmt == "json":
+                if b"\t" not in block and block.endswith(b"}\n"):  # (a C search)
+                    count = block.count(b'}\n{"ts":"') + 1
+                    out = block
+            else:  # JSON\tTEXT\nJSON\tTEXT\n...: a tab after each record
+                count = block.count(b'\n{"ts":"') + 1
+                if block.count(b"}\t") == count:
+                    out = b"".join([part[:part.find(b"\n") + 1]
+                                    for part in block.split(b"\t")[1:]])
+            if (out is not None and count > 1
+                    and block.count(record.origin_marker(reader.pid, reader.slot)) == count):
                 self.ring.append(record.undecoded(reader.pid, reader.slot, block, count=count))
                 self.writer.write(out, count)
                 return
