@@ -58,16 +58,18 @@ def request_fields(headers: list[tuple[bytes, bytes]], make: bool = True
                    ) -> tuple[bytes, bytes, bytes]:
     """(request id, referer, user agent) of a request, in one pass over its headers. When
     it has no usable id, one is made and added to `headers` (`make`), else it is `-`."""
-    named = dict(headers)  # (in C: the last of each name)
-    referer = named.get(b"referer", b"-")
-    agent = named.get(b"user-agent", b"-")
-    rid = named.get(REQUEST_ID)
-    if rid is not None:
-        for name, value in headers:  # the first one counts
-            if name == REQUEST_ID:
-                if _printable(value):
-                    return value, referer, agent
-                break
+    rid: bytes | None = None
+    referer = agent = b"-"
+    for name, value in headers:
+        if name == REQUEST_ID:
+            if rid is None:  # (the first one counts)
+                rid = value if _printable(value) else b""
+        elif name == b"referer":
+            referer = value
+        elif name == b"user-agent":
+            agent = value
+    if rid:
+        return rid, referer, agent
     if not make:
         return b"-", referer, agent
     rid = next(_ids.stream)
