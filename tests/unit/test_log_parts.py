@@ -641,3 +641,49 @@ def test_an_access_line_that_cannot_be_rendered_is_counted_and_the_rest_go_out()
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_block_of_access_records_passes_through_whole_and_a_stray_line_is_caught(
+        tmp_path: Path, fmt: str) -> None:
+    """A worker's batch of access records reaches the output as the lines each record
+    makes alone, and the ring as that many lines; a line among them that is not such a
+    record (another slot's, or no record at all) sends the block the line-by-line way."""
+    from forkd.http import accesslog
+
+    items = [(time.perf_counter(), 0.001, (b"id%d" % index, b"-", b"curl/8"), 200, index,
+              ("10.0.0.9", 5555), "GET", b"/a", b"", "1.1") for index in range(6)]
+    try:
+        log.setup(slot=2, json_sink=lambda line: None, access_text=fmt == "text")
+        lines = accesslog.render(items)
+        log.setup(slot=3, json_sink=lambda line: None)
+        foreign = accesslog.render(items[:1])[0]  # names slot 3
+    finally:
+        log.setup()
+    blocks = [b"".join(lines), b"".join(lines[:3] + [foreign] + lines[3:]),
+              b"".join(lines[:3] + [b'{"ts":"x"}\n'] + lines[3:])]
+    for number, block in enumerate(blocks):
+        path = tmp_path / f"out{number}.log"
+        hub = LogHub(LogWriter(str(path)), fmt=fmt, app_name="web")
+        pipes = open_pipes()
+        try:
+            os.write(pipes.write["records"], block)
+            fd = pipes.read["records"]
+            hub.attach(pipes, slot=2, pid=os.getpid())
+            hub.on_readable(fd)
+            hub.flush()
+            written = path.read_bytes().splitlines()
+            assert len(written) == block.count(b"\n") == hub.ring.lines
+            alone = [record.render(record.from_json(line.rstrip(b"\n"), 2, os.getpid()),
+                                   fmt, "web").rstrip(b"\n")
+                     for line in block.splitlines()]
+            if number == 0:
+                assert written == alone
+            else:  # the stray line is told apart; every access record is as alone
+                assert [written[i] for i in (0, 1, 2, 4, 5, 6)] == [
+                    alone[i] for i in (0, 1, 2, 4, 5, 6)]
+                if fmt == "json":
+                    assert json.loads(written[3])["slot"] == 2  # (claimed 3: not believed)
+        finally:
+            pipes.close_all()
+            hub.close()
