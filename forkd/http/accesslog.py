@@ -12,7 +12,7 @@ Cost on the hot path, per request: a made id is a counter after a per-process ra
 prefix (no system call); in a worker the request's fields go into the batch of records
 as one tuple, and the batch is rendered in one loop, before its one write, straight to
 the JSON records the primary passes through (with their text after a tab), without the
-generic event machinery.
+generic event machinery, each line from a template of what repeats (see render).
 """
 
 from __future__ import annotations
@@ -120,10 +120,10 @@ def render(items: list[Any]) -> list[bytes]:
     away from their latency.
 
     What a request shares with the requests before it (its remote address, method,
-    path, query, version, referer and user agent: a keep-alive connection repeats them,
-    and so do most clients of a route) is rendered once, into a template of the line
-    kept in `_templates`; a line is then one format of its own values (the time, status,
-    size, duration and request id) into that template."""
+    path, query, version, referer, user agent and status: a keep-alive connection
+    repeats them, and so do most clients of a route) is rendered once, on its second
+    sight, into the fixed parts of the line kept in `_templates`; a line is then one
+    join of those parts and its own values (time, size, duration, request id)."""
     state = log.state
     head = _head if _head[0] == state.generation else _head_for(state)
     text = state.access_text
@@ -202,10 +202,10 @@ def _first_sight(key: tuple[Any, ...]) -> None:
 
 def _template_for(key: tuple[str, str, bytes, bytes, str, bytes, bytes, int],
                   head: tuple[int, bytes, bytes]) -> tuple[bytes, bytes | None, bytes]:
-    """The line's template for these fields: the JSON record with its time, size,
-    duration and request id left to fill in (as `%` conversions), and the text line's
-    likewise (with its second's time too), None when a field needs escaping (the
-    combined format does not escape as JSON does: that line takes the generic way)."""
+    """The line's template for these fields: the JSON record's fixed parts after its
+    time (up to its size) and after its request id, and the text line as a `%` format
+    of the rest (with its second's time too), None when a field needs escaping (the
+    combined format does not escape as JSON does: that line is JSON only, as _line's)."""
     remote, method, raw_path, query, version, referer, agent, status = key
     plain = not b"".join((raw_path, query, referer, agent)).translate(None, _SAFE)
     remote_b, method_b, version_b = _ascii(remote), _ascii(method), _ascii(version)
