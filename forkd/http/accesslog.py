@@ -194,7 +194,12 @@ def _line(head: tuple[int, bytes, bytes], text: bool, ts: bytes,
 
 def _first_sight(key: tuple[Any, ...]) -> None:
     """Remember that these fields were seen: a template is made on their second sight
-    (a stream of fields that never repeat costs a set insertion a line, no template)."""
+    (a stream of fields that never repeat costs a set insertion a line, no template).
+    Fields longer than MAX_KEPT together are never remembered, so never templated: a
+    client's long paths, referers and agents (up to the request line's and a field's
+    limits, 8 KiB each) would otherwise hold megabytes of a worker's memory."""
+    if len(key[2]) + len(key[3]) + len(key[5]) + len(key[6]) > MAX_KEPT:
+        return
     if len(_seen) >= MAX_TEMPLATES:
         _seen.clear()
     _seen.add(key)
@@ -241,6 +246,7 @@ _LINE = (b'{"ts":"%%s","level":"info","event":"access","pid":%d,"slot":%d,"remot
 _TEXT = b'\t%s %s %s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s" %ams request_id=%s\n'
 _SAFE = b" !" + bytes(range(0x23, 0x5C)) + bytes(range(0x5D, 0x7F))  # as they are in JSON
 MAX_TEMPLATES = 1024  # lines' templates kept (and fields seen once remembered)
+MAX_KEPT = 512  # bytes of path, query, referer and agent a template may hold
 _templates: dict[tuple[Any, ...], tuple[bytes, bytes | None, bytes]] = {}
 _seen: set[tuple[Any, ...]] = set()
 _durations: dict[int, bytes] = {}  # microseconds -> the duration_ms field's value

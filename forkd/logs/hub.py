@@ -119,12 +119,14 @@ class LogHub:
             if self.fmt == "json":
                 if b"\t" not in block and block.endswith(b"}\n"):  # (a C search)
                     count = block.count(b'}\n{"ts":"') + 1
-                    out = block
+                    # (a line between records that is none would end one record start
+                    # short, or add a "}\n" of its own)
+                    if block.count(b"}\n") == count:
+                        out = block
             else:  # JSON\tTEXT\nJSON\tTEXT\n...: a tab after each record
                 count = block.count(b'\n{"ts":"') + 1
                 if block.count(b"}\t") == count:
-                    out = b"".join([part[:part.find(b"\n") + 1]
-                                    for part in block.split(b"\t")[1:]])
+                    out = _texts(block)
             if (out is not None and count > 1
                     and block.count(record.origin_marker(reader.pid, reader.slot)) == count):
                 self.ring.append(record.undecoded(reader.pid, reader.slot, block, count=count))
@@ -250,3 +252,15 @@ class LogHub:
                 rendered.append(line.decode("utf-8", "replace").rstrip("\n"))
         return {"lines": rendered, "cursor": cursor, "missed": page.missed, "more": more,
                 "pid": self.pid}
+
+
+def _texts(block: bytes) -> bytes | None:
+    """The text parts of a text-output block of records (JSON\tTEXT\n each), joined;
+    None when a line among them is no record (after its text, a record or the end)."""
+    texts = []
+    for part in block.split(b"\t")[1:]:
+        end = part.find(b"\n") + 1
+        if not end or (end < len(part) and not part.startswith(b'{"ts":"', end)):
+            return None
+        texts.append(part[:end])
+    return b"".join(texts)

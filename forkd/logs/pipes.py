@@ -294,11 +294,14 @@ class RecordWriter:
         return True
 
     def _schedule(self) -> None:
+        loop = self.loop  # (read once: a detach may clear it meanwhile, from the loop)
         try:
-            if threading.get_ident() == self.loop_thread:
+            if loop is None:
+                self.flush()
+            elif threading.get_ident() == self.loop_thread:
                 self._flush_later()
             else:  # a WSGI thread: wakes the loop, once per batch
-                self.loop.call_soon_threadsafe(self._flush_later)
+                loop.call_soon_threadsafe(self._flush_later)
         except RuntimeError:  # the loop is closed
             self.flush()
 

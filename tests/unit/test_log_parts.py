@@ -8,6 +8,7 @@ import logging
 import logging.config
 import os
 import re
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from forkd.errors import ProtocolError
 from forkd.logs import record
 from forkd.logs.hub import LogHub
 from forkd.logs.lines import LineSplitter
-from forkd.logs.pipes import LineStream, open_pipes
+from forkd.logs.pipes import LineStream, RecordWriter, open_pipes
 from forkd.logs.record import Entry
 from forkd.logs.ring import Ring
 from forkd.logs.writer import LogWriter
@@ -439,25 +440,52 @@ def test_the_workers_fast_access_line_is_the_generic_line(
     the first time these fields are seen and from the template made of them after."""
     from forkd.http import accesslog
 
-    headers = [(b"x-request-id", rid), (b"referer", referer or b"-"),
-               (b"user-agent", agent or b"-")]
-    fields = accesslog.request_fields(headers)
+    # three requests with the same fields (seen once, seen again: a template is made,
+    # rendered from the template), each with its own id, size and duration
+    fields = [accesslog.request_fields([(b"x-request-id", rid + b"%d" % sight),
+                                        (b"referer", referer or b"-"),
+                                        (b"user-agent", agent or b"-")])
+              for sight in range(3)]
     sent: list[bytes] = []
     got: list[Entry] = []
-    args = (("10.0.0.9", 5555), "GET", b"/" + path, query, "1.1", fields, status, size)
+    args = [(("10.0.0.9", 5555), "GET", b"/" + path, query, "1.1", fields[sight], status,
+             size + sight, (micros + 7 * sight) / 1e6) for sight in range(3)]
     try:
         log.setup(slot=1, sink=got.append, json_sink=sent.append, access_text=text)
-        for _ in range(3):  # seen once, seen again (a template is made), from the template
-            accesslog.log_access(*args, micros / 1e6)
+        for request in args:
+            accesslog.log_access(*request)
         log.setup(slot=1, sink=got.append)  # no fast path: through event()
-        accesslog.log_access(*args, micros / 1e6)
+        for request in args:
+            accesslog.log_access(*request)
     finally:
         log.setup()
-    # the same bytes each time, but for the time
-    assert len(sent) == 3 and len({re.sub(rb'^{"ts":"[^"]*"|\t\S+ ', b"", line)
-                                   for line in sent}) == 1
-    for fast in sent:
-        _same_access_line(fast, got[-1], path, fields, text, query)
+    assert len(sent) == 3 and len(got) == 3
+    for fast, generic, request_fields in zip(sent, got, fields, strict=True):
+        _same_access_line(fast, generic, path, request_fields, text, query)
+
+
+def test_long_fields_are_rendered_but_never_kept() -> None:
+    """A request whose path, query, referer and agent are long together is logged as any
+    other, but not remembered for a template: a scanner's long values would otherwise
+    hold megabytes of every worker's memory."""
+    from forkd.http import accesslog
+
+    sent: list[bytes] = []
+    long_agent = b"a" * accesslog.MAX_KEPT
+    try:
+        log.setup(slot=1, json_sink=sent.append)
+        for _ in range(3):
+            accesslog.log_access(("10.0.0.9", 5555), "GET", b"/x", b"", "1.1",
+                                 (b"id1", b"-", long_agent), 200, 5, 0.001)
+        assert not accesslog._seen and not accesslog._templates
+        for _ in range(2):  # (short fields: remembered, then a template)
+            accesslog.log_access(("10.0.0.9", 5555), "GET", b"/x", b"", "1.1",
+                                 (b"id1", b"-", b"curl"), 200, 5, 0.001)
+        assert len(accesslog._templates) == 1
+    finally:
+        log.setup()
+    assert [json.loads(line)["user_agent"] for line in sent] == (
+        [long_agent.decode()] * 3 + ["curl"] * 2)
 
 
 def _same_access_line(fast: bytes, generic: Entry, path: bytes,
@@ -524,7 +552,6 @@ def test_the_text_access_line_is_the_combined_format_with_duration_and_id() -> N
 
 
 def test_records_wait_in_the_worker_when_the_pipe_is_full_and_drops_are_counted() -> None:
-    from forkd.logs.pipes import RecordWriter
 
     class Loop:  # the calls a RecordWriter makes of an event loop, run by hand
         def __init__(self) -> None:
@@ -563,7 +590,6 @@ def test_deferred_access_lines_keep_their_place_among_urgent_records() -> None:
     lines before it, each access line is the one log_access renders at once, and its
     timestamp is the time its request ended."""
     from forkd.http import accesslog
-    from forkd.logs.pipes import RecordWriter
 
     class Loop:
         def __init__(self) -> None:
@@ -617,7 +643,6 @@ def test_deferred_access_lines_keep_their_place_among_urgent_records() -> None:
 
 
 def test_an_access_line_that_cannot_be_rendered_is_counted_and_the_rest_go_out() -> None:
-    from forkd.logs.pipes import RecordWriter
 
     def render(items: list) -> list[bytes]:
         raise ValueError("a bug")
@@ -661,7 +686,9 @@ def test_a_block_of_access_records_passes_through_whole_and_a_stray_line_is_caug
     finally:
         log.setup()
     blocks = [b"".join(lines), b"".join(lines[:3] + [foreign] + lines[3:]),
-              b"".join(lines[:3] + [b'{"ts":"x"}\n'] + lines[3:])]
+              b"".join(lines[:3] + [b'{"ts":"x"}\n'] + lines[3:]),
+              b"".join(lines[:3] + [b"x}\n"] + lines[3:]),
+              b"".join(lines[:3] + [b"x\n"] + lines[3:])]
     for number, block in enumerate(blocks):
         path = tmp_path / f"out{number}.log"
         hub = LogHub(LogWriter(str(path)), fmt=fmt, app_name="web")
@@ -687,3 +714,30 @@ def test_a_block_of_access_records_passes_through_whole_and_a_stray_line_is_caug
         finally:
             pipes.close_all()
             hub.close()
+
+
+def test_a_thread_whose_batch_meets_a_detached_loop_writes_it_at_once() -> None:
+    """A WSGI thread logs as the worker detaches its loop (the drain): the batch it
+    would have scheduled on the loop is written by the thread, not lost to an error."""
+    read_end, write_end = os.pipe()
+    try:
+        writer = RecordWriter(write_end)
+        writer.loop_thread = threading.get_ident()  # (this thread is the loop's)
+        writer.loop = None  # (what detach_loop does first, from the loop's thread)
+        writer.pending.append(b"late\n")
+        writer.held, writer.lines = 5, 1
+        errors: list[BaseException] = []
+
+        def schedule() -> None:
+            try:
+                writer._schedule()
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                errors.append(exc)
+
+        thread = threading.Thread(target=schedule)
+        thread.start()
+        thread.join(10)
+        assert errors == [] and os.read(read_end, 100) == b"late\n"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
