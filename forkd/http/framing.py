@@ -25,11 +25,13 @@ _MAX_CHECKED = 512
 # for a field that does not frame the response, -> (length, that line) for a Content-Length.
 # Apps send the same few fields again and again (content-type, server, cache-control):
 # one dict lookup instead of lowering, comparing and searching each. Bounded: emptied
-# when full, so the fields that keep coming are soon back; long values are not kept.
+# when full, so the fields that keep coming are soon back; long fields (name and value)
+# are not kept, so at most _MAX_FIELDS lines of _MAX_KEPT_LINE bytes each; only bytes
+# are (a bytearray or memoryview may change after it was checked).
 _field_lines: dict[tuple[bytes, bytes], bytes] = {}
 _length_lines: dict[tuple[bytes, bytes], tuple[int, bytes]] = {}
 _MAX_FIELDS = 1024
-_MAX_KEPT_VALUE = 256
+_MAX_KEPT_LINE = 256
 
 
 class ResponseError(Exception):
@@ -207,7 +209,7 @@ def frame_head(
         key: tuple[bytes, bytes] | None = (name, value)
         try:
             line = field_lines.get(key)  # type: ignore[arg-type]
-        except TypeError:  # (a bytearray, which cannot be a key: not kept)
+        except (TypeError, ValueError):  # (a bytearray, a writable memoryview: unhashable)
             line = key = None
         if line is not None:  # (checked before, and no framing field)
             parts.append(line)
@@ -241,15 +243,16 @@ def frame_head(
             raise ResponseError(f"invalid character in response header {name!r}")
         line = b"%b: %b\r\n" % (name, value)
         parts.append(line)
-        if key is not None and len(value) <= _MAX_KEPT_VALUE:
+        # (exactly bytes: not a subclass, whose == and hash may be its own)
+        if len(line) <= _MAX_KEPT_LINE and type(value) is bytes and type(name) is bytes:
             if plain:
                 if len(field_lines) >= _MAX_FIELDS:
                     field_lines.clear()
-                field_lines[key] = line
+                field_lines[name, value] = line
             elif lname == b"content-length":
                 if len(_length_lines) >= _MAX_FIELDS:
                     _length_lines.clear()
-                _length_lines[key] = (int(value), line)
+                _length_lines[name, value] = (int(value), line)
     if request_id and not has_id:  # (with --access-log: see accesslog.request_fields)
         parts += (b"x-request-id: ", request_id, b"\r\n")
     if not has_date:

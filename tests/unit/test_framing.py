@@ -192,3 +192,54 @@ def test_fields_sent_again_are_framed_and_checked_as_the_first_time() -> None:
     for number in range(3 * framing._MAX_FIELDS):
         frame_head(200, [(b"x-n", b"%d" % number)], GET11, complete_body=0, date_header=DATE)
     assert len(framing._field_lines) <= framing._MAX_FIELDS
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "memoryview", "writable memoryview"])
+def test_a_header_value_of_each_bytes_type_goes_out_every_time(kind: str) -> None:
+    """A value the app gives as bytes, a bytearray or a memoryview (read-only or over a
+    bytearray: hashing that one raises ValueError, not TypeError) is sent each time."""
+    value: Any = {"bytes": b"one", "bytearray": bytearray(b"one"),
+                  "memoryview": memoryview(b"one"),
+                  "writable memoryview": memoryview(bytearray(b"one"))}[kind]
+    for _ in range(2):
+        out, keep = run(200, [(b"x-a", value)], GET11, [b"hi"], complete=True)
+        assert b"\r\nx-a: one\r\n" in out and out.endswith(b"\r\n\r\nhi") and keep
+
+
+@pytest.mark.parametrize("view", [lambda buffer: buffer, memoryview,
+                                  lambda buffer: memoryview(buffer).toreadonly()],
+                         ids=["bytearray", "memoryview", "read-only memoryview"])
+def test_a_header_value_changed_in_place_goes_out_changed_and_is_checked_again(
+        view: Any) -> None:
+    """A value in a buffer the app changes between two responses goes out as it is
+    now, never as a line kept from before; a CR LF put in it later is still refused."""
+    buffer = bytearray(b"one")
+    value = view(buffer)
+    out, _ = run(200, [(b"x-view", value)], GET11, [b""], complete=True)
+    assert b"\r\nx-view: one\r\n" in out
+    buffer[:] = b"two"
+    out, _ = run(200, [(b"x-view", value)], GET11, [b""], complete=True)
+    assert b"\r\nx-view: two\r\n" in out
+    buffer[:] = b"a\r\n"
+    with pytest.raises(ResponseError):
+        frame_head(200, [(b"x-view", value)], GET11, complete_body=0, date_header=DATE)
+
+
+def test_what_frame_head_keeps_is_bounded_in_entries_and_in_bytes() -> None:
+    """However many distinct fields an app makes up, and however long (a long name with a
+    short value too), the kept lines stay at most _MAX_FIELDS of _MAX_KEPT_LINE bytes,
+    for the plain fields and for the Content-Lengths alike."""
+    from forkd.http import framing
+
+    long_name = b"x-" + b"n" * 4096
+    out, _ = run(200, [(long_name, b"1")], GET11, [b""], complete=True)
+    assert b"\r\n" + long_name + b": 1\r\n" in out
+    assert (long_name, b"1") not in framing._field_lines
+    for number in range(3 * framing._MAX_FIELDS):
+        frame_head(200, [(b"x-n", b"%d" % number), (b"x-" + b"n" * number, b"v"),
+                         (b"content-length", b"%d" % number)], GET11,
+                   complete_body=number, date_header=DATE)
+    for kept in (framing._field_lines, framing._length_lines):
+        assert 0 < len(kept) <= framing._MAX_FIELDS
+    lines = [*framing._field_lines.values(), *(line for _, line in framing._length_lines.values())]
+    assert max(map(len, lines)) <= framing._MAX_KEPT_LINE
