@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Generator
 from contextvars import copy_context
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -154,15 +152,6 @@ class ASGICycle:
                 proto.chain_scheduled = True
                 proto.loop.call_soon(_start_chained, proto)
             return
-        waiter = proto.runner
-        if waiter is not None:
-            # the task of an earlier request of this connection waits for the next one
-            # (see run): it runs this one, in the task's own context, which its apps
-            # left as a new task's would be
-            proto.runner = None
-            proto.state.idle_tasks -= 1
-            waiter.set_result(self)
-            return
         # (in a context of its own: start may run in the task of the request before this
         # one, whose context variables are not this request's)
         task = self.task = proto.loop.create_task(self.run(), context=proto.context.copy())
@@ -199,18 +188,15 @@ class ASGICycle:
 
     # -- the app's side ------------------------------------------------------------
     async def run(self) -> None:
-        """The task of this request, then of the connection's next requests while it
-        can start them as a task of their own would: pipelined ones chained to it
-        (see start) at once, later ones once it waits for them (`proto.runner`). Each
-        app starts in a context equal to the connection's (a copy, as a new task's):
-        this task's own, while its apps leave it so; else a copy of its own, and the
-        task serves no later request. One task for a connection's requests saves a
-        task per request (creating it, asyncio's registry of tasks, its end)."""
+        """The task of this request, then of the pipelined requests chained to it (see
+        start) while it can start them as a task of their own would: its context
+        still equal to the connection's (a new task's is a copy of that). Else the
+        next one gets a task of its own."""
         proto = self.proto
         task = self.task
         state = proto.state
         cycle = self
-        del self  # (a waiting task keeps no request of its own alive: see below)
+        del self  # (the chain's later requests keep none of the first one's objects)
         try:
             while True:
                 try:
@@ -221,61 +207,23 @@ class ASGICycle:
                 else:
                     if not cycle.complete and not cycle.disconnected:
                         cycle._returned_early()
-                while True:
-                    nxt = proto.chained
-                    if nxt is not None:
-                        proto.chained = None  # (taken: _start_chained finds nothing)
-                        if not state.may_chain():
-                            await asyncio.sleep(0)  # the rest of this pass is for others
-                        if _as_new(proto):
-                            break
-                        # as a task of its own would start it: in the context requests
-                        # start in
-                        await nxt.run_in(proto.context.copy())
-                        continue
-                    # wait for the connection's next request, unless the connection is
-                    # ending, a task waits already, or this one is unfit for a next app
-                    # (a cancellation asked of it, the context changed by the app)
-                    if (proto.linger_until is not None or proto.closed
-                            or proto.runner is not None or task is None
-                            or task.cancelling()):
-                        return
-                    context = copy_context()  # (_as_new, inline: once per request)
-                    if len(context) != len(proto.context) or (context and not _as_new(proto)):
-                        return
-                    del cycle, nxt  # (their scope, headers, body: not kept while it waits)
-                    waiter = proto.runner = proto.loop.create_future()
-                    state.idle_tasks += 1  # (not in progress: --limit-concurrency)
-                    try:
-                        nxt = await waiter  # (start, or the protocol's end_runner)
-                    except BaseException:  # cancelled as it waited, or as it woke
-                        if proto.runner is waiter:
-                            proto.runner = None
-                        if not waiter.done() or waiter.cancelled() or waiter.result() is None:
-                            state.idle_tasks -= 1  # (else start counted it in progress)
-                        raise
-                    if nxt is None:  # the connection closed, or was handed over
-                        state.idle_tasks -= 1
-                        return
-                    break
-                cycle = nxt
+                cycle = proto.chained
+                if cycle is None:
+                    return
+                proto.chained = None  # (taken: _start_chained finds nothing)
+                # A task of its own for it if the rest of this pass is for other
+                # connections (it starts on the next one), or if this task is unfit: an
+                # app set a context variable and left it set (its value would reach
+                # the next app).
+                if (not state.may_chain() or task is None
+                        or len(copy_context()) != len(proto.context)  # (_as_new's
+                        or (proto.context and not _as_new(proto))):  # usual case, inline)
+                    cycle.start()
+                    return
         finally:
             # the task's last step: it leaves the set now, cheaper than a done
             # callback (one more pass of the loop) and as exact
             state.tasks.discard(task)
-
-    async def run_in(self, context: contextvars.Context) -> None:
-        """A chained request whose app must start in a context other than the task's."""
-        try:
-            # (called in that context too: a class's __call__ may use it)
-            await InContext(context.run(self.app, self.scope, self.receive, self.send),
-                            context)
-        except BaseException as exc:
-            if self._raised(exc):
-                raise
-        else:
-            if not self.complete and not self.disconnected:
-                self._returned_early()
 
     def _returned_early(self) -> None:
         if self.started:
@@ -442,35 +390,3 @@ def _start_chained(proto: HttpProtocol) -> None:
     if cycle is not None:
         proto.chained = None
         cycle.start()  # (not while a response ends: a task of its own)
-
-
-class InContext:
-    """Await a coroutine inside another task, stepping it in `context`: a chained
-    request's app sees the context a task of its own would have given it."""
-
-    __slots__ = ("coro", "context")
-
-    def __init__(self, awaitable: Awaitable[None], context: contextvars.Context) -> None:
-        # (any awaitable an app returns: a coroutine, or an object with __await__)
-        self.coro: Any = context.run(awaitable.__await__)
-        self.context = context
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coro = self.coro
-        run = self.context.run
-        send = coro.send
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = run(send, value) if error is None else run(coro.throw, error)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            value = error = None
-            try:
-                value = yield step  # (a future, to the task, which resumes us when done)
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # the task's cancellation, into the app
-                error = exc

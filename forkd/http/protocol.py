@@ -157,9 +157,6 @@ class ServerState:
         # take_over(leftover), or None to answer the upgrade request as plain HTTP
         self.upgrade_factory: Callable[..., Any] | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps tasks only weakly
-        # of those, ASGI tasks that wait for their connection's next request (no request
-        # of theirs is in progress): forkd.http.asgi's ASGICycle.run
-        self.idle_tasks = 0
         self.requests = 0
         self.request_limit = 0  # --max-requests: on_limit runs as this request starts
         self.on_limit: Callable[[], None] | None = None
@@ -220,7 +217,7 @@ class ServerState:
 
     def in_progress(self) -> int:
         """Requests being served: ASGI requests' tasks and WSGI calls."""
-        return len(self.tasks) - self.idle_tasks + self.calls
+        return len(self.tasks) + self.calls
 
     def healthy(self) -> bool:
         flag = self.health_flag
@@ -238,9 +235,7 @@ class ServerState:
         tasks = list(self.tasks)
         if not tasks:
             return
-        if len(tasks) > self.idle_tasks:  # (an idle one ends at once, serving nothing)
-            log.warning("graceful timeout: cancelling %d request task(s)",
-                        len(tasks) - self.idle_tasks)
+        log.warning("graceful timeout: cancelling %d request task(s)", len(tasks))
         for task in tasks:
             task.cancel()
         await asyncio.wait(tasks, timeout=grace)
@@ -394,8 +389,6 @@ class HttpProtocol(asyncio.Protocol):
         self.chained: Any = None
         self.context = contextvars.Context()
         self.chain_scheduled = False
-        # ASGI: the future an earlier request's task waits on for the next request
-        self.runner: asyncio.Future[Any] | None = None
 
     # -- connection events ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -428,8 +421,6 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.runner is not None:
-            self.end_runner()
         self.out.clear()
         self.state.connections.discard(self)
         if self.state.balance is not None:
@@ -495,8 +486,6 @@ class HttpProtocol(asyncio.Protocol):
             if self.upgrade is not None:  # a WebSocket: hand it the connection, and
                 upgrade, self.upgrade = self.upgrade, None  # the rest of the read
                 self.flush()  # (the answers before it first: it writes to the transport)
-                if self.runner is not None:
-                    self.end_runner()
                 rest = data[exc.args[0]:] if whole is None else whole[at + exc.args[0]:]
                 upgrade.take_over(bytes(rest))
                 return False
@@ -999,19 +988,9 @@ class HttpProtocol(asyncio.Protocol):
             self.heads.pop()
             metrics.end(now)
 
-    def end_runner(self) -> None:
-        """No request will come for the task waiting for one (ASGI): it ends."""
-        waiter = self.runner
-        if waiter is not None:
-            self.runner = None
-            if not waiter.done():
-                waiter.set_result(None)
-
     def abort(self) -> None:
         """Reset the connection: the answer being written is cut, but the whole answers
         held before it (pipelined requests) go out first."""
-        if self.runner is not None:
-            self.end_runner()
         whole = self.out[:self.out_complete] if self.response_begun else self.out
         self.out = []
         self.out_size = 0
@@ -1029,8 +1008,6 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.flush()  # (before the FIN, and before write() refuses more)
         self.linger_until = self.state.now + LINGER_SECONDS
-        if self.runner is not None:
-            self.end_runner()
         self.unparsed = None
         self.body_parts.clear()
         self.idle_since = None

@@ -78,22 +78,26 @@ def ask_in_turn(loop: asyncio.AbstractEventLoop, proto: HttpProtocol, transport:
     return bodies(transport.received)
 
 
-def test_keep_alive_requests_share_a_task_and_each_starts_as_in_a_new_one(
+def test_each_keep_alive_request_runs_in_a_task_of_its_own(
         loop: asyncio.AbstractEventLoop) -> None:
-    """A connection's requests after the first are run by the task of the one before
-    (a task per request costs more), yet each app starts as in a task of its own: a
-    current task with no cancellation asked of it (asyncio.timeout, anyio's cancel
-    scopes, so Starlette and FastAPI need that), context variables as the connection
-    began, and the other connections' requests are not held back by the waiting task."""
+    """A connection's requests, each in a read of its own, each start in a new task, as
+    uvicorn, hypercorn and granian run them: no cancellation asked of it
+    (asyncio.timeout, anyio's cancel scopes), context variables as the connection
+    began, state kept per task (SQLAlchemy's async_scoped_session(scopefunc=
+    current_task) without remove()) not another request's; and between two requests
+    the connection holds no task, nor a request slot of --limit-concurrency."""
     var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
     tasks: list[asyncio.Task[Any]] = []
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, int, list[str]]] = []
+    per_task: dict[asyncio.Task[Any], list[str]] = {}
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         task = asyncio.current_task()
         assert task is not None
         tasks.append(task)
-        seen.append((var.get(), task.cancelling()))
+        session = per_task.setdefault(task, [])
+        seen.append((var.get(), task.cancelling(), list(session)))
+        session.append(scope["path"])
         if scope["path"] == "/set":
             var.set("set by /set")  # (and not reset: the next request must not see it)
         elif scope["path"] == "/swallow":
@@ -111,25 +115,43 @@ def test_keep_alive_requests_share_a_task_and_each_starts_as_in_a_new_one(
         await asgi_sized(scope, receive, send)
 
     proto, transport = connect(loop, "asgi", app)
-    proto.state.limit_concurrency = 1
-    assert ask_in_turn(loop, proto, transport, ["/?n=1", "/?n=2", "/timeout", "/?n=3"]) == [
-        b"x", b"xx", b"x" * 7, b"xxx"]
-    assert len(set(tasks)) == 1  # one task served the four
-    assert proto.state.in_progress() == 0  # the waiting task is no request in progress
+    state = proto.state
+    state.limit_concurrency = 1
+    paths = ["/?n=1", "/set", "/?n=2", "/swallow", "/timeout", "/?n=3"]
+    for number, path in enumerate(paths, 1):
+        assert len(ask_in_turn(loop, proto, transport, [path])) == number
+        run_until(loop, lambda: not state.tasks)  # (its task ends with its app)
+        assert state.in_progress() == 0
+    assert bodies(transport.received) == [b"x", b"", b"xx", b"", b"x" * 7, b"xxx"]
+    assert seen == [("unset", 0, [])] * len(paths)
+    assert len(set(tasks)) == len(paths)
     other, other_transport = connect(loop, "asgi", app)
-    other.state = proto.state  # (the same worker: --limit-concurrency 1 is shared)
+    other.state = state  # (the same worker: --limit-concurrency 1 is shared)
     other.data_received(get("/?n=4"))
     run_until(loop, lambda: b"\r\n\r\n" in other_transport.received)
     assert other_transport.received.startswith(b"HTTP/1.1 200 OK")
 
-    tasks.clear()
-    seen.clear()
-    assert ask_in_turn(loop, proto, transport, ["/set", "/?n=1", "/swallow", "/?n=1",
-                                                "/timeout"])[-5:] == [
-        b"", b"x", b"", b"x", b"x" * 7]
-    assert seen == [("unset", 0)] * 5
-    # after /set and /swallow, the task was unfit for a next request: a new one came
-    assert tasks[0] is not tasks[1] and tasks[2] is not tasks[3]
+
+def test_a_cancel_an_app_left_armed_does_not_cut_the_next_request(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """An app arms loop.call_later(t, task.cancel) as its own deadline and does not
+    disarm it when it finishes early: the task it cancels is its own, long done, not
+    the one of the connection's next request (which takes longer than t)."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/arm":
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().call_later(0.05, task.cancel)
+        elif scope["path"] == "/slow":
+            await asyncio.sleep(0.2)
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.state.limit_concurrency = 1
+    assert ask_in_turn(loop, proto, transport, ["/arm?n=1", "/slow?n=2", "/?n=3"]) == [
+        b"x", b"xx", b"xxx"]
+    assert b"HTTP/1.1 500" not in transport.received and not transport.eof
+    assert not proto.state.tasks and proto.state.in_progress() == 0
 
 
 def test_a_connection_that_began_with_context_variables_starts_each_request_with_them(
@@ -150,55 +172,41 @@ def test_a_connection_that_began_with_context_variables_starts_each_request_with
     assert seen == ["as the connection began"] * 4
 
 
-@pytest.mark.parametrize("how", ["client-closed", "idle-timeout", "drain-deadline", "abort"])
-def test_the_task_waiting_for_a_next_request_ends_with_its_connection(
-        loop: asyncio.AbstractEventLoop, how: str, caplog: pytest.LogCaptureFixture) -> None:
-    proto, transport = connect(loop, "asgi", asgi_sized)
-    state = proto.state
-    ask_in_turn(loop, proto, transport, ["/?n=1", "/?n=2"])
-    (task,) = state.tasks
-    assert not task.done()
-    if how == "client-closed":
-        proto.connection_lost(None)
-    elif how == "idle-timeout":
-        proto.check_timeouts(state.now + state.config.keepalive_timeout + 1)
-        assert transport.eof
-    elif how == "abort":
-        proto.abort()
-        assert transport.aborted
-    else:
-        with caplog.at_level("WARNING", logger="forkd.http"):
-            loop.run_until_complete(state.cancel_tasks(1.0))
-        assert "cancelling" not in caplog.text  # it served no request: nothing was cut
-    run_until(loop, task.done)
-    assert not state.tasks and state.in_progress() == 0
-
-
-def test_a_connection_handed_to_a_websocket_ends_the_task_waiting_on_it(
+def test_a_websocket_on_a_connection_whose_last_app_still_runs_leaves_no_task_behind(
         loop: asyncio.AbstractEventLoop) -> None:
-    """After an upgrade the connection is the WebSocket's: no request comes for the
-    task of the one before, which must end (else the drain waits for it in vain)."""
+    """An app that works on after its answer (Starlette's BackgroundTasks), then an
+    upgrade on the same connection: once both apps end, no task is left for a worker's
+    graceful stop to wait for."""
     from forkd.http.websocket import make_upgrade_factory
+
+    release = asyncio.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
             await receive()  # websocket.connect
             await send({"type": "websocket.accept"})
-            await receive()  # (until the client goes)
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
             return
         await asgi_sized(scope, receive, send)
+        if scope["path"] == "/background":
+            await release.wait()
 
     proto, transport = connect(loop, "asgi", app)
-    transport.set_protocol = lambda protocol: None  # type: ignore[attr-defined]
-    proto.state.upgrade_factory = make_upgrade_factory(app, {}, "")
-    ask_in_turn(loop, proto, transport, ["/?n=1"])
-    (waiting,) = proto.state.tasks
+    websocket: list[Any] = []
+    transport.set_protocol = websocket.append  # type: ignore[attr-defined]
+    state = proto.state
+    state.upgrade_factory = make_upgrade_factory(app, {}, "")
+    ask_in_turn(loop, proto, transport, ["/background?n=1"])
     proto.data_received(b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
                         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                         b"Sec-WebSocket-Version: 13\r\n\r\n")
     run_until(loop, lambda: b"HTTP/1.1 101" in transport.received)
-    run_until(loop, waiting.done)
-    assert waiting not in proto.state.tasks and len(proto.state.tasks) == 1  # the WebSocket's
+    release.set()
+    (handler,) = websocket
+    handler.connection_lost(None)  # the client goes
+    run_until(loop, lambda: not state.tasks)
+    assert state.in_progress() == 0
 
 
 @pytest.mark.parametrize(("request_line", "fields", "version", "connection"), [

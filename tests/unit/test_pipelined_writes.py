@@ -103,13 +103,15 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     yield loop
-    # what a worker's drain does last: a task still waiting ends before the loop closes
+    # Each test ends what it started: a task still pending here is a leak (a worker's
+    # graceful stop would wait for it). Cancelled only so the loop closes cleanly.
     pending = asyncio.all_tasks(loop)
     for task in pending:
         task.cancel()
     loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
     asyncio.set_event_loop(None)
+    assert not pending, f"tasks left pending: {pending}"
 
 
 def connect(loop: asyncio.AbstractEventLoop, interface: str, app: Any
