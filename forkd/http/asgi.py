@@ -189,9 +189,9 @@ class ASGICycle:
     # -- the app's side ------------------------------------------------------------
     async def run(self) -> None:
         """The task of this request, then of the pipelined requests chained to it (see
-        start) while it can start them as a task of their own would: its context
-        still equal to the connection's (a new task's is a copy of that). Else the
-        next one gets a task of its own."""
+        start) while it can start them as a task of their own would: no cancellation
+        asked of it, and its context still equal to the connection's (a new task's is
+        a copy of that). Else the next one gets a task of its own."""
         proto = self.proto
         task = self.task
         state = proto.state
@@ -213,9 +213,10 @@ class ASGICycle:
                 proto.chained = None  # (taken: _start_chained finds nothing)
                 # A task of its own for it if the rest of this pass is for other
                 # connections (it starts on the next one), or if this task is unfit: an
-                # app set a context variable and left it set (its value would reach
-                # the next app).
-                if (not state.may_chain() or task is None
+                # app swallowed a cancellation (asyncio.timeout and anyio's cancel
+                # scopes of the next app would count it as theirs), or set a context
+                # variable and left it set (its value would reach the next app).
+                if (not state.may_chain() or task is None or task.cancelling()
                         or len(copy_context()) != len(proto.context)  # (_as_new's
                         or (proto.context and not _as_new(proto))):  # usual case, inline)
                     cycle.start()

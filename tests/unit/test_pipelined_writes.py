@@ -259,6 +259,37 @@ def test_each_pipelined_asgi_app_runs_as_in_a_task_of_its_own(
     assert seen == [("unset", True)] * 3
 
 
+def test_a_pipelined_app_after_one_that_swallowed_a_cancellation_has_none_asked_of_it(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """An app that caught a cancellation and did not uncancel() leaves its task with
+    one asked of it: the request pipelined behind gets a task of its own, as it would
+    with any other server, not one whose cancelling() (asyncio.timeout, anyio's cancel
+    scopes, TaskGroup) counts a cancellation that is not its own. The one behind that
+    is chained to that fresh task, as usual."""
+    seen: list[tuple[str, asyncio.Task[Any], int]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        seen.append((scope["path"], task, task.cancelling()))
+        if scope["path"] == "/swallow":
+            task.cancel()
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                pass
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/swallow?n=1") + get("/next?n=2") + get("/last?n=3"))
+    run_until(loop, lambda: len(bodies(transport.received)) == 3)
+    assert bodies(transport.received) == [b"x", b"xx", b"xxx"]
+    (_, swallowed, _), (_, after, cancelling), (_, last, _) = seen
+    assert cancelling == 0 and after is not swallowed
+    assert last is after  # (chained: no task of its own when it needs none)
+    run_until(loop, lambda: not proto.state.tasks)
+
+
 def test_work_after_an_answer_does_not_hold_the_next_pipelined_request(
         loop: asyncio.AbstractEventLoop) -> None:
     later = asyncio.Event()
