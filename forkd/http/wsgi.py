@@ -638,16 +638,25 @@ class _Response:
         cycle.hand_off(data, final=True, keep_alive=False)
 
     def _byte_headers(self) -> list[tuple[bytes, bytes]]:
+        """The app's header pairs as bytes. A name or value may be a subclass of str
+        (markupsafe's Markup, Django's SafeString), as gunicorn accepts: equal text,
+        equal bytes, whether the pair was learnt from a plain str or not."""
         fields = []
         known = _HEADER_BYTES
         for pair in self.headers:
-            field = known.get(pair) if type(pair) is tuple else None
+            try:
+                field = known.get(pair)
+            except TypeError:  # (a list pair, or an unhashable name or value: checked)
+                field = None
             if field is None:
                 name, value = pair
-                if type(name) is not str or type(value) is not str:
+                if not isinstance(name, str) or not isinstance(value, str):
                     raise TypeError(f"WSGI header {name!r}: {value!r} is not a pair of str")
                 field = (name.encode("latin-1"), value.encode("latin-1"))
-                if len(known) < 1024 and type(pair) is tuple:
+                if (type(pair) is tuple and len(value) <= _MAX_KEPT_VALUE
+                        and len(name) <= _MAX_KEPT_VALUE):
+                    if len(known) >= _MAX_KEPT:
+                        known.clear()  # (the pairs met since come back as they are used)
                     known[pair] = field
             fields.append(field)
         return fields
@@ -691,9 +700,12 @@ class _Response:
             cycle.hand_off(data, final, writer.keep_alive and not unread)
 
 
-# an app's (name, value) header -> its bytes, learnt as they come (bounded: the values
-# of some headers differ per response; past the bound they are encoded every time)
+# an app's (name, value) header -> its bytes, learnt as they come. Bounded: the values of
+# some headers differ per response (a redirect's Location that echoes the request's
+# path, up to 8 KB), so only short pairs are kept, and a full table is emptied.
 _HEADER_BYTES: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+_MAX_KEPT = 1024  # pairs
+_MAX_KEPT_VALUE = 256  # characters of a name, of a value
 
 # status text -> (code, reason bytes or None for the standard phrase), learnt as they come
 _STATUSES: dict[str, tuple[int, bytes | None]] = {}
