@@ -569,8 +569,10 @@ class WSGICycle:
         self.proto.response_done(self, keep_alive)
 
     def _write_final_ended(self, data: bytes, keep_alive: bool) -> None:
-        self._write_final(data, keep_alive)
-        self.proto.state.calls -= 1
+        try:
+            self._write_final(data, keep_alive)
+        finally:  # (a write that raised still ends the call: a drain waits for it)
+            self.proto.state.calls -= 1
 
     def abort(self) -> None:
         self._to_loop(self.proto.abort)

@@ -87,3 +87,111 @@ def test_a_result_with_close_ends_its_call_once_close_returned(
     finally:
         release.set()
         pool.shutdown()
+
+
+gate = threading.Event()
+
+
+def paths_app(environ: dict[str, Any], start_response: Any) -> Any:
+    """Each query a way a threaded call can end."""
+    q = environ["QUERY_STRING"]
+    if q == "wait":
+        gate.wait(10)
+    if q == "nostart":
+        return [b"x"]
+    if q == "badhdr":
+        start_response("200 OK", [("X", "\u20ac")])  # not latin-1: raises in the framing
+        return [b"x"]
+    if q == "strbody":
+        start_response("200 OK", [])
+        return ["x"]
+    if q == "raise":
+        raise ValueError("boom")
+    start_response("200 OK", [("Content-Length", "2")])
+    return (b"o", b"k") if q == "tuple" else [b"ok"]
+
+
+def open_conn(loop: asyncio.AbstractEventLoop, transport: Transport | None = None
+              ) -> tuple[ServerState, WSGIPool, HttpProtocol, Transport]:
+    state = ServerState(Config(app="test", interface="wsgi"), loop)
+    pool = WSGIPool(loop, 2, "never")
+    state.cycle_factory = WSGICycle.bind(paths_app, pool, "")
+    proto = HttpProtocol(state)
+    transport = transport or Transport()
+    transport.protocol = proto
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    return state, pool, proto, transport
+
+
+def settled(pool: WSGIPool) -> bool:
+    """Every thread back idle and every answer it handed to the loop run."""
+    return (bool(pool.threads) and pool.idle == len(pool.threads) and not pool.answers
+            and not pool.wake_pending)
+
+
+@pytest.mark.parametrize(("query", "status"), [
+    ("", b"200"), ("tuple", b"200"), ("nostart", b"500"), ("badhdr", b"500"),
+    ("strbody", b"500"), ("raise", b"500"),
+])
+def test_a_threaded_call_ends_exactly_once_however_it_ends(
+        loop: asyncio.AbstractEventLoop, query: str, status: bytes) -> None:
+    """A call's end is counted once (ServerState.calls: what a drain waits for): not
+    missed, which would hold a drain to its timeout, nor twice, which would let a drain
+    end with a call still running."""
+    state, pool, proto, transport = open_conn(loop)
+    try:
+        proto.data_received(get("/?" + query))
+        run_until(loop, lambda: settled(pool))
+        assert transport.received.startswith(b"HTTP/1.1 " + status + b" ")
+        assert state.calls == 0
+    finally:
+        pool.shutdown()
+
+
+def test_pipelined_threaded_calls_each_end_once(loop: asyncio.AbstractEventLoop) -> None:
+    state, pool, proto, transport = open_conn(loop)
+    try:
+        proto.data_received(b"".join(get("/?" + q) for q in ["", "tuple"] * 20))
+        run_until(loop, lambda: transport.received.count(b"HTTP/1.1 200 ") == 40
+                  and settled(pool))
+        assert bodies(transport.received) == [b"ok"] * 40
+        assert state.calls == 0
+    finally:
+        pool.shutdown()
+
+
+def test_a_call_whose_client_left_ends_once(loop: asyncio.AbstractEventLoop) -> None:
+    state, pool, proto, transport = open_conn(loop)
+    gate.clear()
+    try:
+        proto.data_received(get("/?wait"))
+        run_until(loop, lambda: bool(pool.busy_since))  # the app is in its call
+        proto.connection_lost(None)
+        gate.set()
+        run_until(loop, lambda: settled(pool))
+        assert transport.received == b""
+        assert state.calls == 0
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+class FailingTransport(Transport):
+    """A transport whose write raises (uvloop's, on a handle already closed)."""
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("unable to perform operation: the handler is closed")
+
+
+def test_a_final_write_that_raises_still_ends_the_call(loop: asyncio.AbstractEventLoop
+                                                       ) -> None:
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    state, pool, proto, transport = open_conn(loop, FailingTransport())
+    try:
+        proto.data_received(get("/"))
+        run_until(loop, lambda: settled(pool))
+        assert [type(e.get("exception")) for e in errors] == [RuntimeError]  # reported
+        assert state.calls == 0  # and the call is over: a drain does not wait for it
+    finally:
+        pool.shutdown()
