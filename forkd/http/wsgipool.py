@@ -12,24 +12,29 @@ GIL passed back and forth). So:
   all. "Known" is learnt per route: a route is run inline after PROMOTE_AFTER threaded calls
   in a row that each used less than QUICK_CPU of the thread's CPU. Wall-clock time cannot
   tell a quick call from a slow one on the threads (under load a call waits for the GIL as
-  long as one that sleeps), except at its extreme: a route that once took NEVER_INLINE on
-  a thread blocks for long at times, and stays on the threads. Inline, the wall clock is
-  honest while no thread is in a call: a call over SLOW_INLINE then sends its route back
-  to the threads at once, and STRIKES calls in a row over INLINE_LIMIT (it waits on
-  something: a database, a sleep) do too. While threads
+  long as one that sleeps), except at its extreme: a route one of whose calls, threaded or
+  inline, once took NEVER_INLINE blocks for long at times, and stays on the threads for
+  good. Inline, the wall clock is honest while no thread is in a call: a call over
+  SLOW_INLINE then sends its route back to the threads at once, and STRIKES calls in a row
+  over INLINE_LIMIT (it waits on something: a database, a sleep) do too. While threads
   run calls, an inline call waits for the GIL they hold (5 ms a turn, often more than one:
   hello calls of 10-23 ms were seen as a route went inline with threaded calls still
-  queued), so a slow call then counts as one strike only. `--wsgi-inline never` turns
-  this off; `always` (or `--threads 0`) runs every call inline, for apps that never block.
+  queued), so a slow call then counts as one strike only. Each route sent back from the
+  loop is logged (event `wsgi-route-to-threads`, at most one line per LOG_EVERY, with
+  the count of those not logged). `--wsgi-inline never` turns this off; `always` (or
+  `--threads 0`) runs every call inline, for apps that never block.
 
-A route sent back to the threads is not kept there for good: a call can be slow because
-the scheduler took the CPU away from it (a host running more than its cores), which its
-clocks cannot tell from a call that waits on I/O, and a quick route would then stay on
-the threads for the rest of the worker's life. So after RETRY_AFTER it is on probation:
-it learns afresh (PROMOTE_AFTER quick threaded calls, then inline); each time it is sent
-back again the wait doubles, up to RETRY_MAX, and starts over once the route has stayed
-inline for RETRY_MAX. The cost of a wrong guess is a few calls of a route that blocks
-holding the loop once per back-off: at most STRIKES calls every RETRY_MAX.
+A route sent back by SLOW_INLINE or STRIKES is not kept there for good: a call can be
+slow because the scheduler took the CPU away from it (a host running more than its
+cores), which its clocks cannot tell from a call that waits on I/O, and a quick route
+would then stay on the threads for the rest of the worker's life. So after RETRY_AFTER
+it is on probation: it learns afresh (PROMOTE_AFTER quick threaded calls, then inline;
+the first call after the wait is judged as the others), and each time it is sent back
+again the wait doubles, up to RETRY_MAX, and never shrinks again. A call over
+NEVER_INLINE, on probation or on the threads while it waits, ends that for good. So a
+route that waits on something (a database) costs at most STRIKES calls on the loop per
+back-off, one every RETRY_MAX once it has been sent back seven times, and a route that
+hangs (an upstream's timeout) one call, once.
 
 Inline calls share the loop's passes with everything else it does, and uvloop accepts
 one connection per pass: with every call of a pass run inline, a pass lasted as long as
@@ -60,6 +65,7 @@ crowd behind for the CPU-bound calls after it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import queue
 import threading
@@ -68,9 +74,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from forkd import log
+
 PROMOTE_AFTER = 32  # quick threaded calls in a row before a route is run inline
 QUICK_CPU = 0.0005  # seconds of the thread's CPU under which a threaded call is quick
-NEVER_INLINE = 0.100  # a threaded call this long (wall clock) keeps its route on the threads
+NEVER_INLINE = 0.100  # a call this long (wall clock) keeps its route on the threads for good
 SLOW_INLINE = 0.010  # an inline call this long sends its route back to the threads at once
 INLINE_LIMIT = 0.0005  # inline calls over this, STRIKES in a row, send it back too
 STRIKES = 3
@@ -82,9 +90,11 @@ LOOP_SHARE = 2.0  # a request's GIL time over its thread's CPU time (the loop's 
 INLINE_PER_PASS = 32  # inline calls per pass of the loop (a hello call: about 60 us)
 RETRY_AFTER = 10.0  # seconds a route sent back to the threads waits to learn afresh
 RETRY_MAX = 640.0  # the longest wait (doubled per return to the threads)
+LOG_EVERY = 10.0  # seconds between two lines about routes sent back to the threads
 
 _INLINE = -1
-_THREADS = -2
+_THREADS = -2  # until its probation (retry)
+_NEVER = -3  # for good: a call blocked for NEVER_INLINE
 
 
 class WSGIPool:
@@ -108,10 +118,12 @@ class WSGIPool:
         self.lock = threading.Lock()
         self.answers: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self.wake_pending = False
-        self.routes: dict[bytes, int] = {}  # score, or _INLINE / _THREADS
+        self.routes: dict[bytes, int] = {}  # score, or _INLINE / _THREADS / _NEVER
         self.strikes: dict[bytes, int] = {}  # inline routes' slow calls in a row
         # routes sent back to the threads -> (when they learn afresh, the wait before that)
         self.retry: dict[bytes, tuple[float, float]] = {}
+        self.logged_at = -LOG_EVERY  # (_clock) when a route sent back was last logged
+        self.unlogged = 0  # routes sent back since then, not logged
         self.pass_left = INLINE_PER_PASS  # inline calls that may run before a new pass
         self.pass_due = False  # _next_pass is scheduled
         self.waiting: deque[tuple[Callable[..., None], Any]] = deque()  # inline, for a pass
@@ -206,25 +218,57 @@ class WSGIPool:
             if route in self.strikes:
                 del self.strikes[route]
             return
-        strikes = self.strikes.get(route, 0) + 1
-        if strikes >= STRIKES or (seconds > SLOW_INLINE and not self.busy_since):
-            self.strikes.pop(route, None)
-            self._to_threads(route)
-        else:
-            self.strikes[route] = strikes
+        with self.lock:  # (threaded_took changes routes on the threads)
+            if seconds > NEVER_INLINE:
+                self.strikes.pop(route, None)
+                sent = self._never(route)
+                wait = None
+            else:
+                strikes = self.strikes.get(route, 0) + 1
+                if strikes < STRIKES and (seconds <= SLOW_INLINE or self.busy_since):
+                    self.strikes[route] = strikes
+                    return
+                self.strikes.pop(route, None)
+                wait = self._to_threads(route)
+                sent = wait is not None
+        if sent:
+            self._log_sent_back(route, seconds, wait)
 
-    def _to_threads(self, route: bytes) -> None:
-        """The route runs on the threads until its probation (the module's docstring)."""
-        if route not in self.routes and len(self.routes) >= MAX_ROUTES:
-            return  # (unknown routes run on the threads anyway)
-        now = _clock()
+    def _to_threads(self, route: bytes) -> float | None:
+        """(lock held) An inline route goes back to the threads until its probation
+        (the module's docstring): the wait before it, or None if it was not inline (a
+        call that was due inline before its route went back)."""
+        if self.routes.get(route) != _INLINE:
+            return None
         last = self.retry.get(route)
-        if last is None or now - last[0] > RETRY_MAX:  # (inline this long: a fresh start)
-            wait = RETRY_AFTER
-        else:
-            wait = min(last[1] * 2, RETRY_MAX)
-        self.retry[route] = (now + wait, wait)
+        wait = RETRY_AFTER if last is None else min(last[1] * 2, RETRY_MAX)
+        self.retry[route] = (_clock() + wait, wait)
         self.routes[route] = _THREADS
+        return wait
+
+    def _never(self, route: bytes) -> bool:
+        """(lock held) The route stays on the threads for good; True if it was inline."""
+        was = self.routes.get(route)
+        if was is None and len(self.routes) >= MAX_ROUTES:
+            return False  # (unknown routes run on the threads anyway)
+        self.routes[route] = _NEVER
+        self.retry.pop(route, None)
+        return was == _INLINE
+
+    def _log_sent_back(self, route: bytes, seconds: float, wait: float | None) -> None:
+        """A route that held the loop goes back to the threads: say which, and for how
+        long it held the loop (at most one line per LOG_EVERY: a host that stalls
+        every process for a moment could send many routes back at once)."""
+        now = _clock()
+        if now - self.logged_at < LOG_EVERY:
+            self.unlogged += 1
+            return
+        self.logged_at = now
+        unlogged, self.unlogged = self.unlogged, 0
+        log.event("wsgi-route-to-threads", logging.WARNING, path=route.decode("latin-1"),
+                  duration_ms=round(seconds * 1000, 3),
+                  retry_s=wait,  # (None, left out: for good)
+                  not_logged=unlogged or None)
 
     def shutdown(self) -> None:
         for _ in self.threads:
@@ -257,21 +301,26 @@ class WSGIPool:
                 helps = window[1] / max(window[2] * LOOP_SHARE, 1e-6)
                 self.limit = max(min(FLOOR, self.size), min(self.size, math.ceil(helps)))
                 window[:] = [0, 0.0, 0.0]
-        if self.mode != "auto":
-            return
-        score = self.routes.get(route, 0)
-        if score < 0:
-            if score == _THREADS and _clock() >= self.retry[route][0]:
-                self.routes[route] = 0  # probation: it learns afresh
-            return
-        if wall > NEVER_INLINE:
-            self._to_threads(route)
-        elif cpu > QUICK_CPU:
-            self.routes[route] = 0
-        elif score + 1 >= PROMOTE_AFTER:
-            self.routes[route] = _INLINE
-        elif score or len(self.routes) < MAX_ROUTES:
-            self.routes[route] = score + 1
+            if self.mode != "auto":
+                return
+            # (under the lock: one call's bookkeeping at a time, so no flag is lost)
+            routes = self.routes
+            score = routes.get(route, 0)
+            if score < 0:
+                if score != _THREADS:
+                    return  # (an inline route's streamed upload says nothing of the app)
+                if wall <= NEVER_INLINE and _clock() < self.retry[route][0]:
+                    return
+                score = routes[route] = 0  # probation: this call is judged as the others
+            if wall > NEVER_INLINE:
+                self._never(route)
+            elif cpu > QUICK_CPU:
+                if score:  # (an unknown route is not added: routes stay bounded)
+                    routes[route] = 0
+            elif score + 1 >= PROMOTE_AFTER:
+                routes[route] = _INLINE
+            elif score or route in routes or len(routes) < MAX_ROUTES:
+                routes[route] = score + 1
 
     def _work(self) -> None:
         calls = self.calls
@@ -282,7 +331,7 @@ class WSGIPool:
             if item is None:
                 return
             fn, arg = item
-            busy_since[me] = self.last_start = time.perf_counter()
+            self.last_start = busy_since[me] = time.perf_counter()
             fn(arg)
             with self.lock:
                 del busy_since[me]

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from forkd import log
 from forkd.http import wsgipool
 from forkd.http.wsgipool import WSGIPool
+from forkd.logs.record import Entry
 
 
 @pytest.fixture
@@ -41,13 +46,6 @@ def test_a_cpu_heavy_call_starts_the_count_again(pool: WSGIPool) -> None:
         pool.threaded_took(b"/a", *QUICK)
     pool.threaded_took(b"/a", 0.002, wsgipool.QUICK_CPU * 2)
     pool.threaded_took(b"/a", *QUICK)
-    assert not pool.runs_inline(b"/a")
-
-
-def test_a_very_slow_call_keeps_the_route_on_the_threads(pool: WSGIPool) -> None:
-    pool.threaded_took(b"/a", wsgipool.NEVER_INLINE * 2, 0.0)  # waited on I/O: little CPU
-    for _ in range(wsgipool.PROMOTE_AFTER * 2):
-        pool.threaded_took(b"/a", *QUICK)
     assert not pool.runs_inline(b"/a")
 
 
@@ -102,6 +100,18 @@ def test_routes_remembered_are_bounded(pool: WSGIPool) -> None:
     for i in range(wsgipool.MAX_ROUTES + 100):
         pool.threaded_took(b"/item/%d" % i, *QUICK)
     assert len(pool.routes) == wsgipool.MAX_ROUTES
+    for i in range(100):  # CPU-heavy calls of routes never seen: not remembered either
+        pool.threaded_took(b"/heavy/%d" % i, 0.002, wsgipool.QUICK_CPU * 2)
+    assert len(pool.routes) == wsgipool.MAX_ROUTES
+
+
+def test_a_known_route_still_learns_once_the_table_is_full(pool: WSGIPool) -> None:
+    pool.threaded_took(b"/a", *QUICK)
+    pool.threaded_took(b"/a", 0.002, wsgipool.QUICK_CPU * 2)  # its count starts again
+    for i in range(wsgipool.MAX_ROUTES):
+        pool.threaded_took(b"/item/%d" % i, *QUICK)
+    learn(pool, b"/a")
+    assert pool.runs_inline(b"/a")
 
 
 @pytest.mark.parametrize(("mode", "size", "inline"), [
@@ -203,33 +213,131 @@ def test_a_route_that_keeps_blocking_waits_longer_each_time(pool: WSGIPool, cloc
     assert waits[-1] == wsgipool.RETRY_MAX
 
 
-def test_a_route_long_back_inline_starts_its_back_off_over(pool: WSGIPool, clock: Clock
-                                                           ) -> None:
-    learn(pool, b"/a")
-    pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
+def test_a_route_long_back_inline_keeps_its_longest_wait(pool: WSGIPool, clock: Clock
+                                                         ) -> None:
+    """A route that waits on a database every few minutes is inline for long between
+    two of its slow spells: each spell still sends it back for RETRY_MAX, not for
+    RETRY_AFTER again (which would put it back on the loop within seconds)."""
+    for _ in range(10):
+        learn(pool, b"/db")
+        pool.inline_took(b"/db", wsgipool.SLOW_INLINE * 2)
+        clock.now = pool.retry[b"/db"][0]
+    assert pool.retry[b"/db"][1] == wsgipool.RETRY_MAX
+    learn(pool, b"/db")
+    clock.now += wsgipool.RETRY_MAX * 3  # inline and quick for long
+    for _ in range(100):
+        pool.inline_took(b"/db", wsgipool.INLINE_LIMIT / 2)
+    pool.inline_took(b"/db", wsgipool.SLOW_INLINE * 2)
+    assert not pool.runs_inline(b"/db")
+    assert pool.retry[b"/db"] == (clock.now + wsgipool.RETRY_MAX, wsgipool.RETRY_MAX)
+
+
+def make_inline(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+    learn(pool, route)
+    assert pool.runs_inline(route)
+
+
+def slow_threaded(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+    pool.threaded_took(route, wsgipool.NEVER_INLINE * 2, 0.0)  # waited on I/O: little CPU
+
+
+def slow_first(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+    slow_threaded(pool, clock, route)
+
+
+def slow_inline(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+    make_inline(pool, clock, route)
+    pool.inline_took(route, wsgipool.NEVER_INLINE * 2)
+
+
+def slow_while_sent_back(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+    make_inline(pool, clock, route)
+    pool.inline_took(route, wsgipool.SLOW_INLINE * 2)  # (preempted, maybe: probation due)
+    slow_threaded(pool, clock, route)
+
+
+def slow_starting_probation(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+    make_inline(pool, clock, route)
+    pool.inline_took(route, wsgipool.SLOW_INLINE * 2)
     clock.now += wsgipool.RETRY_AFTER
-    pool.threaded_took(b"/a", *QUICK)
-    learn(pool, b"/a")
-    assert pool.runs_inline(b"/a")
-    clock.now += wsgipool.RETRY_MAX * 2  # inline and quick for long
-    pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
-    assert pool.retry[b"/a"] == (clock.now + wsgipool.RETRY_AFTER, wsgipool.RETRY_AFTER)
+    slow_threaded(pool, clock, route)  # the probation's first call is judged too
+
+
+def slow_on_probation(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+    make_inline(pool, clock, route)
+    for _ in range(wsgipool.STRIKES):
+        pool.inline_took(route, wsgipool.INLINE_LIMIT * 4)
+    clock.now += wsgipool.RETRY_AFTER
+    for _ in range(wsgipool.PROMOTE_AFTER // 2):
+        pool.threaded_took(route, *QUICK)
+    slow_threaded(pool, clock, route)
+
+
+@pytest.mark.parametrize("slow", [slow_first, slow_inline, slow_while_sent_back,
+                                  slow_starting_probation, slow_on_probation])
+def test_a_route_that_once_blocked_long_never_runs_inline_again(
+        pool: WSGIPool, clock: Clock, slow: Callable[[WSGIPool, Clock, bytes], None]
+        ) -> None:
+    """A call over NEVER_INLINE (an upstream that hangs now and then): the route stays
+    on the threads for good, whenever that call came and however long the route is
+    quick afterwards; its next hang would freeze every connection of the worker."""
+    slow(pool, clock, b"/api")
+    assert not pool.runs_inline(b"/api")
+    for _ in range(3):
+        clock.now += wsgipool.RETRY_MAX
+        for _ in range(100):
+            pool.threaded_took(b"/api", *QUICK)
+            assert not pool.runs_inline(b"/api")
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> list[Entry]:
+    got: list[Entry] = []
+    monkeypatch.setattr(log.state, "sink", got.append)
+    monkeypatch.setattr(log.state, "level", logging.INFO)
+    return got
+
+
+def test_a_route_sent_back_is_logged_with_how_long_it_held_the_loop(
+        pool: WSGIPool, clock: Clock, events: list[Entry]) -> None:
+    make_inline(pool, clock, b"/report")
+    pool.inline_took(b"/report", 0.0421)
+    make_inline(pool, clock, b"/hang")
+    pool.inline_took(b"/hang", 3.0)  # within LOG_EVERY of the last line: counted only
+    clock.now += wsgipool.LOG_EVERY
+    make_inline(pool, clock, b"/db")
+    for _ in range(wsgipool.STRIKES):
+        pool.inline_took(b"/db", 0.002)
+    assert [(e.event, e.level, e.fields) for e in events] == [
+        ("wsgi-route-to-threads", "warning",
+         {"path": "/report", "duration_ms": 42.1, "retry_s": wsgipool.RETRY_AFTER,
+          "not_logged": None}),
+        ("wsgi-route-to-threads", "warning",
+         {"path": "/db", "duration_ms": 2.0, "retry_s": wsgipool.RETRY_AFTER,
+          "not_logged": 1}),
+    ]
+    assert not pool.runs_inline(b"/hang")
 
 
 def test_routes_sent_back_are_bounded(pool: WSGIPool, clock: Clock) -> None:
-    for i in range(wsgipool.MAX_ROUTES + 100):
-        pool.threaded_took(b"/item/%d" % i, wsgipool.NEVER_INLINE * 2, 0.0)
+    for i in range(wsgipool.MAX_ROUTES + 100):  # each learnt, then sent back
+        learn(pool, b"/item/%d" % i)
+        pool.inline_took(b"/item/%d" % i, wsgipool.SLOW_INLINE * 2)
     assert len(pool.routes) == wsgipool.MAX_ROUTES
     assert len(pool.retry) == wsgipool.MAX_ROUTES
+    for i in range(wsgipool.MAX_ROUTES + 100):  # and then blocked for good
+        pool.threaded_took(b"/item/%d" % i, wsgipool.NEVER_INLINE * 2, 0.0)
+    assert len(pool.routes) == wsgipool.MAX_ROUTES
+    assert not pool.retry
 
 
 def test_a_thread_past_the_floor_starts_only_when_every_thread_is_blocked(
-        loop: asyncio.AbstractEventLoop) -> None:
+        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
     """Calls queued behind threads in calls begun just now wait for them (they may be
-    quick); behind threads all in calls for BLOCKED_AFTER or more, one more starts."""
-    import threading
-    import time
-
+    quick); behind threads all in calls for BLOCKED_AFTER or more, one more starts. The
+    pool's clock is the test's: a loaded machine's pauses do not change the outcome."""
+    now = [1000.0]
+    monkeypatch.setattr(wsgipool, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     pool = WSGIPool(loop, 16, "never")
     release = threading.Event()
     started = threading.Semaphore(0)
@@ -239,14 +347,19 @@ def test_a_thread_past_the_floor_starts_only_when_every_thread_is_blocked(
         release.wait(10)
 
     try:
-        for _ in range(wsgipool.FLOOR):
+        for _ in range(wsgipool.FLOOR - 1):
             pool.submit(block, None)
-        for _ in range(wsgipool.FLOOR):
+        for _ in range(wsgipool.FLOOR - 1):
             assert started.acquire(timeout=10)
-        pool.submit(block, None)  # the threads' calls began just now: it waits
+        now[0] += wsgipool.BLOCKED_AFTER * 2
+        pool.submit(block, None)  # the last thread's call begins BLOCKED_AFTER later
+        assert started.acquire(timeout=10)
         assert len(pool.threads) == wsgipool.FLOOR
-        time.sleep(wsgipool.BLOCKED_AFTER * 2)  # (the condition itself: time in the calls)
-        pool.submit(block, None)  # every thread blocked for long enough: one more
+        now[0] += wsgipool.BLOCKED_AFTER / 2  # the others' blocked, not the newest's
+        pool.submit(block, None)  # it waits
+        assert len(pool.threads) == wsgipool.FLOOR
+        now[0] += wsgipool.BLOCKED_AFTER  # every thread blocked for long enough
+        pool.submit(block, None)  # one more
         assert len(pool.threads) == wsgipool.FLOOR + 1
     finally:
         release.set()
