@@ -279,7 +279,11 @@ class WSGIPool:
         answers = self.answers
         while answers:
             fn, args = answers.popleft()
-            fn(*args)
+            try:
+                fn(*args)
+            except Exception as exc:  # (the others' answers wait behind it: run them)
+                self.loop.call_exception_handler({
+                    "message": "exception in a WSGI answer", "exception": exc})
 
     # -- pool threads -----------------------------------------------------------------
     def to_loop(self, fn: Callable[..., None], *args: Any) -> None:

@@ -195,3 +195,19 @@ def test_a_final_write_that_raises_still_ends_the_call(loop: asyncio.AbstractEve
         assert state.calls == 0  # and the call is over: a drain does not wait for it
     finally:
         pool.shutdown()
+
+
+def test_an_answer_that_raises_does_not_hold_back_the_next_ones(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Answers handed to the loop together run together: one that raises (a write to a
+    closed transport) is reported and the others are still written."""
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    pool = WSGIPool(loop, 2, "never")
+    ran: list[str] = []
+    pool.to_loop(ran.append, "first")
+    pool.to_loop(lambda: 1 / 0)
+    pool.to_loop(ran.append, "last")
+    run_until(loop, lambda: not pool.answers and not pool.wake_pending)
+    assert ran == ["first", "last"]
+    assert [type(e.get("exception")) for e in errors] == [ZeroDivisionError]
