@@ -458,7 +458,10 @@ class WSGICycle:
                     pool.inline_took(self.route, took)
             else:
                 end_wall, end_cpu = clocks()
-                self.pool.threaded_took(self.route, end_wall - wall, end_cpu - cpu)
+                # (a call that read a streamed body, or waited for its client to read,
+                # timed the client as much as the app: it teaches the route nothing)
+                self.pool.threaded_took(self.route, end_wall - wall, end_cpu - cpu,
+                                        self.stream is None and self.flow is None)
 
     def _iterate(self, response: _Response, result: Any) -> None:
         for chunk in result:  # each block goes out as it comes (PEP 3333)

@@ -295,7 +295,10 @@ class WSGIPool:
             self.wake_pending = True
             self.loop.call_soon_threadsafe(self._run_answers)
 
-    def threaded_took(self, route: bytes, wall: float, cpu: float) -> None:
+    def threaded_took(self, route: bytes, wall: float, cpu: float,
+                      judged: bool = True) -> None:
+        """A threaded call ended: `wall` and `cpu` seconds. `judged` False: it waited on
+        its client (a streamed body, a slow reader), so it says nothing of the route."""
         window = self.window
         with self.lock:
             window[0] += 1
@@ -305,7 +308,7 @@ class WSGIPool:
                 helps = window[1] / max(window[2] * LOOP_SHARE, 1e-6)
                 self.limit = max(min(FLOOR, self.size), min(self.size, math.ceil(helps)))
                 window[:] = [0, 0.0, 0.0]
-            if self.mode != "auto":
+            if self.mode != "auto" or not judged:
                 return
             # (under the lock: one call's bookkeeping at a time, so no flag is lost)
             routes = self.routes

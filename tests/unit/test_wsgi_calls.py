@@ -15,6 +15,7 @@ import uvloop
 from test_pipelined_writes import Transport, bodies, get, run_until
 
 from forkd.config import Config
+from forkd.http import wsgipool
 from forkd.http.protocol import HttpProtocol, ServerState
 from forkd.http.wsgi import WSGICycle
 from forkd.http.wsgipool import WSGIPool
@@ -211,3 +212,32 @@ def test_an_answer_that_raises_does_not_hold_back_the_next_ones(
     run_until(loop, lambda: not pool.answers and not pool.wake_pending)
     assert ran == ["first", "last"]
     assert [type(e.get("exception")) for e in errors] == [ZeroDivisionError]
+
+
+def test_a_call_that_waited_on_a_slow_upload_teaches_its_route_nothing(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A quick app behind a client that uploads slowly: the call's wall clock is the
+    client's, so the route must not be kept off the loop for good (NEVER_INLINE)."""
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        size = len(environ["wsgi.input"].read())
+        start_response("200 OK", [("Content-Length", str(len(str(size))))])
+        return [str(size).encode()]
+
+    state = ServerState(Config(app="test", interface="wsgi", wsgi_body_buffer=4), loop)
+    pool = WSGIPool(loop, 2, "auto")
+    state.cycle_factory = WSGICycle.bind(app, pool, "")
+    proto = HttpProtocol(state)
+    transport = Transport()
+    transport.protocol = proto
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    try:
+        proto.data_received(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 16\r\n\r\n"
+                            b"12345678")  # more than the buffer: the body streams in
+        run_until(loop, lambda: bool(pool.busy_since))  # the app reads, and waits
+        time.sleep(wsgipool.NEVER_INLINE * 1.5)  # the client is slow to send the rest
+        proto.data_received(b"abcdefgh")
+        run_until(loop, lambda: bool(bodies(transport.received)))
+        assert bodies(transport.received) == [b"16"]
+        assert pool.routes.get(b"/up", 0) >= 0  # still learning, not kept off for good
+    finally:
+        pool.shutdown()
