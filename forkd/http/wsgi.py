@@ -445,13 +445,12 @@ class WSGICycle:
                 took = time.perf_counter() - started
             self._failed(response, exc)
         finally:
-            if not ended:
-                pass
-            elif inline and type(result) is list:  # (the usual end: nothing to close)
-                self.proto.state.calls -= 1
-            else:
-                # (a failed app may have returned nothing to close: the call ends anyway)
-                self._close(result)
+            if ended:
+                if inline and type(result) is list:  # (the usual end: nothing to close)
+                    self.proto.state.calls -= 1
+                else:
+                    # (a failed app may have returned nothing to close: it ends anyway)
+                    self._close(result)
             if inline:
                 pool = self.pool
                 if took > INLINE_LIMIT or pool.strikes:  # (else it has nothing to note)
@@ -508,10 +507,9 @@ class WSGICycle:
                 self.pool.to_loop(self._call_ended)
 
     def _log_access(self, response: _Response) -> None:
-        raw_path, query = split_target(self.target)
         sent = response.writer.sent if response.writer is not None else 0
-        accesslog.log_access(self.client, self.method, raw_path, query, self.http_version,
-                             self.access, response.status or 0, sent,
+        accesslog.log_access(self.client, self.method, self.route, self.query,
+                             self.http_version, self.access, response.status or 0, sent,
                              time.perf_counter() - self.received_at)
 
     def hand_off(self, data: bytes, final: bool, keep_alive: bool) -> None:
