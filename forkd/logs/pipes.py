@@ -224,7 +224,7 @@ class RecordWriter:
     @property
     def size(self) -> int:
         """Bytes held, an item counted as DEFERRED_SIZE."""
-        return self.held + (len(self.pending) - self.lines) * self.DEFERRED_SIZE
+        return self.held + self.deferred * self.DEFERRED_SIZE
 
     def attach_loop(self, loop: Any) -> None:
         """From now on, batch lines for up to DELAY seconds on this loop."""
@@ -332,7 +332,7 @@ class RecordWriter:
         self.limit = 0  # (`pending` changes: defer's next call takes the long way)
         if not self.pending:
             return
-        deferred = len(self.pending) - self.lines
+        deferred = self.deferred
         if deferred:
             assert self.render is not None
             try:

@@ -130,19 +130,14 @@ def expand(block: Entry) -> list[Entry]:
     them, a text rendering after a tab split off."""
     if block.count == 1:
         return [block]
-    first = block.seq - block.count + 1
+    output = block.stream is not None  # an app's lines in `data`, records in `raw`
+    data = block.data if output else block.raw
+    assert data is not None
     entries = []
-    if block.stream is not None:
-        for index, line in enumerate(block.data.split(b"\n")[:-1]):
-            entry = Entry(block.ts, "info", block.pid, block.slot, stream=block.stream,
-                          data=line)
-            entry.seq = first + index
-            entries.append(entry)
-        return entries
-    assert block.raw is not None
-    for index, line in enumerate(block.raw.split(b"\n")[:-1]):
-        entry = worker_line(block.pid, block.slot, line)
-        entry.seq = first + index
+    for seq, line in enumerate(data.split(b"\n")[:-1], block.seq - block.count + 1):
+        entry = (Entry(block.ts, "info", block.pid, block.slot, stream=block.stream, data=line)
+                 if output else worker_line(block.pid, block.slot, line))
+        entry.seq = seq
         entries.append(entry)
     return entries
 
