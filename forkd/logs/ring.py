@@ -38,6 +38,9 @@ class Ring:
         self.bytes = 0
         self.lines = 0
         self.last_seq = 0
+        # lines of the first entry (a block) that have left the ring already: its bytes
+        # are cut only when a reader expands it, not at every append (see _drop_first)
+        self.skip = 0
 
     def append(self, entry: Entry) -> None:
         count = entry.count
@@ -54,37 +57,27 @@ class Ring:
             self._drop_first(entries[0].count)
 
     def _drop_first(self, lines: int) -> None:
+        """Drop the oldest `lines` lines. A block that loses only some of them keeps its
+        bytes, its dropped lines counted in `skip` (a full ring drops a block's worth of
+        lines at every append: cutting the block's bytes each time was a Python loop per
+        line); its bytes stay counted until the whole block leaves."""
         first = self.entries[0]
-        if first.count <= lines:
+        left = first.count - self.skip
+        if left <= lines:
             self.entries.popleft()
-            self.lines -= first.count
+            self.lines -= left
             self.bytes -= first.size
+            self.skip = 0
             return
         self.lines -= lines
-        self.bytes -= first.size
-        if first.count - lines == 1:  # a line again: as expand makes it
-            first = self.entries[0] = expand(first)[-1]
-        else:  # a block loses its oldest lines only
-            output = first.stream is not None  # an app's lines in `data`, records in `raw`
-            data = first.data if output else first.raw
-            assert data is not None
-            cut = 0
-            for _ in range(lines):
-                cut = data.index(b"\n", cut) + 1
-            if output:
-                first.data = data[cut:]
-            else:
-                first.raw = data[cut:]
-            first.count -= lines
-        first.size = _counted(first)
-        self.bytes += first.size
+        self.skip += lines
 
     @property
     def first_seq(self) -> int:
         if not self.entries:
             return self.last_seq + 1
         first = self.entries[0]
-        return first.seq - first.count + 1
+        return first.seq - first.count + 1 + self.skip
 
     def tail(self, count: int, slot: int | None = None, primary_only: bool = False) -> Page:
         """The last `count` lines (of one slot when given)."""
@@ -96,7 +89,10 @@ class Ring:
                 if entry.count == 1:
                     picked.append(entry)
                 else:
-                    picked += reversed(expand(entry)[-(count - len(picked)):])
+                    lines = expand(entry)
+                    if entry is self.entries[0]:
+                        lines = lines[self.skip:]
+                    picked += reversed(lines[-(count - len(picked)):])
         picked.reverse()
         return Page(picked, self.last_seq, 0, False)
 
@@ -105,7 +101,9 @@ class Ring:
         """The lines after `cursor`, at most `limit` of them."""
         if cursor > self.last_seq:  # a cursor from an earlier primary: start afresh
             cursor = self.last_seq
-        missed = max(0, self.first_seq - cursor - 1)
+        first_seq = self.first_seq
+        missed = max(0, first_seq - cursor - 1)
+        cursor = max(cursor, first_seq - 1)  # (the dropped lines of a first block too)
         entries = self.entries
         start = len(entries)  # the first entry with unseen lines (a follower is near the end)
         while start > 0 and entries[start - 1].seq > cursor:
