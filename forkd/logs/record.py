@@ -230,6 +230,14 @@ def undecoded(pid: int, slot: int | None, raw: bytes, text: bytes | None = None,
 
 
 @functools.lru_cache(maxsize=1024)
+def access_marker(pid: int, slot: int) -> bytes:
+    """What a worker's own access record (accesslog.render's, as to_json renders it) holds
+    from the end of its time to its first field's value: once in each, and in no other
+    line (see LogHub._records)."""
+    return b'Z","level":"info","event":"access","pid":%d,"slot":%d,"remote":"' % (pid, slot)
+
+
+@functools.lru_cache(maxsize=1024)
 def origin_marker(pid: int, slot: int) -> bytes:
     """What a worker's own record says of its pid and slot (see from_json)."""
     return b',"pid":%d,"slot":%d,' % (pid, slot)
