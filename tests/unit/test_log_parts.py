@@ -673,7 +673,8 @@ def test_a_block_of_access_records_passes_through_whole_and_a_stray_line_is_caug
         tmp_path: Path, fmt: str) -> None:
     """A worker's batch of access records reaches the output as the lines each record
     makes alone, and the ring as that many lines; a line among them that is not such a
-    record (another slot's, or no record at all) sends the block the line-by-line way."""
+    record (another slot's, another of the worker's own records, or no record at all)
+    sends the block the line-by-line way, and comes out as it would alone."""
     from forkd.http import accesslog
 
     items = [(time.perf_counter(), 0.001, (b"id%d" % index, b"-", b"curl/8"), 200, index,
@@ -685,7 +686,10 @@ def test_a_block_of_access_records_passes_through_whole_and_a_stray_line_is_caug
         foreign = accesslog.render(items[:1])[0]  # names slot 3
     finally:
         log.setup()
+    own = record.to_json(Entry("2026-12-01T15:31:37.045Z", "warning", os.getpid(), 2,
+                               "log-dropped", {"lines": 3}))  # the worker's, no access line
     blocks = [b"".join(lines), b"".join(lines[:3] + [foreign] + lines[3:]),
+              b"".join(lines[:3] + [own] + lines[3:]),
               b"".join(lines[:3] + [b'{"ts":"x"}\n'] + lines[3:]),
               b"".join(lines[:3] + [b"x}\n"] + lines[3:]),
               b"".join(lines[:3] + [b"x\n"] + lines[3:])]
@@ -704,10 +708,12 @@ def test_a_block_of_access_records_passes_through_whole_and_a_stray_line_is_caug
             alone = [record.render(record.from_json(line.rstrip(b"\n"), 2, os.getpid()),
                                    fmt, "web").rstrip(b"\n")
                      for line in block.splitlines()]
-            if number == 0:
+            if number in (0, 2):  # (the worker's own records: each as it is alone)
                 assert written == alone
-                # (the fast way: the block kept whole, as one entry of all its lines)
-                assert [entry.count for entry in hub.ring.entries] == [len(lines)]
+                # (access records only: the block kept whole, as one entry of all its
+                # lines; with another record among them, line by line)
+                assert [entry.count for entry in hub.ring.entries] == (
+                    [len(lines)] if number == 0 else [1] * len(written))
             else:  # the stray line is told apart; every access record is as alone
                 assert [written[i] for i in (0, 1, 2, 4, 5, 6)] == [
                     alone[i] for i in (0, 1, 2, 4, 5, 6)]
