@@ -237,6 +237,29 @@ def test_an_app_s_lines_read_together_are_rendered_as_each_alone(
         (seq, block.ts, stream, line) for seq, line in enumerate(printed, 1)]
 
 
+def test_a_block_that_loses_some_lines_keeps_its_bytes_until_it_loses_all() -> None:
+    """A full ring drops part of its oldest block: those lines are gone for readers at
+    once, the block's bytes only when its last line goes (both bounds still hold)."""
+    def block(first: int) -> Entry:
+        return Entry("t", "info", 1, 0, stream="stdout", count=4,
+                     data=b"".join(b"l%d\n" % number for number in range(first, first + 4)))
+
+    ring = Ring(max_lines=6)
+    ring.append(block(1))
+    ring.append(block(5))  # lines 1 and 2 leave
+    assert ring.lines == 6 and ring.first_seq == 3 and len(ring.entries) == 2
+    assert [e.data for e in ring.tail(10).entries] == [b"l%d" % n for n in range(3, 9)]
+    page = ring.since(1)
+    assert page.missed == 1 and [e.seq for e in page.entries] == list(range(3, 9))
+    first = ring.entries[0]
+    assert first.data.startswith(b"l1\n") and ring.bytes == first.size + ring.entries[1].size
+    ring.append(block(9))  # lines 3 to 6: the first block's last two, and two more
+    assert ring.lines == 6 and ring.first_seq == 7 and len(ring.entries) == 2
+    assert first not in ring.entries and ring.bytes == sum(e.size for e in ring.entries)
+    assert [e.data for e in ring.tail(3).entries] == [b"l10", b"l11", b"l12"]
+    assert [e.data for e in ring.since(0).entries] == [b"l%d" % n for n in range(7, 13)]
+
+
 def test_ring_is_bounded_by_bytes_too() -> None:
     ring = Ring(max_lines=1000, max_bytes=10_000)
     for _ in range(100):
