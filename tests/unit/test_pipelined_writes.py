@@ -14,7 +14,7 @@ import pytest
 import uvloop
 
 from forkd.config import Config
-from forkd.http.protocol import OUT_LIMIT, HttpProtocol, ServerState
+from forkd.http.protocol import FEED_SLICE, MAX_PIPELINE, OUT_LIMIT, HttpProtocol, ServerState
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -40,6 +40,8 @@ class Transport:
         self.protocol: HttpProtocol | None = None
         self.eof = False
         self.aborted = False
+        self.reading = True  # what the protocol asked of the transport's reading
+        self.pauses = 0
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"sockname": ("127.0.0.1", 8080), "peername": ("127.0.0.1", 40000)}.get(
@@ -62,10 +64,11 @@ class Transport:
         return b"".join(self.writes)
 
     def pause_reading(self) -> None:
-        pass
+        self.reading = False
+        self.pauses += 1
 
     def resume_reading(self) -> None:
-        pass
+        self.reading = True
 
     def is_closing(self) -> bool:
         return self.eof or self.aborted
@@ -86,15 +89,16 @@ class Transport:
 def bodies(data: bytes) -> list[bytes]:
     """The bodies of the responses in `data` (content-length framed, as these apps are)."""
     out = []
-    while data:
-        head, _, rest = data.partition(b"\r\n\r\n")
+    at = 0
+    while at < len(data):
+        end = data.index(b"\r\n\r\n", at)
         length = 0
-        for line in head.split(b"\r\n")[1:]:
+        for line in data[at:end].split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
             if name.lower() == b"content-length":
                 length = int(value)
-        out.append(rest[:length])
-        data = rest[length:]
+        out.append(data[end + 4:end + 4 + length])
+        at = end + 4 + length
     return out
 
 
@@ -201,6 +205,85 @@ def test_sixteen_pipelined_requests_are_answered_in_order_in_one_write(
     run_until(loop, lambda: len(bodies(transport.received)) == 17)
     assert bodies(transport.received)[-1] == b"xxx"
     assert not transport.eof
+
+
+def deliver(proto: HttpProtocol, transport: Transport, pending: bytearray) -> int:
+    """What a socket would hand the protocol of `pending` now: reads of FEED_SLICE bytes
+    while it reads (the rest waits in the kernel); the bytes taken."""
+    taken = 0
+    while pending and transport.reading and not transport.eof:
+        data = bytes(pending[:FEED_SLICE])
+        del pending[:FEED_SLICE]
+        proto.data_received(data)
+        taken += len(data)
+    return taken
+
+
+@pytest.mark.parametrize("interface", sorted(APPS))
+def test_batches_of_sixteen_pipelined_requests_are_read_on_without_a_pause(
+        loop: asyncio.AbstractEventLoop, interface: str) -> None:
+    """wrk's plaintext shape: each batch is answered whole, and reading never pauses
+    (a pause and a resume per batch cost system calls and a pass of the loop)."""
+    proto, transport = connect(loop, interface, APPS[interface])
+    for batch in range(3):
+        proto.data_received(b"".join(get(f"/?n={n}") for n in range(16)))
+        run_until(loop, lambda: len(bodies(transport.received)) == 16 * (batch + 1))
+    assert bodies(transport.received) == [b"x" * n for n in range(16)] * 3
+    assert transport.pauses == 0 and transport.reading
+
+
+@pytest.mark.parametrize("interface", sorted(APPS))
+def test_a_client_that_pipelines_ten_thousand_requests_and_reads_nothing_is_held_back(
+        loop: asyncio.AbstractEventLoop, interface: str) -> None:
+    """Large answers it never reads: reading pauses, so the requests parsed and waiting
+    stay few and the rest of its bytes stay in the kernel; once it reads, every request
+    is answered, in order."""
+    proto, transport = connect(loop, interface, APPS[interface])
+    one = get("/?n=4096")
+    pending = bytearray(one * 10_000)
+    taken = deliver(proto, transport, pending)
+    loop.run_until_complete(asyncio.sleep(0.05))
+    taken += deliver(proto, transport, pending)
+    assert not transport.reading
+    assert len(proto.pipeline) <= MAX_PIPELINE + FEED_SLICE // len(one) + 1
+    assert taken <= HIGH_WATER + 2 * FEED_SLICE, taken  # what it reads from the client
+    answered = len(bodies(transport.received))
+    assert answered * 4096 < 2 * HIGH_WATER  # its answers wait for it, too
+
+    def served() -> bool:
+        transport.client_reads_everything()
+        deliver(proto, transport, pending)
+        return not pending and proto.cycle is None and not proto.pipeline
+
+    run_until(loop, served, timeout=20.0)
+    assert bodies(transport.received) == [b"x" * 4096] * 10_000
+    assert not pending and transport.reading
+
+
+def test_a_pipelined_request_with_a_body_waits_for_its_turn_unread(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Its body is read when its app starts (an Expect: 100-continue is answered then):
+    until then reading pauses, so its body clocks do not run for a wait the client did
+    not cause."""
+    release = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/slow") + b"POST / HTTP/1.1\r\nHost: test\r\n"
+                        b"Content-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert not transport.reading and transport.received == b""
+    release.set()
+    run_until(loop, lambda: b"100 Continue" in transport.received)
+    assert transport.reading
+    proto.data_received(b"body")
+    run_until(loop, lambda: len(bodies(transport.received.split(b"100 Continue\r\n\r\n")[-1]))
+              == 1)
+    assert bodies(transport.received.split(b"HTTP/1.1 100 Continue\r\n\r\n")[-1]) == [b"body"]
 
 
 @pytest.mark.parametrize("interface", sorted(APPS))
