@@ -451,10 +451,17 @@ class HttpProtocol(asyncio.Protocol):
         # inline, --health-path, refusals) goes out in one write at its end
         self.corked = True
         try:
-            if len(data) <= FEED_SLICE:
-                self.feed(data)
-            else:
+            if len(data) > FEED_SLICE:
                 self.feed_sliced(data)
+            else:  # (feed, inline: once per read)
+                try:
+                    self.parser.feed_data(data)
+                except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+                    if self.parse_failed(exc, data, None, 0):
+                        self.after_feed(data)
+                else:
+                    if self.body_parts or self.head_open or self.chunked:
+                        self.after_feed(data)
         finally:
             self.corked = False
             if self.out:
@@ -482,15 +489,24 @@ class HttpProtocol(asyncio.Protocol):
         connection refuses more (an error answered) or is handed over (an upgrade)."""
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+            if not self.parse_failed(exc, data, whole, at):
+                return False
+        return self.after_feed(data)
+
+    def parse_failed(self, exc: Exception, data: bytes | memoryview, whole: bytes | None,
+                     at: int) -> bool:
+        """The parser stopped with `exc`: True if parsing goes on (an upgrade that was
+        not performed), else the connection refuses more or is handed over."""
+        if isinstance(exc, httptools.HttpParserUpgrade):
             if self.upgrade is not None:  # a WebSocket: hand it the connection, and
                 upgrade, self.upgrade = self.upgrade, None  # the rest of the read
                 self.flush()  # (the answers before it first: it writes to the transport)
                 rest = data[exc.args[0]:] if whole is None else whole[at + exc.args[0]:]
                 upgrade.take_over(bytes(rest))
                 return False
-            # else no protocol switch: the app answered the request as plain HTTP
-        except httptools.HttpParserCallbackError as exc:
+            return True  # no protocol switch: the app answered the request as plain HTTP
+        if isinstance(exc, httptools.HttpParserCallbackError):
             if self.linger_until is not None:
                 return False  # closed by an answer given inside the parse (on_message_begin)
             cause = exc.__context__
@@ -500,9 +516,12 @@ class HttpProtocol(asyncio.Protocol):
                 log.exception("error in the HTTP parser callback", exc_info=cause)
                 self.reject(500, "Internal Server Error")
             return False
-        except httptools.HttpParserError as exc:
-            self.reject(400, f"Bad Request: {exc}")
-            return False
+        self.reject(400, f"Bad Request: {exc}")
+        return False
+
+    def after_feed(self, data: bytes | memoryview) -> bool:
+        """What a parsed slice leaves to do: its body bytes handed over, an unfinished
+        head's limits, a chunked body's framing; False once the connection refuses more."""
         if self.body_parts:
             self.flush_body()
         if self.head_open:
