@@ -13,7 +13,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from forkd.http import accesslog
-from forkd.http.framing import BodyWriter, Request, frame_head
+from forkd.http.framing import BodyWriter, LengthWriter, Request, frame_head
 from forkd.http.protocol import ClientDisconnected, HttpProtocol, error_response
 
 log = logging.getLogger("forkd.http")
@@ -326,7 +326,11 @@ class ASGICycle:
                 if more:
                     data = head + writer.write(body) if body else head
                 else:
-                    data = head + writer.last(body)
+                    if type(writer) is LengthWriter and len(body) == writer.length:
+                        writer.sent = len(body)  # (writer.last, inline: the usual case)
+                        data = head + body
+                    else:
+                        data = head + writer.last(body)
                     self.complete = True
             elif more:
                 data = writer.write(body)
