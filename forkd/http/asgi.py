@@ -156,6 +156,7 @@ class ASGICycle:
         # one, whose context variables are not this request's)
         task = self.task = proto.loop.create_task(self.run(), context=proto.context.copy())
         proto.state.tasks.add(task)  # (run takes it out as it ends: no done callback)
+        proto.task_unstarted = True
 
     def feed_body(self, body: bytes) -> None:
         if not self.complete:  # after the response, the rest of the body is dropped
@@ -193,6 +194,7 @@ class ASGICycle:
         asked of it, and its context still equal to the connection's (a new task's is
         a copy of that). Else the next one gets a task of its own."""
         proto = self.proto
+        proto.task_unstarted = False
         task = self.task
         state = proto.state
         cycle = self

@@ -383,6 +383,8 @@ class HttpProtocol(asyncio.Protocol):
         self.out_complete = 0  # held parts before the current answer's first one
         self.corked = False  # inside data_received
         self.flush_scheduled = False
+        # ASGI: a request's task is made and has not run yet (see flush_soon)
+        self.task_unstarted = False
         # ASGI (forkd.http.asgi): a request started while the app before it ends its
         # response, which the task of that app runs once the app returns
         self.ending = False
@@ -901,6 +903,15 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write(data)
 
     def flush_soon(self) -> None:
+        if self.task_unstarted:
+            # The next request's task (a pipelined request past the pass budget, see
+            # CHAIN_BUDGET) runs in this pass, after this: its answer joins the held
+            # ones, so a batch goes out in one write, not one per pass. Once per task
+            # made: if its app then waits on something, what is held goes out on the
+            # next pass.
+            self.task_unstarted = False
+            self.loop.call_soon(self.flush_soon)
+            return
         self.flush_scheduled = False
         self.flush()
 
