@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import types
+from collections.abc import Generator
 from contextvars import copy_context
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -192,16 +194,24 @@ class ASGICycle:
         """The task of this request, then of the pipelined requests chained to it (see
         start) while it can start them as a task of their own would: no cancellation
         asked of it, and its context still equal to the connection's (a new task's is
-        a copy of that). Else the next one gets a task of its own."""
+        a copy of that). Else the next one gets a task of its own. Past the pass
+        budget (ServerState.may_chain), the next one runs on the next pass, in this
+        task still."""
         proto = self.proto
         proto.task_unstarted = False
         task = self.task
         state = proto.state
         cycle = self
         del self  # (the chain's later requests keep none of the first one's objects)
+        wait_pass = False
         try:
             while True:
                 try:
+                    if wait_pass:  # (inside the try: a cancellation now is answered)
+                        wait_pass = False
+                        proto.task_unstarted = True  # (flush_soon: let it run first)
+                        await _next_pass()
+                        proto.task_unstarted = False
                     await cycle.app(cycle.scope, cycle.receive, cycle.send)
                 except BaseException as exc:
                     if cycle._raised(exc):
@@ -213,16 +223,20 @@ class ASGICycle:
                 if cycle is None:
                     return
                 proto.chained = None  # (taken: _start_chained finds nothing)
-                # A task of its own for it if the rest of this pass is for other
-                # connections (it starts on the next one), or if this task is unfit: an
-                # app swallowed a cancellation (asyncio.timeout and anyio's cancel
-                # scopes of the next app would count it as theirs), or set a context
-                # variable and left it set (its value would reach the next app).
-                if (not state.may_chain() or task is None or task.cancelling()
+                # A task of its own for it if this task is unfit: an app swallowed a
+                # cancellation (asyncio.timeout and anyio's cancel scopes of the next
+                # app would count it as theirs), or set a context variable and left it
+                # set (its value would reach the next app).
+                if (task is None or task.cancelling()
                         or len(copy_context()) != len(proto.context)  # (_as_new's
                         or (proto.context and not _as_new(proto))):  # usual case, inline)
                     cycle.start()
                     return
+                # If the rest of this pass is for other connections, it runs on the next
+                # pass, in this task still: a task of its own would cost a new Task and
+                # its context for each such request, and under many pipelining clients
+                # that is most of them.
+                wait_pass = not state.may_chain()
         finally:
             # the task's last step: it leaves the set now, cheaper than a done
             # callback (one more pass of the loop) and as exact
@@ -387,6 +401,13 @@ def _as_new(proto: HttpProtocol) -> bool:
 
 
 _MISSING = object()
+
+
+@types.coroutine
+def _next_pass() -> Generator[None, None, None]:
+    """Awaited: the task goes on in the loop's next pass (asyncio.sleep(0), without
+    its wrapper call)."""
+    yield
 
 
 def _start_chained(proto: HttpProtocol) -> None:

@@ -225,9 +225,9 @@ def test_batches_of_sixteen_pipelined_requests_are_read_on_without_a_pause(
     """wrk's plaintext shape: each batch is answered whole, and reading never pauses
     (a pause and a resume per batch cost system calls and a pass of the loop)."""
     proto, transport = connect(loop, interface, APPS[interface])
-    for batch in range(3):
+    for want in (16, 32, 48):
         proto.data_received(b"".join(get(f"/?n={n}") for n in range(16)))
-        run_until(loop, lambda: len(bodies(transport.received)) == 16 * (batch + 1))
+        run_until(loop, lambda want=want: len(bodies(transport.received)) == want)
     assert bodies(transport.received) == [b"x" * n for n in range(16)] * 3
     assert transport.pauses == 0 and transport.reading
 
@@ -284,6 +284,36 @@ def test_a_pipelined_request_with_a_body_waits_for_its_turn_unread(
     run_until(loop, lambda: len(bodies(transport.received.split(b"100 Continue\r\n\r\n")[-1]))
               == 1)
     assert bodies(transport.received.split(b"HTTP/1.1 100 Continue\r\n\r\n")[-1]) == [b"body"]
+
+
+def test_a_request_waiting_for_its_pass_at_the_drain_deadline_is_answered_and_never_run(
+        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the budget, a pipelined request waits for the next pass in the task of the
+    one before it; cancelled there (the drain's deadline), it gets an answer, the
+    connection closes, and its app never starts."""
+    from forkd.http import protocol
+
+    monkeypatch.setattr(protocol, "CHAIN_BUDGET", 0)
+    ran: list[str] = []
+
+    def deadline() -> None:  # what ServerState.cancel_tasks does first
+        assert len(proto.state.tasks) == 1
+        for task in proto.state.tasks:
+            task.cancel()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        ran.append(scope["path"])
+        if scope["path"] == "/first":
+            loop.call_soon(deadline)  # on the next pass, before the second's turn
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/first?n=1") + get("/second"))
+    run_until(loop, lambda: proto.state.in_progress() == 0)
+    assert ran == ["/first"]
+    assert bodies(transport.received)[0] == b"x"
+    assert transport.received.endswith(b"Internal Server Error\n") and transport.eof
+    assert proto.state.in_progress() == 0
 
 
 @pytest.mark.parametrize("interface", sorted(APPS))
