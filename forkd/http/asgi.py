@@ -158,7 +158,8 @@ class ASGICycle:
         # one, whose context variables are not this request's)
         task = self.task = proto.loop.create_task(self.run(), context=proto.context.copy())
         proto.state.tasks.add(task)  # (run takes it out as it ends: no done callback)
-        proto.task_unstarted = True
+        if proto.flush_scheduled:  # (that flush_soon runs first: it lets this task run)
+            proto.task_unstarted = True
 
     def feed_body(self, body: bytes) -> None:
         if not self.complete:  # after the response, the rest of the body is dropped
@@ -198,7 +199,6 @@ class ASGICycle:
         budget (ServerState.may_chain), the next one runs on the next pass, in this
         task still."""
         proto = self.proto
-        proto.task_unstarted = False
         task = self.task
         state = proto.state
         cycle = self
@@ -209,9 +209,9 @@ class ASGICycle:
                 try:
                     if wait_pass:  # (inside the try: a cancellation now is answered)
                         wait_pass = False
-                        proto.task_unstarted = True  # (flush_soon: let it run first)
+                        if proto.flush_scheduled:  # (as in start)
+                            proto.task_unstarted = True
                         await _next_pass()
-                        proto.task_unstarted = False
                     await cycle.app(cycle.scope, cycle.receive, cycle.send)
                 except BaseException as exc:
                     if cycle._raised(exc):

@@ -383,7 +383,8 @@ class HttpProtocol(asyncio.Protocol):
         self.out_complete = 0  # held parts before the current answer's first one
         self.corked = False  # inside data_received
         self.flush_scheduled = False
-        # ASGI: a request's task is made and has not run yet (see flush_soon)
+        # ASGI: a request's task is made, or waits for the next pass, while a flush_soon
+        # is queued before it (see flush_soon); that flush_soon clears it
         self.task_unstarted = False
         # ASGI (forkd.http.asgi): a request started while the app before it ends its
         # response, which the task of that app runs once the app returns
