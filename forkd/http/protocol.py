@@ -392,6 +392,9 @@ class HttpProtocol(asyncio.Protocol):
         self.chained: Any = None
         self.context = contextvars.Context()
         self.chain_scheduled = False
+        # WSGI (forkd.http.wsgi): this connection's environ keys that do not change per
+        # request, kept with the client and scheme they were made for
+        self.wsgi_base: Any = None
 
     # -- connection events ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
