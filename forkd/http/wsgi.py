@@ -40,28 +40,65 @@ def build_environ(
     scheme: str = "http",
 ) -> dict[str, Any]:
     """The PEP 3333 environ of one request; pure, so it is tested alone."""
-    # PEP 3333: the percent-decoded bytes, as latin-1 text
-    path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode("latin-1")
-    if root_path and (path == root_path or path.startswith(root_path + "/")):
-        path = path[len(root_path) :]
+    return request_environ(connection_environ(server, client, root_path, scheme), method,
+                           raw_path, query, headers, http_version, root_path, body)
+
+
+def connection_environ(
+    server: tuple[str, int | None] | None,
+    client: tuple[str, int] | None,
+    root_path: str,
+    scheme: str,
+) -> dict[str, Any]:
+    """The keys of an environ that are the same for each request of a connection (while
+    its client and scheme are: a trusted proxy's headers may change them per request),
+    with every per-request key present, so that a copy of it has them in one order."""
     # the keys that never change come from one dict: a copy is cheaper than building them
     environ = _CONSTANT_ENVIRON.copy()
-    environ["REQUEST_METHOD"] = method
+    environ["REQUEST_METHOD"] = ""
     environ["SCRIPT_NAME"] = root_path
-    environ["PATH_INFO"] = path
-    environ["QUERY_STRING"] = query.decode("latin-1") if query else ""
+    environ["PATH_INFO"] = ""
+    environ["QUERY_STRING"] = ""
     if server:
         environ["SERVER_NAME"] = server[0]
         environ["SERVER_PORT"] = str(server[1]) if server[1] is not None else ""
     else:
         environ["SERVER_NAME"] = environ["SERVER_PORT"] = ""
-    environ["SERVER_PROTOCOL"] = "HTTP/1.1" if http_version == "1.1" else "HTTP/" + http_version
+    environ["SERVER_PROTOCOL"] = "HTTP/1.1"  # (the usual: another is set per request)
     if client:
         environ["REMOTE_ADDR"] = client[0]
         environ["REMOTE_PORT"] = str(client[1])
     else:
         environ["REMOTE_ADDR"] = environ["REMOTE_PORT"] = ""
     environ["wsgi.url_scheme"] = scheme
+    environ["wsgi.input"] = None
+    environ["wsgi.errors"] = None
+    return environ
+
+
+def request_environ(
+    base: dict[str, Any],
+    method: str,
+    raw_path: bytes,
+    query: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    http_version: str,
+    root_path: str,
+    body: Any,
+) -> dict[str, Any]:
+    """One request's environ: a copy of its connection's (connection_environ) with the
+    request's own keys set."""
+    # PEP 3333: the percent-decoded bytes, as latin-1 text
+    path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode("latin-1")
+    if root_path and (path == root_path or path.startswith(root_path + "/")):
+        path = path[len(root_path) :]
+    environ = base.copy()
+    environ["REQUEST_METHOD"] = method
+    environ["PATH_INFO"] = path
+    if query:
+        environ["QUERY_STRING"] = query.decode("latin-1")
+    if http_version != "1.1":
+        environ["SERVER_PROTOCOL"] = "HTTP/" + http_version
     environ["wsgi.input"] = body
     environ["wsgi.errors"] = sys.stderr  # (looked up each time: an app may replace it)
     keys = _ENVIRON_KEYS
@@ -404,9 +441,13 @@ class WSGICycle:
 
     # -- the app's side (pool thread) ---------------------------------------------------
     def run(self, body: Any) -> None:
-        environ = build_environ(self.method, self.route, self.query, self.headers,
-                                self.http_version, self.proto.server, self.client,
-                                self.root_path, body, self.scheme)
+        proto = self.proto
+        base = proto.wsgi_base  # (client, scheme, connection_environ of them)
+        if base is None or base[0] is not self.client or base[1] is not self.scheme:
+            base = proto.wsgi_base = (self.client, self.scheme, connection_environ(
+                proto.server, self.client, self.root_path, self.scheme))
+        environ = request_environ(base[2], self.method, self.route, self.query,
+                                  self.headers, self.http_version, self.root_path, body)
         response = _Response(self, environ)
         inline = self.inline
         if inline:

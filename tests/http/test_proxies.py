@@ -73,6 +73,26 @@ def test_wsgi_believes_trusted_and_ignores_untrusted(wsgi: Served) -> None:
     assert environ["HTTP_FORWARDED"] == "for=192.0.2.60;proto=https"
 
 
+def test_wsgi_client_and_scheme_follow_each_request_of_a_kept_alive_connection(
+        wsgi: Served) -> None:
+    # (the environ keys of a connection are kept between its requests: a proxy's
+    # word for one request must not stay for the next)
+    asked = [(b"Forwarded: for=192.0.2.60;proto=https\r\n", ("192.0.2.60", "https")),
+             (b"", ("127.0.0.2", "http")),
+             (b"X-Forwarded-For: 192.0.2.61\r\n", ("192.0.2.61", "http")),
+             (b"X-Forwarded-For: 192.0.2.61\r\n", ("192.0.2.61", "http")),
+             (b"", ("127.0.0.2", "http"))]
+    sock = socket.create_connection(("127.0.0.1", wsgi.port), timeout=5,
+                                    source_address=("127.0.0.2", 0))
+    with Conn(sock) as conn:
+        seen = []
+        for headers, _ in asked:
+            conn.send(b"GET /environ HTTP/1.1\r\nHost: test\r\n" + headers + b"\r\n")
+            environ = conn.read_response().json()
+            seen.append((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]))
+    assert seen == [expected for _, expected in asked]
+
+
 def test_health_path_is_forkds_and_not_the_apps(asgi: Served) -> None:
     response = fetch(asgi.port, "/healthz")
     assert (response.status, response.body) == (200, b"ready\n")
