@@ -461,8 +461,12 @@ class WSGICycle:
         try:
             result = self.app(environ, response.start_response)
             if isinstance(result, _SEQUENCES):
+                pending = response.pending
                 for chunk in result:  # all there already: one write, with a content-length
-                    response.gather(chunk)
+                    if type(chunk) is not bytes or response.status is None:
+                        response.gather(chunk)  # (it raises the error that fits)
+                    else:  # (gather, inline: once per block)
+                        pending.append(chunk)
                 if not inline and not hasattr(result, "close"):
                     self.ending = 1
             elif inline:
@@ -623,8 +627,7 @@ class WSGICycle:
 class _Response:
     """start_response, write() and the framing of one WSGI response (app thread)."""
 
-    __slots__ = ("cycle", "environ", "status", "reason", "headers", "writer", "pending",
-                 "pending_size")
+    __slots__ = ("cycle", "environ", "status", "reason", "headers", "writer", "pending")
 
     def __init__(self, cycle: WSGICycle, environ: dict[str, Any]) -> None:
         self.cycle = cycle
@@ -634,7 +637,6 @@ class _Response:
         self.headers: list[tuple[str, str]] = []
         self.writer: BodyWriter | None = None  # set once the head is framed
         self.pending: list[bytes] = []
-        self.pending_size = 0
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
@@ -661,7 +663,6 @@ class _Response:
         if self.status is None:
             raise RuntimeError("the WSGI app returned a body without calling start_response")
         self.pending.append(data)
-        self.pending_size += len(data)
 
     def write(self, data: bytes) -> None:
         """The write() callable, and each block of an iterable result: sent at once."""
@@ -707,9 +708,9 @@ class _Response:
 
     def _flush(self, final: bool) -> None:
         cycle = self.cycle
-        body = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        pending = self.pending
+        body = pending[0] if len(pending) == 1 else b"".join(pending)
         self.pending = []
-        self.pending_size = 0
         writer = self.writer
         # answered before its body was read: the rest of the body is unread
         unread = final and cycle.more_body
@@ -738,8 +739,11 @@ class _Response:
             cycle.overrun_logged = True
             log.warning("WSGI app sent more than its content-length for %s %s: cut, "
                         "the connection closes", cycle.method, self.environ["PATH_INFO"])
-        if final and cycle.inline:  # (the usual end: on the loop's thread, written now)
-            cycle._write_final(data, writer.keep_alive and not unread)
+        if final and cycle.inline:  # (the usual end: on the loop's thread, written now;
+            proto = cycle.proto  # _write_final, inline)
+            if data:
+                proto.write(data)
+            proto.response_done(cycle, writer.keep_alive and not unread)
         else:
             cycle.hand_off(data, final, writer.keep_alive and not unread)
 
