@@ -23,6 +23,8 @@ from forkd.http.wsgipool import _INLINE, INLINE_LIMIT, WSGIPool, clocks
 
 log = logging.getLogger("forkd.http")
 
+_NO_ENVIRON: dict[str, Any] = {}  # (never changed: a cycle's until its call starts)
+_NO_HEADERS: list[tuple[str, str]] = []  # (never changed: until start_response)
 MAX_IN_FLIGHT = 4  # response blocks handed to the loop and not yet written, at most
 _SEQUENCES = (list, tuple)  # a result that is all there: one write, with a content-length
 
@@ -272,7 +274,8 @@ class WSGICycle:
         "headers", "http_version", "keep_alive", "body", "body_size", "more_body",
         "stream", "wait_for_body", "submitted", "disconnected", "flow", "in_flight",
         "blocked", "expect_continue", "overrun_logged", "client", "scheme", "received_at",
-        "access", "length", "query", "ending",
+        "access", "length", "query", "ending", "environ", "status", "reason",
+        "response_headers", "writer", "pending",
     )  # fmt: skip
 
     @classmethod
@@ -341,6 +344,13 @@ class WSGICycle:
             elif name == b"expect" and value.lower() == b"100-continue":
                 self.expect_continue = http_version == "1.1"
         self.length = length
+        # the response (start_response, write() and the framing: the app's thread)
+        self.environ: dict[str, Any] = _NO_ENVIRON  # (made as the call starts)
+        self.status: int | None = None
+        self.reason: bytes | None = None  # None: the standard phrase
+        self.response_headers: list[tuple[str, str]] = _NO_HEADERS
+        self.writer: BodyWriter | None = None  # set once the head is framed
+        self.pending: list[bytes] = []  # blocks gathered for one write
 
     # -- the protocol's side (loop thread) -------------------------------------------
     def start(self) -> None:
@@ -448,7 +458,7 @@ class WSGICycle:
                 proto.server, self.client, self.root_path, self.scheme))
         environ = request_environ(base[2], self.method, self.route, self.query,
                                   self.headers, self.http_version, self.root_path, body)
-        response = _Response(self, environ)
+        self.environ = environ
         inline = self.inline
         if inline:
             started = time.perf_counter()
@@ -459,12 +469,12 @@ class WSGICycle:
         result: Any = None
         ended = True  # this call is over when run returns (not when _stream took it on)
         try:
-            result = self.app(environ, response.start_response)
+            result = self.app(environ, self.start_response)
             if isinstance(result, _SEQUENCES):
-                pending = response.pending
+                pending = self.pending
                 for chunk in result:  # all there already: one write, with a content-length
-                    if type(chunk) is not bytes or response.status is None:
-                        response.gather(chunk)  # (it raises the error that fits)
+                    if type(chunk) is not bytes or self.status is None:
+                        self.gather(chunk)  # (it raises the error that fits)
                     else:  # (gather, inline: once per block)
                         pending.append(chunk)
                 if not inline and not hasattr(result, "close"):
@@ -474,21 +484,21 @@ class WSGICycle:
                 took = time.perf_counter() - started
                 self.inline = False
                 ended = False  # _stream closes the result and ends the call
-                self.pool.submit(self._stream, (response, result))
+                self.pool.submit(self._stream, result)
                 return
             else:
-                self._iterate(response, result)
+                self._iterate(result)
             if inline:
                 took = time.perf_counter() - started
-            if response.status is None:  # (_finish, inline: once per request)
+            if self.status is None:  # (_finish, inline: once per request)
                 raise RuntimeError("the WSGI app returned without calling start_response")
-            response._flush(True)
+            self._flush(True)
             if self.proto.state.access_log:
-                self._log_access(response)
+                self._log_access()
         except BaseException as exc:  # the app's code: anything can come out
             if inline and not took:
                 took = time.perf_counter() - started
-            self._failed(response, exc)
+            self._failed(exc)
         finally:
             if ended:
                 if inline and type(result) is list:  # (the usual end: nothing to close)
@@ -507,37 +517,38 @@ class WSGICycle:
                 self.pool.threaded_took(self.route, end_wall - wall, end_cpu - cpu,
                                         self.stream is None and self.flow is None)
 
-    def _iterate(self, response: _Response, result: Any) -> None:
+    def _iterate(self, result: Any) -> None:
         for chunk in result:  # each block goes out as it comes (PEP 3333)
             if chunk:
-                response.write(chunk)
+                self.write(chunk)
             if self.disconnected:
                 break
 
-    def _stream(self, job: tuple[_Response, Any]) -> None:
-        response, result = job
+    def _stream(self, result: Any) -> None:
         try:
-            self._iterate(response, result)
-            self._finish(response)
+            self._iterate(result)
+            self._finish()
         except BaseException as exc:
-            self._failed(response, exc)
+            self._failed(exc)
         finally:
             self._close(result)
 
-    def _finish(self, response: _Response) -> None:
-        response.finish()
+    def _finish(self) -> None:
+        if self.status is None:
+            raise RuntimeError("the WSGI app returned without calling start_response")
+        self._flush(final=True)
         if self.proto.state.access_log:
-            self._log_access(response)
+            self._log_access()
 
-    def _failed(self, response: _Response, exc: BaseException) -> None:
-        path = response.environ["PATH_INFO"]
+    def _failed(self, exc: BaseException) -> None:
+        path = self.environ["PATH_INFO"]
         if isinstance(exc, OSError) and self.disconnected:
             # an ordinary disconnect: the app stopped on being told, not an error
             log.info("%s %s ended by %s: the client disconnected", self.method, path,
                      type(exc).__name__)
             return
         log.error("exception in WSGI app for %s %s", self.method, path, exc_info=exc)
-        response.fail()
+        self.fail()
 
     def _close(self, result: Any) -> None:
         try:
@@ -551,10 +562,10 @@ class WSGICycle:
             elif self.ending != 2:  # (else the final block's hand-off ended it)
                 self.pool.to_loop(self._call_ended)
 
-    def _log_access(self, response: _Response) -> None:
-        sent = response.writer.sent if response.writer is not None else 0
+    def _log_access(self) -> None:
+        sent = self.writer.sent if self.writer is not None else 0
         accesslog.log_access(self.client, self.method, self.route, self.query,
-                             self.http_version, self.access, response.status or 0, sent,
+                             self.http_version, self.access, self.status or 0, sent,
                              time.perf_counter() - self.received_at)
 
     def hand_off(self, data: bytes, final: bool, keep_alive: bool) -> None:
@@ -623,21 +634,7 @@ class WSGICycle:
     def abort(self) -> None:
         self._to_loop(self.proto.abort)
 
-
-class _Response:
-    """start_response, write() and the framing of one WSGI response (app thread)."""
-
-    __slots__ = ("cycle", "environ", "status", "reason", "headers", "writer", "pending")
-
-    def __init__(self, cycle: WSGICycle, environ: dict[str, Any]) -> None:
-        self.cycle = cycle
-        self.environ = environ
-        self.status: int | None = None
-        self.reason: bytes | None = None  # None: the standard phrase
-        self.headers: list[tuple[str, str]] = []
-        self.writer: BodyWriter | None = None  # set once the head is framed
-        self.pending: list[bytes] = []
-
+    # -- the response: start_response, write() and the framing (app thread) ------------
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
     ) -> Callable[[bytes], None]:
@@ -653,7 +650,7 @@ class _Response:
         if parsed is None:
             parsed = _parse_status(status)
         self.status, self.reason = parsed
-        self.headers = headers
+        self.response_headers = headers
         return self.write
 
     def gather(self, data: bytes) -> None:
@@ -669,18 +666,12 @@ class _Response:
         self.gather(data)
         self._flush(final=False)
 
-    def finish(self) -> None:
-        if self.status is None:
-            raise RuntimeError("the WSGI app returned without calling start_response")
-        self._flush(final=True)
-
     def fail(self) -> None:
-        cycle = self.cycle
         if self.writer is not None:
-            cycle.abort()
+            self.abort()
             return
-        data = error_response(500, "Internal Server Error", cycle.proto.state.date_header)
-        cycle.hand_off(data, final=True, keep_alive=False)
+        data = error_response(500, "Internal Server Error", self.proto.state.date_header)
+        self.hand_off(data, final=True, keep_alive=False)
 
     def _byte_headers(self) -> list[tuple[bytes, bytes]]:
         """The app's header pairs as bytes. A name or value may be a subclass of str
@@ -688,7 +679,7 @@ class _Response:
         equal bytes, whether the pair was learnt from a plain str or not."""
         fields = []
         known = _HEADER_BYTES
-        for pair in self.headers:
+        for pair in self.response_headers:
             try:
                 field = known.get(pair)
             except TypeError:  # (a list pair, or an unhashable name or value: checked)
@@ -707,25 +698,24 @@ class _Response:
         return fields
 
     def _flush(self, final: bool) -> None:
-        cycle = self.cycle
         pending = self.pending
         body = pending[0] if len(pending) == 1 else b"".join(pending)
         self.pending = []
         writer = self.writer
         # answered before its body was read: the rest of the body is unread
-        unread = final and cycle.more_body
+        unread = final and self.more_body
         if writer is None:
             status = self.status
             assert status is not None
-            proto = cycle.proto
+            proto = self.proto
             head, writer = frame_head(
                 status, self._byte_headers(),
-                _REQUESTS[cycle.method == "HEAD", cycle.http_version == "1.1",
-                          cycle.keep_alive],
+                _REQUESTS[self.method == "HEAD", self.http_version == "1.1",
+                          self.keep_alive],
                 complete_body=len(body) if final else None,
                 date_header=proto.state.date_header,
                 force_close=unread or (proto.state.draining and not proto.pipeline),
-                reason=self.reason, request_id=cycle.access[0])
+                reason=self.reason, request_id=self.access[0])
             self.writer = writer
             if final:
                 data = head + writer.last(body)  # (write and end in one call)
@@ -735,17 +725,17 @@ class _Response:
             data = writer.last(body)
         else:
             data = writer.write(body)
-        if writer.overrun and not cycle.overrun_logged:
-            cycle.overrun_logged = True
+        if writer.overrun and not self.overrun_logged:
+            self.overrun_logged = True
             log.warning("WSGI app sent more than its content-length for %s %s: cut, "
-                        "the connection closes", cycle.method, self.environ["PATH_INFO"])
-        if final and cycle.inline:  # (the usual end: on the loop's thread, written now;
-            proto = cycle.proto  # _write_final, inline)
+                        "the connection closes", self.method, self.environ["PATH_INFO"])
+        if final and self.inline:  # (the usual end: on the loop's thread, written now;
+            proto = self.proto  # _write_final, inline)
             if data:
                 proto.write(data)
-            proto.response_done(cycle, writer.keep_alive and not unread)
+            proto.response_done(self, writer.keep_alive and not unread)
         else:
-            cycle.hand_off(data, final, writer.keep_alive and not unread)
+            self.hand_off(data, final, writer.keep_alive and not unread)
 
 
 # an app's (name, value) header -> its bytes, learnt as they come. Bounded: the values of
