@@ -354,9 +354,8 @@ class WSGICycle:
 
     # -- the protocol's side (loop thread) -------------------------------------------
     def start(self) -> None:
-        if self.length == 0:
-            self.more_body = False  # (an inline call answers before the parser says so)
         if self.length == 0 or not self.more_body:
+            self.more_body = False  # (an inline call answers before the parser says so)
             # (an empty BytesIO: a tenth of the cost of a RawIOBase of ours, whose
             # finaliser runs in Python)
             self._submit(io.BytesIO(self._take_body()) if self.body_size else io.BytesIO())
@@ -470,7 +469,7 @@ class WSGICycle:
         ended = True  # this call is over when run returns (not when _stream took it on)
         try:
             result = self.app(environ, self.start_response)
-            if isinstance(result, _SEQUENCES):
+            if type(result) is list or isinstance(result, _SEQUENCES):
                 pending = self.pending
                 for chunk in result:  # all there already: one write, with a content-length
                     if type(chunk) is not bytes or self.status is None:
@@ -700,7 +699,8 @@ class WSGICycle:
     def _flush(self, final: bool) -> None:
         pending = self.pending
         body = pending[0] if len(pending) == 1 else b"".join(pending)
-        self.pending = []
+        if not final:  # (after the final block nothing is gathered: no new list)
+            self.pending = []
         writer = self.writer
         # answered before its body was read: the rest of the body is unread
         unread = final and self.more_body
@@ -708,14 +708,14 @@ class WSGICycle:
             status = self.status
             assert status is not None
             proto = self.proto
-            head, writer = frame_head(
+            state = proto.state
+            head, writer = frame_head(  # (positional: cheaper)
                 status, self._byte_headers(),
                 _REQUESTS[self.method == "HEAD", self.http_version == "1.1",
                           self.keep_alive],
-                complete_body=len(body) if final else None,
-                date_header=proto.state.date_header,
-                force_close=unread or (proto.state.draining and not proto.pipeline),
-                reason=self.reason, request_id=self.access[0])
+                len(body) if final else None, state.date_header,
+                unread or (state.draining and not proto.pipeline), self.reason,
+                self.access[0])
             self.writer = writer
             if final:
                 data = head + writer.last(body)  # (write and end in one call)
