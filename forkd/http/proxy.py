@@ -128,9 +128,23 @@ def _node(text: str) -> Address | None:
     else:
         host = text
     try:
-        return (str(ipaddress.ip_address(host)), port)
+        return (_address(ipaddress.ip_address(host)), port)
     except ValueError:
         return None
+
+
+_ZONE = re.compile(r"[0-9A-Za-z._-]+")
+
+
+def _address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address's text; ValueError for an IPv6 one whose zone (`fe80::1%eth0`) is not
+    an interface's name or number. ipaddress takes any text after the `%`, quotes, tabs
+    and spaces included, and this text becomes the client's address in the app's
+    scope and in log lines: a client could write whatever it liked into them."""
+    zone = getattr(address, "scope_id", None)
+    if zone is not None and not _ZONE.fullmatch(zone):
+        raise ValueError(f"bad IPv6 zone {zone!r}")
+    return str(address)
 
 
 def _pick(hops: list[Address | None], trusted: TrustedPeers) -> int | None:
@@ -227,8 +241,8 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
         raise ProxyHeaderError("bad PROXY v1 line")
     try:
         family = ipaddress.IPv4Address if fields[1] == b"TCP4" else ipaddress.IPv6Address
-        source = str(family(fields[2].decode("ascii")))
-        dest = str(family(fields[3].decode("ascii")))
+        source = _address(family(fields[2].decode("ascii")))
+        dest = _address(family(fields[3].decode("ascii")))
         ports = [int(field) for field in fields[4:6]]
     except (ValueError, UnicodeDecodeError):
         raise ProxyHeaderError("bad PROXY v1 addresses") from None

@@ -305,3 +305,43 @@ def test_forkd_logs_reads_back_every_access_line_of_a_burst(run_forkd, tmp_path,
     last = logs("-n", "2")
     assert [re.search(r'"GET /\?(n=\d+) HTTP/1\.1" 200 13 ', line).group(1)  # type: ignore[union-attr]
             for line in last] == ["n=298", "n=299"], last
+
+
+# Forwarded `for` values whose IPv6 zone is no interface name: its quotes would end the
+# JSON string of "remote" and claim another pid and slot; its tab would cut the record.
+HOSTILE_FORWARDED = ('for="[fe80::1%a\\",\\"pid\\":999,\\"slot\\":7,\\"y\\":\\"]"',
+                     'for="[fe80::1%a\tb]:80"')
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_forwarded_address_cannot_forge_or_cut_an_access_line(run_forkd, tmp_path,
+                                                                 fmt) -> None:
+    """Behind a trusted proxy (loopback is one by default) a client writes the Forwarded
+    header's node itself: an address the log would have to escape is no address, the
+    request is logged from its peer, once, whole, with the worker's own pid and slot."""
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, "logapp:app", "--log-format",
+                                        fmt, "--access-log", "--name", "zones", workers=1)
+    ids = []
+    for number, value in enumerate(HOSTILE_FORWARDED * 2):  # (twice: the template too)
+        status, headers, _ = request(port, path=f"/?n={number}",
+                                     headers={"Forwarded": value, "X-Request-ID": f"z{number}"})
+        assert status == 200
+        ids.append(f"z{number}")
+    wait_until(lambda: "z3" in text_of(log_file), 10, message=describe)
+    [pid] = proc.worker_pids()
+    lines = text_of(log_file).splitlines()
+    for number, rid in enumerate(ids):
+        [line] = [line for line in lines if rid in line]  # one line, whole
+        if fmt == "json":
+            obj = json.loads(line)
+            assert (obj["event"], obj["pid"], obj["slot"], obj["remote"], obj["method"],
+                    obj["path"], obj["query"], obj["status"], obj["request_id"]) == (
+                "access", pid, 0, "127.0.0.1", "GET", "/", f"n={number}", 200, rid), line
+            assert "y" not in obj
+        else:
+            assert re.fullmatch(
+                rf"\S+Z forkd\.worker\.0\[{pid}\] 127\.0\.0\.1 - - \[[^]]+\] "
+                rf'"GET /\?n={number} HTTP/1\.1" 200 13 "-" "[^"]*" \S+ms request_id={rid}',
+                line), line

@@ -85,6 +85,29 @@ def test_malformed_values_change_nothing(headers: list[tuple[bytes, bytes]]) -> 
     assert result.client is None and result.scheme is None
 
 
+BAD_ZONES = ['fe80::1%a","pid":999,"slot":7,"y":"', "fe80::1%a\tb", "fe80::1%a b",
+             "fe80::1%a\\b", "fe80::1%\u00e9", 'fe80::1%a"b']
+
+
+@pytest.mark.parametrize("zone", BAD_ZONES)
+def test_an_ipv6_zone_that_is_no_interface_name_is_no_address(zone: str) -> None:
+    """ipaddress takes any text after an IPv6 address's `%`; the client's address goes
+    into the app's scope and the access log as it is, so a forwarded address with a
+    zone that is no interface name or number is ignored, as any other malformed one."""
+    quoted = zone.replace("\\", "\\\\").replace('"', '\\"')
+    for headers in (h(("forwarded", f'for="[{quoted}]:80"')),
+                    h(("forwarded", f'for="[{quoted}]"')),
+                    h(("x-forwarded-for", zone.replace(",", ";")))):
+        assert resolve_forwarded(headers, LOCAL).client is None, headers
+    if " " not in zone:  # (a space ends a PROXY v1 field)
+        with pytest.raises(ProxyHeaderError):
+            parse_proxy_header(b"PROXY TCP6 " + zone.encode() + b" ::1 1 2\r\n")
+    sane = 'for="[fe80::1%eth0.5_a-b]:80"'  # an interface's name or number is kept
+    assert resolve_forwarded(h(("forwarded", sane)), LOCAL).client == ("fe80::1%eth0.5_a-b", 80)
+    assert resolve_forwarded(h(("x-forwarded-for", "fe80::1%2")), LOCAL).client == (
+        "fe80::1%2", 0)
+
+
 @given(st.binary(max_size=200), st.binary(max_size=200))
 def test_forwarded_never_raises(forwarded: bytes, xff: bytes) -> None:
     resolve_forwarded([(b"forwarded", forwarded), (b"x-forwarded-for", xff)], LOCAL)
