@@ -175,13 +175,16 @@ def _line(head: tuple[int, bytes, bytes], text: bool, ts: bytes,
           key: tuple[str, str, bytes, bytes, str, bytes, bytes, int]) -> bytes:
     """An access line rendered without a template (its fields seen for the first time)."""
     remote, method, raw_path, query, version, referer, agent, status = key
-    # The remote address, the method (an HTTP token) and the version need no escaping;
-    # the rest only when it holds a quote, a backslash or a byte outside printable ASCII.
-    plain = not b"".join((raw_path, query, rid, referer, agent)).translate(None, _SAFE)
+    # The remote address, the method and the version come escaped from _ascii's cache
+    # (and one that needed it keeps the line JSON only, as any other field that did);
+    # the rest is escaped only when it holds a quote, a backslash or a byte outside
+    # printable ASCII.
+    remote_b, method_b, version_b = _ascii(remote), _ascii(method), _ascii(version)
+    plain = not b"".join((raw_path, query, rid, referer, agent, remote_b)).translate(
+        None, _SAFE)
     if not plain:
         raw_path, query, rid = _escaped(raw_path), _escaped(query), _escaped(rid)
         referer, agent = _escaped(referer), _escaped(agent)
-    remote_b, method_b, version_b = _ascii(remote), _ascii(method), _ascii(version)
     line = head[1] % (ts, remote_b, method_b, raw_path, query, status, size, micros // 1000,
                       micros % 1000, rid, version_b, referer, agent)
     if text and plain:
@@ -212,8 +215,8 @@ def _template_for(key: tuple[str, str, bytes, bytes, str, bytes, bytes, int],
     of the rest (with its second's time too), None when a field needs escaping (the
     combined format does not escape as JSON does: that line is JSON only, as _line's)."""
     remote, method, raw_path, query, version, referer, agent, status = key
-    plain = not b"".join((raw_path, query, referer, agent)).translate(None, _SAFE)
     remote_b, method_b, version_b = _ascii(remote), _ascii(method), _ascii(version)
+    plain = not b"".join((raw_path, query, referer, agent, remote_b)).translate(None, _SAFE)
 
     def literal(value: bytes) -> bytes:  # (in a % format)
         return value.replace(b"%", b"%%")
@@ -267,7 +270,8 @@ def _duration(micros: int) -> bytes:
     return made
 # (the second, its JSON timestamp to the second, its combined-format time)
 _second: tuple[int, bytes, bytes] = (-1, b"", b"")
-_ascii_cache: dict[str, bytes] = {}  # the bytes of remote addresses, methods and versions seen
+# remote addresses, methods and versions seen -> their bytes inside a JSON string
+_ascii_cache: dict[str, bytes] = {}
 _head: tuple[int, bytes, bytes] = (-1, b"", b"")  # (log set-up generation, template, prefix)
 
 
@@ -279,11 +283,14 @@ def _second_for(second: int) -> tuple[int, bytes, bytes]:
 
 
 def _ascii(value: str) -> bytes:
+    """A remote address's, a method's or a version's bytes in a JSON string, escaped
+    once, when first seen: the remote comes from the network (an IPv6 zone, a proxy's
+    header) and may hold anything, however it was checked before."""
     data = _ascii_cache.get(value)
     if data is None:
         if len(_ascii_cache) >= 1024:  # (many clients: forget them, keep the cache small)
             _ascii_cache.clear()
-        data = _ascii_cache[value] = value.encode()
+        data = _ascii_cache[value] = encode_basestring(value)[1:-1].encode()
     return data
 
 

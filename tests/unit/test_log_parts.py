@@ -747,6 +747,73 @@ def test_a_block_of_access_records_passes_through_whole_and_a_stray_line_is_caug
             hub.close()
 
 
+# Remote addresses a log line must escape: no proxy's node gives one now (see
+# http.proxy._address), but the access log must not trust where its remote came from.
+HOSTILE_REMOTES = ['fe80::1%a","pid":999,"slot":7,"y":"', "fe80::1%a\tb", "fe80::1%\u00e9\\",
+                   # (the part every access record of slot 2 holds once, twice)
+                   'fe80::1%' + record.access_marker(os.getpid(), 2).decode() * 2]
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+@pytest.mark.parametrize("remote", HOSTILE_REMOTES)
+def test_a_remote_address_is_escaped_as_any_other_field(tmp_path: Path, fmt: str,
+                                                        remote: str) -> None:
+    """Whatever the remote address holds, each access record is one line whose JSON
+    parses to the request's fields and the worker's pid and slot, as the primary would
+    render it from the generic event; through the primary, a block of them (with
+    another of the worker's records among them or not) comes out as each line alone."""
+    from forkd.http import accesslog
+
+    calls = [((remote, 80), "GET", b"/a", b"n=%d" % sight, "1.1", (b"id%d" % sight, b"-",
+                                                                   b"curl/8"), 200, sight, 0.001)
+             for sight in range(3)]  # (three first sights)
+    calls += [(calls[0][0], "GET", b"/a", b"", "1.1", (b"id%d" % sight, b"-", b"curl/8"),
+               200, sight, 0.001) for sight in range(3, 6)]  # (templated, then from it)
+    sent: list[bytes] = []
+    got: list[Entry] = []
+    try:
+        log.setup(slot=2, json_sink=sent.append, access_text=fmt == "text")
+        for call in calls:
+            accesslog.log_access(*call)
+        log.setup(slot=2, sink=got.append)
+        for call in calls:
+            accesslog.log_access(*call)
+    finally:
+        log.setup()
+    for line, generic in zip(sent, got, strict=True):
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        entry = record.from_json(line.rstrip(b"\n"), 2, os.getpid())
+        assert entry.text is None  # (the combined format escapes otherwise: the primary's)
+        obj = json.loads(entry.raw or b"")
+        assert (obj["pid"], obj["slot"], obj["remote"], obj["method"], obj["path"],
+                obj["status"], "y" in obj) == (os.getpid(), 2, remote, "GET", "/a", 200, False)
+        record.parse(entry)
+        assert entry.fields == generic.fields
+    own = record.to_json(Entry("2026-12-01T15:31:37.045Z", "warning", os.getpid(), 2,
+                               "log-dropped", {"lines": 3}))
+    for number, block in enumerate((b"".join(sent), b"".join(sent[:3] + [own] + sent[3:]))):
+        path = tmp_path / f"out{number}.log"
+        hub = LogHub(LogWriter(str(path)), fmt=fmt, app_name="web")
+        pipes = open_pipes()
+        try:
+            os.write(pipes.write["records"], block)
+            fd = pipes.read["records"]
+            hub.attach(pipes, slot=2, pid=os.getpid())
+            hub.on_readable(fd)
+            hub.flush()
+            written = path.read_bytes().splitlines()
+            alone = [record.render(record.from_json(line.rstrip(b"\n"), 2, os.getpid()),
+                                   fmt, "web").rstrip(b"\n")
+                     for line in block.splitlines()]
+            assert written == alone and hub.ring.lines == len(alone)
+            if fmt == "json":
+                assert [json.loads(line)["remote"] for line in written
+                        if b'"event":"access"' in line] == [remote] * len(calls)
+        finally:
+            pipes.close_all()
+            hub.close()
+
+
 def test_a_thread_whose_batch_meets_a_detached_loop_writes_it_at_once() -> None:
     """A WSGI thread logs as the worker detaches its loop (the drain): the batch it
     would have scheduled on the loop is written by the thread, not lost to an error."""
