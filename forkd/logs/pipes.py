@@ -27,7 +27,6 @@ from typing import Any
 
 STREAMS = ("stdout", "stderr", "records")
 PIPE_SIZE = 128 * 1024  # per pipe: room for a burst while the primary is busy
-RECORDS_PIPE_SIZE = 256 * 1024  # the records pipe: two of RecordWriter's batches
 MAX_PENDING = 64 * 1024  # characters of an unfinished line a thread may hold
 
 
@@ -59,15 +58,25 @@ def open_pipes() -> WorkerPipes:
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
             pipes.read[name], pipes.write[name] = read_end, write_end
             os.set_blocking(read_end, False)
-            try:
-                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ,
-                            RECORDS_PIPE_SIZE if name == "records" else PIPE_SIZE)
-            except OSError:
-                pass  # over the user's pipe-buffer quota: the default 64 KB will do
+            _size_pipe(write_end, (RECORDS_PIPE_SIZE, PIPE_SIZE) if name == "records"
+                       else (PIPE_SIZE,))
     except OSError:
         pipes.close_all()
         raise
     return pipes
+
+
+def _size_pipe(fd: int, sizes: tuple[int, ...]) -> None:
+    """The first of `sizes` the kernel grants. A user over the pipe-buffer quota
+    (/proc/sys/fs/pipe-user-pages-soft) is refused any growth, and Linux then makes
+    their new pipes of two pages: RecordWriter sizes its batches to what the pipe
+    holds (F_GETPIPE_SZ), whatever it is."""
+    for size in sizes:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            continue
 
 
 # ----------------------------------------------------------------------- worker side
@@ -198,8 +207,12 @@ class RecordWriter:
     # wakes. Each wake-up costs it a pass of its loop besides the bytes (live, wrk -c64,
     # 2 workers, JSON: from 64 to 128 KiB its user CPU per request went from about 1.4
     # to 1.0 us, its wake-ups per request halved; 3 runs each on a loaded machine).
+    # A batch is at most half what the pipe holds (one write, while the primary reads the
+    # last), which open_pipes makes two batches (RECORDS_PIPE_SIZE) when the kernel lets
+    # it: a bigger batch into a smaller pipe would be many partial writes, each copying
+    # the rest of the batch again.
     BATCH = 128 * 1024
-    DELAY = 0.02  # seconds a line may wait: fifty writes a second at most
+    DELAY = 0.02  # seconds a line may wait for its batch to fill (an idle worker's pace)
     MAX_HELD = 4 << 20
     URGENT_WAIT = 2.0
     DEFERRED_SIZE = 400  # bytes counted for an item not rendered yet (an access line's)
@@ -209,6 +222,11 @@ class RecordWriter:
         self.fd = fd
         self.render = render
         os.set_blocking(fd, False)  # (the worker's own descriptor: no one else shares it)
+        try:
+            room = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        except OSError:  # (not a pipe)
+            room = RECORDS_PIPE_SIZE
+        self.batch = min(self.BATCH, room // 2)  # bytes that make a batch (see BATCH)
         self.lock = threading.Lock()
         self.pending: list[Any] = []  # lines (bytes) and items for `render`, in order
         self.held = 0  # bytes of the lines in `pending`
@@ -281,7 +299,7 @@ class RecordWriter:
             schedule = self._batched_locked()
             if self.scheduled:  # items that fit in the batch may now just join it
                 self.limit = len(self.pending) + max(
-                    0, (min(self.BATCH, self.MAX_HELD + 1) - 1 - self.size)
+                    0, (min(self.batch, self.MAX_HELD + 1) - 1 - self.size)
                     // self.DEFERRED_SIZE)
         finally:
             lock.release()
@@ -290,7 +308,7 @@ class RecordWriter:
 
     def _batched_locked(self) -> bool:
         """Write a full batch; True when a flush is now to be scheduled."""
-        if self.size >= self.BATCH:
+        if self.size >= self.batch:
             self._write_locked()
             if not self.pending:
                 return False
@@ -373,6 +391,9 @@ class RecordWriter:
         self.pending = [bytes(data)] if data else []
         self.held = len(data)
         self.lines = len(self.pending)
+
+
+RECORDS_PIPE_SIZE = 2 * RecordWriter.BATCH  # the records pipe: two batches
 
 
 def _close(fd: int) -> None:

@@ -607,6 +607,52 @@ def test_records_wait_in_the_worker_when_the_pipe_is_full_and_drops_are_counted(
         os.close(write_end)
 
 
+def test_a_pipe_the_kernel_would_not_grow_gets_batches_it_holds(monkeypatch) -> None:
+    """A user over the pipe-buffer quota is refused F_SETPIPE_SZ and Linux gives their
+    pipes two pages: the worker then writes batches that fit in what the pipe holds,
+    not 128 KiB ones in dozens of partial writes, and a burst still arrives whole and
+    in order."""
+    import fcntl
+
+    from forkd.logs import pipes as pipes_module
+
+    real = fcntl.fcntl
+    asked: list[int] = []
+
+    def refusing(fd: int, command: int, arg: int = 0) -> int:
+        if command == fcntl.F_SETPIPE_SZ:
+            asked.append(arg)
+            raise PermissionError(1, "Operation not permitted")
+        return real(fd, command, arg)
+
+    monkeypatch.setattr(pipes_module.fcntl, "fcntl", refusing)
+    pipes = open_pipes()
+    try:
+        size = pipes_module.PIPE_SIZE  # (stdout, stderr, then records: its own, then it)
+        assert asked == [size, size, pipes_module.RECORDS_PIPE_SIZE, size]
+        read_end, write_end = pipes.read["records"], pipes.write["records"]
+        assert pipes_module.RecordWriter(write_end).batch == min(
+            pipes_module.RecordWriter.BATCH, real(write_end, fcntl.F_GETPIPE_SZ) // 2)
+        real(write_end, fcntl.F_SETPIPE_SZ, 8192)  # (what Linux gives over the quota)
+        writer = pipes_module.RecordWriter(write_end)
+        assert writer.batch == 4096
+        writer.attach_loop(type("Loop", (), {"call_later": lambda self, delay, cb: None})())
+        lines = [b"%06d " % number + b"x" * (number % 300) + b"\n" for number in range(2000)]
+        chunks: list[bytes] = []
+        for line in lines:  # (the primary reads what each call wrote)
+            writer(line)
+            try:
+                chunks.append(os.read(read_end, 1 << 20))
+            except BlockingIOError:
+                pass
+        writer.flush()
+        chunks.append(os.read(read_end, 1 << 20))
+        assert b"".join(chunks) == b"".join(lines) and not writer.pending
+        assert max(map(len, chunks)) < 4096 + 310  # (a batch: its last line took it over)
+    finally:
+        pipes.close_all()
+
+
 def test_deferred_access_lines_keep_their_place_among_urgent_records() -> None:
     """A worker's access lines are rendered with their batch, not when the request ends;
     a warning written at once (it may precede a crash) still comes after the access
