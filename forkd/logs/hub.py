@@ -107,11 +107,12 @@ class LogHub:
         os.close(fd)
 
     def _records(self, reader: _Reader, block: bytes) -> None:
-        """Whole lines from a worker's records pipe. When every one is a record the
-        worker rendered itself (it names the pipe's pid and slot) and, for text output,
-        carries its text rendering after a tab, the block goes to the ring as it is and
-        its JSON or text to the output: no Python per line, which is what an access line
-        per request needs. The ring cuts it into lines if `forkd logs` asks."""
+        """Whole lines from a worker's records pipe. A block of the worker's own access
+        records (JSON output: each holds record.access_marker of the pipe's pid and
+        slot; text output: each names them and carries its text rendering after a tab,
+        as only access records do) goes to the ring as it is and its JSON or text to the
+        output: no Python per line, which is what an access line per request needs. The
+        ring cuts it into lines if `forkd logs` asks. Any other block goes line by line."""
         if block.startswith(b'{"ts":"'):
             if self.fmt == "json":
                 # A block of access records (the hot path: one a request) passes when each

@@ -29,7 +29,9 @@ class Page:
 class Ring:
     """An entry is one line, or a block of `count` whole lines from one worker (its
     records, or its app's output, as they came through the pipe: see LogHub), kept as
-    one bytes object and cut into lines only when a reader asks for them."""
+    one bytes object and cut into lines only when a reader asks for them. The first
+    entry may have lost its first `skip` lines to the bounds already: they are still
+    in its bytes (and counted in `bytes`), and readers never see them."""
 
     def __init__(self, max_lines: int = DEFAULT_LINES, max_bytes: int = DEFAULT_BYTES) -> None:
         self.max_lines = max_lines
@@ -38,8 +40,8 @@ class Ring:
         self.bytes = 0
         self.lines = 0
         self.last_seq = 0
-        # lines of the first entry (a block) that have left the ring already: its bytes
-        # are cut only when a reader expands it, not at every append (see _drop_first)
+        # lines of the first entry (a block) that have left the ring already: readers
+        # skip them; the block's bytes stay as they are (see _drop_first)
         self.skip = 0
 
     def append(self, entry: Entry) -> None:
