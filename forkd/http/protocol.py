@@ -768,7 +768,8 @@ class HttpProtocol(asyncio.Protocol):
         if proxied and self.peer_trusted:
             headers = self.apply_forwarded(headers)
         upgrade = None
-        if upgrading and state.upgrade_factory is not None and self.cycle is None:
+        if (upgrading and state.upgrade_factory is not None and self.cycle is None
+                and not self.pipeline):  # (answers owed first: not while any are queued)
             upgrade = state.upgrade_factory(self, method.decode("ascii"), target, headers,
                                             version)  # None: not a WebSocket handshake
         cycle: Cycle
@@ -1016,8 +1017,9 @@ class HttpProtocol(asyncio.Protocol):
                 log.info("cut a response to %s: %d %s", self.client, status, message)
                 self.abort()
                 return
-        if self.cycle is not None:
-            # the current request is still being answered: refuse after it
+        if self.cycle is not None or self.pipeline:
+            # requests before it are still owed answers (one may be queued while none is
+            # being answered: the client is not reading, awaiting_drain): refuse after them
             self.pending_error = (status, message)
             self.pause_reading()
             return
@@ -1096,8 +1098,8 @@ class HttpProtocol(asyncio.Protocol):
                 return
             if now - self.request_started >= config.header_timeout:
                 self.request_started = None
-                if self.cycle is None and not (self.url or self.headers):
-                    self.close_gracefully()
+                if self.cycle is None and not self.pipeline and not (self.url or self.headers):
+                    self.close_gracefully()  # (nothing owed, nothing to answer: just close)
                 else:
                     self.reject(408, "Request Timeout")
             return

@@ -671,3 +671,80 @@ def test_pipelines_queued_behind_threads_when_their_route_goes_inline_share_the_
     assert inline_calls[0] == 40 * 15  # all but the first of each
     most = max(after - before for before, after in zip(per_pass, per_pass[1:], strict=False))
     assert most <= wsgipool.INLINE_PER_PASS
+
+
+BIG = HIGH_WATER + 44 * 1024  # an answer the client does not read: its writing pauses
+
+
+async def asgi_big(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """/big: BIG bytes of b; else as asgi_sized."""
+    if scope["path"] != "/big":
+        await asgi_sized(scope, receive, send)
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"%d" % BIG)]})
+    await send({"type": "http.response.body", "body": b"b" * BIG})
+
+
+def behind_an_unread_answer(loop: asyncio.AbstractEventLoop, app: Any = asgi_big
+                            ) -> tuple[HttpProtocol, Transport]:
+    """/big is answered and the client stops reading: the connection waits for it to
+    read before the next answer, with no request being answered and none queued (so it
+    still reads: the next read's requests queue up, owed answers all the same)."""
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/big"))
+    run_until(loop, lambda: proto.awaiting_drain)
+    assert proto.cycle is None and not proto.pipeline and transport.reading
+    return proto, transport
+
+
+def test_a_bad_request_behind_one_queued_while_the_client_does_not_read_is_refused_after_it(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The 400 (and the close) come after the queued request's answer, not ahead of it
+    (the client would take the 400 for that request's answer)."""
+    proto, transport = behind_an_unread_answer(loop)
+    proto.data_received(get("/?n=1") + b"BAD\x01 / HTTP/1.1\r\n\r\n")
+    assert not transport.eof
+    transport.client_reads_everything()
+    run_until(loop, lambda: transport.eof)
+    got = bodies(transport.received)
+    assert got[:2] == [b"b" * BIG, b"x"]
+    assert got[2].startswith(b"Bad Request") and len(got) == 3
+    assert proto.metrics.in_flight == 0
+
+
+def test_a_websocket_handshake_behind_one_queued_while_the_client_does_not_read_waits(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A handshake behind a queued request is not performed (as behind one being
+    answered): no 101 ahead of that request's answer; it is answered as plain HTTP,
+    in its turn, and nothing stays in flight."""
+    from forkd.http.websocket import make_upgrade_factory
+
+    proto, transport = behind_an_unread_answer(loop)
+    proto.state.upgrade_factory = make_upgrade_factory(asgi_big, {}, "")
+    proto.data_received(get("/?n=1") + get("/ws", b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                           b"Sec-WebSocket-Version: 13\r\n"))
+    assert b"101" not in transport.received
+    transport.client_reads_everything()
+    run_until(loop, lambda: transport.eof)
+    assert b"HTTP/1.1 101" not in transport.received
+    assert bodies(transport.received) == [b"b" * BIG, b"x", b""]
+    assert proto.metrics.in_flight == 0
+
+
+def test_a_head_that_stalls_behind_one_queued_while_the_client_does_not_read_is_cut_after_it(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A head begun (not even its target yet) that stalls for --header-timeout: the
+    queued request is answered first, then the 408 and the close."""
+    proto, transport = behind_an_unread_answer(loop)
+    proto.data_received(get("/?n=1") + b"GE")
+    timeout = proto.state.config.header_timeout
+    # (the client read nothing for less than that: the head's clock ran out first)
+    proto.write_paused_at = loop.time() + 1
+    proto.check_timeouts(loop.time() + timeout)
+    assert not transport.eof and not transport.aborted
+    transport.client_reads_everything()
+    run_until(loop, lambda: transport.eof)
+    assert bodies(transport.received) == [b"b" * BIG, b"x", b"Request Timeout\n"]
+    assert not transport.aborted and proto.metrics.in_flight == 0
