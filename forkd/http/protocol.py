@@ -977,6 +977,8 @@ class HttpProtocol(asyncio.Protocol):
             # the client is not reading what we wrote: the next request waits until it
             # does, so a client that pipelines and never reads cannot make us buffer
             self.awaiting_drain = True
+            if self.pipeline:  # and reads nothing more while answers are owed (as when
+                self.pause_reading()  # a request is being answered with more queued)
             return
         if self.pipeline or self.pending_error is not None:
             self.next_request()

@@ -748,3 +748,20 @@ def test_a_head_that_stalls_behind_one_queued_while_the_client_does_not_read_is_
     run_until(loop, lambda: transport.eof)
     assert bodies(transport.received) == [b"b" * BIG, b"x", b"Request Timeout\n"]
     assert not transport.aborted and proto.metrics.in_flight == 0
+
+
+def test_reading_pauses_while_the_client_does_not_read_and_answers_are_owed(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """/big's answer is not read and a request is queued behind it: nothing more is read
+    from the client (what it sends next stays in the kernel) until it reads; then the
+    queued request is answered and reading resumes."""
+    proto, transport = connect(loop, "asgi", asgi_big)
+    proto.data_received(get("/big") + get("/?n=1"))
+    run_until(loop, lambda: proto.awaiting_drain)
+    assert not transport.reading
+    transport.client_reads_everything()
+    run_until(loop, lambda: transport.reading)
+    assert bodies(transport.received) == [b"b" * BIG, b"x"]
+    proto.data_received(get("/?n=2"))
+    run_until(loop, lambda: len(bodies(transport.received)) == 3)
+    assert bodies(transport.received)[2] == b"xx" and not transport.eof
