@@ -1092,6 +1092,11 @@ class HttpProtocol(asyncio.Protocol):
             if now >= self.linger_until and self.transport is not None:
                 self.transport.abort()  # close() would wait on a client that reads nothing
             return
+        if self.awaiting_drain and now - self.write_paused_at >= config.header_timeout:
+            # the client has read nothing of its answers for that long (first: whatever
+            # else waits, e.g. a head we do not read while answers are owed)
+            self.abort()
+            return
         if self.request_started is not None:
             # a head arriving, whatever the connection does meanwhile (an endless head
             # behind a long response is cut too); not while we do not read it because
@@ -1107,9 +1112,6 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.parsing is not None and self.pending_error is None:
             self.check_body_rate(now, config.header_timeout)
-            return
-        if self.awaiting_drain and now - self.write_paused_at >= config.header_timeout:
-            self.abort()  # the client has read nothing of its answers for that long
             return
         if self.idle_since is not None:
             limit = config.keepalive_timeout

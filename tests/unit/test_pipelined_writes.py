@@ -765,3 +765,19 @@ def test_reading_pauses_while_the_client_does_not_read_and_answers_are_owed(
     proto.data_received(get("/?n=2"))
     run_until(loop, lambda: len(bodies(transport.received)) == 3)
     assert bodies(transport.received)[2] == b"xx" and not transport.eof
+
+
+def test_a_client_that_pipelines_a_partial_head_and_never_reads_is_cut(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """/big, a full pipeline and the start of one more head, then it reads nothing: the
+    head's clock stops (we do not read it while answers are owed), but the client that
+    reads none of its answers for --header-timeout is cut all the same."""
+    proto, transport = connect(loop, "asgi", asgi_big)
+    proto.data_received(get("/big") + get("/?n=1") * MAX_PIPELINE + b"GET /y HTTP/1.1\r\nHo")
+    run_until(loop, lambda: proto.awaiting_drain)
+    assert not transport.reading
+    timeout = proto.state.config.header_timeout
+    proto.check_timeouts(proto.write_paused_at + timeout / 2)
+    assert not transport.aborted
+    proto.check_timeouts(proto.write_paused_at + timeout)
+    assert transport.aborted
