@@ -394,6 +394,7 @@ class HttpProtocol(asyncio.Protocol):
         self.unparsed: bytes | None = None  # raw bytes held while the pipeline is full
         self.feed_scheduled = False
         self.awaiting_drain = False  # the next request waits for the client to read
+        self.fin_held = False  # a FIN read behind queued requests: closes after them
         self.write_paused_at = 0.0
         # Responses written while more are due at once (inside data_received, or while
         # pipelined requests wait behind the one answered) are held here and go out in
@@ -595,6 +596,14 @@ class HttpProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # A FIN cannot be told apart from a client that went away, and apps rely on
         # http.disconnect to stop work nobody waits for (as with uvicorn): close.
+        # Unless requests read whole wait in the pipeline (`printf '...' | nc`): the
+        # FIN came after them, and with reading paused for them (as a longer pipeline
+        # still is) it would be read only once they are answered. So it is held: we
+        # read no more (read_paused), and where reading would resume, we close.
+        if self.pipeline and self.linger_until is None and not self.closed:
+            self.fin_held = True
+            self.read_paused = True  # (the transport reads nothing after a FIN either)
+            return True  # half-open: the answers still go out
         return None
 
     # -- write flow control -------------------------------------------------
@@ -630,6 +639,9 @@ class HttpProtocol(asyncio.Protocol):
                     self.loop.call_soon(self.feed_unparsed)
                 return
             self.read_paused = False
+            if self.fin_held:  # the FIN read behind the queued requests: now it closes
+                self.transport.close()  # (as eof_received returning None does)
+                return
             if not self.closed:
                 # the client was not at fault while we paused: its body clocks restart
                 now = self.loop.time()
@@ -1077,7 +1089,9 @@ class HttpProtocol(asyncio.Protocol):
         self.body_parts.clear()
         self.idle_since = None
         self.request_started = None
-        if transport.can_write_eof():
+        if self.fin_held:  # the client's FIN is read already: nothing to linger for
+            transport.close()
+        elif transport.can_write_eof():
             transport.write_eof()
             if self.read_paused:
                 self.read_paused = False

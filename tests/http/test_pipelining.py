@@ -5,6 +5,7 @@ the server does not perform."""
 from __future__ import annotations
 
 import hashlib
+import socket
 
 import pytest
 from httpkit import Conn, Served, pattern
@@ -249,3 +250,16 @@ def test_unperformed_upgrade_leaves_the_connection_usable(server: Served) -> Non
             second = conn.read_response()
             assert (second.status, second.body) == (200, b"xx")
 
+
+
+@pytest.mark.timeout(30)
+def test_pipelined_requests_then_a_half_close_are_all_answered(server: Served) -> None:
+    """`printf 'GET ...GET ...GET ...' | nc`: the client sends its requests and shuts
+    its side down (a FIN) before the first is answered; each is answered, in order,
+    then the server closes."""
+    with Conn.open(server.port) as conn:
+        conn.send(get("/slow?ms=50") + get("/sized?n=3") + get("/slow?ms=20"))
+        conn.sock.shutdown(socket.SHUT_WR)
+        bodies = [conn.read_response().body for _ in range(3)]
+        assert bodies == [b"slow 50", b"xxx", b"slow 20"]
+        assert conn.read_to_eof() == b""

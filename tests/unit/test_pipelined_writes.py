@@ -781,3 +781,19 @@ def test_a_client_that_pipelines_a_partial_head_and_never_reads_is_cut(
     assert not transport.aborted
     proto.check_timeouts(proto.write_paused_at + timeout)
     assert transport.aborted
+
+
+def test_a_fin_behind_queued_requests_closes_after_their_answers(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A FIN behind whole requests still queued keeps the connection half-open until
+    they are answered; with nothing queued, it closes at once (the app being answered
+    learns the client went: http.disconnect)."""
+    proto, transport = connect(loop, "asgi", asgi_sized)
+    proto.data_received(get("/?n=1") + get("/?n=2") + get("/?n=3"))
+    assert proto.eof_received()
+    run_until(loop, lambda: transport.eof)
+    assert bodies(transport.received) == [b"x", b"xx", b"xxx"]
+    proto, transport = connect(loop, "asgi", asgi_sized)
+    proto.data_received(get("/?n=1"))
+    assert not proto.eof_received()
+    run_until(loop, lambda: proto.cycle is None)  # (its app ends: no task left)
