@@ -211,7 +211,11 @@ class ASGICycle:
                         wait_pass = False
                         if proto.flush_scheduled:  # (as in start)
                             proto.task_unstarted = True
-                        await _next_pass()
+                        try:
+                            await _next_pass()
+                        except asyncio.CancelledError:
+                            cycle._never_run()  # (then _raised finds it answered)
+                            raise
                     await cycle.app(cycle.scope, cycle.receive, cycle.send)
                 except BaseException as exc:
                     if cycle._raised(exc):
@@ -241,6 +245,15 @@ class ASGICycle:
             # the task's last step: it leaves the set now, cheaper than a done
             # callback (one more pass of the loop) and as exact
             state.tasks.discard(task)
+
+    def _never_run(self) -> None:
+        """Cancelled (the drain's deadline) while waiting for its turn: its app never
+        saw it, so the client may safely send it again, to another worker."""
+        proto = self.proto
+        self.complete = True
+        proto.write(error_response(503, "Service Unavailable: this worker is stopping; retry",
+                                   proto.state.date_header, b"retry-after: 0\r\n"))
+        proto.response_done(self, keep_alive=False)
 
     def _returned_early(self) -> None:
         if self.started:

@@ -249,12 +249,13 @@ class ServerState:
             connection.drain()
 
 
-def error_response(status: int, message: str, date_header: bytes) -> bytes:
+def error_response(status: int, message: str, date_header: bytes, extra: bytes = b"") -> bytes:
     body = message.encode("utf-8", "replace") + b"\n"
     return b"".join(
         (
             status_line(status),
             date_header,
+            extra,
             b"content-type: text/plain; charset=utf-8\r\n",
             b"content-length: %d\r\n" % len(body),
             b"connection: close\r\n\r\n",

@@ -289,8 +289,9 @@ def test_a_pipelined_request_with_a_body_waits_for_its_turn_unread(
 def test_a_request_waiting_for_its_pass_at_the_drain_deadline_is_answered_and_never_run(
         loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the budget, a pipelined request waits for the next pass in the task of the
-    one before it; cancelled there (the drain's deadline), it gets an answer, the
-    connection closes, and its app never starts."""
+    one before it; cancelled there (the drain's deadline), its app never starts and it
+    is answered 503 with a retry-after (safe to send again: nothing ran), then the
+    connection closes."""
     from forkd.http import protocol
 
     monkeypatch.setattr(protocol, "CHAIN_BUDGET", 0)
@@ -312,8 +313,9 @@ def test_a_request_waiting_for_its_pass_at_the_drain_deadline_is_answered_and_ne
     run_until(loop, lambda: proto.state.in_progress() == 0)
     assert ran == ["/first"]
     assert bodies(transport.received)[0] == b"x"
-    assert transport.received.endswith(b"Internal Server Error\n") and transport.eof
-    assert proto.state.in_progress() == 0
+    answer = transport.received.split(b"\r\n\r\nx", 1)[1]
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"\r\nretry-after: 0\r\n" in answer
+    assert transport.eof and proto.state.in_progress() == 0
 
 
 @pytest.mark.parametrize("interface", sorted(APPS))
