@@ -488,7 +488,8 @@ class HttpProtocol(asyncio.Protocol):
                 except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
                     if self.parse_failed(exc, data, None, 0):
                         self.after_feed(data)
-                else:
+                else:  # (after_feed's three cases, tested here first: most reads,
+                    # whole bodiless requests, have none of them. Keep the two alike.)
                     if self.body_parts or self.head_open or self.chunked:
                         self.after_feed(data)
         finally:
@@ -550,7 +551,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def after_feed(self, data: bytes | memoryview) -> bool:
         """What a parsed slice leaves to do: its body bytes handed over, an unfinished
-        head's limits, a chunked body's framing; False once the connection refuses more."""
+        head's limits, a chunked body's framing; False once the connection refuses more.
+        (data_received calls it only if `body_parts or head_open or chunked`, its three
+        cases: a case added here must be added there too.)"""
         if self.body_parts:
             self.flush_body()
         if self.head_open:
@@ -770,9 +773,10 @@ class HttpProtocol(asyncio.Protocol):
             self.check_codings(codings)
         if content_length is not None and content_length > self.max_body:
             raise RequestError(413, "Content Too Large")
-        # An Upgrade other than a WebSocket's (ASGI) is not performed, and httptools drops
-        # every byte after an upgrade request: the connection cannot carry another request,
-        # so it closes after this one.
+        # An Upgrade other than a WebSocket's (ASGI) is not performed, and httptools stops
+        # parsing a read at an upgrade request (the rest of that read is dropped; later
+        # reads would be parsed, but the close after it stops them): the connection
+        # cannot carry another request, so it closes after this one.
         state = self.state
         upgrading = parser.should_upgrade()
         keep_alive = alive and not state.draining and not upgrading
