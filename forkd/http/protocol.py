@@ -1111,17 +1111,9 @@ class HttpProtocol(asyncio.Protocol):
             if now >= self.linger_until and self.transport is not None:
                 self.transport.abort()  # close() would wait on a client that reads nothing
             return
-        if self.awaiting_drain and now - self.write_paused_at >= config.header_timeout:
-            # the client has read nothing of its answers for that long (first: whatever
-            # else waits, e.g. a head we do not read while answers are owed)
-            self.abort()
-            return
-        if self.request_started is not None:
+        if self.request_started is not None and not self.read_paused:
             # a head arriving, whatever the connection does meanwhile (an endless head
-            # behind a long response is cut too); not while we do not read it because
-            # requests before it are still being answered (its clock restarts after)
-            if self.read_paused:
-                return
+            # behind a long response is cut too)
             if now - self.request_started >= config.header_timeout:
                 self.request_started = None
                 if self.cycle is None and not self.pipeline and not (self.url or self.headers):
@@ -1129,8 +1121,16 @@ class HttpProtocol(asyncio.Protocol):
                 else:
                     self.reject(408, "Request Timeout")
             return
-        if self.parsing is not None and self.pending_error is None:
+        if self.parsing is not None and self.pending_error is None and not self.read_paused:
             self.check_body_rate(now, config.header_timeout)
+            return
+        if self.awaiting_drain and now - self.write_paused_at >= config.header_timeout:
+            self.abort()  # the client has read nothing of its answers for that long
+            return
+        if self.request_started is not None or self.parsing is not None:
+            # a head or a body we do not read because requests before it are still being
+            # answered (its clocks restart after; a client that reads none of their
+            # answers is cut just above)
             return
         if self.idle_since is not None:
             limit = config.keepalive_timeout

@@ -769,13 +769,16 @@ def test_reading_pauses_while_the_client_does_not_read_and_answers_are_owed(
     assert bodies(transport.received)[2] == b"xx" and not transport.eof
 
 
-def test_a_client_that_pipelines_a_partial_head_and_never_reads_is_cut(
-        loop: asyncio.AbstractEventLoop) -> None:
-    """/big, a full pipeline and the start of one more head, then it reads nothing: the
-    head's clock stops (we do not read it while answers are owed), but the client that
-    reads none of its answers for --header-timeout is cut all the same."""
+@pytest.mark.parametrize("rest", [get("/?n=1") * MAX_PIPELINE + b"GET /y HTTP/1.1\r\nHo",
+                                  b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 9\r\n\r\nhal"])
+def test_a_client_that_pipelines_a_partial_request_and_never_reads_is_cut(
+        loop: asyncio.AbstractEventLoop, rest: bytes) -> None:
+    """/big, then a full pipeline and the start of one more head, or a request with
+    part of its body; then it reads nothing: the clock of that head or body stops (we
+    do not read it while answers are owed), but the client that reads none of its
+    answers for --header-timeout is cut all the same."""
     proto, transport = connect(loop, "asgi", asgi_big)
-    proto.data_received(get("/big") + get("/?n=1") * MAX_PIPELINE + b"GET /y HTTP/1.1\r\nHo")
+    proto.data_received(get("/big") + rest)
     run_until(loop, lambda: proto.awaiting_drain)
     assert not transport.reading
     timeout = proto.state.config.header_timeout
@@ -799,3 +802,26 @@ def test_a_fin_behind_queued_requests_closes_after_their_answers(
     proto.data_received(get("/?n=1"))
     assert not proto.eof_received()
     run_until(loop, lambda: proto.cycle is None)  # (its app ends: no task left)
+
+
+def test_a_client_sending_its_body_is_not_cut_for_not_reading_an_early_answer(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The app answers (at length) before reading the body; the client sends its whole
+    body before it reads (as most do): while the body keeps arriving it is not cut
+    for reading nothing; once the body stalls, it is."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"%d" % BIG)]})
+        await send({"type": "http.response.body", "body": b"b" * BIG})
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n"
+                        % (64 << 20) + b"a" * 65536)
+    run_until(loop, lambda: proto.awaiting_drain)
+    timeout = proto.state.config.header_timeout
+    proto.data_received(b"a" * 65536)
+    proto.check_timeouts(proto.write_paused_at + timeout)
+    assert not transport.aborted and not transport.eof
+    proto.check_timeouts(proto.body_activity + 2 * timeout)
+    assert transport.eof  # (a 408 for the stalled body, and the close)
