@@ -321,6 +321,7 @@ class HttpProtocol(asyncio.Protocol):
         "at_boundary", "awaiting_drain", "blank_bytes", "body_activity", "body_length",
         "body_parts", "body_received", "chain_scheduled", "chained", "chunked", "client",
         "closed", "context", "corked", "cycle", "drain_waiter", "ending", "feed_scheduled",
+        "fin_held",
         "flush_scheduled", "head_open", "head_size", "headers", "heads", "idle_since",
         "in_trailers", "limit_field", "limit_fields", "limit_head", "limit_line",
         "limit_line_open", "line_bytes", "linger_until", "loop", "max_body", "metrics",
