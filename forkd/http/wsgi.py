@@ -485,8 +485,9 @@ class WSGICycle:
                         pending.append(chunk)
                 if not inline and not hasattr(result, "close"):
                     self.ending = 1
-            elif inline:
-                # A streamed body's blocks may be slow to come: iterate it on a thread.
+            elif inline and self.pool.size:
+                # A streamed body's blocks may be slow to come: iterate it on a thread
+                # (with --threads 0 there is none: it is iterated here, as the app ran).
                 took = time.perf_counter() - started
                 self.inline = False
                 ended = False  # _stream closes the result and ends the call

@@ -106,6 +106,21 @@ def test_flask_app_and_wsgi_access_log(flask: Served) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_flask_app_without_threads(serve) -> None:
+    """--threads 0 (every call on the loop's thread): Flask's results are not lists (a
+    ClosingIterator), and each is answered, kept-alive connection and all."""
+    app = serve("flask_app:app", "--threads", "0")
+    with Conn.open(app.port) as conn:
+        for path in ("/pid", "/stream?n=50", "/teapot", "/nowhere"):
+            conn.send(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        answers = [conn.read_response() for _ in range(4)]
+    assert [a.status for a in answers] == [200, 200, 418, 404]
+    assert b'"pid"' in answers[0].body
+    assert answers[1].body == b"".join(b"line %d\n" % i for i in range(50))
+    assert answers[2].body == b"short and stout"
+
+
+@pytest.mark.timeout(30)
 def test_flask_stream_cut_by_its_client_is_not_an_error(flask: Served) -> None:
     with Conn.open(flask.port) as conn:
         conn.send(b"GET /stream?n=200000 HTTP/1.1\r\nHost: t\r\n\r\n")

@@ -241,3 +241,83 @@ def test_a_call_that_waited_on_a_slow_upload_teaches_its_route_nothing(
         assert pool.routes.get(b"/up", 0) >= 0  # still learning, not kept off for good
     finally:
         pool.shutdown()
+
+
+# -- --threads 0: no thread at all, every call (and its result's blocks) on the loop --
+
+class Streamed:
+    """A streamed result (as Flask's and Django's are: no list), counting its close()."""
+
+    def __init__(self, blocks: list[bytes], fail_after: int | None = None) -> None:
+        self.blocks = blocks
+        self.fail_after = fail_after
+        self.closed = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for i, block in enumerate(self.blocks):
+            if i == self.fail_after:
+                raise ValueError("boom")
+            yield block
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def threadless(loop: asyncio.AbstractEventLoop, result: Streamed
+               ) -> tuple[ServerState, HttpProtocol, Transport]:
+    def app(environ: dict[str, Any], start_response: Any) -> Streamed:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return result
+
+    state = ServerState(Config(app="test", interface="wsgi", threads=0), loop)
+    pool = WSGIPool(loop, 0, "auto")  # what --threads 0 makes
+    state.cycle_factory = WSGICycle.bind(app, pool, "")
+    proto = HttpProtocol(state)
+    transport = Transport()
+    transport.protocol = proto
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    return state, proto, transport
+
+
+def test_without_threads_a_streamed_result_is_answered(loop: asyncio.AbstractEventLoop
+                                                        ) -> None:
+    result = Streamed([b"one ", b"two ", b"three"])
+    state, proto, transport = threadless(loop, result)
+    proto.data_received(get("/") + get("/"))
+    run_until(loop, lambda: transport.received.count(b"0\r\n\r\n") == 2, timeout=2)
+    answers = transport.received.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    assert [a.partition(b"\r\n\r\n")[2] for a in answers] == [
+        b"4\r\none \r\n4\r\ntwo \r\n5\r\nthree\r\n0\r\n\r\n"] * 2
+    assert result.closed == 2  # once per call
+    assert state.calls == 0  # both over: a drain does not wait for them
+    assert not transport.aborted and not transport.eof
+
+
+@pytest.mark.parametrize("fail_after", [0, 1])
+def test_without_threads_a_streamed_result_that_raises_ends_its_call(
+        loop: asyncio.AbstractEventLoop, fail_after: int) -> None:
+    """Before any block: a 500. After one: the connection is cut (the client sees no
+    complete answer). Either way close() runs once, the call is over and the
+    worker serves the next connection."""
+    result = Streamed([b"one ", b"two "], fail_after=fail_after)
+    state, proto, transport = threadless(loop, result)
+    proto.data_received(get("/"))
+    run_until(loop, lambda: transport.aborted or transport.eof, timeout=2)
+    if fail_after == 0:
+        assert transport.received.startswith(b"HTTP/1.1 500 ")
+    else:
+        assert transport.aborted  # (what was still corked goes with it)
+        assert b"0\r\n\r\n" not in transport.received  # no complete answer
+    assert result.closed == 1
+    assert state.calls == 0
+    after = Streamed([b"fine"])
+    next_proto = HttpProtocol(state)
+    next_transport = Transport()
+    next_transport.protocol = next_proto
+    state.cycle_factory = WSGICycle.bind(
+        lambda environ, start_response: (start_response("200 OK", []), after)[1],
+        WSGIPool(loop, 0, "auto"), "")
+    next_proto.connection_made(next_transport)  # type: ignore[arg-type]
+    next_proto.data_received(get("/"))
+    run_until(loop, lambda: next_transport.received.endswith(b"0\r\n\r\n"), timeout=2)
+    assert b"4\r\nfine\r\n0\r\n\r\n" in next_transport.received
