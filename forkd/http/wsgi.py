@@ -369,9 +369,9 @@ class WSGICycle:
             return
         if self.expect_continue:
             self.proto.send_continue()
-        if self.body_size > self.proto.state.config.wsgi_body_buffer:
+        if self.body_size > self.proto.state.config.wsgi_body_buffer and self.pool.size:
             self._stream_body()
-        else:
+        else:  # (with --threads 0 no thread could read it as it comes: it is read whole)
             self.wait_for_body = True
         self.proto.resume_reading()  # (paused if this request was pipelined)
 
@@ -430,7 +430,8 @@ class WSGICycle:
             return
         self.body.append(body)
         self.body_size += len(body)
-        if self.wait_for_body and self.body_size > self.proto.state.config.wsgi_body_buffer:
+        if (self.wait_for_body and self.body_size > self.proto.state.config.wsgi_body_buffer
+                and self.pool.size):
             self._stream_body()
 
     def body_complete(self) -> None:

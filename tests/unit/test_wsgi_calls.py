@@ -321,3 +321,29 @@ def test_without_threads_a_streamed_result_that_raises_ends_its_call(
     next_proto.data_received(get("/"))
     run_until(loop, lambda: next_transport.received.endswith(b"0\r\n\r\n"), timeout=2)
     assert b"4\r\nfine\r\n0\r\n\r\n" in next_transport.received
+
+
+def test_without_threads_a_body_past_the_buffer_is_read_whole(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Past --wsgi-body-buffer a thread reads the body as it comes; with --threads 0
+    there is none, so the loop reads it whole (up to --max-body-size) and the app runs."""
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+    state = ServerState(Config(app="test", interface="wsgi", threads=0, wsgi_body_buffer=4),
+                        loop)
+    state.cycle_factory = WSGICycle.bind(app, WSGIPool(loop, 0, "auto"), "")
+    for first, second in ((b"12345678", b"abcdefgh"), (b"12", b"345678abcdefgh")):
+        proto = HttpProtocol(state)
+        transport = Transport()
+        transport.protocol = proto
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        proto.data_received(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 16\r\n\r\n"
+                            + first)
+        run_until(loop, lambda: True)
+        proto.data_received(second)
+        run_until(loop, lambda: bool(bodies(transport.received)), timeout=2)
+        assert bodies(transport.received) == [b"12345678abcdefgh"]
+        assert state.calls == 0
