@@ -549,7 +549,9 @@ class WSGICycle:
             self._log_access()
 
     def _failed(self, exc: BaseException) -> None:
-        path = self.environ["PATH_INFO"]
+        # (the raw path, not the environ's PATH_INFO: the app may have changed or
+        # removed that, and a lookup raising here would lose the answer)
+        path = self.route.decode("latin-1")
         if isinstance(exc, OSError) and self.disconnected:
             # an ordinary disconnect: the app stopped on being told, not an error
             log.info("%s %s ended by %s: the client disconnected", self.method, path,
@@ -737,7 +739,7 @@ class WSGICycle:
         if writer.overrun and not self.overrun_logged:
             self.overrun_logged = True
             log.warning("WSGI app sent more than its content-length for %s %s: cut, "
-                        "the connection closes", self.method, self.environ["PATH_INFO"])
+                        "the connection closes", self.method, self.route.decode("latin-1"))
         if final and self.inline:  # (the usual end: on the loop's thread, written now;
             proto = self.proto  # _write_final, inline)
             if data:

@@ -347,3 +347,41 @@ def test_without_threads_a_body_past_the_buffer_is_read_whole(
         run_until(loop, lambda: bool(bodies(transport.received)), timeout=2)
         assert bodies(transport.received) == [b"12345678abcdefgh"]
         assert state.calls == 0
+
+
+def test_an_app_that_removes_path_info_then_raises_gets_its_500(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The error's log line names the request by its raw path, not by the environ the
+    app may have changed: more such calls than threads, each answered 500, and the
+    next request still answered."""
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/bad":
+            del environ["PATH_INFO"]
+            raise ValueError("boom")
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    state = ServerState(Config(app="test", interface="wsgi"), loop)
+    pool = WSGIPool(loop, 1, "never")
+    state.cycle_factory = WSGICycle.bind(app, pool, "")
+
+    def conn(path: str) -> Transport:
+        proto = HttpProtocol(state)
+        transport = Transport()
+        transport.protocol = proto
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        proto.data_received(get(path))
+        return transport
+
+    try:
+        for _ in range(3):
+            bad = conn("/bad")
+            run_until(loop, lambda: bad.eof, timeout=2)  # noqa: B023 (waited for here)
+            assert bad.received.startswith(b"HTTP/1.1 500 ")
+        good = conn("/good")
+        run_until(loop, lambda: bool(bodies(good.received)), timeout=2)
+        assert bodies(good.received) == [b"ok"]
+        run_until(loop, lambda: settled(pool))
+        assert state.calls == 0
+    finally:
+        pool.shutdown()
