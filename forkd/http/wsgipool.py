@@ -339,7 +339,10 @@ class WSGIPool:
                 return
             fn, arg = item
             self.last_start = busy_since[me] = time.perf_counter()
-            fn(arg)
+            try:
+                fn(arg)
+            except BaseException as exc:  # (a bug of ours: the thread and its count live)
+                _log.error("exception in a WSGI pool thread's call", exc_info=exc)
             with self.lock:
                 del busy_since[me]
                 if self.idle >= 0 and len(self.threads) > self.limit:
@@ -349,6 +352,7 @@ class WSGIPool:
                 self.idle += 1
 
 
+_log = logging.getLogger("forkd.http")
 _clock = time.monotonic  # (the probation's clock; tests move it)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -363,4 +364,34 @@ def test_a_thread_past_the_floor_starts_only_when_every_thread_is_blocked(
         assert len(pool.threads) == wsgipool.FLOOR + 1
     finally:
         release.set()
+        pool.shutdown()
+
+
+@pytest.mark.timeout(30)
+def test_a_call_that_raises_leaves_its_thread_serving(loop: asyncio.AbstractEventLoop,
+                                                      caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    """A call that raises out of the pool's thread (a bug of the server's: an app's
+    exceptions are caught in the call) is logged; the thread lives and takes the next
+    calls, its bookkeeping as before."""
+    pool = WSGIPool(loop, 1, "never")
+    done = threading.Event()
+
+    def broken(arg: Any) -> None:
+        raise KeyError(arg)
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="forkd.http"):
+            for i in range(3):
+                pool.submit(broken, i)
+            pool.submit(lambda arg: done.set(), None)
+            assert done.wait(10), "the call after the failed ones never ran"
+        assert [t.is_alive() for t in pool.threads] == [True]
+        deadline = time.monotonic() + 10
+        while pool.idle != 1 or pool.busy_since:
+            assert time.monotonic() < deadline, (pool.idle, pool.busy_since)
+            time.sleep(0.001)
+        assert [r.getMessage() for r in caplog.records].count(
+            "exception in a WSGI pool thread's call") == 3
+    finally:
         pool.shutdown()
