@@ -28,6 +28,7 @@ _NO_HEADERS: list[tuple[str, str]] = []  # (never changed: until start_response)
 # the request's fields that say how its body comes (bytes compares are slow in 3.11)
 _BODY_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"expect"))
 MAX_IN_FLIGHT = 4  # response blocks handed to the loop and not yet written, at most
+_ENDED: list[bytes] = []  # a cycle's `pending` once its response ended (never changed)
 _SEQUENCES = (list, tuple)  # a result that is all there: one write, with a content-length
 
 
@@ -561,6 +562,7 @@ class WSGICycle:
         self.fail()
 
     def _close(self, result: Any) -> None:
+        self.pending = _ENDED  # (a write() from close() is refused)
         try:
             if result is not None and hasattr(result, "close"):
                 result.close()
@@ -589,6 +591,7 @@ class WSGICycle:
                 self.proto.write(data)
             return
         if final:
+            self.pending = _ENDED  # (a write() after this is refused)
             if self.ending == 1:
                 self.ending = 2
                 self.pool.to_loop(self._write_final_ended, data, keep_alive)
@@ -673,6 +676,8 @@ class WSGICycle:
 
     def write(self, data: bytes) -> None:
         """The write() callable, and each block of an iterable result: sent at once."""
+        if self.pending is _ENDED:  # (say, from the result's close(): past the end)
+            raise RuntimeError("write() after the response ended")
         self.gather(data)
         self._flush(final=False)
 

@@ -5,6 +5,7 @@ only after close() returned when it has."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -383,5 +384,70 @@ def test_an_app_that_removes_path_info_then_raises_gets_its_500(
         assert bodies(good.received) == [b"ok"]
         run_until(loop, lambda: settled(pool))
         assert state.calls == 0
+    finally:
+        pool.shutdown()
+
+
+class LateGen:
+    """A streamed result whose close() calls the write() start_response gave."""
+
+    def __init__(self, write: Any) -> None:
+        self.write = write
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"hello"
+
+    def close(self) -> None:
+        self.write(b"LATE")
+
+
+class LateList(list[bytes]):
+    def close(self) -> None:
+        self.write(b"LATE")  # type: ignore[attr-defined]
+
+
+def late_app(environ: dict[str, Any], start_response: Any) -> Any:
+    write = start_response("200 OK", [])
+    if environ["QUERY_STRING"] == "list":
+        result = LateList([b"hello"])
+        result.write = write  # type: ignore[attr-defined]
+        return result
+    return LateGen(write)
+
+
+@pytest.mark.parametrize("threads", [2, 0])
+@pytest.mark.parametrize("kind", ["gen", "list"])
+def test_a_write_after_the_response_ended_is_refused(
+        loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture, threads: int,
+        kind: str) -> None:
+    """write() from the result's close() comes after the response's end: it is the
+    app's error, logged, and nothing of it reaches the connection, whose next
+    response is as clean as the first."""
+    state = ServerState(Config(app="test", interface="wsgi", threads=threads), loop)
+    pool = WSGIPool(loop, threads, "never" if threads else "auto")
+    state.cycle_factory = WSGICycle.bind(late_app, pool, "")
+    proto = HttpProtocol(state)
+    transport = Transport()
+    transport.protocol = proto
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    try:
+        with caplog.at_level(logging.ERROR, logger="forkd.http"):
+            proto.data_received(get("/?" + kind))
+            run_until(loop, lambda: state.calls == 0 and transport.received.count(
+                b"HTTP/1.1 ") == 1, timeout=2)
+            proto.data_received(get("/?" + kind))
+            run_until(loop, lambda: state.calls == 0 and transport.received.count(
+                b"HTTP/1.1 ") == 2, timeout=2)
+        if kind == "gen":
+            one = b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        else:
+            one = b"content-length: 5\r\n\r\nhello"
+        answers = transport.received.split(b"HTTP/1.1 200 OK\r\n")
+        assert answers[0] == b""
+        assert [a.partition(b"\r\n")[2] for a in answers[1:]] == [one, one]
+        errors = [r for r in caplog.records if r.exc_info]
+        assert [str(r.exc_info[1]) for r in errors if r.exc_info] == [
+            "write() after the response ended"] * 2
+        assert not transport.aborted and not transport.eof
     finally:
         pool.shutdown()
