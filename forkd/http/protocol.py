@@ -317,7 +317,7 @@ class HttpProtocol(asyncio.Protocol):
     # `__dict__` slot keeps any other attribute working, only slower: add new ones here
     # (tests/unit/test_protocol_slots.py says which are missing).
     __slots__ = (
-        "__dict__",
+        "__dict__", "__weakref__",
         "at_boundary", "awaiting_drain", "blank_bytes", "body_activity", "body_length",
         "body_parts", "body_received", "chain_scheduled", "chained", "chunked", "client",
         "closed", "context", "corked", "cycle", "drain_waiter", "ending", "feed_scheduled",

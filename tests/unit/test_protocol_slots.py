@@ -7,6 +7,8 @@ nothing in that dict."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,3 +61,16 @@ def test_a_connection_that_served_requests_has_no_attribute_outside_the_slots(
     run_until(loop, lambda: len(bodies(transport.received)) == 5)
     assert bodies(transport.received) == [b"got ", b"got abc", b"got de", b"got ", b"got "]
     assert vars(proto) == {}, "add these to HttpProtocol.__slots__"
+
+
+def test_a_connection_can_be_weakly_referenced(loop: asyncio.AbstractEventLoop) -> None:
+    """As before its attributes moved to slots: code that tracks connections (a
+    WeakSet of them, a weakref callback) keeps working, and the reference dies with
+    the connection."""
+    state = ServerState(Config(app="test", interface="wsgi"), loop)
+    proto = HttpProtocol(state)
+    ref = weakref.ref(proto)
+    assert ref() is proto
+    del proto
+    gc.collect()
+    assert ref() is None
