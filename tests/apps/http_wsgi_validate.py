@@ -124,6 +124,11 @@ def _dispatch(environ, start_response):
         _read_body(environ)
         document = {k: v for k, v in environ.items() if isinstance(v, str)}
         return _respond(start_response, json.dumps(document).encode(), "application/json")
+    if path == "/environ-mutate":  # what an app may do to its own environ
+        environ["app.mark"] = "left by the app"
+        environ["SERVER_NAME"] = "changed.example"
+        environ.pop("REMOTE_ADDR")
+        return _respond(start_response, b"mutated")
     if path == "/echo":
         return _respond(start_response, _read_body(environ))
     if path == "/lines":

@@ -93,6 +93,39 @@ def test_wsgi_client_and_scheme_follow_each_request_of_a_kept_alive_connection(
     assert seen == [expected for _, expected in asked]
 
 
+def test_wsgi_scheme_alone_follows_each_request_of_a_kept_alive_connection(
+        wsgi: Served) -> None:
+    """The scheme half of the connection's environ key: the same client, its
+    proxy's https for one request only."""
+    sock = socket.create_connection(("127.0.0.1", wsgi.port), timeout=5,
+                                    source_address=("127.0.0.2", 0))
+    with Conn(sock) as conn:
+        seen = []
+        for headers in (b"X-Forwarded-Proto: https\r\n", b""):
+            conn.send(b"GET /environ HTTP/1.1\r\nHost: test\r\n" + headers + b"\r\n")
+            environ = conn.read_response().json()
+            seen.append((environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]))
+    assert seen == [("127.0.0.2", "https"), ("127.0.0.2", "http")]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", ["always", "never"])  # inline, threaded
+def test_wsgi_an_apps_changes_to_its_environ_stay_in_its_request(serve, mode: str) -> None:
+    """Each request of a kept-alive connection starts from the connection's environ
+    keys: what the app added, changed or removed on one is gone on the next."""
+    served = serve("http_wsgi_validate:app", "--wsgi-inline", mode)
+    with Conn.open(served.port) as conn:
+        conn.send(b"GET /environ HTTP/1.1\r\nHost: test\r\n\r\n")
+        before = conn.read_response().json()
+        conn.send(b"GET /environ-mutate HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert conn.read_response().body == b"mutated"
+        conn.send(b"GET /environ HTTP/1.1\r\nHost: test\r\n\r\n")
+        after = conn.read_response().json()
+    assert "app.mark" not in after
+    assert (after["SERVER_NAME"], after["REMOTE_ADDR"]) == ("127.0.0.1", "127.0.0.1")
+    assert after == before
+
+
 def test_health_path_is_forkds_and_not_the_apps(asgi: Served) -> None:
     response = fetch(asgi.port, "/healthz")
     assert (response.status, response.body) == (200, b"ready\n")
