@@ -343,9 +343,8 @@ def test_without_threads_a_body_past_the_buffer_is_read_whole(
         proto.connection_made(transport)  # type: ignore[arg-type]
         proto.data_received(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 16\r\n\r\n"
                             + first)
-        run_until(loop, lambda: True)
         proto.data_received(second)
-        run_until(loop, lambda: bool(bodies(transport.received)), timeout=2)
+        run_until(loop, lambda t=transport: bool(bodies(t.received)), timeout=2)
         assert bodies(transport.received) == [b"12345678abcdefgh"]
         assert state.calls == 0
 
@@ -377,7 +376,7 @@ def test_an_app_that_removes_path_info_then_raises_gets_its_500(
     try:
         for _ in range(3):
             bad = conn("/bad")
-            run_until(loop, lambda: bad.eof, timeout=2)  # noqa: B023 (waited for here)
+            run_until(loop, lambda t=bad: t.eof, timeout=2)
             assert bad.received.startswith(b"HTTP/1.1 500 ")
         good = conn("/good")
         run_until(loop, lambda: bool(bodies(good.received)), timeout=2)
