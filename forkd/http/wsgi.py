@@ -566,7 +566,7 @@ class WSGICycle:
         try:
             if result is not None and hasattr(result, "close"):
                 result.close()
-        except Exception as exc:
+        except BaseException as exc:  # (as run() does: an app's SystemExit ends no worker)
             log.error("exception in the WSGI result's close()", exc_info=exc)
         finally:
             if self.inline:
@@ -747,6 +747,7 @@ class WSGICycle:
                         "the connection closes", self.method, self.route.decode("latin-1"))
         if final and self.inline:  # (the usual end: on the loop's thread, written now;
             proto = self.proto  # _write_final, inline)
+            self.pending = _ENDED  # (a write() kept by the app is refused from now on)
             if data:
                 proto.write(data)
             proto.response_done(self, writer.keep_alive and not unread)

@@ -450,3 +450,87 @@ def test_a_write_after_the_response_ended_is_refused(
         assert not transport.aborted and not transport.eof
     finally:
         pool.shutdown()
+
+
+def keeping_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """/keep keeps its write(); /late calls the kept one and answers what it got."""
+    if environ["PATH_INFO"] == "/keep":
+        keeping_app.kept = start_response("200 OK", [])  # type: ignore[attr-defined]
+        return [b"kept"]
+    try:
+        keeping_app.kept(b"LATE")  # type: ignore[attr-defined]
+        answer = b"accepted"
+    except RuntimeError as exc:
+        answer = str(exc).encode()
+    start_response("200 OK", [])
+    return [answer]
+
+
+@pytest.mark.parametrize(("threads", "inline"), [(0, "auto"), (2, "always"), (2, "never")])
+def test_a_kept_write_of_an_ended_list_response_is_refused(
+        loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture, threads: int,
+        inline: str) -> None:
+    """An app that keeps the write() of a plain list response and calls it later gets
+    an error, on every path (inline or threaded): nothing goes to the connection and
+    no content-length overrun is reported for a response that ended cleanly."""
+    state = ServerState(Config(app="test", interface="wsgi", threads=threads), loop)
+    pool = WSGIPool(loop, threads, inline)
+    state.cycle_factory = WSGICycle.bind(keeping_app, pool, "")
+    proto = HttpProtocol(state)
+    transport = Transport()
+    transport.protocol = proto
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    try:
+        with caplog.at_level(logging.WARNING, logger="forkd.http"):
+            proto.data_received(get("/keep"))
+            run_until(loop, lambda: state.calls == 0 and transport.received.count(
+                b"HTTP/1.1 ") == 1, timeout=2)
+            proto.data_received(get("/late"))
+            run_until(loop, lambda: state.calls == 0 and transport.received.count(
+                b"HTTP/1.1 ") == 2, timeout=2)
+        answers = transport.received.split(b"HTTP/1.1 200 OK\r\n")
+        assert [a.partition(b"\r\n\r\n")[2] for a in answers[1:]] == [
+            b"kept", b"write() after the response ended"]
+        assert not [r for r in caplog.records if "content-length" in r.getMessage()]
+        assert not transport.aborted and not transport.eof
+    finally:
+        pool.shutdown()
+
+
+class ExitingList(list[bytes]):
+    def close(self) -> None:
+        raise SystemExit(3)
+
+
+def exiting_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [])
+    return ExitingList([b"bye"]) if environ["PATH_INFO"] == "/exit" else [b"ok"]
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_system_exit_from_close_is_the_apps_error(
+        loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture,
+        threads: int) -> None:
+    """A result whose close() raises SystemExit is logged as the app's error, as an app
+    raising it is: the worker's loop goes on, and the next request is answered."""
+    state = ServerState(Config(app="test", interface="wsgi", threads=threads), loop)
+    pool = WSGIPool(loop, threads, "never" if threads else "auto")
+    state.cycle_factory = WSGICycle.bind(exiting_app, pool, "")
+    proto = HttpProtocol(state)
+    transport = Transport()
+    transport.protocol = proto
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    try:
+        with caplog.at_level(logging.ERROR, logger="forkd.http"):
+            proto.data_received(get("/exit"))
+            run_until(loop, lambda: state.calls == 0 and transport.received.count(
+                b"HTTP/1.1 ") == 1, timeout=2)
+            proto.data_received(get("/next"))
+            run_until(loop, lambda: state.calls == 0 and transport.received.count(
+                b"HTTP/1.1 ") == 2, timeout=2)
+        assert [a.partition(b"\r\n\r\n")[2] for a in transport.received.split(
+            b"HTTP/1.1 200 OK\r\n")[1:]] == [b"bye", b"ok"]
+        assert ["exception in the WSGI result's close()"] == [
+            r.getMessage() for r in caplog.records if r.exc_info]
+    finally:
+        pool.shutdown()
