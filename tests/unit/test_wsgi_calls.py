@@ -44,6 +44,19 @@ def connect(loop: asyncio.AbstractEventLoop, app: Any
     return state, pool, transport
 
 
+def serve_app(loop: asyncio.AbstractEventLoop, app: Any, threads: int, inline: str
+              ) -> tuple[ServerState, WSGIPool, HttpProtocol, Transport]:
+    """A connection to `app` on a pool of `threads` (`inline`: the pool's mode)."""
+    state = ServerState(Config(app="test", interface="wsgi", threads=threads), loop)
+    pool = WSGIPool(loop, threads, inline)
+    state.cycle_factory = WSGICycle.bind(app, pool, "")
+    proto = HttpProtocol(state)
+    transport = Transport()
+    transport.protocol = proto
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    return state, pool, proto, transport
+
+
 def test_a_list_result_ends_its_call_with_its_answer(loop: asyncio.AbstractEventLoop
                                                      ) -> None:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -422,13 +435,8 @@ def test_a_write_after_the_response_ended_is_refused(
     """write() from the result's close() comes after the response's end: it is the
     app's error, logged, and nothing of it reaches the connection, whose next
     response is as clean as the first."""
-    state = ServerState(Config(app="test", interface="wsgi", threads=threads), loop)
-    pool = WSGIPool(loop, threads, "never" if threads else "auto")
-    state.cycle_factory = WSGICycle.bind(late_app, pool, "")
-    proto = HttpProtocol(state)
-    transport = Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)  # type: ignore[arg-type]
+    state, pool, proto, transport = serve_app(
+        loop, late_app, threads, "never" if threads else "auto")
     try:
         with caplog.at_level(logging.ERROR, logger="forkd.http"):
             proto.data_received(get("/?" + kind))
@@ -473,13 +481,8 @@ def test_a_kept_write_of_an_ended_list_response_is_refused(
     """An app that keeps the write() of a plain list response and calls it later gets
     an error, on every path (inline or threaded): nothing goes to the connection and
     no content-length overrun is reported for a response that ended cleanly."""
-    state = ServerState(Config(app="test", interface="wsgi", threads=threads), loop)
-    pool = WSGIPool(loop, threads, inline)
-    state.cycle_factory = WSGICycle.bind(keeping_app, pool, "")
-    proto = HttpProtocol(state)
-    transport = Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)  # type: ignore[arg-type]
+    state, pool, proto, transport = serve_app(
+        loop, keeping_app, threads, inline)
     try:
         with caplog.at_level(logging.WARNING, logger="forkd.http"):
             proto.data_received(get("/keep"))
@@ -513,13 +516,8 @@ def test_a_system_exit_from_close_is_the_apps_error(
         threads: int) -> None:
     """A result whose close() raises SystemExit is logged as the app's error, as an app
     raising it is: the worker's loop goes on, and the next request is answered."""
-    state = ServerState(Config(app="test", interface="wsgi", threads=threads), loop)
-    pool = WSGIPool(loop, threads, "never" if threads else "auto")
-    state.cycle_factory = WSGICycle.bind(exiting_app, pool, "")
-    proto = HttpProtocol(state)
-    transport = Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)  # type: ignore[arg-type]
+    state, pool, proto, transport = serve_app(
+        loop, exiting_app, threads, "never" if threads else "auto")
     try:
         with caplog.at_level(logging.ERROR, logger="forkd.http"):
             proto.data_received(get("/exit"))
