@@ -326,7 +326,7 @@ class HttpProtocol(asyncio.Protocol):
         "in_trailers", "limit_field", "limit_fields", "limit_head", "limit_line",
         "limit_line_open", "line_bytes", "linger_until", "loop", "max_body", "metrics",
         "min_rate", "out", "out_complete", "out_size", "parser", "parsing", "peer_trusted",
-        "pending_error", "pipeline", "rate_bytes", "rate_since", "read_paused",
+        "pending_error", "pipeline", "queued_cycle", "rate_bytes", "rate_since", "read_paused",
         "req_client", "req_scheme", "request_started", "response_begun", "response_status",
         "scheme", "server", "state", "task_unstarted", "trailers", "transport", "unparsed",
         "upgrade", "url", "wire_body", "wire_limit", "write_paused", "write_paused_at",
@@ -397,6 +397,7 @@ class HttpProtocol(asyncio.Protocol):
         self.feed_scheduled = False
         self.awaiting_drain = False  # the next request waits for the client to read
         self.fin_held = False  # a FIN read behind queued requests: closes after them
+        self.queued_cycle: Cycle | None = None  # the last of them, read on for (above)
         self.write_paused_at = 0.0
         # Responses written while more are due at once (inside data_received, or while
         # pipelined requests wait behind the one answered) are held here and go out in
@@ -605,10 +606,16 @@ class HttpProtocol(asyncio.Protocol):
         # FIN came after them, and with reading paused for them (as a longer pipeline
         # still is) it would be read only once they are answered. So it is held: we
         # read no more (read_paused), and where reading would resume, we close.
-        if self.pipeline and self.linger_until is None and not self.closed:
+        # The same for the last of them once it is answered: reading resumed for it
+        # (its app reads its body) with its whole request read, so the FIN came after it.
+        if ((self.pipeline or (self.cycle is not None and self.cycle is self.queued_cycle
+                               and self.parsing is None))
+                and self.linger_until is None and not self.closed):
             self.fin_held = True
             self.read_paused = True  # (the transport reads nothing after a FIN either)
             return True  # half-open: the answers still go out
+        self.queued_cycle = None
+        self.flush()  # (whole answers held for a batch go out before the close)
         return None
 
     # -- write flow control -------------------------------------------------
@@ -643,10 +650,18 @@ class HttpProtocol(asyncio.Protocol):
                     self.feed_scheduled = True
                     self.loop.call_soon(self.feed_unparsed)
                 return
-            self.read_paused = False
-            if self.fin_held:  # the FIN read behind the queued requests: now it closes
-                self.transport.close()  # (as eof_received returning None does)
+            if self.fin_held:  # the FIN read behind the queued requests
+                if self.cycle is not None and self.parsing is None:
+                    # its app reads its body (Django's always does), all of it read:
+                    # its answer is still owed; response_done comes back here after it
+                    return
+                self.close_gracefully()  # (the answers held go out, then the close)
                 return
+            if self.cycle is not None and self.parsing is None:
+                # reading paused for requests queued behind this one, now answered: a
+                # FIN read while it is (its app reads its body) came after it too
+                self.queued_cycle = self.cycle
+            self.read_paused = False
             if not self.closed:
                 # the client was not at fault while we paused: its body clocks restart
                 now = self.loop.time()

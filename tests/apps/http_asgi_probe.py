@@ -1,7 +1,8 @@
 """An ASGI probe for the HTTP server tests (tests/http). Routes:
 
 /pid                   {"pid": ...}
-/echo                  the request body back, with `x-events`: how many http.request events it took
+/echo?ms=N             the request body back, with `x-events`: how many http.request events it took;
+                       with ms, N ms after reading it (as an app that works on the body does)
 /sized?n=N             N bytes of "x"; the server frames it (content-length)
 /stream?n=N&chunk=M    N deterministic bytes (see `pattern`) sent in M-byte pieces, no length
 /slow?ms=N             "slow N" after N ms
@@ -107,6 +108,8 @@ async def app(scope, receive, send) -> None:
         await _reply(send, 200, json.dumps({"pid": os.getpid()}).encode())
     elif path == "/echo":
         body, events = await _read_body(receive)
+        if "ms" in query:
+            await asyncio.sleep(int(query["ms"]) / 1000)
         await _reply(send, 200, body, [(b"x-events", b"%d" % events)])
     elif path == "/sized":
         await _reply(send, 200, b"x" * int(query.get("n", "0")))

@@ -256,10 +256,25 @@ def test_unperformed_upgrade_leaves_the_connection_usable(server: Served) -> Non
 def test_pipelined_requests_then_a_half_close_are_all_answered(server: Served) -> None:
     """`printf 'GET ...GET ...GET ...' | nc`: the client sends its requests and shuts
     its side down (a FIN) before the first is answered; each is answered, in order,
-    then the server closes."""
+    then the server closes. The last one's app reads its body (as Django's always
+    does, and then works on it), which must not close the connection before its answer."""
     with Conn.open(server.port) as conn:
-        conn.send(get("/slow?ms=50") + get("/sized?n=3") + get("/slow?ms=20"))
+        conn.send(get("/slow?ms=50") + get("/sized?n=3") + post("/echo?ms=20", b"ping"))
         conn.sock.shutdown(socket.SHUT_WR)
         bodies = [conn.read_response().body for _ in range(3)]
-        assert bodies == [b"slow 50", b"xxx", b"slow 20"]
+        assert bodies == [b"slow 50", b"xxx", b"ping"]
+        assert conn.read_to_eof() == b""
+
+
+@pytest.mark.timeout(30)
+def test_a_half_close_that_cuts_off_the_last_body_lets_the_whole_requests_be_answered(
+        server: Served) -> None:
+    """GET, GET, then a POST whose body the FIN cuts off: both GETs are answered, then
+    the server closes (the POST can never be whole)."""
+    with Conn.open(server.port) as conn:
+        conn.send(get("/slow?ms=50") + get("/sized?n=3")
+                  + b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nabc")
+        conn.sock.shutdown(socket.SHUT_WR)
+        bodies = [conn.read_response().body for _ in range(2)]
+        assert bodies == [b"slow 50", b"xxx"]
         assert conn.read_to_eof() == b""

@@ -804,6 +804,100 @@ def test_a_fin_behind_queued_requests_closes_after_their_answers(
     run_until(loop, lambda: proto.cycle is None)  # (its app ends: no task left)
 
 
+async def asgi_reads_first(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """As Django's ASGI handler (and Starlette reading a body) do: the whole body is
+    read before the answer, even an empty one; /slow takes a while first."""
+    if scope["path"] == "/slow":
+        await asyncio.sleep(0.05)
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"%d" % (len(body) + 2))]})
+    await send({"type": "http.response.body", "body": b"ok" + body})
+
+
+def test_a_fin_behind_queued_requests_waits_for_the_last_app_that_reads_its_body(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The last queued request's app reads its (empty) body before answering: that is
+    no reason to close before its answer; once it is out, the connection closes."""
+    proto, transport = connect(loop, "asgi", asgi_reads_first)
+    proto.data_received(get("/slow") + get("/b") + post("/c", b"cc"))
+    assert proto.eof_received()
+    run_until(loop, lambda: transport.eof)
+    assert bodies(transport.received) == [b"ok", b"ok", b"okcc"]
+    assert proto.state.in_progress() == 0 and proto.metrics.in_flight == 0
+
+
+def test_a_fin_read_once_the_last_queued_request_reads_its_body_waits_for_its_answer(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Reading paused for the queued requests (one has a body), so the FIN is read
+    only when the last of them is answered and its app reads its body: it still came
+    after that request, whose answer goes out before the close."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        if scope["path"] == "/c":
+            await started.wait()  # (works on the body meanwhile)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    started = asyncio.Event()
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/a") + post("/b", b"bb") + post("/c", b"cc"))
+    assert not transport.reading
+    run_until(loop, lambda: transport.reading)  # (the FIN, in the kernel, is read now)
+    assert not proto.pipeline and proto.cycle is not None
+    assert proto.eof_received()
+    started.set()
+    run_until(loop, lambda: transport.eof)
+    assert bodies(transport.received) == [b"ok", b"ok", b"ok"]
+    assert proto.state.in_progress() == 0
+
+
+def test_a_fin_that_cuts_a_queued_body_off_still_lets_the_whole_requests_be_answered(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """GET, GET, then a POST whose body the FIN cuts off: the two GETs are answered,
+    then the connection closes (the POST's app learns the client went)."""
+    proto, transport = connect(loop, "asgi", asgi_reads_first)
+    proto.data_received(get("/slow") + get("/b")
+                        + b"POST /c HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nabc")
+    proto.eof_received()
+    run_until(loop, lambda: transport.eof)
+    assert bodies(transport.received) == [b"ok", b"ok"]
+    proto.connection_lost(None)  # (what the transport's close leads to)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
+def test_a_fin_with_answers_held_for_a_batch_sends_them_before_the_close(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Answers held back to go out together when the FIN comes with nothing queued
+    (the request being answered still reads its body): they go out, then the close."""
+    proto, transport = connect(loop, "asgi", asgi_reads_first)
+    proto.data_received(get("/b") + get("/b")
+                        + b"POST /c HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nabc")
+    eof: asyncio.Future[bool | None] = loop.create_future()
+
+    def fin_when_held() -> None:
+        # the FIN comes in the pass where the two answers wait for the batch to go out
+        if proto.out and not proto.pipeline:
+            eof.set_result(proto.eof_received())
+            if eof.result() is None:
+                transport.close()  # (as a real transport does then, in that callback)
+        else:
+            loop.call_soon(fin_when_held)
+
+    loop.call_soon(fin_when_held)
+    assert loop.run_until_complete(asyncio.wait_for(eof, 5)) is None
+    proto.connection_lost(None)
+    assert bodies(transport.received) == [b"ok", b"ok"]
+    run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
 def test_a_client_sending_its_body_is_not_cut_for_not_reading_an_early_answer(
         loop: asyncio.AbstractEventLoop) -> None:
     """The app answers (at length) before reading the body; the client sends its whole
