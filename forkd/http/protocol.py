@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import fcntl
 import ipaddress
 import logging
 import re
 import resource
+import sys
+import termios
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
@@ -63,6 +66,8 @@ KNOWN_CODINGS = frozenset((b"chunked", b"gzip", b"x-gzip", b"deflate", b"compres
 LINGER_SECONDS = 2.0  # how long a closing connection reads and drops the client's leftovers
 FD_MARGIN = 32  # descriptors a worker keeps besides its connections (listeners, pipes, app)
 LOG_EVERY = 10.0  # seconds between summary lines of counted events (408s)
+# SIOCOUTQ (Linux: the same number as TIOCOUTQ): a socket's bytes not yet acknowledged
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request on an idle connection
 
 
@@ -330,6 +335,7 @@ class HttpProtocol(asyncio.Protocol):
         "req_client", "req_scheme", "request_started", "response_begun", "response_status",
         "scheme", "server", "state", "task_unstarted", "trailers", "transport", "unparsed",
         "upgrade", "url", "wire_body", "wire_limit", "write_paused", "write_paused_at",
+        "write_seen",
         "wsgi_base",
     )  # fmt: skip
 
@@ -398,7 +404,8 @@ class HttpProtocol(asyncio.Protocol):
         self.awaiting_drain = False  # the next request waits for the client to read
         self.fin_held = False  # a FIN read behind queued requests: closes after them
         self.queued_cycle: Cycle | None = None  # the last of them, read on for (above)
-        self.write_paused_at = 0.0
+        self.write_paused_at = 0.0  # when the client last read (see not_reading)
+        self.write_seen = 0  # the transport's write buffer size then
         # Responses written while more are due at once (inside data_received, or while
         # pipelined requests wait behind the one answered) are held here and go out in
         # one transport write: at the end of the read, with the last response queued,
@@ -622,6 +629,34 @@ class HttpProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         self.write_paused_at = self.state.now
+        self.write_seen = self.unsent()
+
+    def unsent(self) -> int:
+        """Bytes we wrote that the client has not taken yet: the transport's buffer and
+        the socket's send queue (which the transport refills only once a third of it
+        is free: megabytes on a fast link, so the buffer alone moves in large steps)."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        size = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and _OUTQ is not None:
+            try:
+                size += int.from_bytes(fcntl.ioctl(sock.fileno(), _OUTQ, bytes(4)),
+                                       sys.byteorder)
+            except (OSError, ValueError):
+                pass
+        return size
+
+    def not_reading(self, now: float, limit: float) -> bool:
+        """Has the client read nothing of what we buffered for `limit` seconds? Each
+        time the buffer is found smaller than at the last look, the clock restarts:
+        a client that reads a large answer slowly, but reads, is not cut."""
+        size = self.unsent()
+        if size < self.write_seen:
+            self.write_paused_at = now
+        self.write_seen = size
+        return now - self.write_paused_at >= limit
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -1140,7 +1175,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.parsing is not None and self.pending_error is None and not self.read_paused:
             self.check_body_rate(now, config.header_timeout)
             return
-        if self.awaiting_drain and now - self.write_paused_at >= config.header_timeout:
+        if self.awaiting_drain and self.not_reading(now, config.header_timeout):
             self.abort()  # the client has read nothing of its answers for that long
             return
         if self.request_started is not None or self.parsing is not None:

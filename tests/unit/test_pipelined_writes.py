@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,7 +15,13 @@ import pytest
 import uvloop
 
 from forkd.config import Config
-from forkd.http.protocol import FEED_SLICE, MAX_PIPELINE, OUT_LIMIT, HttpProtocol, ServerState
+from forkd.http.protocol import (
+    FEED_SLICE,
+    MAX_PIPELINE,
+    OUT_LIMIT,
+    HttpProtocol,
+    ServerState,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -53,6 +60,13 @@ class Transport:
         self.unread += len(data)
         if self.unread > HIGH_WATER and self.protocol is not None:
             self.protocol.pause_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return self.unread
+
+    def client_reads(self, size: int) -> None:
+        """Part of what is buffered: not enough for the protocol's writing to resume."""
+        self.unread -= size
 
     def client_reads_everything(self) -> None:
         self.unread = 0
@@ -921,3 +935,105 @@ def test_a_client_sending_its_body_is_not_cut_for_not_reading_an_early_answer(
     assert not transport.aborted and not transport.eof
     proto.check_timeouts(proto.body_activity + 2 * timeout)
     assert transport.eof  # (a 408 for the stalled body, and the close)
+
+
+def test_a_client_reading_a_large_answer_slowly_is_not_cut_one_reading_nothing_is(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """/big goes out in one message (Starlette's Response): the response is done while
+    the client has most of it still to read. A client that keeps reading, however
+    slowly, is not cut --header-timeout after the pause; once it stops, it is."""
+    proto, transport = behind_an_unread_answer(loop)
+    timeout = proto.state.config.header_timeout
+    start = proto.write_paused_at
+    for step in range(1, 5):  # a little of it per half --header-timeout
+        transport.client_reads(1000)
+        proto.check_timeouts(start + step * timeout / 2)
+        assert not transport.aborted
+    stopped = start + 2 * timeout
+    proto.check_timeouts(stopped + timeout / 2)
+    assert not transport.aborted
+    proto.check_timeouts(stopped + timeout)
+    assert transport.aborted
+
+
+SLOW_SIZE = 8 << 20
+
+
+async def asgi_large(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"%d" % SLOW_SIZE)]})
+    await send({"type": "http.response.body", "body": b"b" * SLOW_SIZE})  # one message
+
+
+def read_slowly(loop: asyncio.AbstractEventLoop, request: bytes, rate: int,
+                header_timeout: float) -> tuple[int, float, bool]:
+    """A real loopback client that asks for SLOW_SIZE bytes and reads `rate` bytes per
+    0.05 s (0: nothing): what it got, how long until the end, and whether that end was
+    a reset. The worker's clock ticks every 0.1 s."""
+    from forkd.http.asgi import ASGICycle
+
+    state = ServerState(Config(app="test", interface="asgi", header_timeout=header_timeout),
+                        loop)
+    state.cycle_factory = ASGICycle.bind(asgi_large, {}, "")
+
+    async def ticker() -> None:
+        while True:
+            state.tick()
+            await asyncio.sleep(0.1)
+
+    async def client() -> tuple[int, float, bool]:
+        server = await loop.create_server(lambda: HttpProtocol(state), "127.0.0.1", 0)
+        ticks = loop.create_task(ticker())
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        sock.setblocking(False)
+        got, reset, start = 0, False, loop.time()
+        try:
+            await loop.sock_connect(sock, server.sockets[0].getsockname())
+            await loop.sock_sendall(sock, request)
+            deadline = start + 20
+            while loop.time() < deadline:
+                await asyncio.sleep(0.05)
+                if not rate:
+                    if not state.connections:
+                        break  # (the server cut it)
+                    continue
+                want = rate
+                while want > 0:
+                    try:
+                        chunk = sock.recv(want)
+                    except BlockingIOError:
+                        break
+                    if not chunk:
+                        return got, loop.time() - start, False
+                    got += len(chunk)
+                    want -= len(chunk)
+                if got >= SLOW_SIZE:
+                    return got, loop.time() - start, False
+        except ConnectionResetError:
+            reset = True
+        finally:
+            sock.close()
+            ticks.cancel()
+            server.close()
+            await server.wait_closed()
+        return got, loop.time() - start, reset
+
+    return loop.run_until_complete(client())
+
+
+@pytest.mark.integration
+def test_a_slow_steady_reader_gets_a_large_answer_whole(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """8 MiB at about 2.6 MB/s (3 s) with --header-timeout 0.5: all of it arrives."""
+    got, took, reset = read_slowly(loop, get("/"), 128 * 1024, 0.5)
+    assert (got, reset) == (SLOW_SIZE, False), took
+
+
+@pytest.mark.integration
+def test_a_client_that_never_reads_a_large_answer_is_cut(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The same answer, never read: the connection is cut about --header-timeout (0.5 s)
+    after the client stopped taking bytes."""
+    got, took, _ = read_slowly(loop, get("/"), 0, 0.5)
+    assert took < 3
