@@ -648,15 +648,15 @@ class HttpProtocol(asyncio.Protocol):
                 pass
         return size
 
-    def not_reading(self, now: float, limit: float) -> bool:
-        """Has the client read nothing of what we buffered for `limit` seconds? Each
-        time the buffer is found smaller than at the last look, the clock restarts:
-        a client that reads a large answer slowly, but reads, is not cut."""
+    def unsent_now(self, now: float) -> int:
+        """`unsent`, and write_paused_at, when the client last took bytes: each time
+        less is unsent than at the last look, that clock restarts, so a client that
+        reads a large answer slowly, but reads, is not cut as one reading nothing."""
         size = self.unsent()
         if size < self.write_seen:
             self.write_paused_at = now
         self.write_seen = size
-        return now - self.write_paused_at >= limit
+        return size
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -1141,6 +1141,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.flush()  # (before the FIN, and before write() refuses more)
         self.linger_until = self.state.now + LINGER_SECONDS
+        self.write_paused_at = self.state.now  # (check_timeouts: the answer going out)
+        self.write_seen = 0
         self.unparsed = None
         self.body_parts.clear()
         self.idle_since = None
@@ -1159,7 +1161,17 @@ class HttpProtocol(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         config = self.state.config
         if self.linger_until is not None:
-            if now >= self.linger_until and self.transport is not None:
+            if self.transport is None:
+                return
+            if self.unsent_now(now):
+                # the last answer is still going out (large, to a slow reader): the
+                # linger starts once it is out; a client that takes none of it for
+                # --header-timeout is cut, as one reading none of its answers is
+                if now - self.write_paused_at >= config.header_timeout:
+                    self.transport.abort()
+                else:
+                    self.linger_until = now + LINGER_SECONDS
+            elif now >= self.linger_until:
                 self.transport.abort()  # close() would wait on a client that reads nothing
             return
         if self.request_started is not None and not self.read_paused:
@@ -1175,9 +1187,11 @@ class HttpProtocol(asyncio.Protocol):
         if self.parsing is not None and self.pending_error is None and not self.read_paused:
             self.check_body_rate(now, config.header_timeout)
             return
-        if self.awaiting_drain and self.not_reading(now, config.header_timeout):
-            self.abort()  # the client has read nothing of its answers for that long
-            return
+        if self.awaiting_drain:
+            self.unsent_now(now)
+            if now - self.write_paused_at >= config.header_timeout:
+                self.abort()  # the client has read nothing of its answers for that long
+                return
         if self.request_started is not None or self.parsing is not None:
             # a head or a body we do not read because requests before it are still being
             # answered (its clocks restart after; a client that reads none of their

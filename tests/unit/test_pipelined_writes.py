@@ -1037,3 +1037,15 @@ def test_a_client_that_never_reads_a_large_answer_is_cut(
     after the client stopped taking bytes."""
     got, took, _ = read_slowly(loop, get("/"), 0, 0.5)
     assert took < 3
+
+
+@pytest.mark.integration
+def test_a_slow_steady_reader_gets_a_large_closing_answer_whole(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The same with `Connection: close` (HTTP/1.0 clients, every answer of a draining
+    worker): the FIN and the linger after it wait until the answer is out, past the
+    linger's 2 s; a client that never reads it is still cut."""
+    got, took, reset = read_slowly(loop, get("/", b"Connection: close\r\n"), 128 * 1024, 0.5)
+    assert (got, reset) == (SLOW_SIZE, False), took
+    _, took, _ = read_slowly(loop, get("/", b"Connection: close\r\n"), 0, 0.5)
+    assert took < 3
