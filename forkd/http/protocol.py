@@ -617,7 +617,8 @@ class HttpProtocol(asyncio.Protocol):
         # (its app reads its body) with its whole request read, so the FIN came after it.
         if ((self.pipeline or (self.cycle is not None and self.cycle is self.queued_cycle
                                and self.parsing is None))
-                and self.linger_until is None and not self.closed):
+                and self.linger_until is None and not self.closed
+                and self.scheme != "https"):  # (TLS closes on a FIN whatever we return)
             self.fin_held = True
             self.read_paused = True  # (the transport reads nothing after a FIN either)
             return True  # half-open: the answers still go out
