@@ -404,8 +404,8 @@ class HttpProtocol(asyncio.Protocol):
         self.awaiting_drain = False  # the next request waits for the client to read
         self.fin_held = False  # a FIN read behind queued requests: closes after them
         self.queued_cycle: Cycle | None = None  # the last of them, read on for (above)
-        self.write_paused_at = 0.0  # when the client last read (see not_reading)
-        self.write_seen = 0  # the transport's write buffer size then
+        self.write_paused_at = 0.0  # when the client last took bytes (see unsent_now)
+        self.write_seen = 0  # what was unsent then (see unsent)
         # Responses written while more are due at once (inside data_received, or while
         # pipelined requests wait behind the one answered) are held here and go out in
         # one transport write: at the end of the read, with the last response queued,
