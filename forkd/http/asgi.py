@@ -43,7 +43,7 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
 def decode_path(raw_path: bytes) -> str:
     """The ASGI `path`: percent-decoded UTF-8; invalid bytes become U+FFFD (the exact
     bytes stay in `raw_path`)."""
-    if b"%" not in raw_path:
+    if raw_path.find(b"%") < 0:  # (not `b"%" in`: see wsgi.py's unquoting)
         return raw_path.decode("latin-1")  # llhttp lets only ASCII through
     return unquote_to_bytes(raw_path).decode("utf-8", "replace")
 
@@ -111,7 +111,7 @@ class ASGICycle:
             "scheme": proto.req_scheme,
             "method": method,
             "root_path": root_path,
-            "path": root_path + (raw_path.decode("latin-1") if b"%" not in raw_path
+            "path": root_path + (raw_path.decode("latin-1") if raw_path.find(b"%") < 0
                                  else decode_path(raw_path)),
             "raw_path": raw_path,
             "query_string": query,
