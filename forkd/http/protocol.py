@@ -693,10 +693,6 @@ class HttpProtocol(asyncio.Protocol):
                     return
                 self.close_gracefully()  # (the answers held go out, then the close)
                 return
-            if self.cycle is not None and self.parsing is None:
-                # reading paused for requests queued behind this one, now answered: a
-                # FIN read while it is (its app reads its body) came after it too
-                self.queued_cycle = self.cycle
             self.read_paused = False
             if not self.closed:
                 # the client was not at fault while we paused: its body clocks restart
@@ -1058,9 +1054,15 @@ class HttpProtocol(asyncio.Protocol):
 
     def next_request(self) -> None:
         if self.pipeline:
-            self.cycle = self.pipeline.popleft()
+            cycle = self.cycle = self.pipeline.popleft()
             self.response_begun = False
-            self.cycle.start()
+            if not self.pipeline and self.read_paused and self.parsing is None:
+                # the last of the queued requests, read whole while reading was paused
+                # for them: a FIN read while it is answered (its app reads its body, and
+                # reading resumes) came after it (see eof_received). Known only here: a
+                # pause for a large body (flush_body) is no such thing.
+                self.queued_cycle = cycle
+            cycle.start()
             return
         if self.pending_error is not None:
             status, message = self.pending_error

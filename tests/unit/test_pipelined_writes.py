@@ -912,6 +912,33 @@ def test_a_fin_with_answers_held_for_a_batch_sends_them_before_the_close(
     run_until(loop, lambda: proto.state.in_progress() == 0)
 
 
+def test_a_fin_after_a_large_body_read_at_once_is_a_disconnect(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """One POST whose 200 KiB body comes in one read (as from nginx): reading pauses
+    for the body (more than the app has taken), not for queued requests. The app reads
+    it and waits on receive(); the client closes: the FIN is not held, and the app gets
+    http.disconnect (the FIN could not have come after an answer nobody queued)."""
+    messages: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            messages.append(message)
+            if not message.get("more_body"):
+                break
+        messages.append(await asyncio.wait_for(receive(), 2))
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(post("/", b"a" * (200 * 1024)))
+    run_until(loop, lambda: bool(messages) and not messages[-1].get("more_body"))
+    assert sum(len(message["body"]) for message in messages) == 200 * 1024
+    assert not proto.eof_received()
+    transport.close()  # (what a transport does when eof_received returns None)
+    proto.connection_lost(None)
+    run_until(loop, lambda: messages[-1]["type"] == "http.disconnect", timeout=1)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
 def test_a_client_sending_its_body_is_not_cut_for_not_reading_an_early_answer(
         loop: asyncio.AbstractEventLoop) -> None:
     """The app answers (at length) before reading the body; the client sends its whole
