@@ -1017,6 +1017,8 @@ class HttpProtocol(asyncio.Protocol):
         if cycle is not self.cycle:
             return
         self.cycle = None
+        if cycle is self.queued_cycle:  # (answered: a FIN now is no longer held for it,
+            self.queued_cycle = None  # nor its request kept alive with the connection)
         if self.closed:
             return
         if self.heads:  # (RequestCounters.finish, inline: once per request)

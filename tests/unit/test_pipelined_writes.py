@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import socket
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -937,6 +939,34 @@ def test_a_fin_after_a_large_body_read_at_once_is_a_disconnect(
     proto.connection_lost(None)
     run_until(loop, lambda: messages[-1]["type"] == "http.disconnect", timeout=1)
     run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
+def test_the_last_queued_request_is_freed_once_answered(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The last of the queued requests is remembered while it is answered (a FIN then
+    is held for it); once answered, it is not kept alive with the connection: its
+    scope (and a WSGI environ's body) is freed while the connection serves on."""
+
+    class Held:
+        pass
+
+    refs: list[weakref.ref[Held]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/b":
+            scope["held"] = Held()  # (lives as long as the scope)
+            refs.append(weakref.ref(scope["held"]))
+        await asgi_reads_first(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.data_received(get("/a") + post("/b", b"bb"))
+    run_until(loop, lambda: len(bodies(transport.received)) == 2)
+    proto.data_received(get("/c"))
+    run_until(loop, lambda: len(bodies(transport.received)) == 3)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
+    gc.collect()
+    assert refs and refs[0]() is None
+    assert not transport.eof and not transport.aborted
 
 
 def test_a_client_sending_its_body_is_not_cut_for_not_reading_an_early_answer(
