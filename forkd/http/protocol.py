@@ -623,6 +623,11 @@ class HttpProtocol(asyncio.Protocol):
             self.read_paused = True  # (the transport reads nothing after a FIN either)
             return True  # half-open: the answers still go out
         self.queued_cycle = None
+        if self.cycle is not None and self.response_begun:
+            # the answer being written is cut (as abort does): its first part held here
+            # would go out with a clean close after it, which makes a close-delimited
+            # (HTTP/1.0) body look complete
+            del self.out[self.out_complete:]
         self.flush()  # (whole answers held for a batch go out before the close)
         return None
 
@@ -990,6 +995,7 @@ class HttpProtocol(asyncio.Protocol):
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
             self.out_size = 0
+            self.out_complete = 0  # (the current answer's later parts start a new batch)
             if not self.closed and self.transport is not None:
                 self.transport.write(data)
 

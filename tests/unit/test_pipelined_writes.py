@@ -1120,3 +1120,38 @@ def test_a_fin_on_tls_is_not_held(loop: asyncio.AbstractEventLoop) -> None:
     transport.close()
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
+def test_a_fin_on_tls_cuts_the_answer_being_written_off_whole(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The FIN (not held on TLS) comes while an answer is half written, its first part
+    held for a batch (a request is queued behind it): the whole answers before it go
+    out before the close, but nothing of the half one, which a clean close after it
+    could pass off as complete (an HTTP/1.0 body ends at the close)."""
+    results: list[bool | None] = []
+    messages: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] != "/half":
+            await asgi_sized(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"half", "more_body": True})
+        results.append(proto.eof_received())  # (the FIN comes now)
+        message = await receive()  # (its empty body, then the disconnect)
+        while message["type"] != "http.disconnect":
+            message = await receive()
+        messages.append(message)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.scheme = "https"
+    proto.data_received(get("/?n=1") + get("/half") + get("/?n=3"))
+    run_until(loop, lambda: bool(results))
+    assert results == [None]
+    transport.close()
+    proto.connection_lost(None)
+    run_until(loop, lambda: bool(messages))
+    assert messages == [{"type": "http.disconnect"}]
+    assert b"half" not in transport.received
+    assert bodies(transport.received) == [b"x"]
+    run_until(loop, lambda: proto.state.in_progress() == 0)
