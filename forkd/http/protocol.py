@@ -207,7 +207,15 @@ class ServerState:
         self.now = self.loop.time()
         self.date_header = b"date: " + formatdate(usegmt=True).encode("ascii") + b"\r\n"
         for connection in list(self.connections):
-            connection.check_timeouts(self.now)
+            try:
+                connection.check_timeouts(self.now)
+            except Exception:
+                # (a bug of ours must not stop the worker's heartbeat, which calls this:
+                # the primary would kill the worker and every connection with it)
+                log.exception("error checking a connection's timeouts: it is cut")
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abort()
         if (len(self.connections) >= self.fd_limit - FD_MARGIN
                 and self.now >= self.fd_full_at):
             log.warning("at the open files limit (%d): %d connections open, new ones are "
@@ -645,12 +653,13 @@ class HttpProtocol(asyncio.Protocol):
         if transport is None:
             return 0
         size = transport.get_write_buffer_size()
-        sock = transport.get_extra_info("socket")
-        if sock is not None and _OUTQ is not None:
-            try:
-                size += int.from_bytes(fcntl.ioctl(sock.fileno(), _OUTQ, bytes(4)),
-                                       sys.byteorder)
-            except (OSError, ValueError):
+        if _OUTQ is not None:
+            try:  # (the lookup too: from tick(), an exception would stop the heartbeat)
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    size += int.from_bytes(fcntl.ioctl(sock.fileno(), _OUTQ, bytes(4)),
+                                           sys.byteorder)
+            except Exception:  # (a transport closing under us: the buffer's size will do)
                 pass
         return size
 

@@ -1155,3 +1155,38 @@ def test_a_fin_on_tls_cuts_the_answer_being_written_off_whole(
     assert b"half" not in transport.received
     assert bodies(transport.received) == [b"x"]
     run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
+def test_a_transport_failing_to_name_its_socket_does_not_stop_the_heartbeat(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The worker's heartbeat runs tick(), which checks every connection's clocks: a
+    transport that raises when asked for its socket (one closing under us) leaves the
+    unsent count to its buffer, and tick goes on."""
+    proto, transport = behind_an_unread_answer(loop)
+
+    def get_extra_info(name: str, default: Any = None) -> Any:
+        if name == "socket":
+            raise RuntimeError("the transport is closed")
+        return default
+
+    transport.get_extra_info = get_extra_info  # type: ignore[method-assign]
+    proto.state.tick()
+    assert proto.unsent() == transport.unread and not transport.aborted
+
+
+def test_an_error_checking_one_connection_cuts_it_and_the_others_are_checked(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A bug of ours in one connection's check: that connection is cut and logged, the
+    heartbeat's tick still returns and checks the others (an idle one is closed)."""
+    broken, broken_transport = connect(loop, "asgi", asgi_sized)
+    idle, idle_transport = connect(loop, "asgi", asgi_sized)
+    state = broken.state
+    state.connections.add(idle)
+    idle.idle_since = loop.time() - idle.state.config.keepalive_timeout - 1
+
+    def fail(now: float) -> None:
+        raise ZeroDivisionError
+
+    broken.check_timeouts = fail  # type: ignore[method-assign]
+    state.tick()
+    assert broken_transport.aborted and idle_transport.eof
