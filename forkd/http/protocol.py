@@ -341,7 +341,8 @@ class HttpProtocol(asyncio.Protocol):
         "min_rate", "out", "out_complete", "out_size", "parser", "parsing", "peer_trusted",
         "pending_error", "pipeline", "queued_cycle", "rate_bytes", "rate_since", "read_paused",
         "req_client", "req_scheme", "request_started", "response_begun", "response_status",
-        "scheme", "server", "state", "task_unstarted", "trailers", "transport", "unparsed",
+        "scheme", "send_since", "send_taken", "server", "state", "task_unstarted", "trailers",
+        "transport", "unparsed",
         "upgrade", "url", "wire_body", "wire_limit", "write_paused", "write_paused_at",
         "write_seen",
         "wsgi_base",
@@ -414,6 +415,8 @@ class HttpProtocol(asyncio.Protocol):
         self.queued_cycle: Cycle | None = None  # the last of them, read on for (above)
         self.write_paused_at = 0.0  # when the client last took bytes (see unsent_now)
         self.write_seen = 0  # what was unsent then (see unsent)
+        self.send_since = 0.0  # the start of the answers' send-rate window (send_too_slow)
+        self.send_taken = 0  # bytes the client took in it
         # Responses written while more are due at once (inside data_received, or while
         # pipelined requests wait behind the one answered) are held here and go out in
         # one transport write: at the end of the read, with the last response queued,
@@ -670,8 +673,26 @@ class HttpProtocol(asyncio.Protocol):
         size = self.unsent()
         if size < self.write_seen:
             self.write_paused_at = now
+            self.send_taken += self.write_seen - size
         self.write_seen = size
         return size
+
+    def send_too_slow(self, now: float) -> bool:
+        """The client takes our answers (awaiting_drain, or the last one while lingering)
+        at less than --min-body-rate, judged over RATE_WINDOW and never sooner than
+        --header-timeout (so one taking nothing at all is still cut by that rule, no
+        sooner): it must not hold the connection and megabytes of buffered answer for
+        hours by taking one segment per --header-timeout, which that rule alone allows.
+        The request body's floor serves the answers too (as Kestrel's
+        MinResponseDataRate: 240 B/s); 0 turns both off."""
+        window = now - self.send_since
+        if not self.min_rate or window < max(RATE_WINDOW, self.state.config.header_timeout):
+            return False
+        if self.send_taken < self.min_rate * window:
+            return True
+        self.send_since = now
+        self.send_taken = 0
+        return False
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -1059,6 +1080,8 @@ class HttpProtocol(asyncio.Protocol):
             # the client is not reading what we wrote: the next request waits until it
             # does, so a client that pipelines and never reads cannot make us buffer
             self.awaiting_drain = True
+            self.send_since = self.state.now  # (its send rate is judged from now)
+            self.send_taken = 0
             if self.pipeline:  # and reads nothing more while answers are owed (as when
                 self.pause_reading()  # a request is being answered with more queued)
             return
@@ -1161,8 +1184,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.flush()  # (before the FIN, and before write() refuses more)
         self.linger_until = self.state.now + LINGER_SECONDS
-        self.write_paused_at = self.state.now  # (check_timeouts: the answer going out)
-        self.write_seen = 0
+        self.write_paused_at = self.send_since = self.state.now  # (check_timeouts: the
+        self.write_seen = self.send_taken = 0  # answer going out)
         self.unparsed = None
         self.body_parts.clear()
         self.idle_since = None
@@ -1186,8 +1209,10 @@ class HttpProtocol(asyncio.Protocol):
             if self.unsent_now(now):
                 # the last answer is still going out (large, to a slow reader): the
                 # linger starts once it is out; a client that takes none of it for
-                # --header-timeout is cut, as one reading none of its answers is
-                if now - self.write_paused_at >= config.header_timeout:
+                # --header-timeout is cut, as one reading none of its answers is, and
+                # so is one taking it too slowly
+                if (now - self.write_paused_at >= config.header_timeout
+                        or self.send_too_slow(now)):
                     self.transport.abort()
                 else:
                     self.linger_until = now + LINGER_SECONDS
@@ -1209,9 +1234,9 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.awaiting_drain:
             self.unsent_now(now)
-            if now - self.write_paused_at >= config.header_timeout:
-                self.abort()  # the client has read nothing of its answers for that long
-                return
+            if now - self.write_paused_at >= config.header_timeout or self.send_too_slow(now):
+                self.abort()  # the client has read nothing of its answers for that long,
+                return  # or too little (send_too_slow)
         if self.request_started is not None or self.parsing is not None:
             # a head or a body we do not read because requests before it are still being
             # answered (its clocks restart after; a client that reads none of their

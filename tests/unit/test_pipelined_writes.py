@@ -997,13 +997,13 @@ def test_a_client_sending_its_body_is_not_cut_for_not_reading_an_early_answer(
 def test_a_client_reading_a_large_answer_slowly_is_not_cut_one_reading_nothing_is(
         loop: asyncio.AbstractEventLoop) -> None:
     """/big goes out in one message (Starlette's Response): the response is done while
-    the client has most of it still to read. A client that keeps reading, however
-    slowly, is not cut --header-timeout after the pause; once it stops, it is."""
+    the client has most of it still to read. A client that keeps reading, slowly (above
+    --min-body-rate), is not cut --header-timeout after the pause; once it stops, it is."""
     proto, transport = behind_an_unread_answer(loop)
     timeout = proto.state.config.header_timeout
     start = proto.write_paused_at
-    for step in range(1, 5):  # a little of it per half --header-timeout
-        transport.client_reads(1000)
+    for step in range(1, 5):  # a little of it per half --header-timeout (600 B/s)
+        transport.client_reads(3000)
         proto.check_timeouts(start + step * timeout / 2)
         assert not transport.aborted
     stopped = start + 2 * timeout
@@ -1011,6 +1011,31 @@ def test_a_client_reading_a_large_answer_slowly_is_not_cut_one_reading_nothing_i
     assert not transport.aborted
     proto.check_timeouts(stopped + timeout)
     assert transport.aborted
+
+
+@pytest.mark.parametrize(("per_tick", "min_rate", "cut"), [
+    (100, 240, True),  # 200 B/s: below the floor
+    (300, 240, False),  # 600 B/s
+    (100, 0, False),  # --min-body-rate 0: no floor
+])
+def test_a_client_taking_its_answer_below_the_rate_floor_is_cut(
+        loop: asyncio.AbstractEventLoop, per_tick: int, min_rate: int, cut: bool) -> None:
+    """A client that takes a few bytes of /big each tick (0.5 s) is never cut for taking
+    nothing, but below --min-body-rate (240 B/s by default) it is, once the rate is
+    judged (--header-timeout after the answer was done), and not before."""
+    proto, transport = behind_an_unread_answer(loop)
+    proto.min_rate = min_rate
+    timeout = proto.state.config.header_timeout
+    start = proto.send_since
+    for tick in range(1, int(3 * timeout / 0.5) + 1):
+        transport.client_reads(per_tick)
+        now = start + tick * 0.5
+        proto.check_timeouts(now)
+        if transport.aborted:
+            break
+    assert transport.aborted == cut
+    if cut:  # (at the first tick once the window is --header-timeout long)
+        assert start + timeout - 0.01 < now < start + timeout + 0.51
 
 
 SLOW_SIZE = 8 << 20
