@@ -1206,11 +1206,12 @@ class HttpProtocol(asyncio.Protocol):
         if self.linger_until is not None:
             if self.transport is None:
                 return
-            if self.unsent_now(now):
-                # the last answer is still going out (large, to a slow reader): the
+            if self.unsent_now(now) > 1:  # (1: our FIN, which SIOCOUTQ counts until
+                # it is acknowledged: a client that vanished never does so)
+                # The last answer is still going out (large, to a slow reader): the
                 # linger starts once it is out; a client that takes none of it for
                 # --header-timeout is cut, as one reading none of its answers is, and
-                # so is one taking it too slowly
+                # so is one taking it too slowly.
                 if (now - self.write_paused_at >= config.header_timeout
                         or self.send_too_slow(now)):
                     self.transport.abort()

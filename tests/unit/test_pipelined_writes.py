@@ -1215,3 +1215,19 @@ def test_an_error_checking_one_connection_cuts_it_and_the_others_are_checked(
     broken.check_timeouts = fail  # type: ignore[method-assign]
     state.tick()
     assert broken_transport.aborted and idle_transport.eof
+
+
+def test_a_client_that_vanished_after_our_fin_is_cut_after_the_linger(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The answer is out and so is our FIN, which the socket counts as unsent until the
+    client acknowledges it: a client that vanished never does, and is cut when the
+    linger ends (2 s), not --header-timeout later."""
+    proto, transport = connect(loop, "asgi", asgi_sized)
+    proto.data_received(get("/?n=1", b"Connection: close\r\n"))
+    run_until(loop, lambda: transport.eof)
+    transport.unread = 1  # (all taken but the FIN)
+    start = proto.state.now
+    proto.check_timeouts(start + 1)
+    assert not transport.aborted
+    proto.check_timeouts(start + 2.5)
+    assert transport.aborted
