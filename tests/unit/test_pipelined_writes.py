@@ -178,15 +178,29 @@ def query(scope_or_environ: dict[str, Any]) -> dict[str, str]:
     return dict(part.split("=", 1) for part in raw.split("&") if "=" in part)
 
 
+async def read_body(receive: Any) -> bytes:
+    """The request's whole body, as an app reading it to the end gets it."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+def held_at_slow(release: asyncio.Event) -> Any:
+    """asgi_sized, except that /slow waits until `release` is set."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        await asgi_sized(scope, receive, send)
+    return app
+
+
 async def asgi_sized(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """?n=N: N bytes of x; POST: the body back."""
     if scope["method"] == "POST":
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
     else:
         body = b"x" * int(query(scope).get("n", "0"))
     await send({"type": "http.response.start", "status": 200,
@@ -282,13 +296,7 @@ def test_a_pipelined_request_with_a_body_waits_for_its_turn_unread(
     until then reading pauses, so its body clocks do not run for a wait the client did
     not cause."""
     release = asyncio.Event()
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["path"] == "/slow":
-            await release.wait()
-        await asgi_sized(scope, receive, send)
-
-    proto, transport = connect(loop, "asgi", app)
+    proto, transport = connect(loop, "asgi", held_at_slow(release))
     proto.data_received(get("/slow") + b"POST / HTTP/1.1\r\nHost: test\r\n"
                         b"Content-Length: 4\r\nExpect: 100-continue\r\n\r\n")
     loop.run_until_complete(asyncio.sleep(0.01))
@@ -547,13 +555,7 @@ def test_a_held_answer_goes_out_while_the_next_pipelined_app_waits(
 
     monkeypatch.setattr(protocol, "CHAIN_BUDGET", 0)
     release = asyncio.Event()
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["path"] == "/slow":
-            await release.wait()
-        await asgi_sized(scope, receive, send)
-
-    proto, transport = connect(loop, "asgi", app)
+    proto, transport = connect(loop, "asgi", held_at_slow(release))
     proto.data_received(get("/?n=1") + get("/?n=2") + get("/slow") + get("/?n=3"))
     run_until(loop, lambda: len(bodies(transport.received)) == 2)
     loop.run_until_complete(asyncio.sleep(0.01))
@@ -825,12 +827,7 @@ async def asgi_reads_first(scope: dict[str, Any], receive: Any, send: Any) -> No
     read before the answer, even an empty one; /slow takes a while first."""
     if scope["path"] == "/slow":
         await asyncio.sleep(0.05)
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", b"%d" % (len(body) + 2))]})
     await send({"type": "http.response.body", "body": b"ok" + body})
