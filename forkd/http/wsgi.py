@@ -470,6 +470,8 @@ class WSGICycle:
         inline = self.inline
         if inline:
             started = time.perf_counter()
+            if started > self.pool.look_due:  # (the waits for a CPU: wsgipool)
+                self.pool.look(started)
         else:
             wall, cpu = clocks()
         took = 0.0  # an inline call's own time: up to its answer, which may start the

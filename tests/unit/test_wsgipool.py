@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,8 +28,26 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+class CpuWaits:
+    """The loop thread's waits for a CPU so far (wsgipool._run_delay), moved by the test:
+    none unless a test says so, whatever the machine running the tests does."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def __call__(self, stats: int | None) -> float:
+        return self.total
+
+
 @pytest.fixture
-def pool(loop: asyncio.AbstractEventLoop) -> WSGIPool:
+def cpu_waits(monkeypatch: pytest.MonkeyPatch) -> CpuWaits:
+    waits = CpuWaits()
+    monkeypatch.setattr(wsgipool, "_run_delay", waits)
+    return waits
+
+
+@pytest.fixture
+def pool(loop: asyncio.AbstractEventLoop, cpu_waits: CpuWaits) -> WSGIPool:
     return WSGIPool(loop, 4, "auto")
 
 
@@ -61,6 +82,36 @@ def test_an_inline_call_that_blocked_long_sends_the_route_back(pool: WSGIPool) -
         pool.threaded_took(b"/a", *QUICK)
     pool.inline_took(b"/a", wsgipool.INLINE_LIMIT / 2)
     assert pool.runs_inline(b"/a")
+    pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
+    assert not pool.runs_inline(b"/a")
+
+
+def test_an_inline_call_slow_only_while_it_waited_for_a_cpu_keeps_its_route_inline(
+        pool: WSGIPool, cpu_waits: CpuWaits) -> None:
+    """A host running more threads than cores held a 0.15 ms call for 12 ms: that call
+    blocked nothing, and its route stays on the loop's thread (it went back to the
+    threads for 10 s, and a deep pipelined batch then ran on them)."""
+    for _ in range(wsgipool.PROMOTE_AFTER):
+        pool.threaded_took(b"/a", *QUICK)
+    for _ in range(wsgipool.STRIKES + 1):
+        cpu_waits.total += 0.012
+        pool.inline_took(b"/a", 0.012 + 0.00015)
+    assert pool.runs_inline(b"/a")
+    cpu_waits.total += 0.012  # a call that also slept 20 ms goes back at once
+    pool.inline_took(b"/a", 0.012 + wsgipool.SLOW_INLINE * 2)
+    assert not pool.runs_inline(b"/a")
+
+
+def test_a_wait_for_a_cpu_long_before_a_blocking_call_does_not_hide_it(
+        pool: WSGIPool, cpu_waits: CpuWaits) -> None:
+    """An inline call looks at the waits first when the last look is LOOK_EVERY old
+    (WSGICycle.run): waits from before the call then take nothing off its time."""
+    for _ in range(wsgipool.PROMOTE_AFTER):
+        pool.threaded_took(b"/a", *QUICK)
+    cpu_waits.total += 1.0  # (the host was busy a while ago)
+    now = time.perf_counter()
+    assert now > pool.look_due
+    pool.look(now)
     pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
     assert not pool.runs_inline(b"/a")
 
@@ -395,3 +446,52 @@ def test_a_call_that_raises_leaves_its_thread_serving(loop: asyncio.AbstractEven
             "exception in a WSGI pool thread's call") == 3
     finally:
         pool.shutdown()
+
+
+@pytest.mark.timeout(30)
+def test_the_kernel_counts_a_threads_waits_for_a_cpu() -> None:
+    """The real reading (no stand-in): a thread at nice 19 on one core beside a process
+    that computes without end waits for the CPU, and a call it runs whose wall time is
+    nearly all that wait keeps its route inline (before, it went back to the threads)."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    seen: dict[str, Any] = {}
+
+    def measure() -> None:
+        core = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})  # (this thread only)
+        os.sched_setaffinity(hog.pid, {core})
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # (this thread)
+        loop = asyncio.new_event_loop()
+        try:
+            pool = WSGIPool(loop, 4, "auto")
+            for _ in range(wsgipool.PROMOTE_AFTER):
+                pool.threaded_took(b"/a", *QUICK)
+            # a call the scheduler holds past SLOW_INLINE: it spins until one pause
+            # between two readings of the clock is that long (a few ms of CPU)
+            cpu = time.thread_time()
+            started = last = time.perf_counter()
+            deadline = started + 10
+            while last < deadline:
+                now = time.perf_counter()
+                if now - last > wsgipool.SLOW_INLINE * 2:
+                    break
+                last = now
+            seen["took"] = time.perf_counter() - started
+            seen["cpu"] = time.thread_time() - cpu
+            pool.inline_took(b"/a", seen["took"])
+            seen["inline"] = pool.runs_inline(b"/a")
+        finally:
+            loop.close()
+
+    try:
+        thread = threading.Thread(target=measure)
+        thread.start()
+        thread.join(20)
+    finally:
+        hog.kill()
+        hog.wait(5)
+    assert not thread.is_alive()
+    assert seen["took"] > wsgipool.SLOW_INLINE * 2, "the scheduler never held the thread"
+    assert seen["cpu"] < wsgipool.SLOW_INLINE, seen  # (else the call was slow on its own)
+    assert seen["inline"], f"a call of {seen['cpu'] * 1000:.1f} ms of CPU held for " \
+        f"{seen['took'] * 1000:.1f} ms by the scheduler went back to the threads"
