@@ -227,8 +227,9 @@ def learn(pool: WSGIPool, route: bytes) -> None:
 
 def test_a_quick_route_preempted_once_runs_inline_again_after_its_probation(
         pool: WSGIPool, clock: Clock) -> None:
-    """One inline call descheduled for 20 ms by a loaded host looks like a call that
-    blocked: its route goes back to the threads, but only for a while."""
+    """One inline call descheduled for 20 ms by a loaded host, where the kernel does not
+    count the wait (no schedstat), looks like a call that blocked: its route goes back
+    to the threads, but only for a while."""
     learn(pool, b"/a")
     pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
     assert not pool.runs_inline(b"/a")
