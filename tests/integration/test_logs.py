@@ -178,7 +178,9 @@ def test_json_lines_and_the_access_line(run_forkd, tmp_path, app) -> None:
     status, headers, _ = request(port, path="/")
     made = headers["x-request-id"]
     assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", made)
-    wait_until(lambda: made in text_of(log_file), 10, message=describe)
+    # two workers batch their lines each on its own: wait for both requests' lines
+    wait_until(lambda: made in (text := text_of(log_file)) and "req-from-lb-42" in text, 10,
+               message=describe)
     objects = [json.loads(line) for line in text_of(log_file).splitlines()]  # each parses
     for obj in objects:
         assert RFC3339_MS.match(obj["ts"]) and obj["level"] in ("info", "warning", "error")
