@@ -11,6 +11,8 @@ import ipaddress
 import logging
 import re
 import resource
+import socket
+import struct
 import sys
 import termios
 from bisect import bisect_left
@@ -68,6 +70,9 @@ FD_MARGIN = 32  # descriptors a worker keeps besides its connections (listeners,
 LOG_EVERY = 10.0  # seconds between summary lines of counted events (408s)
 # SIOCOUTQ (Linux: the same number as TIOCOUTQ): a socket's bytes not yet acknowledged
 _OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+# SO_LINGER on, 0 s: the close resets the connection and the kernel drops what it still
+# holds for the client (see HttpProtocol.cut_reader)
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request on an idle connection
 
 
@@ -183,6 +188,10 @@ class ServerState:
         self.timeouts_408 = 0
         self.timeouts_logged = 0
         self.timeouts_log_at = self.loop.time()
+        # so are connections cut for a client that takes its answers too slowly (cut_reader)
+        self.slow_cuts = 0
+        self.slow_cuts_logged = 0
+        self.slow_cuts_log_at = self.timeouts_log_at
         # libuv handles EMFILE on accept by itself (it accepts and closes, so the client
         # sees a reset) and tells nobody: the worker watches its own count instead
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -227,6 +236,12 @@ class ServerState:
                      self.timeouts_408 - self.timeouts_logged, self.timeouts_408)
             self.timeouts_logged = self.timeouts_408
             self.timeouts_log_at = self.now + LOG_EVERY
+        if self.slow_cuts != self.slow_cuts_logged and self.now >= self.slow_cuts_log_at:
+            log.info("cut %d more connection(s) whose client took its answer too slowly "
+                     "(nothing for --header-timeout, or under --min-body-rate): %d since "
+                     "start", self.slow_cuts - self.slow_cuts_logged, self.slow_cuts)
+            self.slow_cuts_logged = self.slow_cuts
+            self.slow_cuts_log_at = self.now + LOG_EVERY
 
     def in_progress(self) -> int:
         """Requests being served: ASGI requests' tasks and WSGI calls."""
@@ -645,7 +660,10 @@ class HttpProtocol(asyncio.Protocol):
     # -- write flow control -------------------------------------------------
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.write_paused_at = self.state.now
+        # (check_timeouts judges the client's progress and rate from now: the loop's
+        # clock, as the coarse one may be a tick old)
+        self.write_paused_at = self.send_since = self.loop.time()
+        self.send_taken = 0
         self.write_seen = self.unsent()
 
     def unsent(self) -> int:
@@ -678,7 +696,8 @@ class HttpProtocol(asyncio.Protocol):
         return size
 
     def send_too_slow(self, now: float) -> bool:
-        """The client takes our answers (awaiting_drain, or the last one while lingering)
+        """The client takes our answers (while writing is paused: an answer being
+        streamed, answers done and awaiting_drain, or the last one while lingering)
         at less than --min-body-rate, judged over RATE_WINDOW and never sooner than
         --header-timeout (so one taking nothing at all is still cut by that rule, no
         sooner): it must not hold the connection and megabytes of buffered answer for
@@ -1214,7 +1233,7 @@ class HttpProtocol(asyncio.Protocol):
                 # so is one taking it too slowly.
                 if (now - self.write_paused_at >= config.header_timeout
                         or self.send_too_slow(now)):
-                    self.transport.abort()
+                    self.cut_reader()
                 else:
                     self.linger_until = now + LINGER_SECONDS
             elif now >= self.linger_until:
@@ -1233,11 +1252,16 @@ class HttpProtocol(asyncio.Protocol):
         if self.parsing is not None and self.pending_error is None and not self.read_paused:
             self.check_body_rate(now, config.header_timeout)
             return
-        if self.awaiting_drain:
+        if self.write_paused:
+            # Our writing waits on the client: answers done (awaiting_drain), or one
+            # being streamed, whose app waits in send() (ASGI) or write() (a WSGI
+            # thread). A client that takes none of them for --header-timeout, or too
+            # little (send_too_slow), is cut: else it would hold the connection, the
+            # app's task or thread, and the buffered answer for ever.
             self.unsent_now(now)
             if now - self.write_paused_at >= config.header_timeout or self.send_too_slow(now):
-                self.abort()  # the client has read nothing of its answers for that long,
-                return  # or too little (send_too_slow)
+                self.cut_reader()
+                return
         if self.request_started is not None or self.parsing is not None:
             # a head or a body we do not read because requests before it are still being
             # answered (its clocks restart after; a client that reads none of their
@@ -1249,6 +1273,23 @@ class HttpProtocol(asyncio.Protocol):
                 limit = min(limit, DRAIN_IDLE_GRACE)
             if now - self.idle_since >= limit:
                 self.close_gracefully()
+
+    def cut_reader(self) -> None:
+        """Cut a client that takes its answers too slowly (check_timeouts): counted,
+        logged by tick as a summary, and reset, so the kernel also drops what it still
+        holds for it (up to megabytes of send buffer per connection, which a plain
+        close would go on trying to deliver for minutes). The app of an answer being
+        written is told the client went (connection_lost)."""
+        self.state.slow_cuts += 1
+        transport = self.transport
+        if transport is not None:
+            try:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+            except Exception:  # (a transport closing under us: the close will do)
+                pass
+        self.abort()
 
     def check_body_rate(self, now: float, stall: float) -> None:
         """A body that stopped arriving, or trickles in below --min-body-rate, must

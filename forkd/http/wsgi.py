@@ -584,8 +584,10 @@ class WSGICycle:
 
     def hand_off(self, data: bytes, final: bool, keep_alive: bool) -> None:
         """Called in the app's thread: pass bytes to the loop. The thread waits only
-        while the client is not reading (or several blocks are queued), and gives up
-        when that lasts longer than the stall limit."""
+        while the client is not reading (or several blocks are queued). A client that
+        takes nothing for --header-timeout, or less than --min-body-rate, is cut by the
+        protocol (check_timeouts), as every answer's is: the wait then ends with
+        ClientDisconnected, and the app's result is closed."""
         if self.inline:  # on the loop's thread: write now (the app made it already)
             if final:
                 self._write_final(data, keep_alive)
@@ -607,10 +609,7 @@ class WSGICycle:
             self.in_flight += 1
             self.pool.to_loop(self._write_more, data)
             while (self.blocked or self.in_flight > MAX_IN_FLIGHT) and not self.disconnected:
-                stall = self.proto.state.config.header_timeout
-                if not flow.wait(stall):
-                    self.abort()
-                    raise OSError(f"the client read nothing for {stall:g}s")
+                flow.wait()  # (_write_more, _wait_writable or disconnect notify)
         if self.disconnected:
             raise ClientDisconnected("the client went away")
 

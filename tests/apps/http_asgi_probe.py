@@ -6,6 +6,9 @@
 /sized?n=N             N bytes of "x"; the server frames it (content-length)
 /stream?n=N&chunk=M    N deterministic bytes (see `pattern`) sent in M-byte pieces, no length
 /slow?ms=N             "slow N" after N ms
+/endless?id=X&chunk=M  M-byte pieces, no length, until send() raises (a download or SSE to a
+                       client that may never read); then writes MARKERS/cut-X: the error's
+                       class, whether it is an OSError, and the next receive()'s event type
 /duplex                reads a streamed body and answers each http.request event at once with a
                        JSON line {"len": .., "more": ..}, so a client can prove the events arrive
                        while the body is still being sent
@@ -122,6 +125,8 @@ async def app(scope, receive, send) -> None:
             await send({"type": "http.response.body", "body": data[start:start + step],
                         "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+    elif path == "/endless":
+        await _endless(query.get("id", "x"), int(query.get("chunk", "65536")), receive, send)
     elif path == "/slow":
         ms = int(query.get("ms", "100"))
         await asyncio.sleep(ms / 1000)
@@ -176,6 +181,21 @@ async def _duplex(receive, send) -> None:
         await send({"type": "http.response.body", "body": line.encode(), "more_body": more})
         if not more:
             return
+
+
+async def _endless(name: str, chunk: int, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")]})
+    piece = b"e" * chunk
+    try:
+        while True:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+    except Exception as exc:  # (what the app is told: recorded, then the cycle goes on)
+        event = await receive()
+        _marker(f"cut-{name}", json.dumps({"error": type(exc).__name__,
+                                           "oserror": isinstance(exc, OSError),
+                                           "receive": event["type"]}))
+        raise
 
 
 async def _wait_disconnect(name: str, receive) -> None:

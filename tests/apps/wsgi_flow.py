@@ -2,7 +2,10 @@
 /drip?n=N&ms=M   N blocks, M ms apart (a generator: each block must go out as it comes)
 /overlong        declares content-length 5, then sends 10 bytes
 /length          reads the whole body, answers its length
-/closing?ms=M    a body whose close() takes M ms and then writes $WSGI_FLOW_MARKERS/closed"""
+/closing?ms=M    a body whose close() takes M ms and then writes $WSGI_FLOW_MARKERS/closed
+/blocks?n=N&size=S&id=X  a generator of N blocks of S bytes (`block(i, S)`; N=0: endless);
+                 closed before its end, it writes $HTTP_PROBE_MARKERS/closed-X (with the
+                 number of blocks it yielded)"""
 
 from __future__ import annotations
 
@@ -33,12 +36,36 @@ def _drip(n: int, ms: int):
         yield b"block %d\n" % i
 
 
+def block(i: int, size: int) -> bytes:
+    """Block i of /blocks: its number, then filler (tests recompute the whole body)."""
+    head = b"%d:" % i
+    return head + bytes([97 + i % 26]) * (size - len(head))
+
+
+def _blocks(n: int, size: int, name: str):
+    i = 0
+    try:
+        while not n or i < n:
+            yield block(i, size)
+            i += 1
+    except GeneratorExit:
+        folder = os.environ.get("HTTP_PROBE_MARKERS")
+        if folder:
+            Path(folder, f".closed-{name}").write_text(str(i))
+            Path(folder, f".closed-{name}").rename(Path(folder, f"closed-{name}"))
+        raise
+
+
 def app(environ, start_response):
     path = environ["PATH_INFO"]
     query = {k: v[0] for k, v in parse_qs(environ["QUERY_STRING"]).items()}
     if path == "/drip":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _drip(int(query.get("n", "3")), int(query.get("ms", "300")))
+    if path == "/blocks":
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return _blocks(int(query.get("n", "0")), int(query.get("size", "65536")),
+                       query.get("id", "x"))
     if path == "/overlong":
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
         return [b"01234", b"56789"]

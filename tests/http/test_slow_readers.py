@@ -1,0 +1,182 @@
+"""Streamed answers (a download, server-sent events) to clients that read slowly or never:
+one that takes nothing, or less than --min-body-rate, is cut (its connection, and the
+app's task or thread with it, are not held for ever: a slowloris of readers), the app
+learning it as a disconnect; one that reads slowly but steadily gets its whole answer."""
+
+from __future__ import annotations
+
+import json
+import re
+import select
+import socket
+import time
+
+import pytest
+from httpkit import Conn, Response, Served, pattern
+
+from support import APPS, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+HEADER_TIMEOUT = 0.5  # also the longest a client may take no bytes at all
+MIN_RATE = 384 * 1024  # --min-body-rate: bytes per second, judged over 5 s
+OPTIONS = ("--header-timeout", str(HEADER_TIMEOUT), "--min-body-rate", str(MIN_RATE))
+
+
+def _load_block():  # the WSGI app's blocks, to recompute its body
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wsgi_flow", APPS / "wsgi_flow.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.block
+
+
+block = _load_block()
+
+
+@pytest.fixture(scope="module")
+def asgi(serve) -> Served:
+    return serve("http_asgi_probe:app", *OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def wsgi(serve) -> Served:
+    # (--wsgi-inline never: every call on a thread, as a streamed result is anyway)
+    return serve("wsgi_flow:app", *OPTIONS, "--threads", "2", "--wsgi-inline", "never")
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # (a small window)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def read_at(sock: socket.socket, rate: int, limit: float) -> tuple[bytes, bool]:
+    """Read at about `rate` bytes per second until a chunked answer's last chunk, the
+    connection's end, or `limit` seconds: (what came, whether it ended in a reset)."""
+    got = bytearray()
+    step = rate // 20  # (each 0.05 s)
+    sock.setblocking(False)
+    start = time.monotonic()
+    due = start
+    while time.monotonic() - start < limit:
+        due += 0.05
+        want = step
+        while want > 0:
+            try:
+                data = sock.recv(want)
+            except BlockingIOError:
+                break
+            except ConnectionResetError:
+                return bytes(got), True
+            if not data:
+                return bytes(got), False
+            got += data
+            want -= len(data)
+        if got.endswith(b"\r\n0\r\n\r\n"):
+            return bytes(got), False
+        select.select([], [], [], max(0.0, due - time.monotonic()))  # (the pace)
+    return bytes(got), False
+
+
+def parse(raw: bytes) -> Response:
+    conn = Conn(socket.socket(), bytearray(raw), eof=True)  # (only its buffer is read)
+    try:
+        return conn.read_response()
+    finally:
+        conn.close()
+
+
+def ends_in_reset(sock: socket.socket, limit: float = 5.0) -> bool:
+    """Drain what the client never read: the connection ends in a reset (a cut), not
+    in the answer's end."""
+    sock.settimeout(limit)
+    deadline = time.monotonic() + limit
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(1 << 20):
+                return False
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def test_a_streamed_asgi_answer_to_a_client_that_never_reads_is_cut(asgi: Served) -> None:
+    """The app streams without end; the client reads nothing: within about
+    --header-timeout of the socket filling, the connection is cut, and the app's send()
+    raises an OSError (ASGI 2.4), after which receive() says http.disconnect."""
+    with connect(asgi.port) as sock:
+        sent = time.monotonic()
+        sock.sendall(b"GET /endless?id=never HTTP/1.1\r\nHost: t\r\n\r\n")
+        told = json.loads(asgi.marker("cut-never", timeout=10))
+        took = time.monotonic() - sent
+        assert told == {"error": "ClientDisconnected", "oserror": True,
+                        "receive": "http.disconnect"}
+        assert HEADER_TIMEOUT <= took < HEADER_TIMEOUT + 3, took
+        assert ends_in_reset(sock)
+    # counted, and told as a summary line (as 408s are: not one line per connection)
+    output = wait_until(lambda: (lambda out: re.search(
+        r"cut \d+ more connection\(s\) whose client took its answer too slowly", out)
+        and out)(asgi.proc.output()), 12, message=asgi.proc.describe)
+    assert "exception in ASGI app" not in output
+
+
+def test_a_streamed_asgi_answer_taken_below_the_rate_floor_is_cut(asgi: Served) -> None:
+    """A client that takes some of it every tick (96 KB/s: the kernel passes it on in
+    steps of some 24 KB, each well within --header-timeout) but under --min-body-rate
+    is cut once the rate is judged (over 5 s), not sooner."""
+    with connect(asgi.port) as sock:
+        sent = time.monotonic()
+        sock.sendall(b"GET /endless?id=trickle&chunk=4096 HTTP/1.1\r\nHost: t\r\n\r\n")
+        got, reset = read_at(sock, MIN_RATE // 4, 20)
+        took = time.monotonic() - sent
+        assert reset, (len(got), took)
+        assert 5 <= took < 10, took
+    told = json.loads(asgi.marker("cut-trickle", timeout=5))
+    assert told["oserror"] and told["receive"] == "http.disconnect"
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_a_slow_steady_reader_gets_a_large_streamed_answer_whole(
+        interface: str, request) -> None:
+    """6 MiB at about 1.5 MB/s (4 s; four times --min-body-rate): the socket's send
+    buffer (some 4 MB on loopback) and the transport's fill, and writing stays paused
+    for a second or more at a time (until a third of that buffer is free), longer
+    than --header-timeout, but the client keeps taking bytes: nothing is cut."""
+    served = request.getfixturevalue(interface)
+    if interface == "asgi":
+        size = 6 << 20
+        target = f"/stream?n={size}&chunk=65536"
+        expected = pattern(size)
+    else:
+        target = "/blocks?n=96&size=65536&id=steady"
+        expected = b"".join(block(i, 65536) for i in range(96))
+    with connect(served.port) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        raw, reset = read_at(sock, 1500 * 1000, 30)
+    assert not reset, len(raw)
+    response = parse(raw)
+    assert (response.status, len(response.body)) == (200, len(expected))
+    assert response.body == expected
+    assert not (served.markers / "closed-steady").exists()
+
+
+def test_a_streamed_wsgi_result_to_a_client_that_never_reads_is_cut(wsgi: Served) -> None:
+    """The same for a WSGI generator on a pool thread: the connection is cut, the write
+    raises in the thread, the generator is closed (the thread is free again), and the
+    log says the client went, not that the app failed."""
+    with connect(wsgi.port) as sock:
+        sent = time.monotonic()
+        sock.sendall(b"GET /blocks?id=never HTTP/1.1\r\nHost: t\r\n\r\n")
+        yielded = int(wsgi.marker("closed-never", timeout=10))
+        took = time.monotonic() - sent
+        assert HEADER_TIMEOUT <= took < HEADER_TIMEOUT + 3, took
+        assert yielded > 0
+        assert ends_in_reset(sock)
+    output = wait_until(lambda: (lambda out: "/blocks ended by" in out and out)(
+        wsgi.proc.output()), 5, message=wsgi.proc.describe)
+    assert "exception in WSGI app" not in output
