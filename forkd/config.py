@@ -321,7 +321,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("ws_per_message_deflate", _bool, "offer WebSocket permessage-deflate"),
     Option("min_body_rate", _int(0),
            "bytes per second a request body must average over 5 s (408 below), and a "
-           "client must take a finished answer at (cut below; 0: off)"),
+           "client must take its answers at, streamed ones too (cut below; 0: off)"),
     Option("wsgi_body_buffer", parse_size,
            "request body read in the event loop before a WSGI thread is taken"),
     Option("log_format", _choice("text", "json"), "log lines as text or JSON objects"),
