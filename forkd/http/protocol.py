@@ -153,6 +153,27 @@ class Cycle(Protocol):
 CycleFactory = Callable[..., Cycle]
 
 
+class CountedEvents:
+    """Events counted, not logged one by one (a slowloris would write thousands of
+    lines): ServerState.tick logs a summary at most once per LOG_EVERY."""
+
+    __slots__ = ("count", "logged", "log_at")
+
+    def __init__(self, now: float) -> None:
+        self.count = 0
+        self.logged = 0  # the count at the last summary
+        self.log_at = now  # the next summary's earliest time
+
+    def due(self, now: float) -> int:
+        """How many came since the last summary, if one is due now (else 0)."""
+        if self.count == self.logged or now < self.log_at:
+            return 0
+        more = self.count - self.logged
+        self.logged = self.count
+        self.log_at = now + LOG_EVERY
+        return more
+
+
 class ServerState:
     """What every connection of one worker shares: the app, the limits, a coarse
     clock and the Date header (both refreshed by `tick`), and the counters the
@@ -183,19 +204,18 @@ class ServerState:
         self.balance: Balancer | None = None  # set by the worker (forkd.http.balance)
         self.limit_concurrency = config.limit_concurrency
         self.metrics = RequestCounters()  # read by the heartbeat; see metrics/counters.py
-        # 408s are counted, not logged one by one (slowloris would write thousands of
-        # lines); `tick` logs a summary at most once per LOG_EVERY seconds
-        self.timeouts_408 = 0
-        self.timeouts_logged = 0
-        self.timeouts_log_at = self.loop.time()
-        # so are connections cut for a client that takes its answers too slowly (cut_reader)
-        self.slow_cuts = 0
-        self.slow_cuts_logged = 0
-        self.slow_cuts_log_at = self.timeouts_log_at
+        # 408s, and connections cut for a client that takes its answers too slowly
+        # (HttpProtocol.cut_reader). (One attribute each: this object is near CPython
+        # 3.11's limit of 30 keys for instances that share them; past it every lookup
+        # of an attribute, several per request, costs more: ~200 instructions per
+        # ASGI hello.)
+        started = self.loop.time()
+        self.timeouts = CountedEvents(started)
+        self.slow_cuts = CountedEvents(started)
         # libuv handles EMFILE on accept by itself (it accepts and closes, so the client
         # sees a reset) and tells nobody: the worker watches its own count instead
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.fd_full_at = self.timeouts_log_at
+        self.fd_full_at = started
         self.chain_budget = CHAIN_BUDGET  # what is left of it in this pass
         self.chain_counted = False  # a pass with chained requests: reset on the next
         self.tick()
@@ -231,17 +251,15 @@ class ServerState:
                         "refused by the kernel or reset", self.fd_limit,
                         len(self.connections))
             self.fd_full_at = self.now + LOG_EVERY
-        if self.timeouts_408 != self.timeouts_logged and self.now >= self.timeouts_log_at:
-            log.info("answered %d more request(s) 408 (timed out): %d since start",
-                     self.timeouts_408 - self.timeouts_logged, self.timeouts_408)
-            self.timeouts_logged = self.timeouts_408
-            self.timeouts_log_at = self.now + LOG_EVERY
-        if self.slow_cuts != self.slow_cuts_logged and self.now >= self.slow_cuts_log_at:
+        more = self.timeouts.due(self.now)
+        if more:
+            log.info("answered %d more request(s) 408 (timed out): %d since start", more,
+                     self.timeouts.count)
+        more = self.slow_cuts.due(self.now)
+        if more:
             log.info("cut %d more connection(s) whose client took its answer too slowly "
                      "(nothing for --header-timeout, or under --min-body-rate): %d since "
-                     "start", self.slow_cuts - self.slow_cuts_logged, self.slow_cuts)
-            self.slow_cuts_logged = self.slow_cuts
-            self.slow_cuts_log_at = self.now + LOG_EVERY
+                     "start", more, self.slow_cuts.count)
 
     def in_progress(self) -> int:
         """Requests being served: ASGI requests' tasks and WSGI calls."""
@@ -1156,7 +1174,7 @@ class HttpProtocol(asyncio.Protocol):
             self.pause_reading()
             return
         if status == 408:
-            self.state.timeouts_408 += 1  # counted; tick logs a summary
+            self.state.timeouts.count += 1  # counted; tick logs a summary
         else:
             log.info("refused a request from %s: %d %s", self.client, status, message)
         self._count_refusal(status)
@@ -1280,7 +1298,7 @@ class HttpProtocol(asyncio.Protocol):
         holds for it (up to megabytes of send buffer per connection, which a plain
         close would go on trying to deliver for minutes). The app of an answer being
         written is told the client went (connection_lost)."""
-        self.state.slow_cuts += 1
+        self.state.slow_cuts.count += 1
         transport = self.transport
         if transport is not None:
             try:
