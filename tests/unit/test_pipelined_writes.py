@@ -1228,3 +1228,65 @@ def test_a_client_that_vanished_after_our_fin_is_cut_after_the_linger(
     assert not transport.aborted
     proto.check_timeouts(start + 2.5)
     assert transport.aborted
+
+
+def streaming_forever(told: list[Any]) -> Any:
+    """An app that streams 64 KiB pieces until send() raises; it records what it was
+    told: the error, then what receive() said."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:
+                await send({"type": "http.response.body", "body": b"s" * 65536,
+                            "more_body": True})
+        except OSError as exc:
+            told.append(exc)
+            told.append(await receive())
+
+    return app
+
+
+def test_a_streamed_answer_whose_client_takes_nothing_is_cut_and_its_app_told(
+        loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture) -> None:
+    """The app waits in send() while writing is paused: once the client has taken
+    nothing for --header-timeout (not before), the connection is cut, the app's send()
+    raises an OSError and receive() says http.disconnect; the cut is counted and told
+    in tick's summary line."""
+    told: list[Any] = []
+    proto, transport = connect(loop, "asgi", streaming_forever(told))
+    proto.data_received(get("/"))
+    run_until(loop, lambda: proto.write_paused)
+    timeout = proto.state.config.header_timeout
+    proto.check_timeouts(proto.write_paused_at + timeout / 2)
+    assert not transport.aborted
+    proto.check_timeouts(proto.write_paused_at + timeout)
+    assert transport.aborted and proto.state.slow_cuts.count == 1
+    proto.connection_lost(None)  # (what the real transport's abort leads to)
+    run_until(loop, lambda: len(told) == 2)
+    assert type(told[0]).__name__ == "ClientDisconnected"
+    assert told[1] == {"type": "http.disconnect"}
+    run_until(loop, lambda: proto.state.in_progress() == 0)
+    with caplog.at_level("INFO", logger="forkd.http"):
+        proto.state.tick()
+    assert "cut 1 more connection(s) whose client took its answer too slowly" in caplog.text
+
+
+def test_a_streamed_answer_taken_slowly_but_above_the_floor_is_not_cut(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A client that takes some of it each tick (600 B/s, over --min-body-rate's
+    240 B/s), while writing stays paused for three --header-timeouts, is never cut."""
+    told: list[Any] = []
+    proto, transport = connect(loop, "asgi", streaming_forever(told))
+    proto.data_received(get("/"))
+    run_until(loop, lambda: proto.write_paused)
+    timeout = proto.state.config.header_timeout
+    start = proto.write_paused_at
+    for tick in range(1, int(3 * timeout / 0.5) + 1):
+        transport.client_reads(300)
+        proto.check_timeouts(start + tick * 0.5)
+        assert not transport.aborted, tick
+    assert proto.write_paused and not told
+    transport.client_reads_everything()  # (then it goes: the app is told, and ends)
+    proto.connection_lost(None)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
