@@ -51,7 +51,27 @@ class _Ids:
 
 _LAST_DIGITS = [b"%02x" % last for last in range(256)]
 _ids = _Ids()
-NONE = (b"", b"-", b"-")  # request_fields of a request not logged
+NONE = (b"", b"-", b"-", 0.0)  # begin's for a request not logged
+
+
+def begin(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, bytes, float]:
+    """A logged request's (request id, referer, user agent, perf_counter() when it came
+    in), taken when it comes in (request_fields: a made id is added to `headers`); what
+    `ended` hands on, as one object, when it has been answered."""
+    rid: bytes | None = None
+    referer = agent = b"-"
+    for name, value in headers:  # (request_fields', inline: once per request)
+        if name == REQUEST_ID:
+            if rid is None:
+                rid = value if _printable(value) else b""
+        elif name == b"referer":
+            referer = value
+        elif name == b"user-agent":
+            agent = value
+    if not rid:
+        rid = next(_ids.stream)
+        headers.append((REQUEST_ID, rid))
+    return rid, referer, agent, perf_counter()
 
 
 def request_fields(headers: list[tuple[bytes, bytes]], make: bool = True
@@ -82,24 +102,40 @@ def _printable(value: bytes) -> bool:
     return 0 < len(value) <= MAX_ID and all(0x21 <= byte <= 0x7E for byte in value)
 
 
+def ended(access: tuple[bytes, bytes, bytes, float], status: int, size: int,
+          client: tuple[str, int | None] | None, method: str, raw_path: bytes,
+          query: bytes, version: str) -> None:
+    """The access line of a request `begin` took, once its response has ended (`size`:
+    the body bytes sent). In a worker, its values are held as they are now (all of them
+    immutable) and rendered with the worker's next batch of records; elsewhere the line
+    is made at once (log_access)."""
+    end = perf_counter()
+    defer = log.state.access_sink  # (a worker's only: log.setup sees to it)
+    if defer is not None:
+        defer((end, end - access[3], access, status, size, client, method, raw_path, query,
+               version))
+        return
+    log_access(client, method, raw_path, query, version, access, status, size,
+               end - access[3])
+
+
 def log_access(client: tuple[str, int | None] | None, method: str, raw_path: bytes,
-               query: bytes, version: str, fields: tuple[bytes, bytes, bytes], status: int,
+               query: bytes, version: str, fields: tuple[Any, ...], status: int,
                size: int, duration: float) -> None:
     """One access line, once the response has ended: `fields` are request_fields' (id,
     referer, user agent), `size` the body bytes sent, `duration` seconds since the
-    request came in."""
-    defer = log.state.access_sink  # (a worker's only: log.setup sees to it)
-    if defer is not None:  # rendered with the worker's next batch of records
-        defer((perf_counter(), duration, fields, status, size, client, method, raw_path,
-               query, version))
-        return
+    request came in. (A request cycle calls begin and ended instead.)"""
+    item = (perf_counter(), duration, (*fields[:3], 0.0), status, size, client, method,
+            raw_path, query, version)  # (as `ended` hands it over)
     state = log.state
+    if state.access_sink is not None:  # rendered with the worker's next batch of records
+        state.access_sink(item)
+        return
     send = state.json_sink
     if state.slot is not None and send is not None:
-        send(b"".join(render([(perf_counter(), duration, fields, status, size, client,
-                               method, raw_path, query, version)])))
+        send(b"".join(render([item])))
         return
-    rid, referer, agent = fields
+    rid, referer, agent = fields[:3]
     log.event("access", logging.INFO, remote=client[0] if client else "-", method=method,
               path=raw_path.decode("latin-1"), query=query.decode("latin-1"),
               status=status, bytes=size, duration_ms=int(duration * 1_000_000) / 1000,
@@ -111,25 +147,27 @@ perf_counter = time.perf_counter
 
 
 def render(items: list[Any]) -> list[bytes]:
-    """The records of a batch: each access line handed to log_access's `defer` (a tuple
-    of its arguments, the perf_counter() of its end and its duration first) becomes the
-    JSON record that record.to_json renders for the generic `access` event (a unit test
-    holds it to that), with, for --log-format text, its text line after a tab (JSON
-    never holds a raw tab), so the primary renders nothing; anything else in `items`
-    (bytes) is kept. One loop for the batch, in the worker that served the requests,
-    away from their latency.
+    """The records of a batch: each access line handed over by `ended` (a tuple of its
+    values: the perf_counter() of its end, its duration, begin's tuple, status, size, and
+    what the request line said) becomes the JSON record that record.to_json renders for the
+    generic `access` event (a unit test holds it to that), with, for --log-format text,
+    its text line after a tab (JSON never holds a raw tab), so the primary renders
+    nothing; anything else in `items` (bytes) is kept. One loop for the batch, in the
+    worker that served the requests, away from their latency.
 
     What a request shares with the requests before it (its remote address, method,
     path, query, version, referer, user agent and status: a keep-alive connection
     repeats them, and so do most clients of a route) is rendered once, on its second
-    sight, into the fixed parts of the line kept in `_templates`; a line is then one
-    join of those parts and its own values (time, size, duration, request id)."""
+    sight, into a `%` format of the whole line kept in `_templates`; a line is then one
+    format of its own values (time, size, duration, request id)."""
     state = log.state
     head = _head if _head[0] == state.generation else _head_for(state)
     text = state.access_text
     offset = time.time() - time.perf_counter()  # (wall clock of a perf_counter reading)
-    second, ts, ms_from, ms_to = _second, b"", 0.0, -1.0
-    templates, seen, durations, sizes = _templates, _seen, _durations, _sizes
+    second = _second
+    from_ms = second[0] * 1000  # (the milliseconds of the second `second` holds)
+    to_ms = from_ms + 1000
+    templates, seen, durations, sizes, fractions = _templates, _seen, _durations, _sizes, _MS
     out: list[bytes] = []
     append = out.append
     for item in items:
@@ -137,41 +175,43 @@ def render(items: list[Any]) -> list[bytes]:
             append(item)
             continue
         end, duration, fields, status, size, client, method, raw_path, query, version = item
-        rid, referer, agent = fields
+        rid, referer, agent, _ = fields
         key = (client[0] if client else "-", method, raw_path, query, version, referer, agent,
                status)
         made = templates.get(key)
         if made is None and key in seen:  # (its second sight)
             made = _template_for(key, head)
-        if not ms_from <= end < ms_to:  # (a busy worker ends many requests in one ms)
-            ms = int((end + offset) * 1000)
-            ms_from, ms_to = ms / 1000 - offset, (ms + 1) / 1000 - offset
-            if ms // 1000 != second[0]:
-                second = _second_for(ms // 1000)
-            ts = b"%s.%03dZ" % (second[1], ms % 1000)
+        ms = int((end + offset) * 1000)
+        if not from_ms <= ms < to_ms:
+            second = _second_for(ms // 1000)
+            from_ms = second[0] * 1000
+            to_ms = from_ms + 1000
         micros = int(duration * 1_000_000)
         if made is None:  # seen for the first time: rendered on its own
             _first_sight(key)
-            append(_line(head, text, ts, second, size, micros, rid, key))
+            append(_line(head, text, second[1] + fractions[ms - from_ms], second, size, micros,
+                         rid, key))
             continue
         if not (rid.isalnum() or not rid.translate(None, _SAFE)):  # (a made id is safe)
             if text and made[1] is not None:
                 made = (made[0], None, made[2])  # (the text line escapes as JSON does not)
             rid = _escaped(rid)
         if text and made[1] is not None:
-            append(b"".join((b'{"ts":"', ts, made[0], b"%d" % size, b',"duration_ms":',
-                             _duration(micros), b',"request_id":"', rid, made[2][:-1],
+            ts = second[1] + fractions[ms - from_ms]
+            append(b"".join((second[3], fractions[ms - from_ms], made[0],
+                             sizes.get(size) or _size(size),
+                             durations.get(micros) or _duration(micros), rid, made[2][:-1],
                              made[1] % (ts, second[2], size, micros / 1000,
                                         b'"' + rid + b'"' if b"=" in rid else rid))))
             continue
-        append(b"".join((b'{"ts":"', ts, made[0], sizes.get(size) or _size(size),
-                         b',"duration_ms":', durations.get(micros) or _duration(micros),
-                         b',"request_id":"', rid, made[2])))
+        append(b"".join((second[3], fractions[ms - from_ms], made[0],
+                         sizes.get(size) or _size(size),
+                         durations.get(micros) or _duration(micros), rid, made[2])))
     return out
 
 
 def _line(head: tuple[int, bytes, bytes], text: bool, ts: bytes,
-          second: tuple[int, bytes, bytes], size: int, micros: int, rid: bytes,
+          second: tuple[int, bytes, bytes, bytes], size: int, micros: int, rid: bytes,
           key: tuple[str, str, bytes, bytes, str, bytes, bytes, int]) -> bytes:
     """An access line rendered without a template (its fields seen for the first time)."""
     remote, method, raw_path, query, version, referer, agent, status = key
@@ -252,33 +292,38 @@ MAX_TEMPLATES = 1024  # lines' templates kept (and fields seen once remembered)
 MAX_KEPT = 512  # bytes of path, query, referer and agent a template may hold
 _templates: dict[tuple[Any, ...], tuple[bytes, bytes | None, bytes]] = {}
 _seen: set[tuple[Any, ...]] = set()
-_durations: dict[int, bytes] = {}  # microseconds -> the duration_ms field's value
-_sizes: dict[int, bytes] = {}  # body sizes -> their digits
+# the rest of a timestamp after its second, by milliseconds
+_MS = [b".%03dZ" % ms for ms in range(1000)]
+# body sizes -> their digits and the next field's name (see render)
+_sizes: dict[int, bytes] = {}
+# durations in microseconds -> the duration_ms field's value and the next field's name
+_durations: dict[int, bytes] = {}
 
 
 def _size(size: int) -> bytes:
     if len(_sizes) >= 4096:
         _sizes.clear()
-    made = _sizes[size] = b"%d" % size
+    made = _sizes[size] = b'%d,"duration_ms":' % size
     return made
 
 
 def _duration(micros: int) -> bytes:
     if len(_durations) >= 4096:  # (slow requests vary: keep the cache small)
         _durations.clear()
-    made = _durations[micros] = b"%d.%03d" % (micros // 1000, micros % 1000)
+    made = _durations[micros] = b'%d.%03d,"request_id":"' % (micros // 1000, micros % 1000)
     return made
 # (the second, its JSON timestamp to the second, its combined-format time)
-_second: tuple[int, bytes, bytes] = (-1, b"", b"")
+# and `{"ts":"` before the first)
+_second: tuple[int, bytes, bytes, bytes] = (-1, b"", b"", b"")
 # remote addresses, methods and versions seen -> their bytes inside a JSON string
 _ascii_cache: dict[str, bytes] = {}
 _head: tuple[int, bytes, bytes] = (-1, b"", b"")  # (log set-up generation, template, prefix)
 
 
-def _second_for(second: int) -> tuple[int, bytes, bytes]:
+def _second_for(second: int) -> tuple[int, bytes, bytes, bytes]:
     global _second
     ts = rfc3339(second)  # (…T15:31:37.000Z: its first 19 characters are the second's)
-    _second = (second, ts[:19].encode(), clf_time(ts).encode())
+    _second = (second, ts[:19].encode(), clf_time(ts).encode(), b'{"ts":"' + ts[:19].encode())
     return _second
 
 

@@ -746,7 +746,7 @@ def test_a_block_of_access_records_passes_through_whole_and_a_stray_line_is_caug
     sends the block the line-by-line way, and comes out as it would alone."""
     from forkd.http import accesslog
 
-    items = [(time.perf_counter(), 0.001, (b"id%d" % index, b"-", b"curl/8"), 200, index,
+    items = [(time.perf_counter(), 0.001, (b"id%d" % index, b"-", b"curl/8", 0.0), 200, index,
               ("10.0.0.9", 5555), "GET", b"/a", b"", "1.1") for index in range(6)]
     try:
         log.setup(slot=2, json_sink=lambda line: None, access_text=fmt == "text")
