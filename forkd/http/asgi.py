@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import types
 from collections.abc import Generator
 from contextvars import copy_context
@@ -69,7 +68,6 @@ class ASGICycle:
         "head_headers",
         "delivered_last",
         "overrun_logged",
-        "received_at",
         "access",
         "task",
     )
@@ -133,9 +131,9 @@ class ASGICycle:
         self.delivered_last = False
         self.overrun_logged = False
         if proto.state.access_log:  # the scope's headers are this list: the app sees a made id too
-            self.received_at, self.access = time.perf_counter(), accesslog.request_fields(headers)
+            self.access = accesslog.begin(headers)
         else:
-            self.received_at, self.access = 0.0, accesslog.NONE
+            self.access = accesslog.NONE
         # an Expect: 100-continue is looked for at the app's first receive(), the only
         # time it matters (most requests have no body, and many apps never receive)
         self.expect_continue = True
@@ -395,9 +393,8 @@ class ASGICycle:
 
     def _log_access(self, size: int) -> None:
         scope: Any = self.scope
-        accesslog.log_access(scope["client"], self.method, scope["raw_path"],
-                             scope["query_string"], scope["http_version"], self.access,
-                             self.status, size, time.perf_counter() - self.received_at)
+        accesslog.ended(self.access, self.status, size, scope["client"], self.method,
+                        scope["raw_path"], scope["query_string"], scope["http_version"])
 
 
 def _as_new(proto: HttpProtocol) -> bool:
