@@ -279,7 +279,7 @@ class WSGICycle:
         "proto", "app", "pool", "inline", "root_path", "method", "target", "route",
         "headers", "http_version", "keep_alive", "body", "body_size", "more_body",
         "stream", "wait_for_body", "submitted", "disconnected", "flow", "in_flight",
-        "blocked", "expect_continue", "overrun_logged", "client", "scheme", "received_at",
+        "blocked", "expect_continue", "overrun_logged", "client", "scheme",
         "access", "length", "query", "ending", "environ", "status", "reason",
         "response_headers", "writer", "pending",
     )  # fmt: skip
@@ -338,9 +338,9 @@ class WSGICycle:
         self.client = proto.req_client  # (a trusted proxy's word applied)
         self.scheme = proto.req_scheme
         if proto.state.access_log:  # (before the environ is made: the app sees a made id too)
-            self.received_at, self.access = time.perf_counter(), accesslog.request_fields(headers)
+            self.access = accesslog.begin(headers)
         else:
-            self.received_at, self.access = 0.0, accesslog.NONE
+            self.access = accesslog.NONE
         length: int | None = 0
         for name, value in headers:
             if name not in _BODY_FIELDS:  # (most fields: one lookup, not three compares)
@@ -578,9 +578,8 @@ class WSGICycle:
 
     def _log_access(self) -> None:
         sent = self.writer.sent if self.writer is not None else 0
-        accesslog.log_access(self.client, self.method, self.route, self.query,
-                             self.http_version, self.access, self.status or 0, sent,
-                             time.perf_counter() - self.received_at)
+        accesslog.ended(self.access, self.status or 0, sent, self.client, self.method,
+                        self.route, self.query, self.http_version)
 
     def hand_off(self, data: bytes, final: bool, keep_alive: bool) -> None:
         """Called in the app's thread: pass bytes to the loop. The thread waits only
