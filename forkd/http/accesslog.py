@@ -110,7 +110,7 @@ def ended(access: tuple[bytes, bytes, bytes, float], status: int, size: int,
     immutable) and rendered with the worker's next batch of records; elsewhere the line
     is made at once (log_access)."""
     end = perf_counter()
-    defer = log.state.access_sink  # (a worker's only: log.setup sees to it)
+    defer = _state.access_sink  # (a worker's only: log.setup sees to it)
     if defer is not None:
         defer((end, end - access[3], access, status, size, client, method, raw_path, query,
                version))
@@ -144,6 +144,7 @@ def log_access(client: tuple[str, int | None] | None, method: str, raw_path: byt
 
 
 perf_counter = time.perf_counter
+_state = log.state  # (one object for the process's life: log.setup changes its fields)
 
 
 def render(items: list[Any]) -> list[bytes]:

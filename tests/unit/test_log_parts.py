@@ -711,6 +711,50 @@ def test_deferred_access_lines_keep_their_place_among_urgent_records() -> None:
     assert [json.loads(line)["path"] for line in access] == ["/a/0", "/a/1", "/a/2"]
 
 
+def test_a_late_rendered_access_line_holds_what_its_request_had() -> None:
+    """A worker renders a request's access line with its batch, after the app has had
+    the request's headers (and may have changed them): the line holds the request id,
+    referer and user agent the request came with (a made id: the one the app was
+    shown), and the size and request line of when its response ended."""
+    from forkd.http import accesslog
+
+    class Loop:
+        def call_later(self, delay: float, callback) -> None:
+            pass
+
+    read_end, write_end = os.pipe()
+    made: list[bytes] = []
+    try:
+        writer = RecordWriter(write_end, render=accesslog.render)
+        writer.attach_loop(Loop())
+        log.setup(slot=2, json_sink=writer, access_sink=writer.defer)
+        for sight in range(4):  # (seen once, then from the template)
+            headers = [(b"host", b"example.test"), (b"referer", b"http://a.test/"),
+                       (b"user-agent", b"curl/8")]
+            if sight == 3:
+                headers.append((b"x-request-id", b"lb-7"))
+            access = accesslog.begin(headers)
+            assert headers[-1][0] == b"x-request-id"  # the app sees the id
+            made.append(headers[-1][1])
+            headers[:] = [(b"referer", b"http://b.test/"), (b"user-agent", b"changed"),
+                          (b"x-request-id", b"changed")]  # the app rewrites them
+            accesslog.ended(access, 200, 10 + sight, ("10.0.0.9", 5555), "GET",
+                            b"/p/%d" % sight, b"q=1", "1.1")
+        assert writer.deferred == 4  # held, not rendered yet
+        writer.flush()
+        got = [json.loads(line) for line in os.read(read_end, 1 << 20).splitlines()]
+    finally:
+        log.setup()
+        os.close(read_end)
+        os.close(write_end)
+    assert made[3] == b"lb-7" and len(set(made)) == 4
+    assert [line["request_id"] for line in got] == [rid.decode() for rid in made]
+    assert [(line["referer"], line["user_agent"]) for line in got] == [
+        ("http://a.test/", "curl/8")] * 4
+    assert [(line["path"], line["query"], line["bytes"]) for line in got] == [
+        (f"/p/{sight}", "q=1", 10 + sight) for sight in range(4)]
+
+
 def test_an_access_line_that_cannot_be_rendered_is_counted_and_the_rest_go_out() -> None:
 
     def render(items: list) -> list[bytes]:
