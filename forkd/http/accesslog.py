@@ -8,11 +8,14 @@ The request id is the request's `X-Request-ID` when it has a sane one (what a lo
 balancer or the client set), else one made here; a made one is added to the request's
 headers, so the app sees it too, and either way it is sent back in the response.
 
-Cost on the hot path, per request: a made id is a counter after a per-process random
-prefix (no system call); in a worker the request's fields go into the batch of records
-as one tuple, and the batch is rendered in one loop, before its one write, straight to
-the JSON records the primary passes through (with their text after a tab), without the
-generic event machinery, each line from a template of what repeats (see render).
+Cost on the hot path, per request: one call as it comes in (begin: id, referer, agent,
+start time) and one as its response ends (ended); a made id is a counter after a
+per-process random prefix (no system call); in a worker the line's values go into the
+batch of records as one tuple, and the batch is rendered in one loop, before its one
+write, straight to the JSON records the primary passes through (with their text after a
+tab), without the generic event machinery, each line from a template of what repeats
+(see render). About 18k instructions a line in all on ASGI (cachegrind,
+bench/profiles/drive.py), against about 84k for the request itself.
 """
 
 from __future__ import annotations
