@@ -14,6 +14,7 @@ import http
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 NO_BODY_STATUSES = frozenset((204, 304))
 # RFC 9110 5.6.2: a field name is a token
@@ -32,6 +33,14 @@ _field_lines: dict[tuple[bytes, bytes], bytes] = {}
 _length_lines: dict[tuple[bytes, bytes], tuple[int, bytes]] = {}
 _MAX_FIELDS = 1024
 _MAX_KEPT_LINE = 256
+# Whole status lines and field sections, as above: (status, *fields) -> (the status
+# line and field lines, the Content-Length or None, whether a body of that length
+# follows), for a section of plain fields (no Date, X-Request-Id or framing field but a
+# Content-Length), all bytes. Most apps answer with a few sections over and over: one
+# tuple, one hash and one lookup for them all.
+_sections: dict[tuple[Any, ...], tuple[bytes, int | None, bool]] = {}
+_MAX_SECTIONS = 256
+_MAX_KEPT_SECTION = 2048
 
 
 class ResponseError(Exception):
@@ -197,9 +206,72 @@ def frame_head(
     `force_close` ends the connection after this response (draining, unread body).
     The app's Transfer-Encoding and Connection are framing, which is ours: dropped
     (a `Connection: close` from the app is honoured)."""
+    keep_alive = request.keep_alive and not force_close
+    known = key = None
+    if reason is None:
+        # the status and all fields as one key (a generator of fields is read once here)
+        fields: Any = (status, *headers)
+        try:
+            known = _sections.get(fields)
+        except (TypeError, ValueError):  # a pair given as a list, a buffer: field by field
+            pass
+        else:
+            key = fields
+        if known is None:
+            headers = fields[1:]
+    if known is not None:  # the same status and fields, framed before
+        section, length, sized = known
+        if (sized and complete_body == length and keep_alive and not request_id
+                and request.http11 and not request.head_only):
+            # (the usual answer, as below: its whole body is here, as long as it says)
+            return (b"".join((section, date_header, b"\r\n")),
+                    LengthWriter(True, length))  # type: ignore[arg-type]
+        parts = [section]
+        has_date = has_id = False
+    else:
+        parts, length, keep_alive, has_date, has_id = _frame_fields(
+            status, headers, reason, keep_alive, key)
+    if request_id and not has_id:  # (with --access-log: see accesslog.request_fields)
+        parts += (b"x-request-id: ", request_id, b"\r\n")
+    if not has_date:
+        parts.append(date_header)
+    if (length is not None and complete_body is not None and complete_body != length
+            and not request.head_only):
+        keep_alive = False  # the body will be cut or short: say so in the head already
+    writer: BodyWriter
+    if status < 200 or status in NO_BODY_STATUSES:
+        writer = NoBodyWriter(keep_alive)
+    elif length is not None:
+        writer = NoBodyWriter(keep_alive) if request.head_only else LengthWriter(keep_alive, length)
+    elif complete_body is not None:
+        if not (request.head_only and complete_body == 0):  # an empty HEAD: length unknown
+            parts.append(b"content-length: %d\r\n" % complete_body)
+        writer = NoBodyWriter(keep_alive) if request.head_only else LengthWriter(
+            keep_alive, complete_body)
+    elif request.http11:  # (a HEAD gets the head its GET would get: RFC 9110 9.3.2)
+        parts.append(b"transfer-encoding: chunked\r\n")
+        writer = NoBodyWriter(keep_alive) if request.head_only else ChunkedWriter(keep_alive)
+    elif request.head_only:
+        writer = NoBodyWriter(keep_alive)
+    else:
+        writer = CloseWriter()  # HTTP/1.0 has no chunks: the close ends the body
+    if not writer.keep_alive:
+        parts.append(b"connection: close\r\n\r\n")
+    elif not request.http11:
+        parts.append(b"connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts), writer
+
+
+def _frame_fields(status: int, headers: Iterable[tuple[bytes, bytes]], reason: bytes | None,
+                  keep_alive: bool, section_key: tuple[Any, ...] | None
+                  ) -> tuple[list[bytes], int | None, bool, bool, bool]:
+    """frame_head's status line and fields, each checked: (the parts of the head so far,
+    the Content-Length, keep_alive, a Date given, an X-Request-Id given). The section is
+    kept under `section_key` (frame_head's) when every field is a plain one made of bytes."""
     line = STATUS_LINES.get(status) if reason is None else None  # (status_line's usual case)
     parts = [line if line is not None else status_line(status, reason)]
-    keep_alive = request.keep_alive and not force_close
     length: int | None = None
     has_date = has_id = False
     checked = _checked_names
@@ -253,34 +325,16 @@ def frame_head(
                 if len(_length_lines) >= _MAX_FIELDS:
                     _length_lines.clear()
                 _length_lines[name, value] = (int(value), line)
-    if request_id and not has_id:  # (with --access-log: see accesslog.request_fields)
-        parts += (b"x-request-id: ", request_id, b"\r\n")
-    if not has_date:
-        parts.append(date_header)
-    if (length is not None and complete_body is not None and complete_body != length
-            and not request.head_only):
-        keep_alive = False  # the body will be cut or short: say so in the head already
-    writer: BodyWriter
-    if status < 200 or status in NO_BODY_STATUSES:
-        writer = NoBodyWriter(keep_alive)
-    elif length is not None:
-        writer = NoBodyWriter(keep_alive) if request.head_only else LengthWriter(keep_alive, length)
-    elif complete_body is not None:
-        if not (request.head_only and complete_body == 0):  # an empty HEAD: length unknown
-            parts.append(b"content-length: %d\r\n" % complete_body)
-        writer = NoBodyWriter(keep_alive) if request.head_only else LengthWriter(
-            keep_alive, complete_body)
-    elif request.http11:  # (a HEAD gets the head its GET would get: RFC 9110 9.3.2)
-        parts.append(b"transfer-encoding: chunked\r\n")
-        writer = NoBodyWriter(keep_alive) if request.head_only else ChunkedWriter(keep_alive)
-    elif request.head_only:
-        writer = NoBodyWriter(keep_alive)
-    else:
-        writer = CloseWriter()  # HTTP/1.0 has no chunks: the close ends the body
-    if not writer.keep_alive:
-        parts.append(b"connection: close\r\n\r\n")
-    elif not request.http11:
-        parts.append(b"connection: keep-alive\r\n\r\n")
-    else:
-        parts.append(b"\r\n")
-    return b"".join(parts), writer
+    if (section_key is not None and not has_date and not has_id
+            and len(parts) == len(section_key) and type(status) is int
+            and all(type(pair) is tuple and type(pair[0]) is bytes and type(pair[1]) is bytes
+                    for pair in section_key[1:])):
+        # (len(parts): every field went out as a line of its own, none was dropped)
+        section = b"".join(parts)
+        if len(section) <= _MAX_KEPT_SECTION:
+            if len(_sections) >= _MAX_SECTIONS:
+                _sections.clear()
+            # (sized: a body of this length follows, as the framing below finds)
+            _sections[section_key] = (section, length, length is not None and status >= 200
+                                      and status not in NO_BODY_STATUSES)
+    return parts, length, keep_alive, has_date, has_id

@@ -243,3 +243,81 @@ def test_what_frame_head_keeps_is_bounded_in_entries_and_in_bytes() -> None:
         assert 0 < len(kept) <= framing._MAX_FIELDS
     lines = [*framing._field_lines.values(), *(line for _, line in framing._length_lines.values())]
     assert max(map(len, lines)) <= framing._MAX_KEPT_LINE
+
+
+SECTIONS = [
+    [(b"content-type", b"text/plain"), (b"content-length", b"5")],
+    [(b"content-type", b"text/plain")],
+    [],
+    [(b"Content-Length", b"3"), (b"x-a", b"b")],
+    [(b"content-length", b"0")],
+    [(b"x-a", b"b"), (b"date", b"Mon, 30 Nov 2026 00:00:00 GMT")],
+    [(b"x-request-id", b"app-made"), (b"content-length", b"5")],
+    [(b"connection", b"close"), (b"content-length", b"5")],
+    [(b"transfer-encoding", b"chunked"), (b"x-a", b"b")],
+]
+REQUESTS = [Request(head_only, http11, keep_alive) for head_only in (False, True)
+            for http11 in (False, True) for keep_alive in (False, True)]
+
+
+@pytest.mark.parametrize("status", [200, 404, 204, 304, 101, 599])
+@pytest.mark.parametrize("section", range(len(SECTIONS)))
+def test_a_status_and_fields_sent_again_are_framed_as_the_first_time(
+        status: int, section: int) -> None:
+    """frame_head keeps whole status-and-fields sections it framed: a response with one
+    of them seen before gets the same head and writer as a first one, whatever the
+    request (HEAD, 1.0, close), the body's size, force_close and the request id."""
+    from forkd.http import framing
+
+    headers = SECTIONS[section]
+    cases = [(request, complete, force_close, request_id) for request in REQUESTS
+             for complete in (None, 0, 5, 6) for force_close in (False, True)
+             for request_id in (b"", b"rid")]
+
+    def frame(case: tuple[Any, ...]) -> tuple[bytes, str, bool, int | None]:
+        request, complete, force_close, request_id = case
+        head, writer = frame_head(status, list(headers), request, complete, DATE,
+                                  force_close, None, request_id)
+        return (head, type(writer).__name__, writer.keep_alive,
+                getattr(writer, "length", None))
+
+    framing._sections.clear()
+    first = []
+    for case in cases:
+        framing._sections.clear()
+        first.append(frame(case))
+    frame(cases[0])  # (kept now, where it may be)
+    assert [frame(case) for case in cases] == first
+    kept = (status, *headers) in framing._sections
+    # only sections of plain fields are kept: a Date or an id of the app's, or a framing
+    # field other than a Content-Length, is looked at each time
+    assert kept == (section < 5)
+
+
+def test_a_section_given_as_lists_or_a_generator_is_framed_each_time() -> None:
+    """Pairs given as lists (unhashable), or fields from a generator (read once), are
+    framed as a list of tuples is, the first time and every time after."""
+    expected, _ = frame_head(200, [(b"x-a", b"b"), (b"content-length", b"2")], GET11, 2, DATE)
+    for _ in range(2):
+        head, writer = frame_head(200, [[b"x-a", b"b"], [b"content-length", b"2"]], GET11,
+                                  2, DATE)
+        assert head == expected and isinstance(writer, LengthWriter)
+        head, writer = frame_head(200, ((name, value) for name, value in
+                                        [(b"x-a", b"b"), (b"content-length", b"2")]),
+                                  GET11, 2, DATE)
+        assert head == expected and isinstance(writer, LengthWriter)
+
+
+def test_kept_sections_are_bounded_in_entries_and_in_bytes() -> None:
+    """However many sections an app makes up (a field that changes every time), at most
+    _MAX_SECTIONS are kept, none over _MAX_KEPT_SECTION bytes; a long one goes out whole."""
+    from forkd.http import framing
+
+    many = [(b"x-%d" % number, b"v" * 200) for number in range(20)]
+    out, keep = run(200, many, GET11, [b"hi"], complete=True)
+    assert all(b"%b: %b\r\n" % pair in out for pair in many) and keep
+    for number in range(3 * framing._MAX_SECTIONS):
+        frame_head(200, [(b"etag", b"%d" % number)], GET11, 0, DATE)
+    assert 0 < len(framing._sections) <= framing._MAX_SECTIONS
+    assert max(len(section) for section, _, _ in framing._sections.values()) \
+        <= framing._MAX_KEPT_SECTION
