@@ -80,6 +80,9 @@ DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request o
 # address or a bracketed IP literal. An empty Host is valid (a URI without authority).
 _HOST = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 _AUTHORITY = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+):[0-9]+")
+# Request fields on_headers_complete looks at besides Host (HttpProtocol.check_fields)
+SPECIAL_FIELDS = frozenset((b"content-length", b"content-type", b"transfer-encoding",
+                            b"connection", b"proxy-connection")) | PROXY_HEADERS
 # RFC 9110 6.5.1: fields a sender must not put in a trailer because they frame, route,
 # authenticate or modify the request; a trailer is never merged into the headers anyway,
 # but one of these in it is a request built to be misread by someone: refused.
@@ -797,10 +800,8 @@ class HttpProtocol(asyncio.Protocol):
         self.at_boundary = False
         self.blank_bytes = 0
         self.in_trailers = False
-        self.trailers = 0
         self.url = b""
         self.headers = []
-        self.body_received = 0
         self.idle_since = None
         # the exact time, not the coarse clock (up to a tick old): a client gets its
         # whole --header-timeout, never less
@@ -845,9 +846,12 @@ class HttpProtocol(asyncio.Protocol):
         # a Connection field (nor a Proxy-Connection, which it reads as one) alive only if
         # it is HTTP/1.1: the usual request's version, known without get_http_version,
         # which formats a new string per call. (Asked below if there was such a field.)
-        version = "1.1" if alive else parser.get_http_version()
-        if version not in ("1.1", "1.0"):  # llhttp also parses HTTP/0.9 and HTTP/2.0 lines
-            raise RequestError(505, "HTTP Version Not Supported")
+        if alive:
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
+            if version not in ("1.1", "1.0"):  # llhttp also parses HTTP/0.9 and HTTP/2.0 lines
+                raise RequestError(505, "HTTP Version Not Supported")
         self.in_trailers = True
         self.head_open = False
         self.line_bytes = 0
@@ -855,44 +859,24 @@ class HttpProtocol(asyncio.Protocol):
         method = parser.get_method()
         if target[:1] != b"/" or method == b"CONNECT":
             self.check_target(method, target)
-        content_length = None
-        hosts = content_types = 0
-        chunked = proxied = connection = False
-        codings: list[bytes] | None = None  # (a list only for a transfer-encoding)
+        hosts = 0
+        special = False  # a field that frames, routes or proxies the request
         headers = self.headers
         for name, value in headers:
-            if name == b"content-length":
-                content_length = int(value)  # llhttp has checked it is a number
-            elif name == b"host":
+            if name == b"host":
                 hosts += 1  # (valid_authority's cache of valid values, looked at inline)
                 if value not in _valid_hosts and not valid_authority(value):  # RFC 9112 3.2
                     raise RequestError(400, "Bad Request: invalid Host header")
-            elif name == b"content-type":
-                content_types += 1
-            elif name == b"transfer-encoding":
-                chunked = True
-                if codings is None:
-                    codings = []
-                codings.extend(value.lower().split(b","))
-            elif name == b"connection" or name == b"proxy-connection":  # (llhttp: alike)
-                connection = True
-            elif name in PROXY_HEADERS:
-                proxied = True
-        if connection and alive:  # (a 1.0 or 2.0 request with keep-alive is kept alive too)
-            version = parser.get_http_version()
-            if version not in ("1.1", "1.0"):
-                raise RequestError(505, "HTTP Version Not Supported")
-        if hosts > 1 or (hosts == 0 and version == "1.1"):
-            # RFC 9112 3.2: a 1.1 request has exactly one Host; two invite cache poisoning
-            raise RequestError(400, "Bad Request: an HTTP/1.1 request needs one Host header")
-        if content_types > 1:  # which one the app and a proxy in front would each pick differs
-            raise RequestError(400, "Bad Request: more than one Content-Type header")
-        if chunked and version == "1.0":  # RFC 9112 6.1: faulty framing from a 1.0 client
-            raise RequestError(400, "Bad Request: Transfer-Encoding in an HTTP/1.0 request")
-        if codings is not None and codings != [b"chunked"]:
-            self.check_codings(codings)
-        if content_length is not None and content_length > self.max_body:
-            raise RequestError(413, "Content Too Large")
+            elif name in SPECIAL_FIELDS:  # (one set lookup: most fields are none of them)
+                special = True
+        if special:
+            content_length, chunked, proxied, version = self.check_fields(
+                headers, alive, version, hosts)
+        else:  # (check_fields' first check, for a request without such fields)
+            if hosts != 1 and (hosts or version == "1.1"):
+                raise RequestError(400, "Bad Request: an HTTP/1.1 request needs one Host header")
+            content_length = 0
+            chunked = proxied = False
         # An Upgrade other than a WebSocket's (ASGI) is not performed, and httptools stops
         # parsing a read at an upgrade request (the rest of that read is dropped; later
         # reads would be parsed, but the close after it stops them): the connection
@@ -931,8 +915,10 @@ class HttpProtocol(asyncio.Protocol):
         if content_length or chunked:  # a body is coming: its stall clock starts now
             self.body_activity = self.rate_since = self.loop.time()
             self.rate_bytes = 0
+            self.body_received = 0  # (only a request with a body has any, or trailers)
+            self.trailers = 0
             self.chunked = chunked
-            self.body_length = content_length or 0
+            self.body_length = content_length
             self.wire_body = 0
         started = self.request_started or state.now
         self.heads.append((started, method))
@@ -984,6 +970,45 @@ class HttpProtocol(asyncio.Protocol):
         if self.parsing is not None:
             self.parsing.body_complete()
             self.parsing = None
+
+    def check_fields(self, headers: list[tuple[bytes, bytes]], alive: bool, version: str,
+                     hosts: int) -> tuple[int, bool, bool, str]:
+        """on_headers_complete's checks of a request with fields that frame, route or proxy
+        it (SPECIAL_FIELDS): (its Content-Length or 0, chunked, proxied, its version)."""
+        content_length = None
+        content_types = 0
+        chunked = proxied = connection = False
+        codings: list[bytes] | None = None  # (a list only for a transfer-encoding)
+        for name, value in headers:
+            if name == b"content-length":
+                content_length = int(value)  # llhttp has checked it is a number
+            elif name == b"content-type":
+                content_types += 1
+            elif name == b"transfer-encoding":
+                chunked = True
+                if codings is None:
+                    codings = []
+                codings.extend(value.lower().split(b","))
+            elif name == b"connection" or name == b"proxy-connection":  # (llhttp: alike)
+                connection = True
+            elif name in PROXY_HEADERS:
+                proxied = True
+        if connection and alive:  # (a 1.0 or 2.0 request with keep-alive is kept alive too)
+            version = self.parser.get_http_version()
+            if version not in ("1.1", "1.0"):
+                raise RequestError(505, "HTTP Version Not Supported")
+        if hosts != 1 and (hosts or version == "1.1"):
+            # RFC 9112 3.2: a 1.1 request has exactly one Host; two invite cache poisoning
+            raise RequestError(400, "Bad Request: an HTTP/1.1 request needs one Host header")
+        if content_types > 1:  # which one the app and a proxy in front would each pick differs
+            raise RequestError(400, "Bad Request: more than one Content-Type header")
+        if chunked and version == "1.0":  # RFC 9112 6.1: faulty framing from a 1.0 client
+            raise RequestError(400, "Bad Request: Transfer-Encoding in an HTTP/1.0 request")
+        if codings is not None and codings != [b"chunked"]:
+            self.check_codings(codings)
+        if content_length is not None and content_length > self.max_body:
+            raise RequestError(413, "Content Too Large")
+        return content_length or 0, chunked, proxied, version
 
     def apply_forwarded(self, headers: list[tuple[bytes, bytes]]
                         ) -> list[tuple[bytes, bytes]]:
