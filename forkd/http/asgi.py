@@ -14,7 +14,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from forkd.http import accesslog
-from forkd.http.framing import BodyWriter, LengthWriter, Request, frame_head
+from forkd.http.framing import BodyWriter, Request, frame_head
 from forkd.http.protocol import ClientDisconnected, HttpProtocol, error_response
 
 log = logging.getLogger("forkd.http")
@@ -343,21 +343,18 @@ class ASGICycle:
             more = message.get("more_body", False)
             if writer is None:
                 state = proto.state
-                head, writer = frame_head(  # (positional: cheaper)
+                data, writer = frame_head(  # (positional: cheaper)
                     self.status, self.head_headers,
                     _REQUESTS[self.method == "HEAD", self.scope["http_version"] == "1.1",
                               self.keep_alive],
                     None if more else len(body), state.date_header,
-                    state.draining and not proto.pipeline, None, self.access[0])
+                    state.draining and not proto.pipeline, None, self.access[0],
+                    None if more else body)  # (a whole body: framed with the head)
                 self.writer = writer
                 if more:
-                    data = head + writer.write(body) if body else head
+                    if body:
+                        data += writer.write(body)
                 else:
-                    if type(writer) is LengthWriter and len(body) == writer.length:
-                        writer.sent = len(body)  # (writer.last, inline: the usual case)
-                        data = head + body
-                    else:
-                        data = head + writer.last(body)
                     self.complete = True
             elif more:
                 data = writer.write(body)

@@ -198,8 +198,10 @@ def frame_head(
     force_close: bool = False,
     reason: bytes | None = None,
     request_id: bytes = b"",
+    body: bytes | None = None,
 ) -> tuple[bytes, BodyWriter]:
-    """The response head and the writer of its body.
+    """The response head and the writer of its body; with `body` (the whole body, of
+    `complete_body` bytes), the head and that body framed by the writer's `last`.
 
     `complete_body` is the body's whole size when the app has already handed all of
     it over (then a Content-Length is sent rather than chunks), else None.
@@ -208,6 +210,7 @@ def frame_head(
     (a `Connection: close` from the app is honoured)."""
     keep_alive = request.keep_alive and not force_close
     known = key = None
+    writer: BodyWriter
     if reason is None:
         # the status and all fields as one key (a generator of fields is read once here)
         fields: Any = (status, *headers)
@@ -224,8 +227,11 @@ def frame_head(
         if (sized and complete_body == length and keep_alive and not request_id
                 and request.http11 and not request.head_only):
             # (the usual answer, as below: its whole body is here, as long as it says)
-            return (b"".join((section, date_header, b"\r\n")),
-                    LengthWriter(True, length))  # type: ignore[arg-type]
+            writer = LengthWriter(True, length)  # type: ignore[arg-type]
+            if body is None:
+                return b"".join((section, date_header, b"\r\n")), writer
+            writer.sent = length  # type: ignore[assignment]  # (writer.last, inline)
+            return b"".join((section, date_header, b"\r\n", body)), writer
         parts = [section]
         has_date = has_id = False
     else:
@@ -238,7 +244,6 @@ def frame_head(
     if (length is not None and complete_body is not None and complete_body != length
             and not request.head_only):
         keep_alive = False  # the body will be cut or short: say so in the head already
-    writer: BodyWriter
     if status < 200 or status in NO_BODY_STATUSES:
         writer = NoBodyWriter(keep_alive)
     elif length is not None:
@@ -261,7 +266,9 @@ def frame_head(
         parts.append(b"connection: keep-alive\r\n\r\n")
     else:
         parts.append(b"\r\n")
-    return b"".join(parts), writer
+    if body is None:
+        return b"".join(parts), writer
+    return b"".join(parts) + writer.last(body), writer
 
 
 def _frame_fields(status: int, headers: Iterable[tuple[bytes, bytes]], reason: bytes | None,

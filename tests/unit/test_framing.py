@@ -321,3 +321,25 @@ def test_kept_sections_are_bounded_in_entries_and_in_bytes() -> None:
     assert 0 < len(framing._sections) <= framing._MAX_SECTIONS
     assert max(len(section) for section, _, _ in framing._sections.values()) \
         <= framing._MAX_KEPT_SECTION
+
+
+@pytest.mark.parametrize("section", range(len(SECTIONS)))
+@pytest.mark.parametrize("body", [b"", b"hello", b"hello!"])
+def test_a_whole_body_given_is_framed_as_its_writers_last_block(section: int,
+                                                                 body: bytes) -> None:
+    """frame_head(..., body=...) is the head and `writer.last(body)` in one call, for a
+    section seen before or not, whatever the request."""
+    from forkd.http import framing
+
+    for request in REQUESTS:
+        for kept in (False, True):
+            if not kept:
+                framing._sections.clear()
+            head, writer = frame_head(200, SECTIONS[section], request, len(body), DATE)
+            expected = head + writer.last(body)
+            if not kept:
+                framing._sections.clear()
+            out, whole = frame_head(200, SECTIONS[section], request, len(body), DATE,
+                                    False, None, b"", body)
+            assert out == expected
+            assert (whole.keep_alive, whole.sent) == (writer.keep_alive, writer.sent)
