@@ -137,7 +137,7 @@ class ASGICycle:
         # an Expect: 100-continue is looked for at the app's first receive(), the only
         # time it matters (most requests have no body, and many apps never receive)
         self.expect_continue = True
-        self.task: asyncio.Task[None] | None = None  # the task that runs this request
+        # (self.task, the task that runs this request, is set by start, which makes it)
 
     # -- the protocol's side ----------------------------------------------------
     def start(self) -> None:
@@ -372,11 +372,14 @@ class ASGICycle:
                     self._wake()
                 if proto.state.access_log:
                     self._log_access(writer.sent)
-                proto.ending = True  # (a pipelined request started now is chained)
-                try:
+                if proto.pipeline:  # (the only case where response_done starts one)
+                    proto.ending = True  # (a pipelined request started now is chained)
+                    try:
+                        proto.response_done(self, writer.keep_alive)
+                    finally:
+                        proto.ending = False
+                else:
                     proto.response_done(self, writer.keep_alive)
-                finally:
-                    proto.ending = False
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
