@@ -47,6 +47,28 @@ def decode_path(raw_path: bytes) -> str:
     return unquote_to_bytes(raw_path).decode("utf-8", "replace")
 
 
+def connection_scope(server: tuple[str, int | None] | None, client: tuple[str, int] | None,
+                     scheme: str, root_path: str) -> dict[str, Any]:
+    """An `http` scope with the keys that are the same for each request of a connection
+    (its client and scheme, unless a trusted proxy names others), in the order of a
+    request's scope: ASGICycle copies it and sets the others."""
+    return {
+        "type": "http",
+        "asgi": ASGI_VERSION,
+        "http_version": "1.1",
+        "server": server,
+        "client": client,
+        "scheme": scheme,
+        "method": "GET",
+        "root_path": root_path,
+        "path": "",
+        "raw_path": b"",
+        "query_string": b"",
+        "headers": [],
+        "state": {},
+    }
+
+
 class ASGICycle:
     """One request of an app: made by the class `bind` returns, one per worker."""
 
@@ -100,22 +122,25 @@ class ASGICycle:
         else:
             raw_path, query = split_target(target)
         root_path = self.root_path
-        self.scope = {
-            "type": "http",
-            "asgi": ASGI_VERSION,
-            "http_version": http_version,  # (the protocol let only 1.1 and 1.0 through)
-            "server": proto.server,
-            "client": proto.req_client,
-            "scheme": proto.req_scheme,
-            "method": method,
-            "root_path": root_path,
-            "path": root_path + (raw_path.decode("latin-1") if raw_path.find(b"%") < 0
-                                 else decode_path(raw_path)),
-            "raw_path": raw_path,
-            "query_string": query,
-            "headers": headers,
-            "state": dict(self.lifespan_state),
-        }
+        # a copy of the connection's scope (cheaper than a new dict of 14 keys), with this
+        # request's keys set
+        base = proto.asgi_base
+        if base is None:
+            base = proto.asgi_base = connection_scope(proto.server, proto.client,
+                                                      proto.scheme, root_path)
+        scope = self.scope = base.copy()
+        scope["http_version"] = http_version  # (the protocol let only 1.1 and 1.0 through)
+        scope["method"] = method
+        scope["path"] = root_path + (raw_path.decode("latin-1") if raw_path.find(b"%") < 0
+                                     else decode_path(raw_path))
+        scope["raw_path"] = raw_path
+        scope["query_string"] = query
+        scope["headers"] = headers
+        scope["state"] = dict(self.lifespan_state)
+        if proto.req_client is not proto.client:  # a trusted proxy's headers named them
+            scope["client"] = proto.req_client
+        if proto.req_scheme is not proto.scheme:
+            scope["scheme"] = proto.req_scheme
         self.method = method
         self.keep_alive = keep_alive
         self.body: list[bytes] | tuple[()] = ()  # parts, joined when the app receives them

@@ -367,7 +367,7 @@ class HttpProtocol(asyncio.Protocol):
     # (tests/unit/test_protocol_slots.py says which are missing).
     __slots__ = (
         "__dict__", "__weakref__",
-        "at_boundary", "awaiting_drain", "blank_bytes", "body_activity", "body_length",
+        "asgi_base", "at_boundary", "awaiting_drain", "blank_bytes", "body_activity", "body_length",
         "body_parts", "body_received", "chain_scheduled", "chained", "chunked", "client",
         "closed", "context", "corked", "cycle", "drain_waiter", "ending", "feed_scheduled",
         "fin_held",
@@ -474,6 +474,8 @@ class HttpProtocol(asyncio.Protocol):
         # WSGI (forkd.http.wsgi): this connection's environ keys that do not change per
         # request, kept with the client and scheme they were made for
         self.wsgi_base: Any = None
+        # ASGI (forkd.http.asgi): this connection's scope, which each request's copies
+        self.asgi_base: dict[str, Any] | None = None
 
     # -- connection events ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

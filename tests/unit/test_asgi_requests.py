@@ -243,3 +243,37 @@ def test_each_http_version_is_told_apart(loop: asyncio.AbstractEventLoop, reques
     assert head.startswith(b"http/1.1 200") and seen == [version]
     said = [line.split(b": ")[1] for line in head.split(b"\r\n") if line.startswith(b"connection")]
     assert said == ([] if connection is None else [connection])
+
+
+def test_each_request_gets_a_scope_of_its_own_with_its_clients_and_schemes(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A request's scope is a copy of its connection's keys with its own set: what an app
+    does to one scope (middleware rewrites path, adds keys, empties state) never reaches
+    the next request's, and a trusted proxy's client and scheme hold for its request only."""
+    scopes: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scopes.append({**scope, "state": dict(scope["state"])})  # (as it came)
+        scope["path"] = "/rewritten"
+        scope["user"] = "someone"
+        scope["client"] = ("6.6.6.6", 6)
+        scope["state"]["seen"] = True
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    proto.peer_trusted = True
+    assert ask_in_turn(loop, proto, transport, ["/a?n=1", "/b?n=1"]) == [b"x", b"x"]
+    proto.data_received(get("/c?n=1", b"X-Forwarded-For: 10.0.0.9\r\n"
+                                      b"X-Forwarded-Proto: https\r\n"))
+    run_until(loop, lambda: len(bodies(transport.received)) == 3)
+    proto.data_received(get("/d?n=1"))
+    run_until(loop, lambda: len(bodies(transport.received)) == 4)
+    assert [scope["path"] for scope in scopes] == ["/a", "/b", "/c", "/d"]
+    assert [scope["query_string"] for scope in scopes] == [b"n=1"] * 4
+    assert all("user" not in scope and scope["state"] == {} for scope in scopes)
+    assert [scope["client"] for scope in scopes] == [
+        proto.client, proto.client, ("10.0.0.9", 0), proto.client]
+    assert [scope["scheme"] for scope in scopes] == ["http", "http", "https", "http"]
+    assert list(scopes[0]) == ["type", "asgi", "http_version", "server", "client", "scheme",
+                               "method", "root_path", "path", "raw_path", "query_string",
+                               "headers", "state"]
