@@ -20,6 +20,8 @@ from forkd.http.protocol import ClientDisconnected, HttpProtocol, error_response
 log = logging.getLogger("forkd.http")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+MAX_PATHS = 256  # (ASGICycle.paths)
+MAX_KEPT_PATH = 256
 # every framing.Request there is, made once: (head_only, http11, keep_alive) -> it
 _REQUESTS = {(head_only, http11, keep_alive): Request(head_only, http11, keep_alive)
              for head_only in (False, True) for http11 in (False, True)
@@ -97,6 +99,9 @@ class ASGICycle:
     app: Any = None
     lifespan_state: dict[str, Any] = {}
     root_path = ""
+    # raw path -> scope path (root_path and the decoded path): the same few paths come
+    # again and again; bounded (MAX_PATHS of at most MAX_KEPT_PATH bytes, emptied when full)
+    paths: dict[bytes, str] = {}
 
     @classmethod
     def bind(cls, app: Any, lifespan_state: dict[str, Any], root_path: str
@@ -105,7 +110,7 @@ class ASGICycle:
         protocol's arguments directly (no wrapper call per request)."""
         return type("ASGICycle", (cls,), {"__slots__": (), "app": staticmethod(app),
                                           "lifespan_state": lifespan_state,
-                                          "root_path": root_path})
+                                          "root_path": root_path, "paths": {}})
 
     def __init__(
         self,
@@ -131,8 +136,15 @@ class ASGICycle:
         scope = self.scope = base.copy()
         scope["http_version"] = http_version  # (the protocol let only 1.1 and 1.0 through)
         scope["method"] = method
-        scope["path"] = root_path + (raw_path.decode("latin-1") if raw_path.find(b"%") < 0
-                                     else decode_path(raw_path))
+        path = self.paths.get(raw_path)
+        if path is None:
+            path = root_path + (raw_path.decode("latin-1") if raw_path.find(b"%") < 0
+                                else decode_path(raw_path))
+            if len(raw_path) <= MAX_KEPT_PATH:
+                if len(self.paths) >= MAX_PATHS:
+                    self.paths.clear()
+                self.paths[raw_path] = path
+        scope["path"] = path
         scope["raw_path"] = raw_path
         scope["query_string"] = query
         scope["headers"] = headers

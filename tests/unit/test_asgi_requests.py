@@ -277,3 +277,35 @@ def test_each_request_gets_a_scope_of_its_own_with_its_clients_and_schemes(
     assert list(scopes[0]) == ["type", "asgi", "http_version", "server", "client", "scheme",
                                "method", "root_path", "path", "raw_path", "query_string",
                                "headers", "state"]
+
+
+def test_a_path_asked_again_is_decoded_as_the_first_time_and_the_kept_ones_are_bounded(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """ASGICycle keeps the scope path of each raw path it saw (a bounded table): a path
+    asked again, plain or percent-encoded, gets the same scope path under the app's
+    root_path, and an app asked for ever new paths keeps at most MAX_PATHS of them."""
+    from forkd.http import asgi
+
+    seen: list[tuple[str, bytes]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((scope["path"], scope["raw_path"]))
+        await asgi_sized(scope, receive, send)
+
+    proto, transport = connect(loop, "asgi", app)
+    cycle_class = asgi.ASGICycle.bind(app, {}, "/api")
+    proto.state.cycle_factory = cycle_class
+    paths = ["/a%20b?n=1", "/caf%C3%A9?n=1", "/plain?n=1", "/%FF?n=1"]
+    ask_in_turn(loop, proto, transport, paths + paths)
+    expected = [("/api/a b", b"/a%20b"), ("/api/café", b"/caf%C3%A9"),
+                ("/api/plain", b"/plain"), ("/api/\ufffd", b"/%FF")]
+    assert seen == expected + expected
+    assert asgi.ASGICycle.paths == {}  # (each bound class has a table of its own)
+    long_path = "/" + "x" * (asgi.MAX_KEPT_PATH + 1)
+    ask_in_turn(loop, proto, transport, [long_path + "?n=1"])
+    assert seen[-1][0] == "/api" + long_path
+    assert long_path.encode() not in cycle_class.paths
+    for number in range(3 * asgi.MAX_PATHS):
+        cycle = cycle_class(proto, "GET", b"/n/%d" % number, [], "1.1", True)
+        assert cycle.scope["path"] == f"/api/n/{number}"
+    assert 0 < len(cycle_class.paths) <= asgi.MAX_PATHS
