@@ -80,6 +80,10 @@ DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request o
 # address or a bracketed IP literal. An empty Host is valid (a URI without authority).
 _HOST = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 _AUTHORITY = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+):[0-9]+")
+# the usual methods' names as str, made once (a decode per request costs more than a
+# lookup, and the method's hash is needed for the metrics anyway)
+METHOD_NAMES = {name.encode(): name for name in (
+    "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE")}
 # Request fields on_headers_complete looks at besides Host (HttpProtocol.check_fields)
 SPECIAL_FIELDS = frozenset((b"content-length", b"content-type", b"transfer-encoding",
                             b"connection", b"proxy-connection")) | PROXY_HEADERS
@@ -913,7 +917,8 @@ class HttpProtocol(asyncio.Protocol):
         else:
             factory = state.cycle_factory
             assert factory is not None
-            cycle = factory(self, method.decode("ascii"), target, headers, version, keep_alive)
+            cycle = factory(self, METHOD_NAMES.get(method) or method.decode("ascii"), target,
+                            headers, version, keep_alive)
         if content_length or chunked:  # a body is coming: its stall clock starts now
             self.body_activity = self.rate_since = self.loop.time()
             self.rate_bytes = 0
