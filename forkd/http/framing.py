@@ -214,9 +214,11 @@ def frame_head(
     if reason is None:
         # the status and all fields as one key (a generator of fields is read once here)
         fields: Any = (status, *headers)
+        if type(fields[-1]) is list:  # pairs as lists, as in the ASGI spec's examples: as
+            fields = (status, *map(tuple, fields[1:]))  # tuples (unhashable, they raise)
         try:
             known = _sections.get(fields)
-        except (TypeError, ValueError):  # a pair given as a list, a buffer: field by field
+        except (TypeError, ValueError):  # a pair given as a buffer: field by field
             pass
         else:
             key = fields
