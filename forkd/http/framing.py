@@ -286,6 +286,7 @@ def _frame_fields(status: int, headers: Iterable[tuple[bytes, bytes]], reason: b
     checked = _checked_names
     bad_value = _BAD_VALUE.search
     field_lines = _field_lines
+    seen = 0  # fields whose line was kept before: a section is kept when all of them were
     for name, value in headers:
         key: tuple[bytes, bytes] | None = (name, value)
         try:
@@ -294,11 +295,13 @@ def _frame_fields(status: int, headers: Iterable[tuple[bytes, bytes]], reason: b
             line = key = None
         if line is not None:  # (checked before, and no framing field)
             parts.append(line)
+            seen += 1
             continue
         known_length = _length_lines.get(key)  # type: ignore[arg-type]
         if known_length is not None and length is None:
             length, line = known_length
             parts.append(line)
+            seen += 1
             continue
         lname = name.lower()
         plain = False
@@ -334,11 +337,11 @@ def _frame_fields(status: int, headers: Iterable[tuple[bytes, bytes]], reason: b
                 if len(_length_lines) >= _MAX_FIELDS:
                     _length_lines.clear()
                 _length_lines[name, value] = (int(value), line)
-    if (section_key is not None and not has_date and not has_id
-            and len(parts) == len(section_key) and type(status) is int
-            and all(type(pair) is tuple and type(pair[0]) is bytes and type(pair[1]) is bytes
-                    for pair in section_key[1:])):
-        # (len(parts): every field went out as a line of its own, none was dropped)
+    if section_key is not None and seen == len(section_key) - 1 and type(status) is int:
+        # Every field's line was kept before (so each is a plain pair of bytes, no Date,
+        # no X-Request-Id, none dropped) and the section is kept from its second answer
+        # on: a section with a value of its own per answer (a cookie, an ETag, a trace
+        # id) is framed field by field and never fills the table.
         section = b"".join(parts)
         if len(section) <= _MAX_KEPT_SECTION:
             if len(_sections) >= _MAX_SECTIONS:
