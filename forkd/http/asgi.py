@@ -174,7 +174,9 @@ class ASGICycle:
         # an Expect: 100-continue is looked for at the app's first receive(), the only
         # time it matters (most requests have no body, and many apps never receive)
         self.expect_continue = True
-        # (self.task, the task that runs this request, is set by start, which makes it)
+        # the task that runs this request, set by start, which makes it; None until then
+        # (an eager task factory, Python 3.12+, runs run() inside create_task)
+        self.task: asyncio.Task[None] | None = None
 
     # -- the protocol's side ----------------------------------------------------
     def start(self) -> None:
