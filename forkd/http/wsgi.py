@@ -474,8 +474,10 @@ class WSGICycle:
                 self.pool.look(started)
         else:
             wall, cpu = clocks()
-        took = 0.0  # an inline call's own time: up to its answer, which may start the
-        # next pipelined request inline too (response_done), whose time is not this one's
+        # An inline call is judged as soon as it returns: its answer may run the next
+        # pipelined request inline, nested (response_done), whose time, and waits for a
+        # CPU, are not this one's (inline_took reads those since this call's start now)
+        took = 0.0
         result: Any = None
         ended = True  # this call is over when run returns (not when _stream took it on)
         try:
@@ -493,6 +495,7 @@ class WSGICycle:
                 # A streamed body's blocks may be slow to come: iterate it on a thread
                 # (with --threads 0 there is none: it is iterated here, as the app ran).
                 took = time.perf_counter() - started
+                self._judge(took)
                 self.inline = False
                 ended = False  # _stream closes the result and ends the call
                 self.pool.submit(self._stream, result)
@@ -501,6 +504,8 @@ class WSGICycle:
                 self._iterate(result)
             if inline:
                 took = time.perf_counter() - started
+                if took > INLINE_LIMIT or self.pool.strikes:  # (else nothing to note)
+                    self.pool.inline_took(self.route, took)
             if self.status is None:  # (_finish, inline: once per request)
                 raise RuntimeError("the WSGI app returned without calling start_response")
             self._flush(True)
@@ -509,6 +514,7 @@ class WSGICycle:
         except BaseException as exc:  # the app's code: anything can come out
             if inline and not took:
                 took = time.perf_counter() - started
+                self._judge(took)
             self._failed(exc)
         finally:
             if ended:
@@ -517,16 +523,17 @@ class WSGICycle:
                 else:
                     # (a failed app may have returned nothing to close: it ends anyway)
                     self._close(result)
-            if inline:
-                pool = self.pool
-                if took > INLINE_LIMIT or pool.strikes:  # (else it has nothing to note)
-                    pool.inline_took(self.route, took)
-            else:
+            if not inline:
                 end_wall, end_cpu = clocks()
                 # (a call that read a streamed body, or waited for its client to read,
                 # timed the client as much as the app: it teaches the route nothing)
                 self.pool.threaded_took(self.route, end_wall - wall, end_cpu - cpu,
                                         self.stream is None and self.flow is None)
+
+    def _judge(self, took: float) -> None:
+        """(run's less usual ends) An inline call's time, for its route's place."""
+        if took > INLINE_LIMIT or self.pool.strikes:
+            self.pool.inline_took(self.route, took)
 
     def _iterate(self, result: Any) -> None:
         for chunk in result:  # each block goes out as it comes (PEP 3333)

@@ -23,11 +23,12 @@ GIL passed back and forth). So:
   its own while the loop's thread waits for a CPU: on a host running more threads than
   cores, the scheduler held 0.15 ms calls for 12 ms, and their quick route went back to
   the threads. So a slow inline call's time, less what the thread waited for a CPU since
-  the last look (the kernel's run_delay: read after a slow call, and before a call when
-  the last look is LOOK_EVERY old, so a wait before the call hides at most LOOK_EVERY
-  of its time), is judged. Each route sent back from the loop is logged (event
-  `wsgi-route-to-threads`, at most one line per LOG_EVERY, with the count of those not
-  logged). `--wsgi-inline never` turns this off; `always` (or
+  the last look (the kernel's run_delay: read before a call when the last look is
+  LOOK_EVERY old, so a wait before the call hides at most LOOK_EVERY of its time, and
+  as a slow call returns: before its answer, which may run the next pipelined request
+  inline, nested, whose waits are not its own), is judged. Each route sent back from
+  the loop is logged (event `wsgi-route-to-threads`, at most one line per LOG_EVERY,
+  with the count of those not logged). `--wsgi-inline never` turns this off; `always` (or
   `--threads 0`) runs every call inline, for apps that never block.
 
 A route sent back by SLOW_INLINE or STRIKES is not kept there for good: a call can be
@@ -255,7 +256,8 @@ class WSGIPool:
 
     def look(self, now: float) -> None:
         """How long the loop's thread has waited for a CPU: read before an inline call
-        when the last look is LOOK_EVERY old (WSGICycle.run), and after a slow one."""
+        when the last look is LOOK_EVERY old (WSGICycle.run), and as a slow one returns
+        (inline_took: WSGICycle.run calls it then, before the call's answer)."""
         self.cpu_waited = _run_delay(self.stats)
         self.look_due = now + LOOK_EVERY
 

@@ -1,4 +1,5 @@
-"""How the WSGI pool learns which routes run inline (pure bookkeeping, no threads run)."""
+"""How the WSGI pool learns which routes run inline: its bookkeeping, and (where the order
+of the calls matters) requests served through the protocol and WSGICycle in process."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from test_pipelined_writes import Transport, bodies, get, run_until
 
 from forkd import log
+from forkd.config import Config
 from forkd.http import wsgipool
+from forkd.http.protocol import HttpProtocol, ServerState
+from forkd.http.wsgi import WSGICycle
 from forkd.http.wsgipool import WSGIPool
 from forkd.logs.record import Entry
 
@@ -47,8 +52,10 @@ def cpu_waits(monkeypatch: pytest.MonkeyPatch) -> CpuWaits:
 
 
 @pytest.fixture
-def pool(loop: asyncio.AbstractEventLoop, cpu_waits: CpuWaits) -> WSGIPool:
-    return WSGIPool(loop, 4, "auto")
+def pool(loop: asyncio.AbstractEventLoop, cpu_waits: CpuWaits) -> Iterator[WSGIPool]:
+    pool = WSGIPool(loop, 4, "auto")
+    yield pool
+    pool.shutdown()  # (its threads, if a test started some, and its schedstat fd)
 
 
 QUICK = (0.0001, 0.0001)  # wall, cpu
@@ -102,17 +109,87 @@ def test_an_inline_call_slow_only_while_it_waited_for_a_cpu_keeps_its_route_inli
     assert not pool.runs_inline(b"/a")
 
 
+def probe(cpu_waits: CpuWaits) -> Callable[..., list[bytes]]:
+    """A WSGI app that answers with the name of the thread that ran it. Its query:
+    `held=MS`: the scheduler holds the thread that long (a sleep the kernel counts as a
+    wait for a CPU); `sleep=MS`: it blocks that long; `queued=MS`: the thread waited
+    that long for a CPU while it ran (counted only)."""
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        what, _, ms = environ["QUERY_STRING"].partition("=")
+        if what == "held":
+            started = time.perf_counter()
+            time.sleep(int(ms) / 1000)
+            cpu_waits.total += time.perf_counter() - started
+        elif what == "sleep":
+            time.sleep(int(ms) / 1000)
+        elif what == "queued":
+            cpu_waits.total += int(ms) / 1000
+        name = threading.current_thread().name.encode()
+        start_response("200 OK", [("Content-Length", str(len(name)))])
+        return [name]
+    return app
+
+
+class Conn:
+    """A client's connection to `app` served by `pool` (the real protocol and WSGICycle,
+    in the test's thread: the loop runs only while the test waits for answers)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: WSGIPool, app: Any) -> None:
+        state = ServerState(Config(app="test", interface="wsgi", threads=pool.size), loop)
+        state.cycle_factory = WSGICycle.bind(app, pool, "")
+        self.loop = loop
+        self.proto = HttpProtocol(state)
+        self.transport = Transport()
+        self.transport.protocol = self.proto
+        self.proto.connection_made(self.transport)  # type: ignore[arg-type]
+
+    def pipelined(self, *paths: str) -> list[bytes]:
+        """The paths' requests in one read, behind one answered on a thread (/new: a
+        route not learnt), so that they are queued when it is answered and each one runs
+        inside the answer of the one before it, as in a client's pipelined batch; which
+        thread answered each."""
+        before = len(bodies(self.transport.received)) + 1
+        paths = ("/new", *paths)
+        self.proto.data_received(b"".join(get(path) for path in paths))
+        run_until(self.loop, lambda: self.transport.received.count(b"HTTP/1.1 200 OK")
+                  == before - 1 + len(paths))
+        return bodies(self.transport.received)[before:]
+
+
+def test_a_call_held_by_the_scheduler_with_requests_pipelined_behind_it_stays_inline(
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits) -> None:
+    """The request behind it runs inline inside its answer and looks at the waits for
+    a CPU first: that look is not the held call's (it lost its wait, was judged at its
+    12 ms, and its route went back to the threads)."""
+    learn(pool, b"/a")
+    conn = Conn(loop, pool, probe(cpu_waits))
+    assert conn.pipelined("/a?held=12", "/a", "/a") == [b"MainThread"] * 3
+    assert conn.pipelined("/a") == [b"MainThread"]
+    assert pool.runs_inline(b"/a")
+
+
+def test_a_blocking_call_goes_back_whatever_the_requests_pipelined_behind_it_wait(
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits) -> None:
+    """A call that blocks 15 ms is judged by its own time, before the pipelined requests
+    behind it run: their waits for a CPU on a loaded host take nothing off it (they did,
+    and a blocking route stayed on the loop's thread), and they run on the threads."""
+    learn(pool, b"/a")
+    conn = Conn(loop, pool, probe(cpu_waits))
+    served = conn.pipelined("/a?sleep=15", "/a?queued=20", "/a?queued=20", "/a?queued=20")
+    assert served[0] == b"MainThread"
+    assert all(name.startswith(b"forkd-wsgi-") for name in served[1:]), served
+    assert conn.pipelined("/a")[0].startswith(b"forkd-wsgi-")
+
+
 def test_a_wait_for_a_cpu_long_before_a_blocking_call_does_not_hide_it(
-        pool: WSGIPool, cpu_waits: CpuWaits) -> None:
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits) -> None:
     """An inline call looks at the waits first when the last look is LOOK_EVERY old
     (WSGICycle.run): waits from before the call then take nothing off its time."""
-    for _ in range(wsgipool.PROMOTE_AFTER):
-        pool.threaded_took(b"/a", *QUICK)
-    cpu_waits.total += 1.0  # (the host was busy a while ago)
-    now = time.perf_counter()
-    assert now > pool.look_due
-    pool.look(now)
-    pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
+    learn(pool, b"/a")
+    conn = Conn(loop, pool, probe(cpu_waits))
+    cpu_waits.total += 1.0  # (the host was busy a while ago; no look since)
+    assert conn.pipelined("/a?sleep=15") == [b"MainThread"]
+    assert conn.pipelined("/a")[0].startswith(b"forkd-wsgi-")
     assert not pool.runs_inline(b"/a")
 
 
