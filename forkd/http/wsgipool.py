@@ -27,8 +27,9 @@ GIL passed back and forth). So:
   LOOK_EVERY old, so a wait before the call hides at most LOOK_EVERY of its time, and
   as a slow call returns: before its answer, which may run the next pipelined request
   inline, nested, whose waits are not its own), is judged. Each route sent back from
-  the loop is logged (event `wsgi-route-to-threads`, at most one line per LOG_EVERY,
-  with the count of those not logged). `--wsgi-inline never` turns this off; `always` (or
+  the loop is logged (event `wsgi-route-to-threads`, with the part of the call's time
+  the thread waited for a CPU, at most one line per LOG_EVERY, with the count of those
+  not logged). `--wsgi-inline never` turns this off; `always` (or
   `--threads 0`) runs every call inline, for apps that never block.
 
 A route sent back by SLOW_INLINE or STRIKES is not kept there for good: a call can be
@@ -252,7 +253,7 @@ class WSGIPool:
                 wait = self._to_threads(route)
                 sent = wait is not None
         if sent:
-            self._log_sent_back(route, seconds, wait)
+            self._log_sent_back(route, seconds, seconds - own, wait)
 
     def look(self, now: float) -> None:
         """How long the loop's thread has waited for a CPU: read before an inline call
@@ -282,10 +283,12 @@ class WSGIPool:
         self.retry.pop(route, None)
         return was == _INLINE
 
-    def _log_sent_back(self, route: bytes, seconds: float, wait: float | None) -> None:
-        """A route that held the loop goes back to the threads: say which, and for how
-        long it held the loop (at most one line per LOG_EVERY: a host that stalls
-        every process for a moment could send many routes back at once)."""
+    def _log_sent_back(self, route: bytes, seconds: float, cpu_wait: float,
+                       wait: float | None) -> None:
+        """A route that held the loop goes back to the threads: say which, for how long
+        it held the loop, and how much of that the loop's thread waited for a CPU (not
+        judged; at most one line per LOG_EVERY: a host that stalls every process for a
+        moment could send many routes back at once)."""
         now = _clock()
         if now - self.logged_at < LOG_EVERY:
             self.unlogged += 1
@@ -294,6 +297,7 @@ class WSGIPool:
         unlogged, self.unlogged = self.unlogged, 0
         log.event("wsgi-route-to-threads", logging.WARNING, path=route.decode("latin-1"),
                   duration_ms=round(seconds * 1000, 3),
+                  cpu_wait_ms=round(cpu_wait * 1000, 3) or None,  # (None, left out)
                   retry_s=wait,  # (None, left out: for good)
                   not_logged=unlogged or None)
 

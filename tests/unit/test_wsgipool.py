@@ -429,9 +429,10 @@ def events(monkeypatch: pytest.MonkeyPatch) -> list[Entry]:
 
 
 def test_a_route_sent_back_is_logged_with_how_long_it_held_the_loop(
-        pool: WSGIPool, clock: Clock, events: list[Entry]) -> None:
+        pool: WSGIPool, clock: Clock, cpu_waits: CpuWaits, events: list[Entry]) -> None:
     make_inline(pool, clock, b"/report")
-    pool.inline_took(b"/report", 0.0421)
+    cpu_waits.total += 0.002  # (of its 44.1 ms, the loop's thread waited 2 for a CPU)
+    pool.inline_took(b"/report", 0.0441)
     make_inline(pool, clock, b"/hang")
     pool.inline_took(b"/hang", 3.0)  # within LOG_EVERY of the last line: counted only
     clock.now += wsgipool.LOG_EVERY
@@ -440,11 +441,11 @@ def test_a_route_sent_back_is_logged_with_how_long_it_held_the_loop(
         pool.inline_took(b"/db", 0.002)
     assert [(e.event, e.level, e.fields) for e in events] == [
         ("wsgi-route-to-threads", "warning",
-         {"path": "/report", "duration_ms": 42.1, "retry_s": wsgipool.RETRY_AFTER,
-          "not_logged": None}),
+         {"path": "/report", "duration_ms": 44.1, "cpu_wait_ms": 2.0,
+          "retry_s": wsgipool.RETRY_AFTER, "not_logged": None}),
         ("wsgi-route-to-threads", "warning",
-         {"path": "/db", "duration_ms": 2.0, "retry_s": wsgipool.RETRY_AFTER,
-          "not_logged": 1}),
+         {"path": "/db", "duration_ms": 2.0, "cpu_wait_ms": None,
+          "retry_s": wsgipool.RETRY_AFTER, "not_logged": 1}),
     ]
     assert not pool.runs_inline(b"/hang")
 
