@@ -476,7 +476,9 @@ class WSGICycle:
             wall, cpu = clocks()
         # An inline call is judged as soon as it returns: its answer may run the next
         # pipelined request inline, nested (response_done), whose time, and waits for a
-        # CPU, are not this one's (inline_took reads those since this call's start now)
+        # CPU, are not this one's. Until then no other call ran, so the pool's last look
+        # at the waits is this call's own (or under LOOK_EVERY before it): inline_took
+        # then reads the waits of this call only.
         took = 0.0
         result: Any = None
         ended = True  # this call is over when run returns (not when _stream took it on)
