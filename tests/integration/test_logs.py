@@ -22,7 +22,14 @@ RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
 def text_of(*paths: Path) -> str:
-    return "".join(path.read_text(errors="replace") for path in paths if path.exists())
+    """The files' text; one renamed away by a rotation while this reads counts as empty."""
+    parts = []
+    for path in paths:
+        try:
+            parts.append(path.read_text(errors="replace"))
+        except FileNotFoundError:
+            pass
+    return "".join(parts)
 
 
 def port_in(text: str) -> int | None:
@@ -43,8 +50,9 @@ def start_logged(run_forkd, log_file: Path, *args: str, workers: int = 2, env=No
     wait_until(lambda: every_file().count("worker-ready") >= workers
                or proc.proc.poll() is not None, 30, message=describe)
     assert proc.proc.poll() is None, describe()
-    port = port_in(every_file())
-    assert port is not None, describe()
+    # (read again until found: a rotation renaming the files between the listing and
+    # the reading can hide the oldest one, which holds the listen line, from one read)
+    port = wait_until(lambda: port_in(every_file()), 10, message=describe)
     return proc, port, describe
 
 
