@@ -138,9 +138,10 @@ class WSGIPool:
         self.pass_left = INLINE_PER_PASS  # inline calls that may run before a new pass
         self.pass_due = False  # _next_pass is scheduled
         self.waiting: deque[tuple[Callable[..., None], Any]] = deque()  # inline, for a pass
-        # the loop thread's waits for a CPU (its schedstat, open: made on the loop's thread),
-        # at the last look, and when the next call inline is to look first
-        self.stats = _open_stats()
+        # the loop thread's waits for a CPU (its schedstat, open: made on the loop's thread;
+        # only `auto` learns routes from their calls' times), at the last look, and when
+        # the next call inline is to look first
+        self.stats = _open_stats() if self.mode == "auto" else None
         self.cpu_waited = _run_delay(self.stats)
         self.look_due = 0.0 if self.mode == "auto" else math.inf
 
