@@ -73,6 +73,11 @@ _OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 # SO_LINGER on, 0 s: the close resets the connection and the kernel drops what it still
 # holds for the client (see HttpProtocol.cut_reader)
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+# A unix stream socket's SIOCOUTQ counts whole kernel buffers (skbs, up to some 37 KB of
+# data each) until its reader has taken all of one, and wakes the writer only when three
+# quarters of its send buffer are free: what a client took shows in steps up to this large
+# (HttpProtocol.send_grain), however steadily it reads
+UNIX_GRAIN = 64 * 1024
 DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request on an idle connection
 
 
@@ -384,7 +389,7 @@ class HttpProtocol(asyncio.Protocol):
         "scheme", "send_since", "send_taken", "server", "state", "task_unstarted", "trailers",
         "transport", "unparsed",
         "upgrade", "url", "wire_body", "wire_limit", "write_paused", "write_paused_at",
-        "write_seen",
+        "write_seen", "send_grain",
         "wsgi_base",
     )  # fmt: skip
 
@@ -457,6 +462,7 @@ class HttpProtocol(asyncio.Protocol):
         self.write_seen = 0  # what was unsent then (see unsent)
         self.send_since = 0.0  # the start of the answers' send-rate window (send_too_slow)
         self.send_taken = 0  # bytes the client took in it
+        self.send_grain = 0  # what it took that the socket may not show yet (UNIX_GRAIN)
         # Responses written while more are due at once (inside data_received, or while
         # pipelined requests wait behind the one answered) are held here and go out in
         # one transport write: at the end of the read, with the last response queued,
@@ -503,6 +509,9 @@ class HttpProtocol(asyncio.Protocol):
         else:  # a unix socket: only local processes with the socket's permissions reach
             # it, so its peer is trusted as loopback is (nginx in front, on the same host)
             self.peer_trusted = self.state.trusted.trusts("127.0.0.1")
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family == socket.AF_UNIX:
+                self.send_grain = UNIX_GRAIN  # (see send_stall)
         if transport.get_extra_info("ssl_object") is not None:  # a --certfile listener
             self.scheme = "https"
         self.idle_since = self.state.now
@@ -730,15 +739,29 @@ class HttpProtocol(asyncio.Protocol):
         sooner): it must not hold the connection and megabytes of buffered answer for
         hours by taking one segment per --header-timeout, which that rule alone allows.
         The request body's floor serves the answers too (as Kestrel's
-        MinResponseDataRate: 240 B/s); 0 turns both off."""
+        MinResponseDataRate: 240 B/s); 0 turns both off. (On a unix socket what the
+        client took may show up to send_grain late: so much is allowed for.)"""
         window = now - self.send_since
         if not self.min_rate or window < max(RATE_WINDOW, self.state.config.header_timeout):
             return False
-        if self.send_taken < self.min_rate * window:
+        if self.send_taken + self.send_grain < self.min_rate * window:
             return True
         self.send_since = now
         self.send_taken = 0
         return False
+
+    def send_stall(self) -> float:
+        """How long a client may seem to take none of what waits on it before it is
+        cut: --header-timeout. A unix socket shows what its reader took only in steps
+        of up to send_grain (UNIX_GRAIN): there, at least the time a reader at
+        --min-body-rate needs for one (64 KiB at 240 B/s: 273 s), and with the floor
+        off (0) no limit (a reverse proxy in front, nginx's send_timeout, has its own)."""
+        timeout = self.state.config.header_timeout
+        if not self.send_grain:
+            return timeout
+        if not self.min_rate:
+            return float("inf")
+        return max(timeout, self.send_grain / self.min_rate)
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -1279,10 +1302,9 @@ class HttpProtocol(asyncio.Protocol):
                 # it is acknowledged: a client that vanished never does so)
                 # The last answer is still going out (large, to a slow reader): the
                 # linger starts once it is out; a client that takes none of it for
-                # --header-timeout is cut, as one reading none of its answers is, and
-                # so is one taking it too slowly.
-                if (now - self.write_paused_at >= config.header_timeout
-                        or self.send_too_slow(now)):
+                # --header-timeout (send_stall) is cut, as one reading none of its
+                # answers is, and so is one taking it too slowly.
+                if now - self.write_paused_at >= self.send_stall() or self.send_too_slow(now):
                     self.cut_reader()
                 else:
                     self.linger_until = now + LINGER_SECONDS
@@ -1309,7 +1331,7 @@ class HttpProtocol(asyncio.Protocol):
             # little (send_too_slow), is cut: else it would hold the connection, the
             # app's task or thread, and the buffered answer for ever.
             self.unsent_now(now)
-            if now - self.write_paused_at >= config.header_timeout or self.send_too_slow(now):
+            if now - self.write_paused_at >= self.send_stall() or self.send_too_slow(now):
                 self.cut_reader()
                 return
         if self.request_started is not None or self.parsing is not None:

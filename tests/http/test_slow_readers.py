@@ -9,7 +9,10 @@ import json
 import re
 import select
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from httpkit import Conn, Response, Served, pattern
@@ -45,6 +48,28 @@ def asgi(serve) -> Served:
 def wsgi(serve) -> Served:
     # (--wsgi-inline never: every call on a thread, as a streamed result is anyway)
     return serve("wsgi_flow:app", *OPTIONS, "--threads", "2", "--wsgi-inline", "never")
+
+
+UNIX_RATE = 16 * 1024  # --min-body-rate of the unix-socket server: bytes per second
+
+
+@pytest.fixture(scope="module")
+def unix_path() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="forkd-slow-") as tmp:  # (a short path)
+        yield Path(tmp) / "s.sock"
+
+
+@pytest.fixture(scope="module")
+def asgi_unix(serve, unix_path: Path) -> Served:
+    return serve("http_asgi_probe:app", "-b", f"unix:{unix_path}", "--header-timeout",
+                 str(HEADER_TIMEOUT), "--min-body-rate", str(UNIX_RATE))
+
+
+def connect_unix(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(str(path))
+    return sock
 
 
 def connect(port: int) -> socket.socket:
@@ -180,3 +205,31 @@ def test_a_streamed_wsgi_result_to_a_client_that_never_reads_is_cut(wsgi: Served
     output = wait_until(lambda: (lambda out: "/blocks ended by" in out and out)(
         wsgi.proc.output()), 5, message=wsgi.proc.describe)
     assert "exception in WSGI app" not in output
+
+
+def test_a_steady_reader_on_a_unix_socket_is_not_cut(asgi_unix: Served, unix_path: Path
+                                                      ) -> None:
+    """nginx on a `unix:` bind, streaming to a slow client: the reader takes 32 KiB/s,
+    twice the floor, but a unix socket shows what it took only in steps of a kernel
+    buffer (some 37 KB, a second apart here, longer than --header-timeout) and wakes the
+    writer only when three quarters of its buffer are free: the stream goes on for
+    longer than a rate window, with no cut."""
+    with connect_unix(unix_path) as sock:
+        sock.sendall(b"GET /endless?id=unix-steady HTTP/1.1\r\nHost: t\r\n\r\n")
+        got, reset = read_at(sock, 2 * UNIX_RATE, 7)
+        assert not reset, len(got)
+        assert len(got) >= 2 * UNIX_RATE * 7 * 0.8, len(got)
+    assert not (asgi_unix.markers / "cut-unix-steady").exists()
+
+
+def test_a_client_that_never_reads_on_a_unix_socket_is_cut(asgi_unix: Served,
+                                                            unix_path: Path) -> None:
+    """Nothing taken at all, on a unix socket: cut once 64 KiB's worth at the floor
+    (4 s here) has passed without a step of progress, the app told as on TCP."""
+    with connect_unix(unix_path) as sock:
+        sent = time.monotonic()
+        sock.sendall(b"GET /endless?id=unix-never HTTP/1.1\r\nHost: t\r\n\r\n")
+        told = json.loads(asgi_unix.marker("cut-unix-never", timeout=15))
+        took = time.monotonic() - sent
+        assert told["oserror"] and told["receive"] == "http.disconnect"
+        assert 65536 / UNIX_RATE <= took < 65536 / UNIX_RATE + 3, took
