@@ -1323,6 +1323,13 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.parsing is not None and self.pending_error is None and not self.read_paused:
             self.check_body_rate(now, config.header_timeout)
+            if self.write_paused:
+                # An answer waits on a client still sending its body (most send it
+                # whole before they read; a duplex ASGI app's send() waits meanwhile):
+                # its taking is judged from the body's end, not from the pause, long
+                # past by then (the body's own clocks bound the wait, as any upload's).
+                self.write_paused_at = self.send_since = now
+                self.send_taken = 0
             return
         if self.write_paused:
             # Our writing waits on the client: answers done (awaiting_drain), or one

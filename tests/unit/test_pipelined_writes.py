@@ -134,9 +134,9 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     assert not pending, f"tasks left pending: {pending}"
 
 
-def connect(loop: asyncio.AbstractEventLoop, interface: str, app: Any
+def connect(loop: asyncio.AbstractEventLoop, interface: str, app: Any, **options: Any
             ) -> tuple[HttpProtocol, Transport]:
-    state = ServerState(Config(app="test", interface=interface), loop)
+    state = ServerState(Config(app="test", interface=interface, **options), loop)
     if interface == "asgi":
         from forkd.http.asgi import ASGICycle
 
@@ -1290,3 +1290,48 @@ def test_a_streamed_answer_taken_slowly_but_above_the_floor_is_not_cut(
     transport.client_reads_everything()  # (then it goes: the app is told, and ends)
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
+def test_a_duplex_answer_is_judged_from_the_end_of_the_upload(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A duplex app (one task reads the request body while another streams the
+    answer), a client that sends its body whole before it reads (as most do): while the
+    body keeps coming (well above --min-body-rate) it is not cut for taking nothing,
+    however long; once the body is in, it has --header-timeout from then (not from the
+    pause, long past) to take some; taking none, it is cut."""
+    told: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def upload() -> None:
+            while (await receive())["type"] == "http.request":
+                pass
+
+        reading = asyncio.ensure_future(upload())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:
+                await send({"type": "http.response.body", "body": b"d" * 65536,
+                            "more_body": True})
+        except OSError as exc:
+            told.append(exc)
+        await reading
+
+    proto, transport = connect(loop, "asgi", app, header_timeout=1.0)
+    proto.data_received(b"POST /up HTTP/1.1\r\nHost: t\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n")
+    run_until(loop, lambda: proto.write_paused)
+    paused = loop.time()
+    while loop.time() - paused < 2.0:  # 3 KB/s of upload, in real time (the body's clocks)
+        proto.data_received(b"12c\r\n" + b"u" * 300 + b"\r\n")
+        loop.run_until_complete(asyncio.sleep(0.1))
+        proto.check_timeouts(loop.time())
+        assert not transport.aborted
+    proto.data_received(b"0\r\n\r\n")
+    ended = loop.time()
+    proto.check_timeouts(ended + 0.5)
+    assert not transport.aborted  # (its time to start reading)
+    proto.check_timeouts(ended + 1.0)
+    assert transport.aborted and proto.state.slow_cuts.count == 1
+    proto.connection_lost(None)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
+    assert type(told[0]).__name__ == "ClientDisconnected"
