@@ -696,10 +696,14 @@ class HttpProtocol(asyncio.Protocol):
     # -- write flow control -------------------------------------------------
     def pause_writing(self) -> None:
         self.write_paused = True
-        # (check_timeouts judges the client's progress and rate from now: the loop's
-        # clock, as the coarse one may be a tick old)
-        self.write_paused_at = self.send_since = self.loop.time()
-        self.send_taken = 0
+        # (check_timeouts judges the client's progress from now: the loop's clock, as
+        # the coarse one may be a tick old.) The send-rate window goes on from the last
+        # pause, less the time writing did not wait on the client (since resume_writing
+        # set write_paused_at): else pauses shorter than the window, as a small socket
+        # buffer makes them, would each restart it and the floor never be judged.
+        now = self.loop.time()
+        self.send_since += now - self.write_paused_at
+        self.write_paused_at = now
         self.write_seen = self.unsent()
 
     def unsent(self) -> int:
@@ -765,6 +769,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        now = self.loop.time()  # (what the client took up to now counts in the window)
+        self.unsent_now(now)
+        self.write_paused_at = now  # (for pause_writing)
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
         self.drain_waiter = None

@@ -153,7 +153,8 @@ def test_a_streamed_asgi_answer_to_a_client_that_never_reads_is_cut(asgi: Served
 def test_a_streamed_asgi_answer_taken_below_the_rate_floor_is_cut(asgi: Served) -> None:
     """A client that takes some of it every tick (96 KB/s: the kernel passes it on in
     steps of some 24 KB, each well within --header-timeout) but under --min-body-rate
-    is cut once the rate is judged (over 5 s), not sooner."""
+    is cut once the rate is judged (over 5 s of writing waiting on it, however many
+    pauses: a smaller send buffer than loopback's makes them short), not sooner."""
     with connect(asgi.port) as sock:
         sent = time.monotonic()
         sock.sendall(b"GET /endless?id=trickle&chunk=4096 HTTP/1.1\r\nHost: t\r\n\r\n")

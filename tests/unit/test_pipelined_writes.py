@@ -1335,3 +1335,33 @@ def test_a_duplex_answer_is_judged_from_the_end_of_the_upload(
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
     assert type(told[0]).__name__ == "ClientDisconnected"
+
+
+@pytest.mark.parametrize("floor, cut", [(4_000_000, True), (800_000, False)])
+def test_the_send_rate_is_judged_across_short_pauses(
+        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch, floor: int,
+        cut: bool) -> None:
+    """Writing pauses and resumes many times, each pause shorter than the rate window
+    (a host with a small socket buffer): the client takes some 1.6 MB/s while writing
+    waits on it. Under a 4 MB/s floor it is cut once a window's worth of waiting has
+    passed; under 0.8 MB/s it is not."""
+    from forkd.http import protocol
+
+    monkeypatch.setattr(protocol, "RATE_WINDOW", 1.0)  # (a short test: 1 s windows)
+    told: list[Any] = []
+    proto, transport = connect(loop, "asgi", streaming_forever(told), header_timeout=0.5,
+                               min_body_rate=floor)
+    proto.data_received(get("/"))
+    started = loop.time()
+    while not transport.aborted and loop.time() - started < 3.0:
+        run_until(loop, lambda: proto.write_paused)
+        loop.run_until_complete(asyncio.sleep(0.2))  # (the client reads, then:)
+        proto.check_timeouts(loop.time())
+        if not transport.aborted:
+            transport.client_reads_everything()  # (writing resumes)
+    assert transport.aborted is cut
+    if cut:
+        assert 1.0 <= loop.time() - started < 2.5
+    transport.client_reads_everything()
+    proto.connection_lost(None)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
