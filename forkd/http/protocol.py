@@ -767,11 +767,16 @@ class HttpProtocol(asyncio.Protocol):
             return float("inf")
         return max(timeout, self.send_grain / self.min_rate)
 
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        now = self.loop.time()  # (what the client took up to now counts in the window)
+    def send_resumed(self) -> None:
+        """Writing resumed: what the client took up to now counts in the send-rate
+        window, which stands still until the next pause_writing."""
+        now = self.loop.time()
         self.unsent_now(now)
         self.write_paused_at = now  # (for pause_writing)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.send_resumed()
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
         self.drain_waiter = None

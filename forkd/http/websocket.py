@@ -148,6 +148,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.drain_waiter: asyncio.Future[None] | None = None
         self.last_seen = state.now
         self.ping_sent_at: float | None = None
+        self.ping_payload = b""  # what its pong must echo
         self.close_deadline: float | None = None
 
     # -- taking the connection over from HttpProtocol ---------------------------------
@@ -233,7 +234,10 @@ class WebSocketConnection(asyncio.Protocol):
                 continue  # the handshake's Request, consumed in take_over
             opcode = frame.opcode
             if opcode is Opcode.PONG:
-                self.ping_sent_at = None
+                # (only the echo of our ping answers it: RFC 6455 5.5.3 lets a client
+                # send pongs of its own, as a heartbeat, which prove nothing)
+                if frame.data == self.ping_payload:
+                    self.ping_sent_at = None
             elif opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
                 if opcode is not Opcode.CONT:
                     self.fragments_text = opcode is Opcode.TEXT
@@ -259,9 +263,11 @@ class WebSocketConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.http.pause_writing()  # (its clocks judge what the client takes)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.http.send_resumed()
         waiter = self.drain_waiter
         self.drain_waiter = None
         if waiter is not None and not waiter.done():
@@ -522,6 +528,15 @@ class WebSocketConnection(asyncio.Protocol):
             if now >= self.close_deadline:
                 self.abort()
             return
+        if self.write_paused:
+            # The app's send() waits on the client: one that takes none of it for
+            # --header-timeout, or too little, is cut as an HTTP answer's would be
+            # (HttpProtocol.check_timeouts), whatever it sends meanwhile.
+            http = self.http
+            http.unsent_now(now)
+            if now - http.write_paused_at >= http.send_stall() or http.send_too_slow(now):
+                http.cut_reader()
+                return
         if self.phase is not Phase.OPEN or self.ws.state is not OPEN:
             return
         config = self.state.config
@@ -534,7 +549,8 @@ class WebSocketConnection(asyncio.Protocol):
                 self._flush()
         elif config.ws_ping_interval and now - self.last_seen >= config.ws_ping_interval:
             self.ping_sent_at = now
-            self.ws.send_ping(os.urandom(4))
+            self.ping_payload = os.urandom(4)
+            self.ws.send_ping(self.ping_payload)
             self._flush()
 
     def drain(self) -> None:

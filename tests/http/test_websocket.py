@@ -393,3 +393,62 @@ def test_a_close_before_the_accept_gets_no_101_and_the_app_its_disconnect(
 
     wait_until(lambda: seen().get("path") == "/late-accept", 5, message=lambda: str(seen()))
     assert seen()["code"] == 1000
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One final, masked client frame (payload under 126 bytes)."""
+    mask = os.urandom(4)
+    return (bytes([0x80 | opcode, 0x80 | len(payload)]) + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+def test_a_pong_that_does_not_echo_the_ping_keeps_no_silent_client(strict: Served) -> None:
+    """Unsolicited pongs (RFC 6455 allows them, as a heartbeat) do not answer our
+    ping: a client that sends only pongs of its own, never echoing the ping's payload,
+    is closed 1011 as a silent one is."""
+    sock, head = handshake(strict.port)
+    try:
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        started = time.monotonic()
+        frames: list[tuple[int, bytes]] = []
+        ended = False
+        while not ended and time.monotonic() - started < 6:
+            sock.sendall(client_frame(0xA, b"mine"))
+            more, ended = read_frames(sock, time.monotonic() + 0.2)
+            frames += more
+        elapsed = time.monotonic() - started
+    finally:
+        sock.close()
+    opcodes = [opcode for opcode, _ in frames]
+    assert 0x8 in opcodes, frames
+    close_payload = frames[opcodes.index(0x8)][1]
+    assert struct.unpack("!H", close_payload[:2])[0] == 1011
+    assert elapsed < 4.0, elapsed
+
+
+@pytest.fixture(scope="module")
+def unpinged(serve) -> Served:
+    """No pings, and a client may take none of what waits on it for 0.5 s."""
+    return serve("ws_app:app", "--ws-ping-interval", "0", "--header-timeout", "0.5")
+
+
+def test_a_client_that_sends_but_never_reads_is_cut(unpinged: Served) -> None:
+    """/flood sends 40 MiB; the client keeps sending (pongs, which any client may send)
+    but reads nothing: once the socket is full and --header-timeout passes, the
+    connection is reset, as an HTTP answer's would be (the app's send() is freed)."""
+    sock, head = handshake(unpinged.port, "/flood")
+    try:
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        started = time.monotonic()
+        cut = False
+        while not cut and time.monotonic() - started < 8:
+            try:
+                sock.sendall(client_frame(0xA, b"still here"))
+            except (ConnectionResetError, BrokenPipeError):
+                cut = True
+            time.sleep(0.1)  # (the client's pace; what it waits for is the cut)
+        elapsed = time.monotonic() - started
+    finally:
+        sock.close()
+    assert cut, "never cut"
+    assert elapsed < 5.0, elapsed
