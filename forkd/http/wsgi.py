@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 import time
+from asyncio import _get_running_loop, _set_running_loop
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -483,7 +484,17 @@ class WSGICycle:
         result: Any = None
         ended = True  # this call is over when run returns (not when _stream took it on)
         try:
-            result = self.app(environ, self.start_response)
+            if inline:
+                # On the loop's thread, the app must not see the worker's running loop:
+                # asyncio.run() and asgiref's async_to_sync refuse to run where one is.
+                loop = _get_running_loop()
+                _set_running_loop(None)
+                try:
+                    result = self.app(environ, self.start_response)
+                finally:
+                    _set_running_loop(loop)
+            else:
+                result = self.app(environ, self.start_response)
             if type(result) is list or isinstance(result, _SEQUENCES):
                 pending = self.pending
                 for chunk in result:  # all there already: one write, with a content-length
@@ -502,8 +513,8 @@ class WSGICycle:
                 ended = False  # _stream closes the result and ends the call
                 self.pool.submit(self._stream, result)
                 return
-            else:
-                self._iterate(result)
+            else:  # (--threads 0: the blocks come on the loop's thread, as the app ran)
+                _off_loop(self._iterate, result)
             if inline:
                 took = time.perf_counter() - started
                 if took > INLINE_LIMIT or self.pool.strikes:  # (else nothing to note)
@@ -576,7 +587,10 @@ class WSGICycle:
         self.pending = _ENDED  # (a write() from close() is refused)
         try:
             if result is not None and hasattr(result, "close"):
-                result.close()
+                if self.inline:
+                    _off_loop(result.close)
+                else:
+                    result.close()
         except BaseException as exc:  # (as run() does: an app's SystemExit ends no worker)
             log.error("exception in the WSGI result's close()", exc_info=exc)
         finally:
@@ -796,3 +810,14 @@ def _phrase(status: int) -> str:
         line = status_line(status).decode("latin-1")
         phrase = _PHRASES[status] = line[13:-2]
     return phrase
+
+
+def _off_loop(call: Callable[..., Any], *args: Any) -> Any:
+    """`call(*args)` on the loop's thread as if on another: no running loop seen (as
+    WSGICycle.run calls an app inline)."""
+    loop = _get_running_loop()
+    _set_running_loop(None)
+    try:
+        return call(*args)
+    finally:
+        _set_running_loop(loop)

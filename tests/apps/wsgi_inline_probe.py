@@ -1,9 +1,11 @@
 """WSGI probe of where calls run: GET /where answers the name of the thread that ran it;
 GET /nap?ms=N sleeps N ms first (0: no sleep) and answers the same; ?us=N computes for N
-microseconds first (a quick app's own work, on the CPU)."""
+microseconds first (a quick app's own work, on the CPU); ?asyncio=1 runs a coroutine
+with asyncio.run() first, as a sync view calling async code does."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -22,5 +24,12 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         while time.perf_counter() < until:
             pass
     body = threading.current_thread().name.encode()
+    if query.get("asyncio"):
+        body = asyncio.run(_echo(body))
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+async def _echo(value: bytes) -> bytes:
+    await asyncio.sleep(0)
+    return value

@@ -39,6 +39,15 @@ def test_a_quick_route_moves_to_the_loop_thread(server: Served) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_route_calling_asyncio_run_is_served_inline_too(server: Served) -> None:
+    """A sync view that runs async code (asyncio.run(), asgiref's async_to_sync) works
+    on a thread; learnt as quick, it runs on the loop's thread and must work there too:
+    the app does not see the worker's running loop."""
+    seen = [where(server, "/where?asyncio=1") for _ in range(LEARN)]
+    assert seen[-1] == "MainThread"  # every answer a 200 (where), the last one inline
+
+
+@pytest.mark.timeout(30)
 def test_a_blocking_route_stays_concurrent(server: Served) -> None:
     seen = [where(server, "/slow-io?ms=25") for _ in range(LEARN)]
     # its CPU is small, so it is tried inline once; that call's 25 ms sends it back
