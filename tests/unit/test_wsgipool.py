@@ -15,11 +15,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from test_pipelined_writes import Transport, bodies, get, run_until
+from test_pipelined_writes import Transport, get, run_until
 
 from forkd import log
 from forkd.config import Config
-from forkd.http import wsgipool
+from forkd.http import wsgi, wsgipool
 from forkd.http.protocol import HttpProtocol, ServerState
 from forkd.http.wsgi import WSGICycle
 from forkd.http.wsgipool import WSGIPool
@@ -56,6 +56,21 @@ def pool(loop: asyncio.AbstractEventLoop, cpu_waits: CpuWaits) -> Iterator[WSGIP
     pool = WSGIPool(loop, 4, "auto")
     yield pool
     pool.shutdown()  # (its threads, if a test started some, and its schedstat fd)
+
+
+@pytest.fixture
+def new_pool(loop: asyncio.AbstractEventLoop) -> Iterator[Callable[[int, str], WSGIPool]]:
+    """Pools of the test's size and mode, shut down after it (an `auto` pool holds the
+    loop thread's schedstat fd open until then)."""
+    made: list[WSGIPool] = []
+
+    def make(size: int, mode: str) -> WSGIPool:
+        made.append(WSGIPool(loop, size, mode))
+        return made[-1]
+
+    yield make
+    for pool in made:
+        pool.shutdown()
 
 
 QUICK = (0.0001, 0.0001)  # wall, cpu
@@ -109,25 +124,71 @@ def test_an_inline_call_slow_only_while_it_waited_for_a_cpu_keeps_its_route_inli
     assert not pool.runs_inline(b"/a")
 
 
-def probe(cpu_waits: CpuWaits) -> Callable[..., list[bytes]]:
+class Timer:
+    """The clock inline calls are timed by (time.perf_counter, as wsgi.py and wsgipool.py
+    read it), moved by the test only: a loaded machine's pauses in the test's calls time
+    none of them. The time module's other functions are the real ones."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def timer(monkeypatch: pytest.MonkeyPatch) -> Timer:
+    timer = Timer()
+    monkeypatch.setattr(wsgi, "time", timer)
+    monkeypatch.setattr(wsgipool, "time", timer)
+    return timer
+
+
+def probe(cpu_waits: CpuWaits, timer: Timer) -> Callable[..., Any]:
     """A WSGI app that answers with the name of the thread that ran it. Its query:
-    `held=MS`: the scheduler holds the thread that long (a sleep the kernel counts as a
-    wait for a CPU); `sleep=MS`: it blocks that long; `queued=MS`: the thread waited
-    that long for a CPU while it ran (counted only)."""
-    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    `held=MS`: the scheduler holds the thread that long (a wait for a CPU: the clock and
+    the waits move on); `sleep=MS`: it blocks that long; `queued=MS`: the thread waited
+    that long for a CPU while it ran (counted only); `raise=MS`: it blocks that long,
+    then raises; `stream=MS`: it blocks that long, then answers with a generator."""
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
         what, _, ms = environ["QUERY_STRING"].partition("=")
+        seconds = int(ms or 0) / 1000
         if what == "held":
-            started = time.perf_counter()
-            time.sleep(int(ms) / 1000)
-            cpu_waits.total += time.perf_counter() - started
-        elif what == "sleep":
-            time.sleep(int(ms) / 1000)
+            timer.now += seconds
+            cpu_waits.total += seconds
+        elif what in ("sleep", "raise", "stream"):
+            timer.now += seconds
         elif what == "queued":
-            cpu_waits.total += int(ms) / 1000
+            cpu_waits.total += seconds
+        if what == "raise":
+            raise RuntimeError("the app failed")
         name = threading.current_thread().name.encode()
         start_response("200 OK", [("Content-Length", str(len(name)))])
+        if what == "stream":
+            return iter([name])
         return [name]
     return app
+
+
+def responses(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The complete responses in `data` (content-length framed): status line, body."""
+    out = []
+    at = 0
+    while (end := data.find(b"\r\n\r\n", at)) >= 0:
+        lines = data[at:end].split(b"\r\n")
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        if len(data) < end + 4 + length:
+            break
+        out.append((lines[0], data[end + 4:end + 4 + length]))
+        at = end + 4 + length
+    return out
 
 
 class Conn:
@@ -146,11 +207,13 @@ class Conn:
 
     def send(self, *paths: str) -> list[bytes]:
         """The paths' requests in one read; which thread answered each."""
-        before = len(bodies(self.transport.received))
+        before = len(responses(self.transport.received))
         self.proto.data_received(b"".join(get(path) for path in paths))
-        run_until(self.loop, lambda: self.transport.received.count(b"HTTP/1.1 200 OK")
+        run_until(self.loop, lambda: len(responses(self.transport.received))
                   == before + len(paths))
-        return bodies(self.transport.received)[before:]
+        answers = responses(self.transport.received)[before:]
+        assert all(status == b"HTTP/1.1 200 OK" for status, _ in answers), answers
+        return [body for _, body in answers]
 
     def pipelined(self, *paths: str) -> list[bytes]:
         """The paths' requests in one read, behind quick calls of the first one's route
@@ -164,24 +227,26 @@ class Conn:
 
 
 def test_a_call_held_by_the_scheduler_with_requests_pipelined_behind_it_stays_inline(
-        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits) -> None:
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits, timer: Timer
+        ) -> None:
     """The request behind it runs inline inside its answer and looks at the waits for
     a CPU first: that look is not the held call's (it lost its wait, was judged at its
     12 ms, and its route went back to the threads)."""
     learn(pool, b"/a")
-    conn = Conn(loop, pool, probe(cpu_waits))
+    conn = Conn(loop, pool, probe(cpu_waits, timer))
     assert conn.pipelined("/a?held=12", "/a", "/a") == [b"MainThread"] * 3
     assert conn.send("/a") == [b"MainThread"]
     assert pool.runs_inline(b"/a")
 
 
 def test_a_blocking_call_goes_back_whatever_the_requests_pipelined_behind_it_wait(
-        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits) -> None:
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits, timer: Timer
+        ) -> None:
     """A call that blocks 15 ms is judged by its own time, before the pipelined requests
     behind it run: their waits for a CPU on a loaded host take nothing off it (they did,
     and a blocking route stayed on the loop's thread), and they run on the threads."""
     learn(pool, b"/a")
-    conn = Conn(loop, pool, probe(cpu_waits))
+    conn = Conn(loop, pool, probe(cpu_waits, timer))
     served = conn.pipelined("/a?sleep=15", "/a?queued=20", "/a?queued=20", "/a?queued=20")
     assert served[0] == b"MainThread"
     assert all(name.startswith(b"forkd-wsgi-") for name in served[1:]), served
@@ -189,15 +254,45 @@ def test_a_blocking_call_goes_back_whatever_the_requests_pipelined_behind_it_wai
 
 
 def test_a_wait_for_a_cpu_long_before_a_blocking_call_does_not_hide_it(
-        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits) -> None:
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits, timer: Timer
+        ) -> None:
     """An inline call looks at the waits first when the last look is LOOK_EVERY old
     (WSGICycle.run): waits from before the call then take nothing off its time."""
     learn(pool, b"/a")
-    conn = Conn(loop, pool, probe(cpu_waits))
+    conn = Conn(loop, pool, probe(cpu_waits, timer))
     cpu_waits.total += 1.0  # (the host was busy a while ago; no look since)
     assert conn.send("/a?sleep=15") == [b"MainThread"]
     assert conn.send("/a")[0].startswith(b"forkd-wsgi-")
     assert not pool.runs_inline(b"/a")
+
+
+def test_a_blocking_inline_call_that_raises_sends_its_route_back(
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits, timer: Timer
+        ) -> None:
+    """A call that blocks 15 ms and then raises held the loop as long as one that
+    answers: its client gets a 500, and the route's next request runs on a thread."""
+    learn(pool, b"/a")
+    conn = Conn(loop, pool, probe(cpu_waits, timer))
+    conn.proto.data_received(get("/a?raise=15"))
+    run_until(loop, lambda: bool(responses(conn.transport.received)))
+    assert [status for status, _ in responses(conn.transport.received)] == [
+        b"HTTP/1.1 500 Internal Server Error"]
+    assert Conn(loop, pool, probe(cpu_waits, timer)).send("/a")[0].startswith(
+        b"forkd-wsgi-")
+
+
+def test_a_blocking_inline_call_that_streams_its_answer_sends_its_route_back(
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits, timer: Timer
+        ) -> None:
+    """An inline call that blocks 15 ms and answers with a generator (its blocks are
+    iterated on a thread) is judged by the time it held the loop: the request
+    pipelined behind it, and the route's next ones, run on the threads."""
+    learn(pool, b"/a")
+    conn = Conn(loop, pool, probe(cpu_waits, timer))
+    served = conn.pipelined("/a?stream=15", "/a")
+    assert served[0] == b"MainThread"
+    assert served[1].startswith(b"forkd-wsgi-"), served
+    assert conn.send("/a")[0].startswith(b"forkd-wsgi-")
 
 
 def test_a_slow_inline_call_while_threads_run_calls_is_one_strike_only(pool: WSGIPool
@@ -253,14 +348,15 @@ def test_a_known_route_still_learns_once_the_table_is_full(pool: WSGIPool) -> No
 @pytest.mark.parametrize(("mode", "size", "inline"), [
     ("always", 4, True), ("never", 4, False), ("auto", 0, True),
 ])
-def test_modes(loop: asyncio.AbstractEventLoop, mode: str, size: int, inline: bool) -> None:
-    pool = WSGIPool(loop, size, mode)
+def test_modes(new_pool: Callable[[int, str], WSGIPool], mode: str, size: int, inline: bool
+               ) -> None:
+    pool = new_pool(size, mode)
     assert pool.runs_inline(b"/") is inline
 
 
 def test_calls_that_mostly_wait_let_the_pool_run_more_threads(
-        loop: asyncio.AbstractEventLoop) -> None:
-    pool = WSGIPool(loop, 32, "auto")
+        new_pool: Callable[[int, str], WSGIPool]) -> None:
+    pool = new_pool(32, "auto")
     assert pool.limit == wsgipool.FLOOR
     for _ in range(wsgipool.WINDOW):  # 1 ms of waiting, 25 us of CPU: about 20 in flight help
         pool.threaded_took(b"/io", 0.001, 0.000025)
@@ -270,8 +366,9 @@ def test_calls_that_mostly_wait_let_the_pool_run_more_threads(
     assert pool.limit == 32
 
 
-def test_cpu_bound_calls_keep_the_pool_at_its_floor(loop: asyncio.AbstractEventLoop) -> None:
-    pool = WSGIPool(loop, 32, "never")
+def test_cpu_bound_calls_keep_the_pool_at_its_floor(
+        new_pool: Callable[[int, str], WSGIPool]) -> None:
+    pool = new_pool(32, "never")
     for _ in range(wsgipool.WINDOW):
         pool.threaded_took(b"/mix", 0.0012, 0.0002)  # 1 ms of waiting, 0.2 ms of Python
     assert pool.limit == wsgipool.FLOOR
@@ -280,8 +377,8 @@ def test_cpu_bound_calls_keep_the_pool_at_its_floor(loop: asyncio.AbstractEventL
     assert pool.limit == wsgipool.FLOOR
 
 
-def test_a_small_pool_is_its_own_floor(loop: asyncio.AbstractEventLoop) -> None:
-    pool = WSGIPool(loop, 4, "auto")
+def test_a_small_pool_is_its_own_floor(new_pool: Callable[[int, str], WSGIPool]) -> None:
+    pool = new_pool(4, "auto")
     for _ in range(wsgipool.WINDOW):
         pool.threaded_took(b"/io", 0.050, 0.000025)
     assert pool.limit == 4
