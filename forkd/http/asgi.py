@@ -321,10 +321,19 @@ class ASGICycle:
             return
         proto = self.proto
         self.complete = True
+        logged = proto.state.access_log
         if self.writer is not None:
+            if logged:  # (as nginx does: the status it started, the body bytes sent)
+                self._log_access(self.writer.sent)
             proto.abort()  # part of a response is out: the client must see it is cut
         else:
-            proto.write(error_response(500, "Internal Server Error", proto.state.date_header))
+            # an answer as any other for the access log: its line, its request id
+            data = error_response(500, "Internal Server Error", proto.state.date_header,
+                                  b"x-request-id: %s\r\n" % self.access[0] if logged else b"")
+            proto.write(data)
+            if logged:
+                self.status = 500
+                self._log_access(len(data) - data.index(b"\r\n\r\n") - 4)
             proto.response_done(self, keep_alive=False)
 
     async def receive(self) -> dict[str, Any]:

@@ -705,11 +705,20 @@ class WSGICycle:
         self._flush(final=False)
 
     def fail(self) -> None:
+        logged = self.proto.state.access_log
         if self.writer is not None:
+            if logged:  # (as nginx does: the status it started, the body bytes sent)
+                self._log_access()
             self.abort()
             return
-        data = error_response(500, "Internal Server Error", self.proto.state.date_header)
+        # an answer as any other for the access log: its line, its request id
+        data = error_response(500, "Internal Server Error", self.proto.state.date_header,
+                              b"x-request-id: %s\r\n" % self.access[0] if logged else b"")
         self.hand_off(data, final=True, keep_alive=False)
+        if logged:
+            accesslog.ended(self.access, 500, len(data) - data.index(b"\r\n\r\n") - 4,
+                            self.client, self.method, self.route, self.query,
+                            self.http_version)
 
     def _byte_headers(self) -> list[tuple[bytes, bytes]]:
         """The app's header pairs as bytes. A name or value may be a subclass of str

@@ -2,6 +2,7 @@
 /            200 hello
 /print?text=X  prints X on stdout
 /boom        raises (forkd logs the traceback)
+/cut         starts a 200, sends `partial`, then raises (the answer is cut)
 Environment, read at import:
 LOGAPP_SPAM=LINES,SIZE,THREADS  THREADS threads each print LINES lines of SIZE filler
                                 bytes at once: `SPAM <pid> <thread> <i> <filler>`
@@ -62,13 +63,25 @@ def _answer(path: str, query: str) -> tuple[int, bytes]:
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
+    if scope["path"] == "/cut":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise RuntimeError("cut on purpose")
     status, body = _answer(scope["path"], scope["query_string"].decode())
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": body})
 
 
+def _cut_body():
+    yield b"partial"
+    raise RuntimeError("cut on purpose")
+
+
 def wsgi_app(environ, start_response):
+    if environ["PATH_INFO"] == "/cut":
+        start_response("200 OK", [])
+        return _cut_body()
     status, body = _answer(environ["PATH_INFO"], environ["QUERY_STRING"])
     start_response(f"{status} X", [("Content-Type", "text/plain")])
     return [body]

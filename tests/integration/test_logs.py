@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import APPS, REPO, request, wait_until
+from support import APPS, REPO, raw_exchange, request, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -208,6 +208,38 @@ def test_json_lines_and_the_access_line(run_forkd, tmp_path, app) -> None:
     assert first["slot"] in (0, 1) and first["pid"] in proc.worker_pids()
     assert isinstance(first["duration_ms"], float) and 0 <= first["duration_ms"] < 5000
     assert access[made]["path"] == "/" and access[made]["bytes"] == 13
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("app", ["logapp:app", "logapp:wsgi_app"])
+def test_an_app_that_raises_has_its_access_line(run_forkd, tmp_path, app) -> None:
+    """A 500 for an app's exception is logged as any answer (an operator counts 5xx in
+    the access log), with the request's id sent back; an answer cut mid-way by the app
+    is logged with the status it started and the body bytes that went out."""
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, app, "--log-format", "json",
+                                        "--access-log", workers=1)
+    status, headers, body = request(port, path="/boom?x=1", headers={"X-Request-ID": "boom-1"})
+    assert status == 500 and headers["x-request-id"] == "boom-1"
+    status, headers, _ = request(port, path="/boom")
+    made = headers.get("x-request-id", "")
+    assert status == 500 and re.fullmatch(r"[0-9a-f]{32}", made), headers
+    cut = raw_exchange(port, b"GET /cut HTTP/1.1\r\nHost: x\r\nX-Request-ID: cut-1\r\n\r\n")
+    assert cut.startswith(b"HTTP/1.1 200 ") and b"partial" in cut and not cut.endswith(
+        b"0\r\n\r\n"), cut
+
+    def access() -> dict[str, dict]:
+        objects = [json.loads(line) for line in text_of(log_file).splitlines()]
+        return {obj["request_id"]: obj for obj in objects if obj.get("event") == "access"}
+
+    wait_until(lambda: {"boom-1", made, "cut-1"} <= access().keys(), 10, message=describe)
+    lines = access()
+    first = lines["boom-1"]
+    assert (first["method"], first["path"], first["query"], first["status"], first["bytes"],
+            first["remote"]) == ("GET", "/boom", "x=1", 500, len(body), "127.0.0.1")
+    assert lines[made]["status"] == 500 and lines[made]["path"] == "/boom"
+    assert (lines["cut-1"]["path"], lines["cut-1"]["status"], lines["cut-1"]["bytes"]) == (
+        "/cut", 200, len(b"partial"))
 
 
 @pytest.mark.timeout(60)
