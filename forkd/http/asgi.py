@@ -258,8 +258,11 @@ class ASGICycle:
                     if cycle._raised(exc):
                         raise
                 else:
-                    if not cycle.complete and not cycle.disconnected:
-                        cycle._returned_early()
+                    if not cycle.complete:
+                        if cycle.disconnected:
+                            cycle._left()
+                        else:
+                            cycle._returned_early()
                 cycle = proto.chained
                 if cycle is None:
                     return
@@ -306,7 +309,7 @@ class ASGICycle:
             # Starlette turns that into its own ClientDisconnect): not an error
             log.info("%s %s ended by %s: the client disconnected", self.method,
                      self.scope["path"], type(exc).__name__)
-            self.complete = True
+            self._left()
             return False
         if isinstance(exc, asyncio.CancelledError):  # the drain's deadline passed
             self._fail()
@@ -315,6 +318,16 @@ class ASGICycle:
                   exc_info=exc)
         self._fail()
         return isinstance(exc, KeyboardInterrupt | SystemExit)
+
+    def _left(self) -> None:
+        """The client went away before the response ended: logged, as nginx does, with
+        the status it started and the body bytes sent (not before it started: there is
+        no status to log)."""
+        if self.complete:
+            return
+        self.complete = True
+        if self.writer is not None and self.proto.state.access_log:
+            self._log_access(self.writer.sent)
 
     def _fail(self) -> None:
         if self.complete:

@@ -579,6 +579,8 @@ class WSGICycle:
             # an ordinary disconnect: the app stopped on being told, not an error
             log.info("%s %s ended by %s: the client disconnected", self.method, path,
                      type(exc).__name__)
+            if self.writer is not None and self.proto.state.access_log:
+                self._log_access()  # (as nginx does: the status it started, bytes sent)
             return
         log.error("exception in WSGI app for %s %s", self.method, path, exc_info=exc)
         self.fail()

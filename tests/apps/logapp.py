@@ -3,6 +3,7 @@
 /print?text=X  prints X on stdout
 /boom        raises (forkd logs the traceback)
 /cut         starts a 200, sends `partial`, then raises (the answer is cut)
+/stream      a 200 of 1000-byte blocks, one each 10 ms, until the client leaves (or 30 s)
 Environment, read at import:
 LOGAPP_SPAM=LINES,SIZE,THREADS  THREADS threads each print LINES lines of SIZE filler
                                 bytes at once: `SPAM <pid> <thread> <i> <filler>`
@@ -11,10 +12,12 @@ LOGAPP_DJANGO=1                 configures logging as Django's LOGGING does: dic
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.config
 import os
 import threading
+import time
 from urllib.parse import parse_qs
 
 if os.environ.get("LOGAPP_DJANGO"):
@@ -67,6 +70,13 @@ async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"partial", "more_body": True})
         raise RuntimeError("cut on purpose")
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(3000):  # (send raises once the client has left)
+            await send({"type": "http.response.body", "body": b"s" * 1000, "more_body": True})
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.body", "body": b""})
+        return
     status, body = _answer(scope["path"], scope["query_string"].decode())
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"text/plain")]})
@@ -78,10 +88,19 @@ def _cut_body():
     raise RuntimeError("cut on purpose")
 
 
+def _stream_body():
+    for _ in range(3000):  # (forkd stops iterating once the client has left)
+        yield b"s" * 1000
+        time.sleep(0.01)
+
+
 def wsgi_app(environ, start_response):
     if environ["PATH_INFO"] == "/cut":
         start_response("200 OK", [])
         return _cut_body()
+    if environ["PATH_INFO"] == "/stream":
+        start_response("200 OK", [])
+        return _stream_body()
     status, body = _answer(environ["PATH_INFO"], environ["QUERY_STRING"])
     start_response(f"{status} X", [("Content-Type", "text/plain")])
     return [body]

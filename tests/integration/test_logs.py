@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,32 @@ def test_an_app_that_raises_has_its_access_line(run_forkd, tmp_path, app) -> Non
     assert lines[made]["status"] == 500 and lines[made]["path"] == "/boom"
     assert (lines["cut-1"]["path"], lines["cut-1"]["status"], lines["cut-1"]["bytes"]) == (
         "/cut", 200, len(b"partial"))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("app", ["logapp:app", "logapp:wsgi_app"])
+def test_a_client_that_leaves_mid_answer_has_its_access_line(run_forkd, tmp_path, app) -> None:
+    """As nginx logs it: the status the answer started with, the body bytes sent."""
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, app, "--log-format", "json",
+                                        "--access-log", workers=1)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\nX-Request-ID: left-1\r\n\r\n")
+        got = b""
+        while got.count(b"s") < 3000:  # (three blocks)
+            chunk = sock.recv(65536)
+            assert chunk, got
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 200 ")
+
+    def access() -> dict[str, dict]:
+        objects = [json.loads(line) for line in text_of(log_file).splitlines()]
+        return {obj["request_id"]: obj for obj in objects if obj.get("event") == "access"}
+
+    wait_until(lambda: "left-1" in access(), 10, message=describe)
+    line = access()["left-1"]
+    assert (line["path"], line["status"]) == ("/stream", 200)
+    assert 3000 <= line["bytes"] < 3_000_000 and line["bytes"] % 1000 == 0, line
 
 
 @pytest.mark.timeout(60)
