@@ -32,6 +32,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import OPEN, State
 from websockets.server import ServerProtocol
 
+from forkd.http import accesslog
 from forkd.http.asgi import ASGI_VERSION, decode_path, split_target
 from forkd.http.protocol import HttpProtocol, error_response, status_line
 
@@ -128,6 +129,10 @@ class WebSocketConnection(asyncio.Protocol):
             "state": dict(lifespan_state),
             "extensions": {"websocket.http.response": {}},
         }
+        # the access line's fields as the handshake came (the app may change its scope)
+        self.access: tuple[Any, bytes, bytes, tuple[bytes, bytes, bytes]] | None = (
+            (http.req_client, raw_path, query, accesslog.request_fields(headers, make=False))
+            if state.access_log else None)
         self.head = _request_head(method, target, headers)
         self.received_at = time.perf_counter()
         self.phase = Phase.HANDSHAKE
@@ -513,14 +518,10 @@ class WebSocketConnection(asyncio.Protocol):
         forkd_http_requests_total like any response, and access-logged."""
         duration = time.perf_counter() - self.received_at
         self.state.metrics.record(b"GET", b"%d" % status, duration)
-        if self.state.access_log:
-            from forkd.http import accesslog
-
-            scope = self.scope
-            accesslog.log_access(scope["client"], "GET", scope["raw_path"],
-                                 scope["query_string"], scope["http_version"],
-                                 accesslog.request_fields(scope["headers"], make=False),
-                                 status, size, duration)
+        if self.access is not None:
+            client, raw_path, query, fields = self.access
+            accesslog.log_access(client, "GET", raw_path, query, "1.1", fields, status, size,
+                                 duration)
 
     # -- the worker's clock and drain -----------------------------------------------------
     def check_timeouts(self, now: float) -> None:

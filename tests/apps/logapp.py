@@ -3,6 +3,7 @@
 /print?text=X  prints X on stdout
 /boom        raises (forkd logs the traceback)
 /cut         starts a 200, sends `partial`, then raises (the answer is cut)
+WebSocket /ws: changes its scope's headers and raw_path, then accepts and closes
 /stream      a 200 of 1000-byte blocks, one each 10 ms, until the client leaves (or 30 s)
 Environment, read at import:
 LOGAPP_SPAM=LINES,SIZE,THREADS  THREADS threads each print LINES lines of SIZE filler
@@ -64,6 +65,13 @@ def _answer(path: str, query: str) -> tuple[int, bytes]:
 
 
 async def app(scope, receive, send):
+    if scope["type"] == "websocket":
+        assert (await receive())["type"] == "websocket.connect"
+        scope["headers"].clear()  # (an app may: the access line tells what came in)
+        scope["raw_path"] = b"/changed"
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 1000})
+        return
     if scope["type"] != "http":
         return
     if scope["path"] == "/cut":

@@ -270,6 +270,29 @@ def test_a_client_that_leaves_mid_answer_has_its_access_line(run_forkd, tmp_path
 
 
 @pytest.mark.timeout(60)
+def test_a_websocket_access_line_holds_what_its_handshake_came_with(run_forkd,
+                                                                   tmp_path) -> None:
+    """The request id and path of the handshake, as the HTTP lines, whatever the app
+    then did to its scope (logapp's /ws empties the headers and changes raw_path)."""
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, "logapp:app", "--log-format",
+                                        "json", "--access-log", workers=1)
+    answer = raw_exchange(port, b"GET /ws?q=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          b"X-Request-ID: ws-1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 101 "), answer
+
+    def lines() -> list[dict]:
+        objects = [json.loads(line) for line in text_of(log_file).splitlines()]
+        return [obj for obj in objects if obj.get("event") == "access"]
+
+    wait_until(lambda: lines(), 10, message=describe)
+    assert [(obj["request_id"], obj["path"], obj["query"], obj["status"])
+            for obj in lines()] == [("ws-1", "/ws", "q=1", 101)]
+
+
+@pytest.mark.timeout(60)
 def test_app_reconfiguring_logging_leaves_forkd_lines_alone(run_forkd, tmp_path) -> None:
     log_file = tmp_path / "forkd.log"
     proc, port, describe = start_logged(run_forkd, log_file, "logapp:app",
