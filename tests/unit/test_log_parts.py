@@ -527,18 +527,32 @@ def _same_access_line(fast: bytes, generic: Entry, path: bytes,
         assert entry.text == record.to_text(generic, "app")
 
 
-def test_request_ids_are_honoured_when_sane_else_made_and_shown_to_the_app() -> None:
-    from forkd.http.accesslog import request_fields
+@pytest.mark.parametrize("take", ["begin", "request_fields"])
+def test_request_ids_are_honoured_when_sane_else_made_and_shown_to_the_app(take: str) -> None:
+    """begin (HTTP) and request_fields (WebSocket) each read the id, with the same rules."""
+    from forkd.http import accesslog
+
+    def fields(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, bytes]:
+        got = getattr(accesslog, take)(headers)
+        return got[0], got[1], got[2]
 
     def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
-        return request_fields(headers)[0]
+        return fields(headers)[0]
 
     assert request_id([(b"x-request-id", b"abc-123")]) == b"abc-123"
-    for bad in (b"", b"has space", b"x" * 201, b"\xffbin"):
-        headers = [(b"host", b"h"), (b"x-request-id", bad)]
+    assert request_id([(b"x-request-id", b"x" * 200)]) == b"x" * 200
+    # the first id counts, whatever the later ones hold
+    assert request_id([(b"x-request-id", b"first"), (b"x-request-id", b"second")]) == b"first"
+    for bad in ([b""], [b"has space"], [b"x" * 201], [b"\xffbin"], [b"caf\xc3\xa9"],
+                [b"tab\there"], [b"bad id", b"good-id"]):
+        headers = [(b"host", b"h"), *((b"x-request-id", value) for value in bad)]
         made = request_id(headers)
-        assert re.fullmatch(rb"[0-9a-f]{32}", made) and headers[-1] == (b"x-request-id", made)
+        assert re.fullmatch(rb"[0-9a-f]{32}", made), (bad, made)
+        assert headers[-1] == (b"x-request-id", made) and len(headers) == len(bad) + 2
     assert len({request_id([]) for _ in range(1000)}) == 1000
+    assert fields([(b"referer", b"http://r/"), (b"user-agent", b"ua/1")])[1:] == (
+        b"http://r/", b"ua/1")
+    assert fields([])[1:] == (b"-", b"-")
 
 
 def test_a_failing_output_counts_and_reports_its_lost_lines(tmp_path: Path) -> None:
