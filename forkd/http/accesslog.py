@@ -169,8 +169,6 @@ def render(items: list[Any]) -> list[bytes]:
     text = state.access_text
     offset = time.time() - time.perf_counter()  # (wall clock of a perf_counter reading)
     second = _second
-    from_ms = second[0] * 1000  # (the milliseconds of the second `second` holds)
-    to_ms = from_ms + 1000
     templates, seen, durations, sizes, fractions = _templates, _seen, _durations, _sizes, _MS
     out: list[bytes] = []
     append = out.append
@@ -185,15 +183,17 @@ def render(items: list[Any]) -> list[bytes]:
         made = templates.get(key)
         if made is None and key in seen:  # (its second sight)
             made = _template_for(key, head)
-        ms = int((end + offset) * 1000)
-        if not from_ms <= ms < to_ms:
-            second = _second_for(ms // 1000)
-            from_ms = second[0] * 1000
-            to_ms = from_ms + 1000
+        # (as rfc3339 does: the second, then the milliseconds of what is past it; not
+        # int(when * 1000), whose rounding can give the next millisecond)
+        when = end + offset
+        whole = int(when)
+        if whole != second[0]:
+            second = _second_for(whole)
+        fraction = fractions[int((when - whole) * 1000)]
         micros = int(duration * 1_000_000)
         if made is None:  # seen for the first time: rendered on its own
             _first_sight(key)
-            append(_line(head, text, second[1] + fractions[ms - from_ms], second, size, micros,
+            append(_line(head, text, second[1] + fraction, second, size, micros,
                          rid, key))
             continue
         if not (rid.isalnum() or not rid.translate(None, _SAFE)):  # (a made id is safe)
@@ -201,14 +201,14 @@ def render(items: list[Any]) -> list[bytes]:
                 made = (made[0], None, made[2])  # (the text line escapes as JSON does not)
             rid = _escaped(rid)
         if text and made[1] is not None:
-            ts = second[1] + fractions[ms - from_ms]
-            append(b"".join((second[3], fractions[ms - from_ms], made[0],
+            ts = second[1] + fraction
+            append(b"".join((second[3], fraction, made[0],
                              sizes.get(size) or _size(size),
                              durations.get(micros) or _duration(micros), rid, made[2][:-1],
                              made[1] % (ts, second[2], size, micros / 1000,
                                         b'"' + rid + b'"' if b"=" in rid else rid))))
             continue
-        append(b"".join((second[3], fractions[ms - from_ms], made[0],
+        append(b"".join((second[3], fraction, made[0],
                          sizes.get(size) or _size(size),
                          durations.get(micros) or _duration(micros), rid, made[2])))
     return out

@@ -725,6 +725,55 @@ def test_deferred_access_lines_keep_their_place_among_urgent_records() -> None:
     assert [json.loads(line)["path"] for line in access] == ["/a/0", "/a/1", "/a/2"]
 
 
+@pytest.mark.parametrize("text", [False, True])
+def test_a_batch_across_ms_and_second_boundaries_has_each_line_s_own_time(
+        monkeypatch: pytest.MonkeyPatch, text: bool) -> None:
+    """render keeps the batch's second and takes milliseconds from a table: each line's
+    ts is still rfc3339 of its own end (as the generic line's), either side of a
+    millisecond and of a second, from the first sight and from a template. The end and
+    the duration are one clock reading: ts - duration is when begin took the request."""
+    from types import SimpleNamespace
+
+    from forkd.http import accesslog
+
+    wall, perf = 1_764_603_097.25, 5_000.0  # render's clocks: offset = wall - perf
+    offset = wall - perf
+    monkeypatch.setattr(accesslog, "time", SimpleNamespace(time=lambda: wall,
+                                                           perf_counter=lambda: perf))
+    reads = iter([])
+
+    def perf_counter() -> float:  # (a second reading in `ended` would take the next one)
+        return next(reads)
+
+    monkeypatch.setattr(accesslog, "perf_counter", perf_counter)
+    second = 1_764_603_100
+    walls = [second - 0.0005, second, second + 0.0005, second + 0.001, second + 0.9995,
+             second + 1.0, second + 1.0005, second + 2.999]
+    items: list[tuple] = []
+    try:
+        log.setup(slot=1, json_sink=lambda data: None, access_sink=items.append,
+                  access_text=text)
+        for when in walls:
+            end = when - offset
+            start = end - 0.0123
+            reads = iter([start, end, end + 1.0])
+            access = accesslog.begin([(b"x-request-id", b"r%d" % len(items))])
+            accesslog.ended(access, 200, 5, ("10.0.0.9", 5555), "GET", b"/t", b"", "1.1")
+            assert items[-1][0] - items[-1][1] == start  # one reading: ts - duration
+        lines = accesslog.render(list(items))
+    finally:
+        log.setup()
+    assert len(lines) == len(walls)
+    for line, item in zip(lines, items, strict=True):
+        json_part, _, text_part = line.partition(b"\t")
+        parsed = json.loads(json_part)
+        ts = record.rfc3339(item[0] + offset)
+        assert parsed["ts"] == ts, (item[0] + offset, parsed["ts"])
+        assert parsed["duration_ms"] == 12.3
+        if text:
+            assert record.clf_time(ts).encode() in text_part, text_part
+
+
 def test_a_late_rendered_access_line_holds_what_its_request_had() -> None:
     """A worker renders a request's access line with its batch, after the app has had
     the request's headers (and may have changed them): the line holds the request id,
