@@ -169,6 +169,7 @@ def render(items: list[Any]) -> list[bytes]:
     text = state.access_text
     offset = time.time() - time.perf_counter()  # (wall clock of a perf_counter reading)
     second = _second
+    base = second[0]  # (the second `second` holds)
     templates, seen, durations, sizes, fractions = _templates, _seen, _durations, _sizes, _MS
     out: list[bytes] = []
     append = out.append
@@ -183,13 +184,15 @@ def render(items: list[Any]) -> list[bytes]:
         made = templates.get(key)
         if made is None and key in seen:  # (its second sight)
             made = _template_for(key, head)
-        # (as rfc3339 does: the second, then the milliseconds of what is past it; not
+        # (as rfc3339 does: the milliseconds of what is past the second, exact; not
         # int(when * 1000), whose rounding can give the next millisecond)
         when = end + offset
-        whole = int(when)
-        if whole != second[0]:
-            second = _second_for(whole)
-        fraction = fractions[int((when - whole) * 1000)]
+        past = when - base
+        if not 0.0 <= past < 1.0:
+            second = _second_for(int(when))
+            base = second[0]
+            past = when - base
+        fraction = fractions[int(past * 1000)]
         micros = int(duration * 1_000_000)
         if made is None:  # seen for the first time: rendered on its own
             _first_sight(key)
