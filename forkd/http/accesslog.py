@@ -109,9 +109,13 @@ def ended(access: tuple[bytes, bytes, bytes, float], status: int, size: int,
           client: tuple[str, int | None] | None, method: str, raw_path: bytes,
           query: bytes, version: str) -> None:
     """The access line of a request `begin` took, once its response has ended (`size`:
-    the body bytes sent). In a worker, its values are held as they are now (all of them
-    immutable) and rendered with the worker's next batch of records; elsewhere the line
-    is made at once (log_access)."""
+    the body bytes sent). In a worker, the values are held as given and rendered with
+    the worker's next batch of records; elsewhere the line is made at once
+    (log_access). begin's are the request's as it came in; `client`, `raw_path` and
+    `query` are what the caller passes now (an ASGI cycle: what its scope holds at the
+    end, which the app may have replaced; held by reference, not checked: a line that
+    cannot be rendered, say a str raw_path, is lost with its batch's other access lines
+    and counted as dropped, see RecordWriter)."""
     end = perf_counter()
     defer = _state.access_sink  # (a worker's only: log.setup sees to it)
     if defer is not None:
@@ -162,8 +166,10 @@ def render(items: list[Any]) -> list[bytes]:
     What a request shares with the requests before it (its remote address, method,
     path, query, version, referer, user agent and status: a keep-alive connection
     repeats them, and so do most clients of a route) is rendered once, on its second
-    sight, into a `%` format of the whole line kept in `_templates`; a line is then one
-    format of its own values (time, size, duration, request id)."""
+    sight, into the fixed parts of its JSON record, kept in `_templates`; the record is
+    then one join of those parts with its own values (time, size, duration, request
+    id: the first three from caches of their bytes). Only its text line (with
+    --log-format text) is a `%` format of those values."""
     state = log.state
     head = _head if _head[0] == state.generation else _head_for(state)
     text = state.access_text
@@ -319,8 +325,10 @@ def _duration(micros: int) -> bytes:
         _durations.clear()
     made = _durations[micros] = b'%d.%03d,"request_id":"' % (micros // 1000, micros % 1000)
     return made
-# (the second, its JSON timestamp to the second, its combined-format time)
-# and `{"ts":"` before the first)
+
+
+# the second of the last line rendered: (that second, its JSON timestamp up to the
+# second, its combined-format time, and that timestamp after `{"ts":"`: a line's start)
 _second: tuple[int, bytes, bytes, bytes] = (-1, b"", b"", b"")
 # remote addresses, methods and versions seen -> their bytes inside a JSON string
 _ascii_cache: dict[str, bytes] = {}
