@@ -38,6 +38,27 @@ def port_in(text: str) -> int | None:
     return int(match.group(1) or match.group(2)) if match else None
 
 
+def access_lines(log_file: Path) -> list[dict]:
+    """The access lines written so far, in order (a last line still being written is
+    left for the next look)."""
+    text = text_of(log_file)
+    text = text[:text.rfind("\n") + 1]
+    return [obj for obj in map(json.loads, text.splitlines()) if obj.get("event") == "access"]
+
+
+def once_each(log_file: Path, port: int, ids: set[str], describe) -> dict[str, dict]:
+    """Each of `ids`' access line, after checking no request got two: one more request
+    (one worker writes its lines in order) shows every line before it is in."""
+    status, headers, _ = request(port, path="/")
+    assert status == 200
+    barrier = headers["x-request-id"]
+    wait_until(lambda: barrier in {obj["request_id"] for obj in access_lines(log_file)}, 10,
+               message=describe)
+    seen = [obj["request_id"] for obj in access_lines(log_file)]
+    assert {rid: seen.count(rid) for rid in ids} == dict.fromkeys(ids, 1), seen
+    return {obj["request_id"]: obj for obj in access_lines(log_file)}
+
+
 def start_logged(run_forkd, log_file: Path, *args: str, workers: int = 2, env=None):
     proc = run_forkd(*args, "-b", "127.0.0.1:0", "-w", str(workers), "--log-file",
                      str(log_file), cwd=APPS, env=env)
@@ -229,12 +250,7 @@ def test_an_app_that_raises_has_its_access_line(run_forkd, tmp_path, app) -> Non
     assert cut.startswith(b"HTTP/1.1 200 ") and b"partial" in cut and not cut.endswith(
         b"0\r\n\r\n"), cut
 
-    def access() -> dict[str, dict]:
-        objects = [json.loads(line) for line in text_of(log_file).splitlines()]
-        return {obj["request_id"]: obj for obj in objects if obj.get("event") == "access"}
-
-    wait_until(lambda: {"boom-1", made, "cut-1"} <= access().keys(), 10, message=describe)
-    lines = access()
+    lines = once_each(log_file, port, {"boom-1", made, "cut-1"}, describe)
     first = lines["boom-1"]
     assert (first["method"], first["path"], first["query"], first["status"], first["bytes"],
             first["remote"]) == ("GET", "/boom", "x=1", 500, len(body), "127.0.0.1")
@@ -259,12 +275,9 @@ def test_a_client_that_leaves_mid_answer_has_its_access_line(run_forkd, tmp_path
             got += chunk
     assert got.startswith(b"HTTP/1.1 200 ")
 
-    def access() -> dict[str, dict]:
-        objects = [json.loads(line) for line in text_of(log_file).splitlines()]
-        return {obj["request_id"]: obj for obj in objects if obj.get("event") == "access"}
-
-    wait_until(lambda: "left-1" in access(), 10, message=describe)
-    line = access()["left-1"]
+    wait_until(lambda: "left-1" in {obj["request_id"] for obj in access_lines(log_file)}, 10,
+               message=describe)  # (the worker notices the client left at its next write)
+    line = once_each(log_file, port, {"left-1"}, describe)["left-1"]
     assert (line["path"], line["status"]) == ("/stream", 200)
     assert 3000 <= line["bytes"] < 3_000_000 and line["bytes"] % 1000 == 0, line
 
@@ -283,13 +296,9 @@ def test_a_websocket_access_line_holds_what_its_handshake_came_with(run_forkd,
                           b"X-Request-ID: ws-1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 101 "), answer
 
-    def lines() -> list[dict]:
-        objects = [json.loads(line) for line in text_of(log_file).splitlines()]
-        return [obj for obj in objects if obj.get("event") == "access"]
-
-    wait_until(lambda: lines(), 10, message=describe)
+    wait_until(lambda: access_lines(log_file), 10, message=describe)
     assert [(obj["request_id"], obj["path"], obj["query"], obj["status"])
-            for obj in lines()] == [("ws-1", "/ws", "q=1", 101)]
+            for obj in access_lines(log_file)] == [("ws-1", "/ws", "q=1", 101)]
 
 
 @pytest.mark.timeout(60)
