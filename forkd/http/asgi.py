@@ -344,7 +344,7 @@ class ASGICycle:
             data = error_response(500, "Internal Server Error", proto.state.date_header,
                                   b"x-request-id: %s\r\n" % self.access[0] if logged else b"")
             proto.write(data)
-            if logged:
+            if logged and not self.disconnected:  # (a client gone was sent nothing: no line)
                 self.status = 500
                 self._log_access(len(data) - data.index(b"\r\n\r\n") - 4)
             proto.response_done(self, keep_alive=False)

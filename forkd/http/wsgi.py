@@ -717,7 +717,7 @@ class WSGICycle:
         data = error_response(500, "Internal Server Error", self.proto.state.date_header,
                               b"x-request-id: %s\r\n" % self.access[0] if logged else b"")
         self.hand_off(data, final=True, keep_alive=False)
-        if logged:
+        if logged and not self.disconnected:  # (a client gone was sent nothing: no line)
             accesslog.ended(self.access, 500, len(data) - data.index(b"\r\n\r\n") - 4,
                             self.client, self.method, self.route, self.query,
                             self.http_version)

@@ -3,6 +3,7 @@
 /print?text=X  prints X on stdout
 /boom        raises (forkd logs the traceback)
 /cut         starts a 200, sends `partial`, then raises (the answer is cut)
+/late-boom?ms=N  waits N ms, then raises (after a client that left: nothing was sent)
 WebSocket /ws: changes its scope's headers and raw_path, then accepts and closes
 /stream      a 200 of 1000-byte blocks, one each 10 ms, until the client leaves (or 30 s)
 Environment, read at import:
@@ -78,6 +79,9 @@ async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"partial", "more_body": True})
         raise RuntimeError("cut on purpose")
+    if scope["path"] == "/late-boom":
+        await asyncio.sleep(int(parse_qs(scope["query_string"].decode())["ms"][0]) / 1000)
+        raise RuntimeError("late boom on purpose")
     if scope["path"] == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for _ in range(3000):  # (send raises once the client has left)
@@ -109,6 +113,9 @@ def wsgi_app(environ, start_response):
     if environ["PATH_INFO"] == "/stream":
         start_response("200 OK", [])
         return _stream_body()
+    if environ["PATH_INFO"] == "/late-boom":
+        time.sleep(int(parse_qs(environ["QUERY_STRING"])["ms"][0]) / 1000)
+        raise RuntimeError("late boom on purpose")
     status, body = _answer(environ["PATH_INFO"], environ["QUERY_STRING"])
     start_response(f"{status} X", [("Content-Type", "text/plain")])
     return [body]

@@ -283,6 +283,24 @@ def test_a_client_that_leaves_mid_answer_has_its_access_line(run_forkd, tmp_path
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(("app", "ended"), [
+    ("logapp:app", "/late-boom ended by RuntimeError: the client disconnected"),
+    ("logapp:wsgi_app", "RuntimeError: late boom on purpose")])
+def test_an_app_raising_after_its_client_left_logs_no_answer(run_forkd, tmp_path, app,
+                                                              ended) -> None:
+    """Nothing was sent: no access line claims a 500 went out. (An ASGI app's error
+    after its client left is that leaving; a WSGI app's is logged as its error.)"""
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, app, "--log-format", "json",
+                                        "--access-log", workers=1)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /late-boom?ms=300 HTTP/1.1\r\nHost: x\r\nX-Request-ID: gone-1\r\n\r\n")
+    wait_until(lambda: ended in text_of(log_file), 10, message=describe)
+    once_each(log_file, port, set(), describe)  # (every line before the next one is in)
+    assert "gone-1" not in {obj["request_id"] for obj in access_lines(log_file)}
+
+
+@pytest.mark.timeout(60)
 def test_a_websocket_access_line_holds_what_its_handshake_came_with(run_forkd,
                                                                    tmp_path) -> None:
     """The request id and path of the handshake, as the HTTP lines, whatever the app
