@@ -51,6 +51,7 @@ class Transport:
         self.aborted = False
         self.reading = True  # what the protocol asked of the transport's reading
         self.pauses = 0
+        self.paused = False  # what the transport told the protocol of its writing
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"sockname": ("127.0.0.1", 8080), "peername": ("127.0.0.1", 40000)}.get(
@@ -60,7 +61,8 @@ class Transport:
         assert not self.eof, "a write after the FIN"
         self.writes.append(data)
         self.unread += len(data)
-        if self.unread > HIGH_WATER and self.protocol is not None:
+        if self.unread > HIGH_WATER and self.protocol is not None and not self.paused:
+            self.paused = True  # (once until resumed, as uvloop's and asyncio's do)
             self.protocol.pause_writing()
 
     def get_write_buffer_size(self) -> int:
@@ -73,6 +75,7 @@ class Transport:
     def client_reads_everything(self) -> None:
         self.unread = 0
         assert self.protocol is not None
+        self.paused = False
         self.protocol.resume_writing()
 
     @property
@@ -157,6 +160,23 @@ def connect(loop: asyncio.AbstractEventLoop, interface: str, app: Any, **options
     transport.protocol = proto
     proto.connection_made(transport)  # type: ignore[arg-type]
     return proto, transport
+
+
+class FakeClock:
+    """The clock the protocol reads (its loop's time()), moved only by the test: the
+    loop itself runs on, so what is judged against it does not depend on the host's
+    load. Set `now` to move it."""
+
+    def __init__(self, proto: HttpProtocol) -> None:
+        self.real = proto.loop
+        self.now = self.real.time()
+        proto.loop = self  # type: ignore[assignment]
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 def run_until(loop: asyncio.AbstractEventLoop, done: Callable[[], bool],
@@ -1351,17 +1371,18 @@ def test_the_send_rate_is_judged_across_short_pauses(
     told: list[Any] = []
     proto, transport = connect(loop, "asgi", streaming_forever(told), header_timeout=0.5,
                                min_body_rate=floor)
+    clock = FakeClock(proto)  # (the protocol's clock: a loaded host cannot move it)
     proto.data_received(get("/"))
-    started = loop.time()
-    while not transport.aborted and loop.time() - started < 3.0:
+    started = clock.now
+    while not transport.aborted and clock.now - started < 3.0:
         run_until(loop, lambda: proto.write_paused)
-        loop.run_until_complete(asyncio.sleep(0.2))  # (the client reads, then:)
-        proto.check_timeouts(loop.time())
+        clock.now += 0.2  # (the client reads, then:)
+        proto.check_timeouts(clock.now)
         if not transport.aborted:
             transport.client_reads_everything()  # (writing resumes)
     assert transport.aborted is cut
     if cut:
-        assert 1.0 <= loop.time() - started < 2.5
+        assert 1.0 <= clock.now - started < 2.5
     transport.client_reads_everything()
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
