@@ -695,6 +695,8 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- write flow control -------------------------------------------------
     def pause_writing(self) -> None:
+        if self.write_paused:  # (told again without a resume: the clocks run on)
+            return
         self.write_paused = True
         # (check_timeouts judges the client's progress from now: the loop's clock, as
         # the coarse one may be a tick old.) The send-rate window goes on from the last

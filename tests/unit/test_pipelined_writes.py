@@ -1386,3 +1386,24 @@ def test_the_send_rate_is_judged_across_short_pauses(
     transport.client_reads_everything()
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
+def test_a_second_pause_without_a_resume_moves_no_clock(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A transport that tells the protocol twice that writing is paused (without a
+    resume between) restarts none of the clocks judging the client: one that takes
+    nothing is cut --header-timeout after the first pause."""
+    told: list[Any] = []
+    proto, transport = connect(loop, "asgi", streaming_forever(told), header_timeout=1.0)
+    clock = FakeClock(proto)
+    proto.data_received(get("/"))
+    run_until(loop, lambda: proto.write_paused)
+    paused = clock.now
+    clock.now = paused + 0.6
+    proto.pause_writing()  # (again: nothing was read)
+    proto.check_timeouts(paused + 0.9)
+    assert not transport.aborted
+    proto.check_timeouts(paused + 1.0)
+    assert transport.aborted
+    proto.connection_lost(None)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
