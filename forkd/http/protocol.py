@@ -698,6 +698,11 @@ class HttpProtocol(asyncio.Protocol):
         if self.write_paused:  # (told again without a resume: the clocks run on)
             return
         self.write_paused = True
+        self.send_paused()
+
+    def send_paused(self) -> None:
+        """Writing paused (once until send_resumed): the clocks judging what the client
+        takes start from now."""
         # (check_timeouts judges the client's progress from now: the loop's clock, as
         # the coarse one may be a tick old.) The send-rate window goes on from the last
         # pause, less the time writing did not wait on the client (since resume_writing

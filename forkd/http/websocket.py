@@ -267,8 +267,10 @@ class WebSocketConnection(asyncio.Protocol):
         return None
 
     def pause_writing(self) -> None:
+        if self.write_paused:  # (told again without a resume: the clocks run on)
+            return
         self.write_paused = True
-        self.http.pause_writing()  # (its clocks judge what the client takes)
+        self.http.send_paused()  # (its clocks judge what the client takes)
 
     def resume_writing(self) -> None:
         self.write_paused = False
