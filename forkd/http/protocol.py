@@ -751,11 +751,16 @@ class HttpProtocol(asyncio.Protocol):
         hours by taking one segment per --header-timeout, which that rule alone allows.
         The request body's floor serves the answers too (as Kestrel's
         MinResponseDataRate: 240 B/s); 0 turns both off. (On a unix socket what the
-        client took may show up to send_grain late: so much is allowed for.)"""
+        client took may show up to send_grain late: so much is allowed for, and the
+        window is judged only once it spans four grains at the floor (64 KiB at 240 B/s:
+        ~18 minutes), so the allowance is at most a quarter of what the floor asks: a
+        shorter one would pass a client taking nothing but that allowance each time.)"""
         window = now - self.send_since
-        if not self.min_rate or window < max(RATE_WINDOW, self.state.config.header_timeout):
+        min_rate = self.min_rate
+        if not min_rate or window < max(RATE_WINDOW, self.state.config.header_timeout,
+                                        4 * self.send_grain / min_rate):
             return False
-        if self.send_taken + self.send_grain < self.min_rate * window:
+        if self.send_taken + self.send_grain < min_rate * window:
             return True
         self.send_since = now
         self.send_taken = 0

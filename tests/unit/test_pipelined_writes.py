@@ -1407,3 +1407,59 @@ def test_a_second_pause_without_a_resume_moves_no_clock(
     assert transport.aborted
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
+def unix_reader(loop: asyncio.AbstractEventLoop
+                ) -> tuple[HttpProtocol, Transport, FakeClock, list[Any]]:
+    """A streamed answer on a unix socket (whose reads show only in steps of up to
+    UNIX_GRAIN), default settings, writing paused: the protocol's clock is the test's."""
+    from forkd.http.protocol import UNIX_GRAIN
+
+    told: list[Any] = []
+    proto, transport = connect(loop, "asgi", streaming_forever(told))
+    proto.send_grain = UNIX_GRAIN  # (what connection_made sets for an AF_UNIX socket)
+    clock = FakeClock(proto)
+    proto.data_received(get("/"))
+    run_until(loop, lambda: proto.write_paused)
+    return proto, transport, clock, told
+
+
+def read_for(loop: asyncio.AbstractEventLoop, proto: HttpProtocol, transport: Transport,
+             clock: FakeClock, rate: int, seconds: float) -> float:
+    """The client takes `rate` bytes a second, in 10 s steps (writing resumes when the
+    buffer runs low, as a real transport's does), until cut or `seconds` pass: how long
+    it held on."""
+    started = clock.now
+    while not transport.aborted and clock.now - started < seconds:
+        clock.now += 10.0
+        transport.client_reads(min(rate * 10, transport.unread))
+        if transport.unread < HIGH_WATER // 4:
+            transport.paused = False
+            proto.resume_writing()
+            run_until(loop, lambda: proto.write_paused)
+        proto.check_timeouts(clock.now)
+    return clock.now - started
+
+
+def test_a_unix_client_trickling_below_the_floor_is_cut(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """On a unix socket, with default settings, a client taking a third of
+    --min-body-rate (some bytes every 10 s: never still for --header-timeout) is cut
+    within half an hour, not held for ever by the allowance for what the socket does not
+    show yet."""
+    proto, transport, clock, told = unix_reader(loop)
+    held = read_for(loop, proto, transport, clock, 80, 3600.0)
+    assert transport.aborted and held <= 1800.0
+    assert proto.state.slow_cuts.count == 1
+    proto.connection_lost(None)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
+def test_a_unix_client_reading_steadily_at_twice_the_floor_is_not_cut(
+        loop: asyncio.AbstractEventLoop) -> None:
+    proto, transport, clock, told = unix_reader(loop)
+    held = read_for(loop, proto, transport, clock, 480, 3600.0)
+    assert not transport.aborted and held >= 3600.0
+    transport.client_reads_everything()
+    proto.connection_lost(None)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
