@@ -78,6 +78,9 @@ _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 # quarters of its send buffer are free: what a client took shows in steps up to this large
 # (HttpProtocol.send_grain), however steadily it reads
 UNIX_GRAIN = 64 * 1024
+# The rate at which a unix-socket client is expected to show one UNIX_GRAIN when
+# --min-body-rate is 0 (send_stall): Kestrel's default floor
+UNSET_RATE = 240
 DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request on an idle connection
 
 
@@ -770,14 +773,14 @@ class HttpProtocol(asyncio.Protocol):
         """How long a client may seem to take none of what waits on it before it is
         cut: --header-timeout. A unix socket shows what its reader took only in steps
         of up to send_grain (UNIX_GRAIN): there, at least the time a reader at
-        --min-body-rate needs for one (64 KiB at 240 B/s: 273 s), and with the floor
-        off (0) no limit (a reverse proxy in front, nginx's send_timeout, has its own)."""
+        --min-body-rate needs for one (64 KiB at 240 B/s: 273 s); with the floor off (0),
+        at Kestrel's 240 B/s: the floor's off for one reading slowly, not for one
+        reading nothing, which would hold the app's task or thread (and a draining
+        worker) for ever."""
         timeout = self.state.config.header_timeout
         if not self.send_grain:
             return timeout
-        if not self.min_rate:
-            return float("inf")
-        return max(timeout, self.send_grain / self.min_rate)
+        return max(timeout, self.send_grain / (self.min_rate or UNSET_RATE))
 
     def send_resumed(self) -> None:
         """Writing resumed: what the client took up to now counts in the send-rate

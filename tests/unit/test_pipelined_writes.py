@@ -1463,3 +1463,25 @@ def test_a_unix_client_reading_steadily_at_twice_the_floor_is_not_cut(
     transport.client_reads_everything()
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
+def test_a_unix_client_taking_nothing_is_cut_with_the_rate_floor_off(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """--min-body-rate 0 turns the floor off, not the cut of a client that takes
+    nothing: on a unix socket it is cut once a reader at Kestrel's 240 B/s would have
+    shown a grain (64 KiB: ~273 s), not held with the app's task for ever."""
+    from forkd.http.protocol import UNIX_GRAIN
+
+    told: list[Any] = []
+    proto, transport = connect(loop, "asgi", streaming_forever(told), min_body_rate=0)
+    proto.send_grain = UNIX_GRAIN
+    clock = FakeClock(proto)
+    proto.data_received(get("/"))
+    run_until(loop, lambda: proto.write_paused)
+    paused = clock.now
+    proto.check_timeouts(paused + 270.0)
+    assert not transport.aborted
+    proto.check_timeouts(paused + 274.0)
+    assert transport.aborted
+    proto.connection_lost(None)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
