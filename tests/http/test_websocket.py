@@ -404,26 +404,33 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
 
 def test_a_pong_that_does_not_echo_the_ping_keeps_no_silent_client(strict: Served) -> None:
     """Unsolicited pongs (RFC 6455 allows them, as a heartbeat) do not answer our
-    ping: a client that sends only pongs of its own, never echoing the ping's payload,
-    is closed 1011 as a silent one is."""
+    ping: a client silent until our ping comes, that then answers each ping, and keeps
+    sending, pongs of its own that never echo the ping's payload is closed 1011 once
+    --ws-ping-timeout passes, as a silent one is."""
     sock, head = handshake(strict.port)
     try:
         assert head.startswith(b"HTTP/1.1 101 "), head
-        started = time.monotonic()
         frames: list[tuple[int, bytes]] = []
         ended = False
-        while not ended and time.monotonic() - started < 6:
-            sock.sendall(client_frame(0xA, b"mine"))
-            more, ended = read_frames(sock, time.monotonic() + 0.2)
+        deadline = time.monotonic() + 5
+        while not ended and 0x9 not in [opcode for opcode, _ in frames]:  # (silent)
+            assert time.monotonic() < deadline, "no ping came"
+            more, ended = read_frames(sock, time.monotonic() + 0.05)
             frames += more
-        elapsed = time.monotonic() - started
+        pinged = time.monotonic()
+        while not ended and time.monotonic() - pinged < 6:
+            sock.sendall(client_frame(0xA, b"mine"))  # (not the ping's payload)
+            more, ended = read_frames(sock, time.monotonic() + 0.1)
+            frames += more
+        elapsed = time.monotonic() - pinged
     finally:
         sock.close()
     opcodes = [opcode for opcode, _ in frames]
+    assert b"mine" not in [payload for opcode, payload in frames if opcode == 0x9]
     assert 0x8 in opcodes, frames
     close_payload = frames[opcodes.index(0x8)][1]
     assert struct.unpack("!H", close_payload[:2])[0] == 1011
-    assert elapsed < 4.0, elapsed
+    assert elapsed < 3.0, elapsed
 
 
 @pytest.fixture(scope="module")
@@ -452,3 +459,6 @@ def test_a_client_that_sends_but_never_reads_is_cut(unpinged: Served) -> None:
         sock.close()
     assert cut, "never cut"
     assert elapsed < 5.0, elapsed
+    wait_until(lambda: get(unpinged.port, "/last").json().get("path") == "/flood", 5,
+               message="the app's send() was never freed")
+    assert get(unpinged.port, "/last").json()["send_raised"] == "ClientDisconnected"
