@@ -81,6 +81,8 @@ UNIX_GRAIN = 64 * 1024
 # The rate at which a unix-socket client is expected to show one UNIX_GRAIN when
 # --min-body-rate is 0 (send_stall): Kestrel's default floor
 UNSET_RATE = 240
+# HttpProtocol.write_seen before the first look (sent - unsent may be below 0: see sent)
+UNSEEN = -(1 << 62)
 DRAIN_IDLE_GRACE = 1.0  # how long a drained worker waits for the next request on an idle connection
 
 
@@ -392,7 +394,7 @@ class HttpProtocol(asyncio.Protocol):
         "scheme", "send_since", "send_taken", "server", "state", "task_unstarted", "trailers",
         "transport", "unparsed",
         "upgrade", "url", "wire_body", "wire_limit", "write_paused", "write_paused_at",
-        "write_seen", "send_grain",
+        "write_seen", "send_grain", "sent",
         "wsgi_base",
     )  # fmt: skip
 
@@ -462,7 +464,10 @@ class HttpProtocol(asyncio.Protocol):
         self.fin_held = False  # a FIN read behind queued requests: closes after them
         self.queued_cycle: Cycle | None = None  # the last of them, read on for (above)
         self.write_paused_at = 0.0  # when the client last took bytes (see unsent_now)
-        self.write_seen = 0  # what was unsent then (see unsent)
+        self.write_seen = 0  # what the client had taken then (sent - unsent, or UNSEEN)
+        self.sent = 0  # bytes given to the transport while writing was paused (what was
+        # taken since the pause: sent - unsent(), less the same at the pause. An add per
+        # write costs an int's allocation: ~370 instructions per ASGI hello, this ~10)
         self.send_since = 0.0  # the start of the answers' send-rate window (send_too_slow)
         self.send_taken = 0  # bytes the client took in it
         self.send_grain = 0  # what it took that the socket may not show yet (UNIX_GRAIN)
@@ -714,7 +719,7 @@ class HttpProtocol(asyncio.Protocol):
         now = self.loop.time()
         self.send_since += now - self.write_paused_at
         self.write_paused_at = now
-        self.write_seen = self.unsent()
+        self.write_seen = self.sent - self.unsent()
 
     def unsent(self) -> int:
         """Bytes we wrote that the client has not taken yet: the transport's buffer and
@@ -736,13 +741,16 @@ class HttpProtocol(asyncio.Protocol):
 
     def unsent_now(self, now: float) -> int:
         """`unsent`, and write_paused_at, when the client last took bytes: each time
-        less is unsent than at the last look, that clock restarts, so a client that
-        reads a large answer slowly, but reads, is not cut as one reading nothing."""
+        it has taken more than at the last look, that clock restarts, so a client that
+        reads a large answer slowly, but reads, is not cut as one reading nothing.
+        (What it took counts, not less unsent: more written meanwhile, as a WebSocket's
+        send() does before it waits, would hide a client reading no faster than that.)"""
         size = self.unsent()
-        if size < self.write_seen:
+        taken = self.sent - size
+        if taken > self.write_seen > UNSEEN:
             self.write_paused_at = now
-            self.send_taken += self.write_seen - size
-        self.write_seen = size
+            self.send_taken += taken - self.write_seen
+        self.write_seen = taken
         return size
 
     def send_too_slow(self, now: float) -> bool:
@@ -1135,6 +1143,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.out.append(data)
                 self.flush()
             else:
+                if self.write_paused:  # (only then is it judged; before the write, which
+                    self.sent += len(data)  # may pause writing: see unsent_now)
                 self.transport.write(data)
 
     def flush(self) -> None:
@@ -1146,6 +1156,8 @@ class HttpProtocol(asyncio.Protocol):
             self.out_size = 0
             self.out_complete = 0  # (the current answer's later parts start a new batch)
             if not self.closed and self.transport is not None:
+                if self.write_paused:
+                    self.sent += len(data)
                 self.transport.write(data)
 
     def flush_soon(self) -> None:
@@ -1290,7 +1302,7 @@ class HttpProtocol(asyncio.Protocol):
         self.out = []
         self.out_size = 0
         if self.transport is not None and not self.closed:
-            if whole:
+            if whole:  # (not counted in sent: the connection ends here)
                 self.transport.write(b"".join(whole))
             self.transport.abort()
 
@@ -1304,7 +1316,8 @@ class HttpProtocol(asyncio.Protocol):
         self.flush()  # (before the FIN, and before write() refuses more)
         self.linger_until = self.state.now + LINGER_SECONDS
         self.write_paused_at = self.send_since = self.state.now  # (check_timeouts: the
-        self.write_seen = self.send_taken = 0  # answer going out)
+        self.send_taken = 0  # answer going out: nothing taken yet is seen)
+        self.write_seen = UNSEEN
         self.unparsed = None
         self.body_parts.clear()
         self.idle_since = None

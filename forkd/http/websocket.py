@@ -488,6 +488,7 @@ class WebSocketConnection(asyncio.Protocol):
     # -- writing and closing -----------------------------------------------------------
     def _write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
+            self.http.sent += len(data)  # (what the client took: HttpProtocol.unsent_now)
             self.transport.write(data)
 
     def _flush(self) -> None:

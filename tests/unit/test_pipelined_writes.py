@@ -1485,3 +1485,25 @@ def test_a_unix_client_taking_nothing_is_cut_with_the_rate_floor_off(
     assert transport.aborted
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
+def test_a_client_reading_while_more_is_written_is_not_cut_as_taking_nothing(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """While writing is paused more still goes out (a WebSocket's send() writes before
+    it waits, pongs, other tasks' sends): a client that reads steadily, but no faster
+    than that, leaves as much unsent as before, yet it takes bytes and is not cut."""
+    told: list[Any] = []
+    proto, transport = connect(loop, "asgi", streaming_forever(told), header_timeout=1.0)
+    clock = FakeClock(proto)
+    proto.data_received(get("/"))
+    run_until(loop, lambda: proto.write_paused)
+    paused = clock.now
+    while clock.now - paused < 5.0:
+        clock.now += 0.5
+        transport.client_reads(5000)  # (10 KB/s)
+        proto.write(b"x" * 5000)  # (as much written meanwhile)
+        proto.check_timeouts(clock.now)
+        assert not transport.aborted, clock.now - paused
+    transport.client_reads_everything()
+    proto.connection_lost(None)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
