@@ -164,6 +164,9 @@ class WebSocketConnection(asyncio.Protocol):
         state.connections.discard(self.http)
         state.connections.add(self)
         transport.set_protocol(self)
+        # uvloop tells a pause once: one that began under HTTP (an answer left unread
+        # before the upgrade) holds for this protocol too, its clocks already running
+        self.write_paused = self.http.write_paused
         if self.http.read_paused:
             transport.resume_reading()
         ws = self.ws

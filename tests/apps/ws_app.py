@@ -92,6 +92,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 async def _http(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["path"] == "/last":
         body = json.dumps(last_disconnect).encode()
+    elif scope["path"] == "/big":  # 16 MiB: more than loopback's socket buffers hold
+        body = b"b" * (16 << 20)
     else:
         body = json.dumps({"pid": os.getpid(), "scheme": scope["scheme"],
                            "upgrade": dict(scope["headers"]).get(b"upgrade", b"").decode()

@@ -4,9 +4,12 @@ pings, a malformed handshake; and a WSGI app that sees an upgrade as plain HTTP.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import struct
+import termios
 import time
 from typing import Any
 
@@ -437,6 +440,37 @@ def test_a_pong_that_does_not_echo_the_ping_keeps_no_silent_client(strict: Serve
 def unpinged(serve) -> Served:
     """No pings, and a client may take none of what waits on it for 0.5 s."""
     return serve("ws_app:app", "--ws-ping-interval", "0", "--header-timeout", "0.5")
+
+
+def test_an_upgrade_after_an_unread_answer_is_cut_when_it_never_reads(unpinged: Served
+                                                                      ) -> None:
+    """A client leaves a large answer unread (our writing is paused), then upgrades on
+    the same connection to /flood and reads nothing: the pause began under HTTP, and
+    the WebSocket still knows of it, so the app's send() waits and the client is cut."""
+    sock = socket.create_connection(("127.0.0.1", unpinged.port), timeout=10)
+    try:
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        # (the answer's first bytes are here: its 16 MiB, more than the socket takes,
+        # were written at once, and the server's writing is paused)
+        wait_until(lambda: int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD,
+                                                      bytes(4)), "little") > 16384, 5)
+        sock.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        started = time.monotonic()
+        cut = False
+        while not cut and time.monotonic() - started < 8:
+            try:
+                sock.sendall(client_frame(0xA, b"still here"))
+            except (ConnectionResetError, BrokenPipeError):
+                cut = True
+            time.sleep(0.1)  # (the client's pace; what it waits for is the cut)
+    finally:
+        sock.close()
+    assert cut, "never cut"
+    wait_until(lambda: get(unpinged.port, "/last").json().get("path") == "/flood", 5,
+               message="the app's send() was never freed")
+    assert get(unpinged.port, "/last").json()["send_raised"] == "ClientDisconnected"
 
 
 def test_a_client_that_sends_but_never_reads_is_cut(unpinged: Served) -> None:
