@@ -1370,6 +1370,7 @@ class HttpProtocol(asyncio.Protocol):
                 # past by then (the body's own clocks bound the wait, as any upload's).
                 self.write_paused_at = self.send_since = now
                 self.send_taken = 0
+                self.write_seen = self.sent - self.unsent()  # (taken before: not this window's)
             return
         if self.write_paused:
             # Our writing waits on the client: answers done (awaiting_drain), or one
