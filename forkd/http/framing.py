@@ -226,13 +226,20 @@ def frame_head(
             headers = fields[1:]
     if known is not None:  # the same status and fields, framed before
         section, length, sized = known
-        if (sized and complete_body == length and keep_alive and not request_id
+        if (sized and complete_body == length and keep_alive
                 and request.http11 and not request.head_only):
-            # (the usual answer, as below: its whole body is here, as long as it says)
+            # (the usual answer, as below: its whole body is here, as long as it says;
+            # with --access-log, the request's id before the Date, as below too)
             writer = LengthWriter(True, length)  # type: ignore[arg-type]
             if body is None:
+                if request_id:
+                    return b"".join((section, b"x-request-id: ", request_id, b"\r\n",
+                                     date_header, b"\r\n")), writer
                 return b"".join((section, date_header, b"\r\n")), writer
             writer.sent = length  # type: ignore[assignment]  # (writer.last, inline)
+            if request_id:
+                return b"".join((section, b"x-request-id: ", request_id, b"\r\n",
+                                 date_header, b"\r\n", body)), writer
             return b"".join((section, date_header, b"\r\n", body)), writer
         parts = [section]
         has_date = has_id = False

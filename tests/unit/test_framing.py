@@ -355,3 +355,24 @@ def test_a_whole_body_given_is_framed_as_its_writers_last_block(section: int,
                                     False, None, b"", body)
             assert out == expected
             assert (whole.keep_alive, whole.sent) == (writer.keep_alive, writer.sent)
+
+
+@pytest.mark.parametrize("body", [None, b"hello"])
+def test_a_kept_section_with_a_request_id_frames_as_the_first_time(body: bytes | None) -> None:
+    """With --access-log every answer carries its request's id: a section framed before
+    gives the same head (the id before the Date) as the first framing did, and a whole
+    body given goes out after it."""
+    from forkd.http import framing
+
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"5")]
+    framing._sections.clear()
+    framing._field_lines.clear()
+    framing._length_lines.clear()
+    first = [frame_head(200, list(headers), GET11, 5, DATE, request_id=b"id-%d" % n,
+                        body=body) for n in range(3)]  # the first framings: field by field, then kept
+    assert (200, *headers) in framing._sections
+    again = frame_head(200, list(headers), GET11, 5, DATE, request_id=b"id-0", body=body)
+    assert again[0] == first[0][0]
+    assert again[0].startswith(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
+                               b"content-length: 5\r\nx-request-id: id-0\r\n" + DATE + b"\r\n")
+    assert again[0].endswith(b"\r\n\r\n" + (body or b""))
