@@ -39,20 +39,22 @@ def test_a_quick_route_moves_to_the_loop_thread(server: Served) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_a_route_calling_asyncio_run_is_served_inline_too(server: Served) -> None:
+def test_a_route_calling_asyncio_run_is_served_inline_too(serve) -> None:
     """A sync view that runs async code (asyncio.run(), asgiref's async_to_sync) works
     on a thread; learnt as quick, it runs on the loop's thread and must work there too:
-    the app does not see the worker's running loop."""
-    seen = [where(server, "/where?asyncio=1") for _ in range(LEARN)]
-    assert seen[-1] == "MainThread"  # every answer a 200 (where), the last one inline
+    the app does not see the worker's running loop. (`always`: every call inline, as a
+    learnt route's are; a new loop per call is too slow to be learnt on a loaded host.)"""
+    inline = serve("wsgi_inline_probe:app", "--wsgi-inline", "always")
+    assert [where(inline, "/where?asyncio=1") for _ in range(3)] == ["MainThread"] * 3
 
 
 @pytest.mark.timeout(30)
 def test_a_blocking_route_stays_concurrent(server: Served) -> None:
-    seen = [where(server, "/slow-io?ms=25") for _ in range(LEARN)]
-    # its CPU is small, so it is tried inline once; that call's 25 ms sends it back
-    assert seen.count("MainThread") <= 1
-    assert seen[-1].startswith("forkd-wsgi-")
+    seen = [where(server, "/slow-io?ms=25") for _ in range(2 * LEARN)]
+    # its CPU is small, so it may be tried inline once (when, a loaded host decides:
+    # a quick call's CPU over the limit delays the learning); that call's 25 ms sends
+    # it back for a probation longer than this test, so never a second time
+    assert seen.count("MainThread") <= 1, seen
     results, elapsed = at_once(lambda: where(server, "/slow-io?ms=400"), 4)
     assert len(results) == 4
     assert elapsed < 1.2

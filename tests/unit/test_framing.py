@@ -368,8 +368,9 @@ def test_a_kept_section_with_a_request_id_frames_as_the_first_time(body: bytes |
     framing._sections.clear()
     framing._field_lines.clear()
     framing._length_lines.clear()
+    # the first framings: field by field, then kept
     first = [frame_head(200, list(headers), GET11, 5, DATE, request_id=b"id-%d" % n,
-                        body=body) for n in range(3)]  # the first framings: field by field, then kept
+                        body=body) for n in range(3)]
     assert (200, *headers) in framing._sections
     again = frame_head(200, list(headers), GET11, 5, DATE, request_id=b"id-0", body=body)
     assert again[0] == first[0][0]
