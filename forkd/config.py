@@ -288,7 +288,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("wsgi_inline", _choice("auto", "always", "never"),
            "run WSGI calls learnt to be quick on the loop's thread (auto), every call, or none"),
     Option("keepalive_timeout", _seconds, "seconds an idle keep-alive connection is kept"),
-    Option("header_timeout", _seconds, "seconds a client may take to send its headers"),
+    Option("header_timeout", _seconds,
+           "seconds a client may take to send its headers, stall its body, or take none of "
+           "an answer that waits on it"),
     Option("max_body_size", parse_size, "largest request body accepted (413 above)"),
     Option("limit_request_line", _int(64), "longest request line accepted (431 above)"),
     Option("limit_request_fields", _int(1), "most header fields accepted (431 above)"),
