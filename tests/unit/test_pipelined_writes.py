@@ -1250,19 +1250,24 @@ def test_a_client_that_vanished_after_our_fin_is_cut_after_the_linger(
     assert transport.aborted
 
 
+async def stream_until_cut(send: Any, told: list[Any]) -> None:
+    """Stream 64 KiB pieces until send() raises, and record the error in `told`."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    try:
+        while True:
+            await send({"type": "http.response.body", "body": b"s" * 65536,
+                        "more_body": True})
+    except OSError as exc:
+        told.append(exc)
+
+
 def streaming_forever(told: list[Any]) -> Any:
     """An app that streams 64 KiB pieces until send() raises; it records what it was
     told: the error, then what receive() said."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        try:
-            while True:
-                await send({"type": "http.response.body", "body": b"s" * 65536,
-                            "more_body": True})
-        except OSError as exc:
-            told.append(exc)
-            told.append(await receive())
+        await stream_until_cut(send, told)
+        told.append(await receive())
 
     return app
 
@@ -1327,13 +1332,7 @@ def test_a_duplex_answer_is_judged_from_the_end_of_the_upload(
                 pass
 
         reading = asyncio.ensure_future(upload())
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        try:
-            while True:
-                await send({"type": "http.response.body", "body": b"d" * 65536,
-                            "more_body": True})
-        except OSError as exc:
-            told.append(exc)
+        await stream_until_cut(send, told)
         await reading
 
     proto, transport = connect(loop, "asgi", app, header_timeout=1.0)
