@@ -8,11 +8,9 @@ import contextvars
 from typing import Any
 
 import pytest
-from test_pipelined_writes import Transport, asgi_sized, bodies, connect, get, loop, run_until
+from test_pipelined_writes import Transport, asgi_sized, bodies, connect, get, run_until
 
 from forkd.http.protocol import HttpProtocol
-
-__all__ = ["loop"]  # (the fixture, imported to be used here)
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -10,11 +10,10 @@ import contextvars
 import gc
 import socket
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import uvloop
 
 from forkd.config import Config
 from forkd.http.protocol import (
@@ -119,22 +118,6 @@ def bodies(data: bytes) -> list[bytes]:
         out.append(data[end + 4:end + 4 + length])
         at = end + 4 + length
     return out
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield loop
-    # Each test ends what it started: a task still pending here is a leak (a worker's
-    # graceful stop would wait for it). Cancelled only so the loop closes cleanly.
-    pending = asyncio.all_tasks(loop)
-    for task in pending:
-        task.cancel()
-    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    loop.close()
-    asyncio.set_event_loop(None)
-    assert not pending, f"tasks left pending: {pending}"
 
 
 def connect(loop: asyncio.AbstractEventLoop, interface: str, app: Any, **options: Any

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvloop
 from test_pipelined_writes import Transport, bodies, run_until
 
 from forkd.config import Config
@@ -22,13 +20,6 @@ from forkd.http.wsgi import WSGICycle
 from forkd.http.wsgipool import WSGIPool
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = uvloop.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:

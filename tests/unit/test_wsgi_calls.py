@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvloop
 from test_pipelined_writes import Transport, bodies, get, run_until
 
 from forkd.config import Config
@@ -22,13 +21,6 @@ from forkd.http.wsgi import WSGICycle
 from forkd.http.wsgipool import WSGIPool
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = uvloop.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def connect(loop: asyncio.AbstractEventLoop, app: Any

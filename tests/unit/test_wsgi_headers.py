@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvloop
 from test_pipelined_writes import connect, get
 
 from forkd.http import wsgi
@@ -26,13 +25,6 @@ def header_table() -> Iterator[None]:
     yield
     wsgi._HEADER_BYTES.clear()
     wsgi._HEADER_BYTES.update(saved)
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = uvloop.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def serve(loop: asyncio.AbstractEventLoop, app: Any, path: str = "/") -> bytes:

@@ -26,13 +26,6 @@ from forkd.http.wsgipool import WSGIPool
 from forkd.logs.record import Entry
 
 
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 class CpuWaits:
     """The loop thread's waits for a CPU so far (wsgipool._run_delay), moved by the test:
     none unless a test says so, whatever the machine running the tests does."""
