@@ -26,26 +26,28 @@ from forkd.http.wsgipool import WSGIPool
 from forkd.logs.record import Entry
 
 
-class CpuWaits:
-    """The loop thread's waits for a CPU so far (wsgipool._run_delay), moved by the test:
-    none unless a test says so, whatever the machine running the tests does."""
+class Reading:
+    """A reading the pool takes by calling it, at `value`: it moves only when the test
+    moves it, whatever the machine running the tests does."""
 
-    def __init__(self) -> None:
-        self.total = 0.0
+    def __init__(self, value: float) -> None:
+        self.value = value
 
-    def __call__(self, stats: int | None) -> float:
-        return self.total
+    def __call__(self, *args: object) -> float:
+        return self.value
 
 
 @pytest.fixture
-def cpu_waits(monkeypatch: pytest.MonkeyPatch) -> CpuWaits:
-    waits = CpuWaits()
+def cpu_waits(monkeypatch: pytest.MonkeyPatch) -> Reading:
+    """The loop thread's waits for a CPU so far (wsgipool._run_delay): none unless a test
+    says so."""
+    waits = Reading(0.0)
     monkeypatch.setattr(wsgipool, "_run_delay", waits)
     return waits
 
 
 @pytest.fixture
-def pool(loop: asyncio.AbstractEventLoop, cpu_waits: CpuWaits) -> Iterator[WSGIPool]:
+def pool(loop: asyncio.AbstractEventLoop, cpu_waits: Reading) -> Iterator[WSGIPool]:
     pool = WSGIPool(loop, 4, "auto")
     yield pool
     pool.shutdown()  # (its threads, if a test started some, and its schedstat fd)
@@ -102,17 +104,17 @@ def test_an_inline_call_that_blocked_long_sends_the_route_back(pool: WSGIPool) -
 
 
 def test_an_inline_call_slow_only_while_it_waited_for_a_cpu_keeps_its_route_inline(
-        pool: WSGIPool, cpu_waits: CpuWaits) -> None:
+        pool: WSGIPool, cpu_waits: Reading) -> None:
     """A host running more threads than cores held a 0.15 ms call for 12 ms: that call
     blocked nothing, and its route stays on the loop's thread (it went back to the
     threads for 10 s, and a deep pipelined batch then ran on them)."""
     for _ in range(wsgipool.PROMOTE_AFTER):
         pool.threaded_took(b"/a", *QUICK)
     for _ in range(wsgipool.STRIKES + 1):
-        cpu_waits.total += 0.012
+        cpu_waits.value += 0.012
         pool.inline_took(b"/a", 0.012 + 0.00015)
     assert pool.runs_inline(b"/a")
-    cpu_waits.total += 0.012  # a call that also slept 20 ms goes back at once
+    cpu_waits.value += 0.012  # a call that also slept 20 ms goes back at once
     pool.inline_took(b"/a", 0.012 + wsgipool.SLOW_INLINE * 2)
     assert not pool.runs_inline(b"/a")
 
@@ -140,7 +142,7 @@ def timer(monkeypatch: pytest.MonkeyPatch) -> Timer:
     return timer
 
 
-def probe(cpu_waits: CpuWaits, timer: Timer) -> Callable[..., Any]:
+def probe(cpu_waits: Reading, timer: Timer) -> Callable[..., Any]:
     """A WSGI app that answers with the name of the thread that ran it. Its query:
     `held=MS`: the scheduler holds the thread that long (a wait for a CPU: the clock and
     the waits move on); `sleep=MS`: it blocks that long; `queued=MS`: the thread waited
@@ -151,11 +153,11 @@ def probe(cpu_waits: CpuWaits, timer: Timer) -> Callable[..., Any]:
         seconds = int(ms or 0) / 1000
         if what == "held":
             timer.now += seconds
-            cpu_waits.total += seconds
+            cpu_waits.value += seconds
         elif what in ("sleep", "raise", "stream"):
             timer.now += seconds
         elif what == "queued":
-            cpu_waits.total += seconds
+            cpu_waits.value += seconds
         if what == "raise":
             raise RuntimeError("the app failed")
         name = threading.current_thread().name.encode()
@@ -220,7 +222,7 @@ class Conn:
 
 
 def test_a_call_held_by_the_scheduler_with_requests_pipelined_behind_it_stays_inline(
-        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits, timer: Timer
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: Reading, timer: Timer
         ) -> None:
     """The request behind it runs inline inside its answer and looks at the waits for
     a CPU first: that look is not the held call's (it lost its wait, was judged at its
@@ -233,7 +235,7 @@ def test_a_call_held_by_the_scheduler_with_requests_pipelined_behind_it_stays_in
 
 
 def test_a_blocking_call_goes_back_whatever_the_requests_pipelined_behind_it_wait(
-        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits, timer: Timer
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: Reading, timer: Timer
         ) -> None:
     """A call that blocks 15 ms is judged by its own time, before the pipelined requests
     behind it run: their waits for a CPU on a loaded host take nothing off it (they did,
@@ -247,20 +249,20 @@ def test_a_blocking_call_goes_back_whatever_the_requests_pipelined_behind_it_wai
 
 
 def test_a_wait_for_a_cpu_long_before_a_blocking_call_does_not_hide_it(
-        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits, timer: Timer
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: Reading, timer: Timer
         ) -> None:
     """An inline call looks at the waits first when the last look is LOOK_EVERY old
     (WSGICycle.run): waits from before the call then take nothing off its time."""
     learn(pool, b"/a")
     conn = Conn(loop, pool, probe(cpu_waits, timer))
-    cpu_waits.total += 1.0  # (the host was busy a while ago; no look since)
+    cpu_waits.value += 1.0  # (the host was busy a while ago; no look since)
     assert conn.send("/a?sleep=15") == [b"MainThread"]
     assert conn.send("/a")[0].startswith(b"forkd-wsgi-")
     assert not pool.runs_inline(b"/a")
 
 
 def test_a_blocking_inline_call_that_raises_sends_its_route_back(
-        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits, timer: Timer
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: Reading, timer: Timer
         ) -> None:
     """A call that blocks 15 ms and then raises held the loop as long as one that
     answers: its client gets a 500, and the route's next request runs on a thread."""
@@ -275,7 +277,7 @@ def test_a_blocking_inline_call_that_raises_sends_its_route_back(
 
 
 def test_a_blocking_inline_call_that_streams_its_answer_sends_its_route_back(
-        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: CpuWaits, timer: Timer
+        loop: asyncio.AbstractEventLoop, pool: WSGIPool, cpu_waits: Reading, timer: Timer
         ) -> None:
     """An inline call that blocks 15 ms and answers with a generator (its blocks are
     iterated on a thread) is judged by the time it held the loop: the request
@@ -377,19 +379,10 @@ def test_a_small_pool_is_its_own_floor(new_pool: Callable[[int, str], WSGIPool])
     assert pool.limit == 4
 
 
-class Clock:
-    """The pool's probation clock, moved by the test (wsgipool._clock)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    clock = Clock()
+def clock(monkeypatch: pytest.MonkeyPatch) -> Reading:
+    """The pool's probation clock (wsgipool._clock)."""
+    clock = Reading(1000.0)
     monkeypatch.setattr(wsgipool, "_clock", clock)
     return clock
 
@@ -400,24 +393,24 @@ def learn(pool: WSGIPool, route: bytes) -> None:
 
 
 def test_a_quick_route_preempted_once_runs_inline_again_after_its_probation(
-        pool: WSGIPool, clock: Clock) -> None:
+        pool: WSGIPool, clock: Reading) -> None:
     """One inline call descheduled for 20 ms by a loaded host, where the kernel does not
     count the wait (no schedstat), looks like a call that blocked: its route goes back
     to the threads, but only for a while."""
     learn(pool, b"/a")
     pool.inline_took(b"/a", wsgipool.SLOW_INLINE * 2)
     assert not pool.runs_inline(b"/a")
-    clock.now += wsgipool.RETRY_AFTER / 2
+    clock.value += wsgipool.RETRY_AFTER / 2
     learn(pool, b"/a")
     assert not pool.runs_inline(b"/a")  # too early: still on the threads
-    clock.now += wsgipool.RETRY_AFTER / 2
+    clock.value += wsgipool.RETRY_AFTER / 2
     pool.threaded_took(b"/a", *QUICK)  # the first call after the wait starts its probation
     assert not pool.runs_inline(b"/a")  # which it must pass as a new route would
     learn(pool, b"/a")
     assert pool.runs_inline(b"/a")
 
 
-def test_a_route_that_keeps_blocking_waits_longer_each_time(pool: WSGIPool, clock: Clock
+def test_a_route_that_keeps_blocking_waits_longer_each_time(pool: WSGIPool, clock: Reading
                                                             ) -> None:
     waits = []
     for _ in range(10):
@@ -426,21 +419,21 @@ def test_a_route_that_keeps_blocking_waits_longer_each_time(pool: WSGIPool, cloc
         for _ in range(wsgipool.STRIKES):
             pool.inline_took(b"/db", wsgipool.INLINE_LIMIT * 4)  # it waits on a database
         assert not pool.runs_inline(b"/db")
-        began = clock.now
+        began = clock.value
         for _ in range(int(wsgipool.RETRY_MAX) + 1):  # its threaded calls: one a second
-            clock.now += 1.0
+            clock.value += 1.0
             pool.threaded_took(b"/db", 0.002, 0.00005)
             if pool.routes[b"/db"] != wsgipool._THREADS:
                 break
         else:
             pytest.fail("the route never learnt afresh")
-        waits.append(clock.now - began)
+        waits.append(clock.value - began)
     assert waits[:4] == [wsgipool.RETRY_AFTER, wsgipool.RETRY_AFTER * 2,
                          wsgipool.RETRY_AFTER * 4, wsgipool.RETRY_AFTER * 8]
     assert waits[-1] == wsgipool.RETRY_MAX
 
 
-def test_a_route_long_back_inline_keeps_its_longest_wait(pool: WSGIPool, clock: Clock
+def test_a_route_long_back_inline_keeps_its_longest_wait(pool: WSGIPool, clock: Reading
                                                          ) -> None:
     """A route that waits on a database every few minutes is inline for long between
     two of its slow spells: each spell still sends it back for RETRY_MAX, not for
@@ -448,53 +441,53 @@ def test_a_route_long_back_inline_keeps_its_longest_wait(pool: WSGIPool, clock: 
     for _ in range(10):
         learn(pool, b"/db")
         pool.inline_took(b"/db", wsgipool.SLOW_INLINE * 2)
-        clock.now = pool.retry[b"/db"][0]
+        clock.value = pool.retry[b"/db"][0]
     assert pool.retry[b"/db"][1] == wsgipool.RETRY_MAX
     learn(pool, b"/db")
-    clock.now += wsgipool.RETRY_MAX * 3  # inline and quick for long
+    clock.value += wsgipool.RETRY_MAX * 3  # inline and quick for long
     for _ in range(100):
         pool.inline_took(b"/db", wsgipool.INLINE_LIMIT / 2)
     pool.inline_took(b"/db", wsgipool.SLOW_INLINE * 2)
     assert not pool.runs_inline(b"/db")
-    assert pool.retry[b"/db"] == (clock.now + wsgipool.RETRY_MAX, wsgipool.RETRY_MAX)
+    assert pool.retry[b"/db"] == (clock.value + wsgipool.RETRY_MAX, wsgipool.RETRY_MAX)
 
 
-def make_inline(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+def make_inline(pool: WSGIPool, clock: Reading, route: bytes) -> None:
     learn(pool, route)
     assert pool.runs_inline(route)
 
 
-def slow_threaded(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+def slow_threaded(pool: WSGIPool, clock: Reading, route: bytes) -> None:
     pool.threaded_took(route, wsgipool.NEVER_INLINE * 2, 0.0)  # waited on I/O: little CPU
 
 
-def slow_first(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+def slow_first(pool: WSGIPool, clock: Reading, route: bytes) -> None:
     slow_threaded(pool, clock, route)
 
 
-def slow_inline(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+def slow_inline(pool: WSGIPool, clock: Reading, route: bytes) -> None:
     make_inline(pool, clock, route)
     pool.inline_took(route, wsgipool.NEVER_INLINE * 2)
 
 
-def slow_while_sent_back(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+def slow_while_sent_back(pool: WSGIPool, clock: Reading, route: bytes) -> None:
     make_inline(pool, clock, route)
     pool.inline_took(route, wsgipool.SLOW_INLINE * 2)  # (preempted, maybe: probation due)
     slow_threaded(pool, clock, route)
 
 
-def slow_starting_probation(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+def slow_starting_probation(pool: WSGIPool, clock: Reading, route: bytes) -> None:
     make_inline(pool, clock, route)
     pool.inline_took(route, wsgipool.SLOW_INLINE * 2)
-    clock.now += wsgipool.RETRY_AFTER
+    clock.value += wsgipool.RETRY_AFTER
     slow_threaded(pool, clock, route)  # the probation's first call is judged too
 
 
-def slow_on_probation(pool: WSGIPool, clock: Clock, route: bytes) -> None:
+def slow_on_probation(pool: WSGIPool, clock: Reading, route: bytes) -> None:
     make_inline(pool, clock, route)
     for _ in range(wsgipool.STRIKES):
         pool.inline_took(route, wsgipool.INLINE_LIMIT * 4)
-    clock.now += wsgipool.RETRY_AFTER
+    clock.value += wsgipool.RETRY_AFTER
     for _ in range(wsgipool.PROMOTE_AFTER // 2):
         pool.threaded_took(route, *QUICK)
     slow_threaded(pool, clock, route)
@@ -503,7 +496,7 @@ def slow_on_probation(pool: WSGIPool, clock: Clock, route: bytes) -> None:
 @pytest.mark.parametrize("slow", [slow_first, slow_inline, slow_while_sent_back,
                                   slow_starting_probation, slow_on_probation])
 def test_a_route_that_once_blocked_long_never_runs_inline_again(
-        pool: WSGIPool, clock: Clock, slow: Callable[[WSGIPool, Clock, bytes], None]
+        pool: WSGIPool, clock: Reading, slow: Callable[[WSGIPool, Reading, bytes], None]
         ) -> None:
     """A call over NEVER_INLINE (an upstream that hangs now and then): the route stays
     on the threads for good, whenever that call came and however long the route is
@@ -511,7 +504,7 @@ def test_a_route_that_once_blocked_long_never_runs_inline_again(
     slow(pool, clock, b"/api")
     assert not pool.runs_inline(b"/api")
     for _ in range(3):
-        clock.now += wsgipool.RETRY_MAX
+        clock.value += wsgipool.RETRY_MAX
         for _ in range(100):
             pool.threaded_took(b"/api", *QUICK)
             assert not pool.runs_inline(b"/api")
@@ -526,13 +519,13 @@ def events(monkeypatch: pytest.MonkeyPatch) -> list[Entry]:
 
 
 def test_a_route_sent_back_is_logged_with_how_long_it_held_the_loop(
-        pool: WSGIPool, clock: Clock, cpu_waits: CpuWaits, events: list[Entry]) -> None:
+        pool: WSGIPool, clock: Reading, cpu_waits: Reading, events: list[Entry]) -> None:
     make_inline(pool, clock, b"/report")
-    cpu_waits.total += 0.002  # (of its 44.1 ms, the loop's thread waited 2 for a CPU)
+    cpu_waits.value += 0.002  # (of its 44.1 ms, the loop's thread waited 2 for a CPU)
     pool.inline_took(b"/report", 0.0441)
     make_inline(pool, clock, b"/hang")
     pool.inline_took(b"/hang", 3.0)  # within LOG_EVERY of the last line: counted only
-    clock.now += wsgipool.LOG_EVERY
+    clock.value += wsgipool.LOG_EVERY
     make_inline(pool, clock, b"/db")
     for _ in range(wsgipool.STRIKES):
         pool.inline_took(b"/db", 0.002)
@@ -547,7 +540,7 @@ def test_a_route_sent_back_is_logged_with_how_long_it_held_the_loop(
     assert not pool.runs_inline(b"/hang")
 
 
-def test_routes_sent_back_are_bounded(pool: WSGIPool, clock: Clock) -> None:
+def test_routes_sent_back_are_bounded(pool: WSGIPool, clock: Reading) -> None:
     for i in range(wsgipool.MAX_ROUTES + 100):  # each learnt, then sent back
         learn(pool, b"/item/%d" % i)
         pool.inline_took(b"/item/%d" % i, wsgipool.SLOW_INLINE * 2)
