@@ -844,6 +844,33 @@ def test_an_access_line_that_cannot_be_rendered_is_counted_and_the_rest_go_out()
         os.close(write_end)
 
 
+def through_the_primary(path: Path, block: bytes, fmt: str
+                        ) -> tuple[list[bytes], int, list[int]]:
+    """`block` written into slot 2's records pipe (this process posing as its worker) and
+    read by a LogHub writing `fmt` to `path`, as the primary does: the lines written, how
+    many lines its ring holds, and how many lines each of the ring's entries holds."""
+    hub = LogHub(LogWriter(str(path)), fmt=fmt, app_name="web")
+    pipes = open_pipes()
+    try:
+        os.write(pipes.write["records"], block)
+        fd = pipes.read["records"]
+        hub.attach(pipes, slot=2, pid=os.getpid())
+        hub.on_readable(fd)
+        hub.flush()
+        return (path.read_bytes().splitlines(), hub.ring.lines,
+                [entry.count for entry in hub.ring.entries])
+    finally:
+        pipes.close_all()
+        hub.close()
+
+
+def each_alone(block: bytes, fmt: str) -> list[bytes]:
+    """Each of the block's lines as the primary writes it when it comes alone."""
+    return [record.render(record.from_json(line.rstrip(b"\n"), 2, os.getpid()), fmt,
+                          "web").rstrip(b"\n")
+            for line in block.splitlines()]
+
+
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_a_block_of_access_records_passes_through_whole_and_a_stray_line_is_caught(
         tmp_path: Path, fmt: str) -> None:
@@ -870,34 +897,20 @@ def test_a_block_of_access_records_passes_through_whole_and_a_stray_line_is_caug
               b"".join(lines[:3] + [b"x}\n"] + lines[3:]),
               b"".join(lines[:3] + [b"x\n"] + lines[3:])]
     for number, block in enumerate(blocks):
-        path = tmp_path / f"out{number}.log"
-        hub = LogHub(LogWriter(str(path)), fmt=fmt, app_name="web")
-        pipes = open_pipes()
-        try:
-            os.write(pipes.write["records"], block)
-            fd = pipes.read["records"]
-            hub.attach(pipes, slot=2, pid=os.getpid())
-            hub.on_readable(fd)
-            hub.flush()
-            written = path.read_bytes().splitlines()
-            assert len(written) == block.count(b"\n") == hub.ring.lines
-            alone = [record.render(record.from_json(line.rstrip(b"\n"), 2, os.getpid()),
-                                   fmt, "web").rstrip(b"\n")
-                     for line in block.splitlines()]
-            if number in (0, 2):  # (the worker's own records: each as it is alone)
-                assert written == alone
-                # (access records only: the block kept whole, as one entry of all its
-                # lines; with another record among them, line by line)
-                assert [entry.count for entry in hub.ring.entries] == (
-                    [len(lines)] if number == 0 else [1] * len(written))
-            else:  # the stray line is told apart; every access record is as alone
-                assert [written[i] for i in (0, 1, 2, 4, 5, 6)] == [
-                    alone[i] for i in (0, 1, 2, 4, 5, 6)]
-                if fmt == "json":
-                    assert json.loads(written[3])["slot"] == 2  # (claimed 3: not believed)
-        finally:
-            pipes.close_all()
-            hub.close()
+        written, ring_lines, entries = through_the_primary(tmp_path / f"out{number}.log",
+                                                           block, fmt)
+        assert len(written) == block.count(b"\n") == ring_lines
+        alone = each_alone(block, fmt)
+        if number in (0, 2):  # (the worker's own records: each as it is alone)
+            assert written == alone
+            # (access records only: the block kept whole, as one entry of all its
+            # lines; with another record among them, line by line)
+            assert entries == ([len(lines)] if number == 0 else [1] * len(written))
+        else:  # the stray line is told apart; every access record is as alone
+            assert [written[i] for i in (0, 1, 2, 4, 5, 6)] == [
+                alone[i] for i in (0, 1, 2, 4, 5, 6)]
+            if fmt == "json":
+                assert json.loads(written[3])["slot"] == 2  # (claimed 3: not believed)
 
 
 # Remote addresses a log line must escape: no proxy's node gives one now (see
@@ -945,26 +958,13 @@ def test_a_remote_address_is_escaped_as_any_other_field(tmp_path: Path, fmt: str
     own = record.to_json(Entry("2026-12-01T15:31:37.045Z", "warning", os.getpid(), 2,
                                "log-dropped", {"lines": 3}))
     for number, block in enumerate((b"".join(sent), b"".join(sent[:3] + [own] + sent[3:]))):
-        path = tmp_path / f"out{number}.log"
-        hub = LogHub(LogWriter(str(path)), fmt=fmt, app_name="web")
-        pipes = open_pipes()
-        try:
-            os.write(pipes.write["records"], block)
-            fd = pipes.read["records"]
-            hub.attach(pipes, slot=2, pid=os.getpid())
-            hub.on_readable(fd)
-            hub.flush()
-            written = path.read_bytes().splitlines()
-            alone = [record.render(record.from_json(line.rstrip(b"\n"), 2, os.getpid()),
-                                   fmt, "web").rstrip(b"\n")
-                     for line in block.splitlines()]
-            assert written == alone and hub.ring.lines == len(alone)
-            if fmt == "json":
-                assert [json.loads(line)["remote"] for line in written
-                        if b'"event":"access"' in line] == [remote] * len(calls)
-        finally:
-            pipes.close_all()
-            hub.close()
+        written, ring_lines, _ = through_the_primary(tmp_path / f"out{number}.log", block,
+                                                     fmt)
+        alone = each_alone(block, fmt)
+        assert written == alone and ring_lines == len(alone)
+        if fmt == "json":
+            assert [json.loads(line)["remote"] for line in written
+                    if b'"event":"access"' in line] == [remote] * len(calls)
 
 
 def test_a_thread_whose_batch_meets_a_detached_loop_writes_it_at_once() -> None:
