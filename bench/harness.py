@@ -489,6 +489,12 @@ def parse_wrk(out: str, command: str) -> LoadResult:
         res.p50_ms = _to_ms(m.group(1))
     if m := re.search(r"^\s+99%\s+(\S+)", out, re.M):
         res.p99_ms = _to_ms(m.group(1))
+    if "pipelined batches:" in out:
+        # bench/scripts/pipeline.lua: wrk's own percentiles are wrong for pipelined
+        # batches (see there); the script's are the batches' as measured, or none.
+        res.p50_ms = res.p99_ms = None
+        if m := re.search(r"^pipelined batches: .* p50 ([\d.]+)ms p99 ([\d.]+)ms$", out, re.M):
+            res.p50_ms, res.p99_ms = float(m.group(1)), float(m.group(2))
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         res.connect_errors, res.read_errors, res.write_errors, res.timeout_errors = map(
             int, m.groups()

@@ -81,7 +81,7 @@ TARGETS = {
 def pipeline_command(url: str, seconds: int) -> list[str]:
     return [
         "wrk", "-t1", f"-c{PIPELINE_CONNECTIONS}", f"-d{seconds}s", "--latency",
-        "-s", str(PIPELINE_SCRIPT), url, "--", str(PIPELINE_DEPTH),
+        "-s", str(PIPELINE_SCRIPT), url, "--", str(PIPELINE_DEPTH), str(PIPELINE_CONNECTIONS),
     ]  # fmt: skip
 
 
