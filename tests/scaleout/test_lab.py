@@ -39,9 +39,12 @@ def fleet_reload(lab: Lab) -> subprocess.CompletedProcess[str]:
     return forkd_cli(lab, *args)
 
 
-def get(lab: Lab, path: str, headers: dict[str, str] | None = None
-        ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(lab.gateway, 80, timeout=5)
+def get(lab: Lab, path: str, headers: dict[str, str] | None = None,
+        source: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET `path` through the lab's balancer (from `source`, an address of the client's
+    namespace side, when given): status, headers by lower-cased name, body."""
+    conn = http.client.HTTPConnection(lab.gateway, 80, timeout=5,
+                                      source_address=(source, 0) if source else None)
     try:
         conn.request("GET", path, headers=headers or {})
         response = conn.getresponse()
@@ -150,15 +153,10 @@ def test_sigkilled_host_costs_only_its_connections(lab: Lab) -> None:
 
 def test_the_app_sees_the_client_address_from_proxy_v2(lab: Lab) -> None:
     # From an address other than HAProxy's own; a client's X-Forwarded-For claim is dropped.
-    conn = http.client.HTTPConnection(lab.gateway, 80, timeout=5,
-                                      source_address=(lab.client_address, 0))
-    try:
-        conn.request("GET", "/lab/client", headers={"x-forwarded-for": "203.0.113.9"})
-        response = conn.getresponse()
-        assert response.status == 200
-        assert json.loads(response.read()) == {"client": lab.client_address}
-    finally:
-        conn.close()
+    status, _, body = get(lab, "/lab/client", {"x-forwarded-for": "203.0.113.9"},
+                          source=lab.client_address)
+    assert status == 200
+    assert json.loads(body) == {"client": lab.client_address}
 
 
 def test_locust_through_the_balancer_with_a_fleet_reload_in_the_middle(

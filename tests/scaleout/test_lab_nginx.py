@@ -3,7 +3,6 @@ client's address from X-Forwarded-For. Root only (namespaces)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import subprocess
@@ -11,22 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_lab import get
 
 from lab import Lab, interrupt_hey, start_hey
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(100)]
-
-
-def get(lab: Lab, path: str, headers: dict[str, str] | None = None
-        ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(lab.gateway, 80, timeout=5)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        response = conn.getresponse()
-        return (response.status, {k.lower(): v for k, v in response.getheaders()},
-                response.read())
-    finally:
-        conn.close()
 
 
 def test_sessions_and_a_fleet_reload_under_load_through_nginx(nginx_lab: Lab) -> None:
@@ -58,12 +46,7 @@ def test_sessions_and_a_fleet_reload_under_load_through_nginx(nginx_lab: Lab) ->
 
 def test_the_app_sees_the_client_address_nginx_forwarded(nginx_lab: Lab) -> None:
     # From an address other than nginx's own; nginx overwrites the client's claim.
-    conn = http.client.HTTPConnection(nginx_lab.gateway, 80, timeout=5,
-                                      source_address=(nginx_lab.client_address, 0))
-    try:
-        conn.request("GET", "/lab/client", headers={"x-forwarded-for": "203.0.113.9"})
-        response = conn.getresponse()
-        assert response.status == 200
-        assert json.loads(response.read()) == {"client": nginx_lab.client_address}
-    finally:
-        conn.close()
+    status, _, body = get(nginx_lab, "/lab/client", {"x-forwarded-for": "203.0.113.9"},
+                          source=nginx_lab.client_address)
+    assert status == 200
+    assert json.loads(body) == {"client": nginx_lab.client_address}
