@@ -148,6 +148,15 @@ def request(port: int, method: str = "GET", path: str = "/", body: bytes | None 
         conn.close()
 
 
+def forkd_cli(env: dict[str, str], *args: str, timeout: float = 60
+              ) -> subprocess.CompletedProcess[str]:
+    """`forkd ARGS...` as an operator runs it with `env` (a primary's: Forkd.env), its
+    output captured as text."""
+    return subprocess.run([sys.executable, "-m", "forkd", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0, host: str = "127.0.0.1",
                  family: int = socket.AF_INET) -> bytes:
     """Send raw bytes, read until the server closes (or timeout); return what came."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import request, wait_until
+from support import forkd_cli, request, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,12 +49,6 @@ def scraped_when(port: int, predicate) -> str | None:
 
 def total(text: str, name: str) -> float:
     return sum(v for (n, _), v in samples(text).items() if n == name)
-
-
-def forkd_cli(proc, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "forkd", *args], env=proc.env,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 def hit(port: int, n: int, path: str = "/") -> None:
@@ -101,7 +95,7 @@ def test_pool_metrics_pass_promtool_and_survive_recycles_and_crashes(run_forkd) 
         ("forkd_worker_restarts_total", (("reason", "crashed"),))) == 1, 15,
         message=proc.describe)
     assert total(scrape(mport), "forkd_http_requests_total") >= before
-    status = json.loads(forkd_cli(proc, "status", "--json").stdout)
+    status = json.loads(forkd_cli(proc.env, "status", "--json").stdout)
     assert 0.0 <= status["utilization"] <= 1.0
     assert all("rps" in w and "utilization" in w for w in status["workers"])
 
@@ -114,7 +108,7 @@ def test_app_counter_survives_reload_and_crash_and_files_stay_few(run_forkd) -> 
     proc.wait_ready(2)
     app_dir = Path(re.search(r"app_dir=(\S+)", proc.output()).group(1))  # type: ignore[union-attr]
     hit(port, 10)
-    reload = forkd_cli(proc, "reload")
+    reload = forkd_cli(proc.env, "reload")
     assert reload.returncode == 0, reload.stderr + proc.describe()
     hit(port, 5)
     with pytest.raises(OSError):  # counted by the app, then the worker dies uncleanly
@@ -202,7 +196,7 @@ def test_monit_once_and_live_in_tmux(run_forkd, tmp_path: Path) -> None:
     port = proc.port()
     proc.wait_ready(2)
     hit(port, 10)
-    once = forkd_cli(proc, "monit", "--once")
+    once = forkd_cli(proc.env, "monit", "--once")
     assert once.returncode == 0, once.stderr
     pids = proc.worker_pids()
     rows = [line for line in once.stdout.splitlines() if any(str(p) in line for p in pids)]

@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from support import APPS, request, wait_until
+from support import APPS, forkd_cli, request, wait_until
 
 pytestmark = pytest.mark.integration
 
 APP = (APPS / "testapp.py").read_text()
-
-
-def forkd_cli(env: dict[str, str], *args: str, timeout: float = 60
-              ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "forkd", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 @pytest.mark.timeout(90)

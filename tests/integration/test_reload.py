@@ -7,25 +7,17 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import zmq
 
-from support import APPS, request, wait_until
+from support import APPS, forkd_cli, request, wait_until
 
 pytestmark = pytest.mark.integration
 
 DEPLOY = (APPS / "testapp.py").read_text()
-
-
-def forkd_cli(proc_env: dict[str, str], *args: str, timeout: float = 60
-              ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "forkd", *args], env=proc_env,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 def deploy(folder: Path, version: str, broken: bool = False) -> None:

@@ -8,8 +8,6 @@ import http.client
 import json
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 import trustme
 from websockets.sync.client import connect
 
-from support import Forkd, raw_exchange, wait_until
+from support import Forkd, forkd_cli, raw_exchange, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +43,6 @@ class Certs:
         if with_cert:
             self.ca.issue_cert("client@example.test").configure_cert(context)
         return context
-
-
-def forkd_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "forkd", *args], env=env,
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 def https_get(port: int, context: ssl.SSLContext, path: str = "/") -> tuple[int, dict]:

@@ -20,22 +20,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import Forkd, request, wait_until
+from support import Forkd, forkd_cli, request, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 FORKD_SCRIPT = Path(sys.executable).parent / "forkd"  # the console script of this venv
 
 
-def forkd_cli(proc: Forkd, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "forkd", *args], env=proc.env,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, check=False)
-
-
 def primaries(proc: Forkd) -> list[list[str]]:
     """The rows of `forkd ls` (name, pid, workers, app, endpoint)."""
-    result = forkd_cli(proc, "ls", timeout=30)
+    result = forkd_cli(proc.env, "ls", timeout=30)
     assert result.returncode == 0, result.stderr
     return [line.split() for line in result.stdout.splitlines()[1:]]
 
@@ -54,7 +48,7 @@ def unix_get(path: Path, target: str) -> bytes:
 
 def served(proc: Forkd) -> int:
     """Requests the workers have counted so far (their beats carry the counts)."""
-    result = forkd_cli(proc, "status", "--json", timeout=30)
+    result = forkd_cli(proc.env, "status", "--json", timeout=30)
     if result.returncode != 0:
         return 0
     return sum(worker["requests"] for worker in json.loads(result.stdout)["workers"])
@@ -108,7 +102,7 @@ def test_upgrade_under_load_drops_nothing_and_leaves_one_new_primary(
             proc.signal(signal.SIGUSR2)
             wait_until(lambda: "event=took-over" in proc.output(), 60, message=proc.describe)
         else:
-            result = forkd_cli(proc, "upgrade")
+            result = forkd_cli(proc.env, "upgrade", timeout=90)
             assert result.returncode == 0, result.stdout + result.stderr + proc.describe()
             assert "new primary pid" in result.stdout
         assert proc.wait(60) == 0, proc.describe()  # the old primary drained and left
@@ -165,7 +159,7 @@ def test_a_release_through_a_symlink_is_loaded_anew_and_a_broken_one_is_refused(
 
     current.unlink()
     current.symlink_to(broken)
-    result = forkd_cli(proc, "upgrade")
+    result = forkd_cli(proc.env, "upgrade", timeout=90)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "upgrade failed, the old primary goes on serving" in result.stderr
     assert "No module named 'no_such_module_here'" in result.stderr
@@ -181,7 +175,7 @@ def test_a_release_through_a_symlink_is_loaded_anew_and_a_broken_one_is_refused(
 def upgrade_then_stop(proc, port: int, body: bytes) -> None:
     """`forkd upgrade` succeeds, the new release answers, the old primary exits; then the
     new primary (no child of the test's) is stopped by its pid."""
-    result = forkd_cli(proc, "upgrade")
+    result = forkd_cli(proc.env, "upgrade", timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr + proc.describe()
     assert request(port)[2] == body
     assert proc.wait(60) == 0, proc.describe()
@@ -226,7 +220,7 @@ def test_upgrade_hands_over_the_metrics_address_and_the_app_counters(
     for _ in range(7):
         assert request(port)[0] == 200
     wait_until(lambda: app_hits(mport) == 7, 15, message=proc.describe)
-    result = forkd_cli(proc, "upgrade")
+    result = forkd_cli(proc.env, "upgrade", timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr + proc.describe()
     assert proc.wait(60) == 0, proc.describe()
     (row,) = primaries(proc)
@@ -358,9 +352,9 @@ def test_a_second_upgrade_while_the_failed_new_primary_still_stops_is_refused(
     on the first one's handshake, and once it is gone the next upgrade works."""
     proc, port, current = start_releases(run_forkd, tmp_path, "linger")
     switch_release(tmp_path, current, "r2", LINGERING_BROKEN_RELEASE)
-    first = forkd_cli(proc, "upgrade")
+    first = forkd_cli(proc.env, "upgrade", timeout=90)
     assert first.returncode == 1 and "this release is broken" in first.stderr, first.stderr
-    second = forkd_cli(proc, "upgrade")
+    second = forkd_cli(proc.env, "upgrade", timeout=90)
     (lingering, *_) = successor_pids(proc)
     assert psutil.pid_exists(lingering)  # (it lingers 4 s: the second came meanwhile)
 
@@ -386,7 +380,7 @@ def test_a_new_primary_that_dies_after_saying_ready_is_not_handed_over_to(
         run_forkd, tmp_path: Path) -> None:
     proc, port, current = start_releases(run_forkd, tmp_path, "rtd")
     switch_release(tmp_path, current, "r2", READY_THEN_DEAD_RELEASE)
-    result = forkd_cli(proc, "upgrade")
+    result = forkd_cli(proc.env, "upgrade", timeout=90)
     (successor,) = successor_pids(proc)
     assert result.returncode == 1, result.stdout + result.stderr + proc.describe()
     assert (f"upgrade failed, the old primary goes on serving: the new primary (pid "
