@@ -31,6 +31,15 @@ def redis_server() -> Iterator[RedisServer]:
             server.stop()
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """No settings at all for SQLite (the default file under FORKD_HOME); REDIS_URL for Redis."""
+    if request.param == "sqlite":
+        return {}
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return {"REDIS_URL": server.url}
+
+
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """os.environ without anything that steers the sample app or forkd."""

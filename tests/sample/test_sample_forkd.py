@@ -36,15 +36,6 @@ def interface(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    """No settings at all for SQLite (the default file under FORKD_HOME); REDIS_URL for Redis."""
-    if request.param == "sqlite":
-        return {}
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return {"REDIS_URL": server.url}
-
-
 def start(run_forkd: StartForkd, interface: str, env: dict[str, str], *extra: str) -> Forkd:
     app, args = INTERFACES[interface]
     return run_forkd(app, env, workers=2, extra_args=[*args, *extra])

@@ -10,19 +10,11 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 import pytest
-from sample_harness import Forkd, RedisServer
+from sample_harness import Forkd
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    if request.param == "sqlite":
-        return {}
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return {"REDIS_URL": server.url}
 
 
 def subscribers_on_both_workers(server: Forkd, stack: ExitStack) -> list[ClientConnection]:
