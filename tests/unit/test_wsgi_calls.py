@@ -49,6 +49,15 @@ def serve_app(loop: asyncio.AbstractEventLoop, app: Any, threads: int, inline: s
     return state, pool, proto, transport
 
 
+def ask_in_turn(loop: asyncio.AbstractEventLoop, state: ServerState, proto: HttpProtocol,
+                transport: Transport, *paths: str) -> None:
+    """GET each path once the answer before it is complete and its call has ended."""
+    for number, path in enumerate(paths, 1):
+        proto.data_received(get(path))
+        run_until(loop, lambda n=number: state.calls == 0
+                  and transport.received.count(b"HTTP/1.1 ") == n, timeout=2)
+
+
 def test_a_list_result_ends_its_call_with_its_answer(loop: asyncio.AbstractEventLoop
                                                      ) -> None:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -431,12 +440,7 @@ def test_a_write_after_the_response_ended_is_refused(
         loop, late_app, threads, "never" if threads else "auto")
     try:
         with caplog.at_level(logging.ERROR, logger="forkd.http"):
-            proto.data_received(get("/?" + kind))
-            run_until(loop, lambda: state.calls == 0 and transport.received.count(
-                b"HTTP/1.1 ") == 1, timeout=2)
-            proto.data_received(get("/?" + kind))
-            run_until(loop, lambda: state.calls == 0 and transport.received.count(
-                b"HTTP/1.1 ") == 2, timeout=2)
+            ask_in_turn(loop, state, proto, transport, "/?" + kind, "/?" + kind)
         if kind == "gen":
             one = b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
         else:
@@ -477,12 +481,7 @@ def test_a_kept_write_of_an_ended_list_response_is_refused(
         loop, keeping_app, threads, inline)
     try:
         with caplog.at_level(logging.WARNING, logger="forkd.http"):
-            proto.data_received(get("/keep"))
-            run_until(loop, lambda: state.calls == 0 and transport.received.count(
-                b"HTTP/1.1 ") == 1, timeout=2)
-            proto.data_received(get("/late"))
-            run_until(loop, lambda: state.calls == 0 and transport.received.count(
-                b"HTTP/1.1 ") == 2, timeout=2)
+            ask_in_turn(loop, state, proto, transport, "/keep", "/late")
         answers = transport.received.split(b"HTTP/1.1 200 OK\r\n")
         assert [a.partition(b"\r\n\r\n")[2] for a in answers[1:]] == [
             b"kept", b"write() after the response ended"]
@@ -512,12 +511,7 @@ def test_a_system_exit_from_close_is_the_apps_error(
         loop, exiting_app, threads, "never" if threads else "auto")
     try:
         with caplog.at_level(logging.ERROR, logger="forkd.http"):
-            proto.data_received(get("/exit"))
-            run_until(loop, lambda: state.calls == 0 and transport.received.count(
-                b"HTTP/1.1 ") == 1, timeout=2)
-            proto.data_received(get("/next"))
-            run_until(loop, lambda: state.calls == 0 and transport.received.count(
-                b"HTTP/1.1 ") == 2, timeout=2)
+            ask_in_turn(loop, state, proto, transport, "/exit", "/next")
         assert [a.partition(b"\r\n\r\n")[2] for a in transport.received.split(
             b"HTTP/1.1 200 OK\r\n")[1:]] == [b"bye", b"ok"]
         assert ["exception in the WSGI result's close()"] == [
