@@ -1370,16 +1370,29 @@ def test_the_send_rate_is_judged_across_short_pauses(
     run_until(loop, lambda: proto.state.in_progress() == 0)
 
 
+def paused_reader(loop: asyncio.AbstractEventLoop, unix: bool = False, **options: Any
+                  ) -> tuple[HttpProtocol, Transport, FakeClock, list[Any]]:
+    """A streamed answer (streaming_forever) with the config's `options`, writing paused:
+    the protocol's clock is the test's. `unix`: on a unix socket, whose reads show only
+    in steps of up to UNIX_GRAIN."""
+    from forkd.http.protocol import UNIX_GRAIN
+
+    told: list[Any] = []
+    proto, transport = connect(loop, "asgi", streaming_forever(told), **options)
+    if unix:
+        proto.send_grain = UNIX_GRAIN  # (what connection_made sets for an AF_UNIX socket)
+    clock = FakeClock(proto)
+    proto.data_received(get("/"))
+    run_until(loop, lambda: proto.write_paused)
+    return proto, transport, clock, told
+
+
 def test_a_second_pause_without_a_resume_moves_no_clock(
         loop: asyncio.AbstractEventLoop) -> None:
     """A transport that tells the protocol twice that writing is paused (without a
     resume between) restarts none of the clocks judging the client: one that takes
     nothing is cut --header-timeout after the first pause."""
-    told: list[Any] = []
-    proto, transport = connect(loop, "asgi", streaming_forever(told), header_timeout=1.0)
-    clock = FakeClock(proto)
-    proto.data_received(get("/"))
-    run_until(loop, lambda: proto.write_paused)
+    proto, transport, clock, _ = paused_reader(loop, header_timeout=1.0)
     paused = clock.now
     clock.now = paused + 0.6
     proto.pause_writing()  # (again: nothing was read)
@@ -1389,21 +1402,6 @@ def test_a_second_pause_without_a_resume_moves_no_clock(
     assert transport.aborted
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
-
-
-def unix_reader(loop: asyncio.AbstractEventLoop
-                ) -> tuple[HttpProtocol, Transport, FakeClock, list[Any]]:
-    """A streamed answer on a unix socket (whose reads show only in steps of up to
-    UNIX_GRAIN), default settings, writing paused: the protocol's clock is the test's."""
-    from forkd.http.protocol import UNIX_GRAIN
-
-    told: list[Any] = []
-    proto, transport = connect(loop, "asgi", streaming_forever(told))
-    proto.send_grain = UNIX_GRAIN  # (what connection_made sets for an AF_UNIX socket)
-    clock = FakeClock(proto)
-    proto.data_received(get("/"))
-    run_until(loop, lambda: proto.write_paused)
-    return proto, transport, clock, told
 
 
 def read_for(loop: asyncio.AbstractEventLoop, proto: HttpProtocol, transport: Transport,
@@ -1429,7 +1427,7 @@ def test_a_unix_client_trickling_below_the_floor_is_cut(
     --min-body-rate (some bytes every 10 s: never still for --header-timeout) is cut
     within half an hour, not held for ever by the allowance for what the socket does not
     show yet."""
-    proto, transport, clock, told = unix_reader(loop)
+    proto, transport, clock, told = paused_reader(loop, unix=True)
     held = read_for(loop, proto, transport, clock, 80, 3600.0)
     assert transport.aborted and held <= 1800.0
     assert proto.state.slow_cuts.count == 1
@@ -1439,7 +1437,7 @@ def test_a_unix_client_trickling_below_the_floor_is_cut(
 
 def test_a_unix_client_reading_steadily_at_twice_the_floor_is_not_cut(
         loop: asyncio.AbstractEventLoop) -> None:
-    proto, transport, clock, told = unix_reader(loop)
+    proto, transport, clock, told = paused_reader(loop, unix=True)
     held = read_for(loop, proto, transport, clock, 480, 3600.0)
     assert not transport.aborted and held >= 3600.0
     transport.client_reads_everything()
@@ -1452,14 +1450,7 @@ def test_a_unix_client_taking_nothing_is_cut_with_the_rate_floor_off(
     """--min-body-rate 0 turns the floor off, not the cut of a client that takes
     nothing: on a unix socket it is cut once a reader at Kestrel's 240 B/s would have
     shown a grain (64 KiB: ~273 s), not held with the app's task for ever."""
-    from forkd.http.protocol import UNIX_GRAIN
-
-    told: list[Any] = []
-    proto, transport = connect(loop, "asgi", streaming_forever(told), min_body_rate=0)
-    proto.send_grain = UNIX_GRAIN
-    clock = FakeClock(proto)
-    proto.data_received(get("/"))
-    run_until(loop, lambda: proto.write_paused)
+    proto, transport, clock, _ = paused_reader(loop, unix=True, min_body_rate=0)
     paused = clock.now
     proto.check_timeouts(paused + 270.0)
     assert not transport.aborted
@@ -1474,11 +1465,7 @@ def test_a_client_reading_while_more_is_written_is_not_cut_as_taking_nothing(
     """While writing is paused more still goes out (a WebSocket's send() writes before
     it waits, pongs, other tasks' sends): a client that reads steadily, but no faster
     than that, leaves as much unsent as before, yet it takes bytes and is not cut."""
-    told: list[Any] = []
-    proto, transport = connect(loop, "asgi", streaming_forever(told), header_timeout=1.0)
-    clock = FakeClock(proto)
-    proto.data_received(get("/"))
-    run_until(loop, lambda: proto.write_paused)
+    proto, transport, clock, _ = paused_reader(loop, header_timeout=1.0)
     paused = clock.now
     while clock.now - paused < 5.0:
         clock.now += 0.5
