@@ -5,6 +5,7 @@ its count to `$BENCH_MARKER_DIR/count-PID`. One integer increment per request.""
 from typing import Any
 
 from bench.apps import hello_asgi
+from bench.apps._lifespan import lifespan
 from bench.apps._marker import mark_loaded
 
 served = 0
@@ -28,14 +29,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         served += 1
         await hello_asgi.app(scope, receive, send)
     elif scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                _write_count()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send, on_shutdown=_write_count)
 
 
 mark_loaded()

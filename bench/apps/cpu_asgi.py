@@ -4,6 +4,7 @@ CPU for N ms before answering (a request that costs real work, not a sleep)."""
 import time
 from typing import Any
 
+from bench.apps._lifespan import lifespan
 from bench.apps._marker import mark_loaded
 
 BODY = b"Hello, world!"
@@ -12,11 +13,8 @@ HEADERS = [(b"content-type", b"text/plain"), (b"content-length", str(len(BODY)).
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
+        await lifespan(receive, send)
+        return
     if scope["path"] == "/cpu":
         ms = int(scope["query_string"].decode().partition("ms=")[2] or "2")
         until = time.perf_counter() + ms / 1000

@@ -4,6 +4,7 @@ a WebSocket on any path echoes every message."""
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from bench.apps._lifespan import lifespan
 from bench.apps._marker import mark_loaded
 
 Scope = dict[str, Any]
@@ -38,14 +39,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     elif scope["type"] == "websocket":
         await _echo(receive, send)
     elif scope["type"] == "lifespan":
-        # Answer lifespan properly so no server logs a lifespan failure or skips startup.
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send)
 
 
 ACCEPT: Message = {"type": "websocket.accept"}

@@ -4,6 +4,7 @@
 import asyncio
 from typing import Any
 
+from bench.apps._lifespan import lifespan
 from bench.apps._marker import mark_loaded
 
 
@@ -16,13 +17,8 @@ async def _reply(send: Any, body: bytes) -> None:
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send)
+        return
     path = scope["path"]
     if path == "/slow":
         await asyncio.sleep(3)
