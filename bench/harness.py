@@ -489,7 +489,7 @@ def parse_wrk(out: str, command: str) -> LoadResult:
         res.p50_ms = _to_ms(m.group(1))
     if m := re.search(r"^\s+99%\s+(\S+)", out, re.M):
         res.p99_ms = _to_ms(m.group(1))
-    if "pipelined batches:" in out:
+    if "pipeline.lua" in command:
         # bench/scripts/pipeline.lua: wrk's own percentiles are wrong for pipelined
         # batches (see there); the script's are the batches' as measured, or none.
         res.p50_ms = res.p99_ms = None

@@ -68,6 +68,13 @@ local function recorded(summary, latency)
       n = n + c
     end
   end
+  -- whole batches, and at most one cut short by the end of the run per connection: a
+  -- connection count other than wrk's -c gives a count outside these bounds
+  local depth = threads[1]:get("depth")
+  local rest = summary.requests - depth * (n + summary.errors.timeout)
+  if rest < 0 or rest >= depth * conns then
+    return nil, "the batches do not add up to wrk's requests: is the connection count -c?"
+  end
   return counts, n, lo, hi
 end
 

@@ -30,10 +30,12 @@ class Reading:
     """A reading the pool takes by calling it, at `value`: it moves only when the test
     moves it, whatever the machine running the tests does."""
 
-    def __init__(self, value: float) -> None:
+    def __init__(self, value: float, arity: int) -> None:
         self.value = value
+        self.arity = arity  # the arguments the pool passes: a call with others is a bug
 
     def __call__(self, *args: object) -> float:
+        assert len(args) == self.arity, args
         return self.value
 
 
@@ -41,7 +43,7 @@ class Reading:
 def cpu_waits(monkeypatch: pytest.MonkeyPatch) -> Reading:
     """The loop thread's waits for a CPU so far (wsgipool._run_delay): none unless a test
     says so."""
-    waits = Reading(0.0)
+    waits = Reading(0.0, 1)
     monkeypatch.setattr(wsgipool, "_run_delay", waits)
     return waits
 
@@ -382,7 +384,7 @@ def test_a_small_pool_is_its_own_floor(new_pool: Callable[[int, str], WSGIPool])
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Reading:
     """The pool's probation clock (wsgipool._clock)."""
-    clock = Reading(1000.0)
+    clock = Reading(1000.0, 0)
     monkeypatch.setattr(wsgipool, "_clock", clock)
     return clock
 
