@@ -52,6 +52,8 @@ import logging
 import math
 import os
 import select
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -70,10 +72,13 @@ READ_SIZE = 65536
 
 
 class LeaseState:
-    """HttpProtocol.state while leased: the worker's ServerState for everything read,
-    with the counters the loop also writes kept apart (merged by Lease.merge)."""
+    """HttpProtocol.state while leased: the worker's ServerState as the request path
+    reads it (what never changes copied, what does read through), with the counters the
+    loop also writes kept apart (handed to the loop by Lease.merge)."""
 
-    __slots__ = ("real", "requests", "calls", "request_limit", "on_limit", "cycle_factory")
+    __slots__ = ("real", "requests", "calls", "request_limit", "on_limit", "cycle_factory",
+                 "config", "access_log", "trusted", "upgrade_factory", "limit_concurrency",
+                 "health_path", "timeouts", "slow_cuts")
 
     def __init__(self, real: ServerState, cycle_factory: Any) -> None:
         self.real = real
@@ -82,6 +87,32 @@ class LeaseState:
         self.request_limit = 0  # (leases are off with --max-requests)
         self.on_limit = None
         self.cycle_factory = cycle_factory
+        self.config = real.config
+        self.access_log = real.access_log
+        self.trusted = real.trusted
+        self.upgrade_factory = real.upgrade_factory
+        self.limit_concurrency = real.limit_concurrency
+        self.health_path = real.health_path
+        self.timeouts = real.timeouts
+        self.slow_cuts = real.slow_cuts
+
+    @property
+    def now(self) -> float:
+        return self.real.now
+
+    @property
+    def draining(self) -> bool:
+        return self.real.draining
+
+    @property
+    def date_header(self) -> bytes:
+        return self.real.date_header
+
+    def in_progress(self) -> int:
+        return self.real.in_progress()
+
+    def healthy(self) -> bool:
+        return self.real.healthy()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
@@ -195,6 +226,9 @@ class Lease:
 
     # -- the lease's thread ---------------------------------------------------------------
     def serve(self, _: Any = None) -> None:
+        if os.environ.get("FORKD_LEASE_BLOCKING"):
+            self.serve_blocking()
+            return
         proto = self.proto
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
@@ -218,6 +252,48 @@ class Lease:
             log.error("error serving a leased connection: it is cut", exc_info=exc)
             self.aborting = True
         finally:
+            self.pool.to_loop(self.end)
+
+    def serve_blocking(self) -> None:
+        proto = self.proto
+        pool = self.pool
+        state = self.real_state
+        fd = self.fd
+        sock = socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)  # (a dup: options only)
+        usec = int(WAIT * 1e6)
+        timeout = struct.pack("ll", usec // 1000000, usec % 1000000)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+            os.set_blocking(fd, True)
+            while self.open() and not state.draining and pool.idle >= 0:
+                try:
+                    data = os.read(fd, READ_SIZE)
+                except BlockingIOError:
+                    DBG["w:timeout"] += 1
+                    break
+                except OSError:
+                    break  # (a reset: the loop's read sees the connection end)
+                if not data:
+                    break  # the client's FIN: the loop reads it too, and closes
+                proto.data_received(data)
+                DBG["served"] += 1
+                if not proto.heads and time.monotonic() - self.merged_at >= MERGE_EVERY:
+                    self.hand_counters()
+            else:
+                DBG["w:pool"] += 1
+        except BaseException as exc:  # (a bug of ours: the connection is cut, not lost)
+            log.error("error serving a leased connection: it is cut", exc_info=exc)
+            self.aborting = True
+        finally:
+            try:
+                os.set_blocking(fd, False)
+                zero = struct.pack("ll", 0, 0)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, zero)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, zero)
+            except OSError:
+                pass
+            sock.close()
             self.pool.to_loop(self.end)
 
     def open(self) -> bool:
