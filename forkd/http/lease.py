@@ -69,6 +69,18 @@ log = logging.getLogger("forkd.http")
 WAIT = float(os.environ.get("FORKD_LEASE_WAIT", "0.005"))  # longest a leased thread waits for its client's next request
 MERGE_EVERY = 0.25  # seconds between two hand-overs of the lease's counters
 READ_SIZE = 65536
+import ctypes as _ctypes  # noqa: E402
+_libc = _ctypes.PyDLL(None, use_errno=True)
+_recv = _libc.recv
+_recv.argtypes = [_ctypes.c_int, _ctypes.c_void_p, _ctypes.c_size_t, _ctypes.c_int]
+_recv.restype = _ctypes.c_ssize_t
+_send = _libc.send
+_send.argtypes = [_ctypes.c_int, _ctypes.c_char_p, _ctypes.c_size_t, _ctypes.c_int]
+_send.restype = _ctypes.c_ssize_t
+_DONTWAIT = 0x40
+_NOSIGNAL = 0x4000
+_MAXL = int(os.environ.get("FORKD_LEASE_MAX", "100000"))
+_GIL = bool(os.environ.get("FORKD_LEASE_GIL"))
 
 
 class LeaseState:
@@ -157,11 +169,19 @@ class Lease:
         if self.pending:
             self.pending.append(bytes(data))
             return
-        try:
+        if _GIL:
+            sent = _send(self.fd, data, len(data), _DONTWAIT | _NOSIGNAL)
+            if sent < 0:
+                if _ctypes.get_errno() != 11:
+                    self.aborting = self.ending = True
+                    return
+                sent = 0
+        else:
+          try:
             sent = os.write(self.fd, data)
-        except BlockingIOError:
+          except BlockingIOError:
             sent = 0
-        except OSError:  # (the client went: the loop's close tells the protocol)
+          except OSError:  # (the client went: the loop's close tells the protocol)
             self.aborting = self.ending = True
             return
         if sent < len(data):  # the client is not taking it: the loop writes the rest
@@ -229,6 +249,9 @@ class Lease:
         if os.environ.get("FORKD_LEASE_BLOCKING"):
             self.serve_blocking()
             return
+        if os.environ.get("FORKD_LEASE_GIL"):
+            self.serve_gil()
+            return
         proto = self.proto
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
@@ -245,6 +268,38 @@ class Lease:
                 if not data:
                     break  # the client's FIN: the loop reads it too, and closes
                 proto.data_received(data)
+                DBG["served"] += 1
+                if not proto.heads and time.monotonic() - self.merged_at >= MERGE_EVERY:
+                    self.hand_counters()
+        except BaseException as exc:  # (a bug of ours: the connection is cut, not lost)
+            log.error("error serving a leased connection: it is cut", exc_info=exc)
+            self.aborting = True
+        finally:
+            self.pool.to_loop(self.end)
+
+    def serve_gil(self) -> None:
+        """EXPERIMENT: socket reads and writes that keep the GIL (non-blocking, through
+        ctypes.PyDLL); only the wait for the client's bytes releases it."""
+        proto = self.proto
+        pool = self.pool
+        state = self.real_state
+        fd = self.fd
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        buf = _ctypes.create_string_buffer(READ_SIZE)
+        try:
+            while self.open() and not state.draining and pool.idle >= 0:
+                got = _recv(fd, buf, READ_SIZE, _DONTWAIT)
+                if got < 0:
+                    if _ctypes.get_errno() not in (11,):
+                        break
+                    if not poller.poll(WAIT * 1000):
+                        DBG["w:timeout"] += 1
+                        break
+                    continue
+                if got == 0:
+                    break
+                proto.data_received(buf.raw[:got])
                 DBG["served"] += 1
                 if not proto.heads and time.monotonic() - self.merged_at >= MERGE_EVERY:
                     self.hand_counters()
@@ -406,7 +461,7 @@ def grant(proto: HttpProtocol, pool: WSGIPool) -> None:
         _s.stderr.write(f"LEASE {os.getpid()} {dict(DBG)} idle={pool.idle} threads={len(pool.threads)} limit={pool.limit}\n")
     if pool.idle <= 0:
         DBG["noidle"] += 1
-    if ((pool.idle <= 0 and len(pool.threads) >= pool.size) or proto.leased or transport is None or proto.cycle is not None
+    if ((pool.idle <= 0 and len(pool.threads) >= pool.size) or pool.leases >= _MAXL or proto.leased or transport is None or proto.cycle is not None
             or proto.pipeline or proto.parsing is not None or proto.closed
             or proto.linger_until is not None or proto.pending_error is not None
             or proto.unparsed is not None or proto.awaiting_drain or proto.write_paused
