@@ -850,6 +850,10 @@ class LeasedCycle(WSGICycle):
     __slots__ = ()
 
     def _submit(self, body: Any) -> None:
+        if not self.proto.leased:  # (queued behind a call that ended the lease)
+            self.pool = self.pool.pool  # type: ignore[attr-defined]
+            super()._submit(body)
+            return
         if self.stream is not None:  # (its body comes through the loop: the pool's)
             super()._submit(body)
             return
