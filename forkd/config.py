@@ -287,9 +287,6 @@ OPTIONS: tuple[Option, ...] = (
            "calls wait on I/O; 0: every call inline)"),
     Option("wsgi_inline", _choice("auto", "always", "never"),
            "run WSGI calls learnt to be quick on the loop's thread (auto), every call, or none"),
-    Option("wsgi_lease", _bool,
-           "let a WSGI thread that answered a request serve its client's next ones itself "
-           "while they come back to back"),
     Option("keepalive_timeout", _seconds, "seconds an idle keep-alive connection is kept"),
     Option("header_timeout", _seconds,
            "seconds a client may take to send its headers, stall its body, or take none of "
@@ -365,7 +362,6 @@ class Config:
     unix_mode: int = 0o660
     threads: int = 32
     wsgi_inline: str = "auto"
-    wsgi_lease: bool = True
     keepalive_timeout: float = 5.0
     header_timeout: float = 10.0
     max_body_size: int = 100 << 20

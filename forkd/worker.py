@@ -216,7 +216,7 @@ async def _serve(spec: WorkerSpec, app: Any, interface: str, loop: asyncio.Abstr
         from forkd.http.wsgi import WSGICycle
         from forkd.http.wsgipool import WSGIPool
 
-        pool = WSGIPool(loop, config.threads, config.wsgi_inline, config.wsgi_lease)
+        pool = WSGIPool(loop, config.threads, config.wsgi_inline)
         state.cycle_factory = WSGICycle.bind(app, pool, config.root_path)
 
     # The app's import-time objects live as long as the worker: keep them out of the

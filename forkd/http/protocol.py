@@ -386,7 +386,7 @@ class HttpProtocol(asyncio.Protocol):
         "closed", "context", "corked", "cycle", "drain_waiter", "ending", "feed_scheduled",
         "fin_held",
         "flush_scheduled", "head_open", "head_size", "headers", "heads", "idle_since",
-        "in_trailers", "leased", "limit_field", "limit_fields", "limit_head", "limit_line",
+        "in_trailers", "limit_field", "limit_fields", "limit_head", "limit_line",
         "limit_line_open", "line_bytes", "linger_until", "loop", "max_body", "metrics",
         "min_rate", "out", "out_complete", "out_size", "parser", "parsing", "peer_trusted",
         "pending_error", "pipeline", "queued_cycle", "rate_bytes", "rate_since", "read_paused",
@@ -494,9 +494,6 @@ class HttpProtocol(asyncio.Protocol):
         self.wsgi_base: Any = None
         # ASGI (forkd.http.asgi): this connection's scope, which each request's copies
         self.asgi_base: dict[str, Any] | None = None
-        # a WSGI pool thread serves this connection (forkd.http.lease): the loop leaves
-        # it alone until the lease ends
-        self.leased = False
 
     # -- connection events ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1337,8 +1334,6 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- timeouts and drain ---------------------------------------------------
     def check_timeouts(self, now: float) -> None:
-        if self.leased:  # (its thread waits for the next request a few ms at most)
-            return
         config = self.state.config
         if self.linger_until is not None:
             if self.transport is None:
@@ -1437,7 +1432,7 @@ class HttpProtocol(asyncio.Protocol):
         `connection: close`; an idle keep-alive connection is given a short grace in
         which a request its client already sent is still answered (with close), since
         cutting it at once would race with that request."""
-        if not self.leased and self.idle_since is not None:  # (Lease.end calls it)
+        if self.idle_since is not None:
             self.idle_since = max(self.idle_since, self.state.drain_started)
 
 

@@ -19,7 +19,6 @@ from urllib.parse import unquote_to_bytes
 from forkd.http import accesslog
 from forkd.http.asgi import _REQUESTS, split_target
 from forkd.http.framing import BodyWriter, frame_head, status_line
-from forkd.http.lease import grant
 from forkd.http.protocol import HIGH_WATER, ClientDisconnected, HttpProtocol, error_response
 from forkd.http.wsgipool import _INLINE, INLINE_LIMIT, WSGIPool, clocks
 
@@ -416,10 +415,7 @@ class WSGICycle:
             pool.submit(self.run, body)
 
     def _call_ended(self) -> None:
-        proto = self.proto
-        proto.state.calls -= 1
-        if self.pool.lease and proto.cycle is None:  # (a threaded call's last hand-off)
-            grant(proto, self.pool)
+        self.proto.state.calls -= 1
 
     def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
         if self.inline:
@@ -672,8 +668,6 @@ class WSGICycle:
             self._write_final(data, keep_alive)
         finally:  # (a write that raised still ends the call: a drain waits for it)
             self.proto.state.calls -= 1
-        if self.pool.lease and self.proto.cycle is None:
-            grant(self.proto, self.pool)  # its thread may serve the client's next requests
 
     def abort(self) -> None:
         self._to_loop(self.proto.abort)
@@ -838,32 +832,3 @@ def _off_loop(call: Callable[..., Any], *args: Any) -> Any:
         return call(*args)
     finally:
         _set_running_loop(loop)
-
-
-class LeasedCycle(WSGICycle):
-    """A request read by a leased thread (forkd.http.lease): its call runs at once on
-    that thread, as an inline call runs on the loop's (the thread owns the connection
-    meanwhile: its answer is written and ended as an inline call's is). `pool` is the
-    Lease: a call that needs the loop (a streamed request body or answer) is submitted
-    to the worker's pool by the loop once the lease has ended."""
-
-    __slots__ = ()
-
-    def _submit(self, body: Any) -> None:
-        if not self.proto.leased:  # (queued behind a call that ended the lease)
-            self.pool = self.pool.pool  # type: ignore[attr-defined]
-            super()._submit(body)
-            return
-        if self.stream is not None:  # (its body comes through the loop: the pool's)
-            super()._submit(body)
-            return
-        self.submitted = True
-        self.proto.state.calls += 1  # (the lease's count: merged by the loop)
-        target = self.target
-        if target[:1] == b"/":
-            route, _, self.query = target.partition(b"?")
-        else:
-            route, self.query = split_target(target)
-        self.route = route
-        self.inline = True
-        self.run(body)

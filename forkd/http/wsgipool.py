@@ -109,16 +109,10 @@ _NEVER = -3  # for good: a call blocked for NEVER_INLINE
 
 
 class WSGIPool:
-    def __init__(self, loop: asyncio.AbstractEventLoop, size: int, inline: str = "auto",
-                 lease: bool = False) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int, inline: str = "auto"
+                 ) -> None:
         self.loop = loop
         self.size = size
-        self.lease = lease and size > 0  # a thread may keep its connection (forkd.http.lease)
-        self.leases = 0  # connections leased now (loop thread)
-        # readable while a call waits for a thread: leased threads waiting for their
-        # client's next request give their connections back at once (loop thread)
-        self.wake_fd = (os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                        if self.lease else -1)
         self.mode = "always" if size == 0 else inline
         self.always = self.mode == "always"  # (every call inline: no route is looked up)
         self.calls: queue.SimpleQueue[tuple[Callable[..., None], Any] | None] = (
@@ -190,19 +184,13 @@ class WSGIPool:
                 thread = self._new_thread()
             else:
                 self.idle -= 1
-                waiting = self.idle < 0
-                queued = waiting and count < self.size
+                queued = self.idle < 0 and count < self.size
         if thread is not None:
             thread.start()
-        elif waiting:
-            if self.leases:
-                # a thread that waits for its leased client's next request gives its
-                # connection back to the loop at once, and takes this call (one a call)
-                os.eventfd_write(self.wake_fd, 1)
-            if queued and not self.check_due:
-                # the calls waiting now may wait on threads that wait on I/O: look again
-                self.check_due = True
-                self.loop.call_later(BLOCKED_AFTER, self._check_blocked)
+        elif queued and not self.check_due:
+            # the calls waiting now may wait on threads that wait on I/O: look again soon
+            self.check_due = True
+            self.loop.call_later(BLOCKED_AFTER, self._check_blocked)
         self.calls.put((fn, arg))
 
     def _check_blocked(self) -> None:
