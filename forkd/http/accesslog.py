@@ -59,11 +59,12 @@ NONE = (b"", b"-", b"-", 0.0)  # begin's for a request not logged
 
 def begin(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, bytes, float]:
     """A logged request's (request id, referer, user agent, perf_counter() when it came
-    in), taken when it comes in (request_fields: a made id is added to `headers`); what
-    `ended` hands on, as one object, when it has been answered."""
+    in), taken when it comes in (when the request has no usable id, one is made and
+    added to `headers`: the app sees it); what `ended` hands on, as one object, when it
+    has been answered."""
     rid: bytes | None = None
     referer = agent = b"-"
-    for name, value in headers:  # (request_fields', inline: once per request)
+    for name, value in headers:  # (as request_fields, inline: once per request)
         if name == REQUEST_ID:
             if rid is None:
                 rid = value if _printable(value) else b""
@@ -77,10 +78,10 @@ def begin(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, bytes, floa
     return rid, referer, agent, perf_counter()
 
 
-def request_fields(headers: list[tuple[bytes, bytes]], make: bool = True
-                   ) -> tuple[bytes, bytes, bytes]:
-    """(request id, referer, user agent) of a request, in one pass over its headers. When
-    it has no usable id, one is made and added to `headers` (`make`), else it is `-`."""
+def request_fields(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, bytes]:
+    """(request id, referer, user agent) of a request whose line is logged without
+    `begin` (a WebSocket handshake), in one pass over its headers; the id is `-` when it
+    has no usable one (none is made: `begin` makes one for a request it answers)."""
     rid: bytes | None = None
     referer = agent = b"-"
     for name, value in headers:
@@ -91,13 +92,7 @@ def request_fields(headers: list[tuple[bytes, bytes]], make: bool = True
             referer = value
         elif name == b"user-agent":
             agent = value
-    if rid:
-        return rid, referer, agent
-    if not make:
-        return b"-", referer, agent
-    rid = next(_ids.stream)
-    headers.append((REQUEST_ID, rid))
-    return rid, referer, agent
+    return rid or b"-", referer, agent
 
 
 def _printable(value: bytes) -> bool:

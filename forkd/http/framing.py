@@ -246,7 +246,7 @@ def frame_head(
     else:
         parts, length, keep_alive, has_date, has_id = _frame_fields(
             status, headers, reason, keep_alive, key)
-    if request_id and not has_id:  # (with --access-log: see accesslog.request_fields)
+    if request_id and not has_id:  # (with --access-log: see accesslog.begin)
         parts += (b"x-request-id: ", request_id, b"\r\n")
     if not has_date:
         parts.append(date_header)

@@ -131,7 +131,7 @@ class WebSocketConnection(asyncio.Protocol):
         }
         # the access line's fields as the handshake came (the app may change its scope)
         self.access: tuple[Any, bytes, bytes, tuple[bytes, bytes, bytes]] | None = (
-            (http.req_client, raw_path, query, accesslog.request_fields(headers, make=False))
+            (http.req_client, raw_path, query, accesslog.request_fields(headers))
             if state.access_log else None)
         self.head = _request_head(method, target, headers)
         self.received_at = time.perf_counter()
