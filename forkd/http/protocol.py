@@ -312,7 +312,10 @@ class ServerState:
             connection.drain()
 
 
-def error_response(status: int, message: str, date_header: bytes, extra: bytes = b"") -> bytes:
+def error_answer(status: int, message: str, date_header: bytes, extra: bytes = b""
+                 ) -> tuple[bytes, int]:
+    """A plain-text answer forkd gives itself, which closes the connection, and its
+    body's size (the access line's bytes)."""
     body = message.encode("utf-8", "replace") + b"\n"
     return b"".join(
         (
@@ -324,7 +327,11 @@ def error_response(status: int, message: str, date_header: bytes, extra: bytes =
             b"connection: close\r\n\r\n",
             body,
         )
-    )
+    ), len(body)
+
+
+def error_response(status: int, message: str, date_header: bytes, extra: bytes = b"") -> bytes:
+    return error_answer(status, message, date_header, extra)[0]
 
 
 class FixedCycle:
