@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes
 from forkd.http import accesslog
 from forkd.http.asgi import _REQUESTS, split_target
 from forkd.http.framing import BodyWriter, frame_head, status_line
-from forkd.http.protocol import HIGH_WATER, ClientDisconnected, HttpProtocol, error_response
+from forkd.http.protocol import HIGH_WATER, ClientDisconnected, HttpProtocol, error_answer
 from forkd.http.wsgipool import _INLINE, INLINE_LIMIT, WSGIPool, clocks
 
 log = logging.getLogger("forkd.http")
@@ -714,13 +714,12 @@ class WSGICycle:
             self.abort()
             return
         # an answer as any other for the access log: its line, its request id
-        data = error_response(500, "Internal Server Error", self.proto.state.date_header,
-                              b"x-request-id: %s\r\n" % self.access[0] if logged else b"")
+        data, size = error_answer(500, "Internal Server Error", self.proto.state.date_header,
+                                  b"x-request-id: %s\r\n" % self.access[0] if logged else b"")
         self.hand_off(data, final=True, keep_alive=False)
         if logged and not self.disconnected:  # (a client gone was sent nothing: no line)
-            accesslog.ended(self.access, 500, len(data) - data.index(b"\r\n\r\n") - 4,
-                            self.client, self.method, self.route, self.query,
-                            self.http_version)
+            accesslog.ended(self.access, 500, size, self.client, self.method, self.route,
+                            self.query, self.http_version)
 
     def _byte_headers(self) -> list[tuple[bytes, bytes]]:
         """The app's header pairs as bytes. A name or value may be a subclass of str
