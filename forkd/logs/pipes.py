@@ -351,6 +351,22 @@ class RecordWriter:
         if dropped and self.on_dropped is not None:
             self.on_dropped(dropped)
 
+    def _render_each(self, pending: list[Any]) -> list[bytes]:
+        """A batch whose rendering failed, item by item: an item that cannot be
+        rendered (a value of the wrong type) is dropped and counted, alone; the lines
+        of the others go out in their place."""
+        assert self.render is not None
+        out: list[bytes] = []
+        for item in pending:
+            if item.__class__ is bytes:
+                out.append(item)
+                continue
+            try:
+                out += self.render([item])
+            except Exception:
+                self.dropped += 1
+        return out
+
     def _write_locked(self, wait: float = 0.0) -> None:
         """Write what is held; with `wait`, block for room up to that many seconds."""
         self.limit = 0  # (`pending` changes: defer's next call takes the long way)
@@ -361,9 +377,8 @@ class RecordWriter:
             assert self.render is not None
             try:
                 self.pending = self.render(self.pending)
-            except Exception:  # (a bug: lose those lines, counted, never the batch)
-                self.dropped += deferred
-                self.pending = [line for line in self.pending if line.__class__ is bytes]
+            except Exception:  # (a bug: lose only the items that fail, counted)
+                self.pending = self._render_each(self.pending)
             if not self.pending:
                 self.held = self.lines = 0
                 return

@@ -876,6 +876,39 @@ def each_alone(block: bytes, fmt: str) -> list[bytes]:
             for line in block.splitlines()]
 
 
+@pytest.mark.parametrize("text", [False, True])
+def test_one_access_line_that_cannot_be_rendered_loses_no_other_line(text: bool) -> None:
+    """A value no line can hold (a str where the path's bytes go) costs its own line,
+    counted as dropped, never the other lines of its batch, before or after it."""
+    from forkd.http import accesslog
+
+    read_end, write_end = os.pipe()
+    try:
+        writer = RecordWriter(write_end, render=accesslog.render)
+        reported: list[int] = []
+        writer.on_dropped = reported.append
+        writer.attach_loop(type("Loop", (), {"call_later": lambda self, delay, cb: None})())
+        log.setup(slot=2, json_sink=writer, access_sink=writer.defer, access_text=text)
+        for number, path in enumerate((b"/a", b"/b", "bad", b"/c", b"/d")):
+            access = accesslog.begin([(b"x-request-id", b"id%d" % number)])
+            accesslog.ended(access, 200, 5, ("10.0.0.9", 5555), "GET", path,  # type: ignore[arg-type]
+                            b"", "1.1")
+        writer.flush()
+        os.set_blocking(read_end, False)  # (all there is was written: never wait)
+        try:
+            got = os.read(read_end, 1 << 20).splitlines()
+        except BlockingIOError:
+            got = []
+    finally:
+        log.setup()
+        os.close(read_end)
+        os.close(write_end)
+    assert [(obj["request_id"], obj["path"]) for obj in
+            (json.loads(line.split(b"\t")[0]) for line in got)] == [
+        ("id0", "/a"), ("id1", "/b"), ("id3", "/c"), ("id4", "/d")]
+    assert reported == [1]
+
+
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_a_block_of_access_records_passes_through_whole_and_a_stray_line_is_caught(
         tmp_path: Path, fmt: str) -> None:
