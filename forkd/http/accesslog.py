@@ -106,11 +106,11 @@ def ended(access: tuple[bytes, bytes, bytes, float], status: int, size: int,
     """The access line of a request `begin` took, once its response has ended (`size`:
     the body bytes sent). In a worker, the values are held as given and rendered with
     the worker's next batch of records; elsewhere the line is made at once
-    (log_access). begin's are the request's as it came in; `client`, `raw_path` and
-    `query` are what the caller passes now (an ASGI cycle: what its scope holds at the
-    end, which the app may have replaced; held by reference, not checked: a line that
-    cannot be rendered, say a str raw_path, is lost with its batch's other access lines
-    and counted as dropped, see RecordWriter)."""
+    (log_access). begin's are the request's as it came in, and so are `client`,
+    `method`, `raw_path`, `query` and `version`: a cycle takes them as the request
+    starts, never from what the app may change (an ASGI scope). They are held by
+    reference, not checked: a line that cannot be rendered is lost alone and counted as
+    dropped (RecordWriter renders its batch's items one by one when the batch fails)."""
     end = perf_counter()
     defer = _state.access_sink  # (a worker's only: log.setup sees to it)
     if defer is not None:

@@ -15,7 +15,7 @@ import httptools
 
 from forkd.http import accesslog
 from forkd.http.framing import BodyWriter, Request, frame_head
-from forkd.http.protocol import ClientDisconnected, HttpProtocol, error_response
+from forkd.http.protocol import ClientDisconnected, HttpProtocol, error_answer
 
 log = logging.getLogger("forkd.http")
 
@@ -93,6 +93,7 @@ class ASGICycle:
         "delivered_last",
         "overrun_logged",
         "access",
+        "line",
         "task",
     )
     # (set by bind, on the class it makes)
@@ -169,6 +170,9 @@ class ASGICycle:
         self.overrun_logged = False
         if proto.state.access_log:  # the scope's headers are this list: the app sees a made id too
             self.access = accesslog.begin(headers)
+            # the access line's request as it came, whatever the app then does to its
+            # scope (and always values the line can render)
+            self.line = (proto.req_client, raw_path, query, http_version)
         else:
             self.access = accesslog.NONE
         # an Expect: 100-continue is looked for at the app's first receive(), the only
@@ -291,8 +295,15 @@ class ASGICycle:
         saw it, so the client may safely send it again, to another worker."""
         proto = self.proto
         self.complete = True
-        proto.write(error_response(503, "Service Unavailable: this worker is stopping; retry",
-                                   proto.state.date_header, b"retry-after: 0\r\n"))
+        logged = proto.state.access_log
+        data, size = error_answer(
+            503, "Service Unavailable: this worker is stopping; retry", proto.state.date_header,
+            b"retry-after: 0\r\nx-request-id: %s\r\n" % self.access[0] if logged
+            else b"retry-after: 0\r\n")
+        proto.write(data)
+        if logged and not self.disconnected:  # (an answer as any other, as _fail's 500)
+            self.status = 503
+            self._log_access(size)
         proto.response_done(self, keep_alive=False)
 
     def _returned_early(self) -> None:
@@ -341,12 +352,13 @@ class ASGICycle:
             proto.abort()  # part of a response is out: the client must see it is cut
         else:
             # an answer as any other for the access log: its line, its request id
-            data = error_response(500, "Internal Server Error", proto.state.date_header,
-                                  b"x-request-id: %s\r\n" % self.access[0] if logged else b"")
+            data, size = error_answer(500, "Internal Server Error", proto.state.date_header,
+                                      b"x-request-id: %s\r\n" % self.access[0] if logged
+                                      else b"")
             proto.write(data)
             if logged and not self.disconnected:  # (a client gone was sent nothing: no line)
                 self.status = 500
-                self._log_access(len(data) - data.index(b"\r\n\r\n") - 4)
+                self._log_access(size)
             proto.response_done(self, keep_alive=False)
 
     async def receive(self) -> dict[str, Any]:
@@ -453,9 +465,9 @@ class ASGICycle:
             raise RuntimeError(f"unexpected ASGI message type {kind!r} for http")
 
     def _log_access(self, size: int) -> None:
-        scope: Any = self.scope
-        accesslog.ended(self.access, self.status, size, scope["client"], self.method,
-                        scope["raw_path"], scope["query_string"], scope["http_version"])
+        client, raw_path, query, version = self.line
+        accesslog.ended(self.access, self.status, size, client, self.method, raw_path, query,
+                        version)
 
 
 def _as_new(proto: HttpProtocol) -> bool:

@@ -6,6 +6,8 @@
 /late-boom?ms=N  waits N ms, then raises (after a client that left: nothing was sent)
 WebSocket /ws: changes its scope's headers and raw_path, then accepts and closes
 /stream      a 200 of 1000-byte blocks, one each 10 ms, until the client leaves (or 30 s)
+/rewrite     (ASGI) rewrites its scope's path, raw_path (to a str), query, client and
+             version, as a router or middleware might, then answers 200 `rewritten`
 Environment, read at import:
 LOGAPP_SPAM=LINES,SIZE,THREADS  THREADS threads each print LINES lines of SIZE filler
                                 bytes at once: `SPAM <pid> <thread> <i> <filler>`
@@ -82,6 +84,12 @@ async def app(scope, receive, send):
     if scope["path"] == "/late-boom":
         await asyncio.sleep(int(parse_qs(scope["query_string"].decode())["ms"][0]) / 1000)
         raise RuntimeError("late boom on purpose")
+    if scope["path"] == "/rewrite":
+        scope.update(path="/elsewhere", raw_path="x", query_string=b"changed=1",
+                     client=("203.0.113.9", 1), http_version="2")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"rewritten"})
+        return
     if scope["path"] == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for _ in range(3000):  # (send raises once the client has left)

@@ -301,6 +301,29 @@ def test_an_app_raising_after_its_client_left_logs_no_answer(run_forkd, tmp_path
 
 
 @pytest.mark.timeout(60)
+def test_an_asgi_app_rewriting_its_scope_changes_no_access_line_and_loses_no_other(
+        run_forkd, tmp_path) -> None:
+    """The access line holds the request as it came, whatever the app then wrote into its
+    scope (logapp's /rewrite puts a str in raw_path, as a careless middleware might),
+    and the request answered with it in the same batch keeps its line too."""
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, "logapp:app", "--log-format",
+                                        "json", "--access-log", workers=1)
+    answers = raw_exchange(port, b"GET /rewrite?q=1 HTTP/1.1\r\nHost: x\r\n"
+                           b"X-Request-ID: rw-1\r\n\r\n"
+                           b"GET /?n=2 HTTP/1.1\r\nHost: x\r\nX-Request-ID: rw-2\r\n"
+                           b"Connection: close\r\n\r\n")
+    assert answers.count(b"HTTP/1.1 200 ") == 2, answers
+    lines = once_each(log_file, port, {"rw-1", "rw-2"}, describe)
+    assert [(lines[rid]["remote"], lines[rid]["method"], lines[rid]["path"],
+             lines[rid]["query"], lines[rid]["http_version"], lines[rid]["status"],
+             lines[rid]["bytes"]) for rid in ("rw-1", "rw-2")] == [
+        ("127.0.0.1", "GET", "/rewrite", "q=1", "1.1", 200, len(b"rewritten")),
+        ("127.0.0.1", "GET", "/", "n=2", "1.1", 200, len(b"Hello, world!"))]
+    assert "log-dropped" not in text_of(log_file)
+
+
+@pytest.mark.timeout(60)
 def test_a_websocket_access_line_holds_what_its_handshake_came_with(run_forkd,
                                                                    tmp_path) -> None:
     """The request id and path of the handshake, as the HTTP lines, whatever the app
