@@ -95,6 +95,40 @@ def request_fields(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, by
     return rid or b"-", referer, agent
 
 
+Refused = tuple[tuple[bytes, bytes, bytes, float], Any, str, bytes, bytes, str]
+
+
+def refused(client: tuple[str, int | None] | None, method: bytes | None, target: bytes,
+            version: str, headers: list[tuple[bytes, bytes]] | None,
+            access: tuple[bytes, bytes, bytes, float] | None, elapsed: float | None
+            ) -> Refused:
+    """The access line's fields of a request forkd answers itself (a refusal, a shed
+    503): `ended`'s arguments after the status and size, as far as they are known. Its
+    request line as far as it was parsed (`method` None: not even its target, then the
+    method and path are `-`; a version not parsed yet, "0.0" as llhttp says it, is `-`);
+    begin's `access` for a request whose head was parsed and taken (it made an id,
+    which the answer carries back), else the id (none is made), referer and user agent
+    among the fields parsed so far; the duration from `elapsed` seconds ago (unknown:
+    0)."""
+    if access is None:
+        rid, referer, agent = request_fields(headers) if headers else (b"-", b"-", b"-")
+        now = perf_counter()
+        access = (rid, referer, agent, now - (elapsed or 0.0))
+    if method is None or not target:
+        return access, client, "-", b"-", b"", "-"
+    if target[:1] == b"/":
+        raw_path, _, query = target.partition(b"?")
+    else:  # (absolute-form, authority-form, `*`, or bytes that are none of them: whole)
+        raw_path, query = target, b""
+    return (access, client, method.decode("latin-1"), raw_path, query,
+            "-" if version == "0.0" else version)
+
+
+def id_field(access: tuple[bytes, bytes, bytes, float]) -> bytes:
+    """The x-request-id field an answer forkd gives itself carries (none without an id)."""
+    return b"" if access[0] == b"-" else b"x-request-id: %s\r\n" % access[0]
+
+
 def _printable(value: bytes) -> bool:
     # visible ASCII only: the id goes back into a response header and into log lines
     return 0 < len(value) <= MAX_ID and all(0x21 <= byte <= 0x7E for byte in value)
@@ -236,8 +270,8 @@ def _line(head: tuple[int, bytes, bytes], text: bool, ts: bytes,
     line = head[1] % (ts, remote_b, method_b, raw_path, query, status, size, micros // 1000,
                       micros % 1000, rid, version_b, referer, agent)
     if text and plain:
-        target = raw_path + b"?" + query if query else raw_path
-        return line + _TEXT % (ts, head[2], remote_b, second[2], method_b, target, version_b,
+        return line + _TEXT % (ts, head[2], remote_b, second[2],
+                               _request(method_b, raw_path, query, version_b),
                                status, size, referer, agent, micros / 1000,
                                b'"' + rid + b'"' if b"=" in rid else rid)
     return line + b"\n"
@@ -277,12 +311,11 @@ def _template_for(key: tuple[str, str, bytes, bytes, str, bytes, bytes, int],
         version_b, _escaped(referer), _escaped(agent))
     text_line = None
     if plain:
-        target = raw_path + b"?" + query if query else raw_path
-        text_line = (b'\t%%s %s %s - - [%%s] "%s %s HTTP/%s" %d %%d "%s" "%s" %%ams '
+        text_line = (b'\t%%s %s %s - - [%%s] "%s" %d %%d "%s" "%s" %%ams '
                      b'request_id=%%s\n' % (
-                         literal(head[2]), literal(remote_b), literal(method_b),
-                         literal(target), literal(version_b), status, literal(referer),
-                         literal(agent)))
+                         literal(head[2]), literal(remote_b),
+                         literal(_request(method_b, raw_path, query, version_b)), status,
+                         literal(referer), literal(agent)))
     if len(_templates) >= MAX_TEMPLATES:  # (many different requests: start afresh)
         _templates.clear()
     made = _templates[key] = (after_ts, text_line, after_id)
@@ -294,7 +327,16 @@ _LINE = (b'{"ts":"%%s","level":"info","event":"access","pid":%d,"slot":%d,"remot
          b'"duration_ms":%%d.%%03d,"request_id":"%%s","http_version":"%%s","referer":"%%s",'
          b'"user_agent":"%%s"}')
 # record.to_text's rendering of the same line: combined log format, duration, request id
-_TEXT = b'\t%s %s %s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s" %ams request_id=%s\n'
+_TEXT = b'\t%s %s %s - - [%s] "%s" %d %d "%s" "%s" %ams request_id=%s\n'
+
+
+def _request(method: bytes, raw_path: bytes, query: bytes, version: bytes) -> bytes:
+    """The combined format's request line (as record.combined): `-` for a request of
+    which not even the target was parsed (a refusal, see `refused`)."""
+    if method == b"-":
+        return b"-"
+    return b"%s %s%s%s HTTP/%s" % (method, raw_path, b"?" if query else b"", query, version)
+
 _SAFE = b" !" + bytes(range(0x23, 0x5C)) + bytes(range(0x5D, 0x7F))  # as they are in JSON
 MAX_TEMPLATES = 1024  # lines' templates kept (and fields seen once remembered)
 MAX_KEPT = 512  # bytes of path, query, referer and agent a template may hold

@@ -139,11 +139,15 @@ def combined(fields: dict[str, Any], ts: str) -> str:
     """An access line in the combined log format (as nginx, Apache and gunicorn write
     it, so log analysers read it), then the duration in ms and request_id=."""
     stamp = clf_time(ts)
-    target = str(fields.get("path", ""))
-    if fields.get("query"):
-        target += "?" + str(fields["query"])
-    return (f'{fields.get("remote", "-")} - - [{stamp}] "{fields.get("method", "-")} {target} '
-            f'HTTP/{fields.get("http_version", "1.1")}" {fields.get("status", "-")} '
+    method = fields.get("method", "-")
+    if method == "-":  # (a refused request of which not even the target was parsed)
+        request = "-"
+    else:
+        target = str(fields.get("path", ""))
+        if fields.get("query"):
+            target += "?" + str(fields["query"])
+        request = f'{method} {target} HTTP/{fields.get("http_version", "1.1")}'
+    return (f'{fields.get("remote", "-")} - - [{stamp}] "{request}" {fields.get("status", "-")} '
             f'{fields.get("bytes", "-")} "{_clf(fields.get("referer", "-"))}" '
             f'"{_clf(fields.get("user_agent", "-"))}" '
             f'{fields.get("duration_ms", "-")}ms '

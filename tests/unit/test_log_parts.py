@@ -487,6 +487,52 @@ def test_the_workers_fast_access_line_is_the_generic_line(
         _same_access_line(fast, generic, path, request_fields, text, query)
 
 
+@pytest.mark.parametrize("text", [False, True])
+def test_a_refused_request_s_line_holds_what_was_parsed_and_dashes_for_the_rest(
+        text: bool) -> None:
+    """A request forkd refused before its head was whole: the worker's line (first
+    sight, then from its template) is the generic line, and its combined format's
+    request is `-` when not even the target came (as nginx writes it)."""
+    from forkd.http import accesslog
+
+    client = ("10.0.0.9", 5555)
+    lines = [accesslog.refused(client, None, b"", "0.0", None, None, 0.002),
+             accesslog.refused(client, b"GET", b"/long?x=1", "0.0",
+                               [(b"x-request-id", b"r1"), (b"user-agent", b"ua/1")], None, None),
+             accesslog.refused(client, b"OPTIONS", b"*", "1.1", [], None, None)]
+    sent: list[bytes] = []
+    got: list[Entry] = []
+    try:
+        log.setup(slot=1, json_sink=sent.append, access_text=text)
+        for line in lines * 2:
+            accesslog.ended(line[0], 400, 12, *line[1:])
+        log.setup(slot=1, sink=got.append)
+        for line in lines * 2:
+            accesslog.ended(line[0], 400, 12, *line[1:])
+    finally:
+        log.setup()
+    entries = [record.from_json(line.rstrip(b"\n"), 1, os.getpid()) for line in sent]
+    for entry, generic in zip(entries, got, strict=True):
+        record.parse(entry)
+        assert entry.fields and generic.fields
+        # (the two were rendered a moment apart: their durations differ, as their times)
+        generic.fields["duration_ms"] = entry.fields["duration_ms"]
+        assert entry.fields == generic.fields
+        assert (entry.text is not None) == text
+        if entry.text is not None:
+            generic.ts = entry.ts
+            assert entry.text == record.to_text(generic, "app")
+    assert [(fields["method"], fields["path"], fields["query"], fields["http_version"],
+             fields["request_id"], fields["user_agent"])
+            for fields in (entry.fields or {} for entry in entries[:3])] == [
+        ("-", "-", "", "-", "-", "-"), ("GET", "/long", "x=1", "-", "r1", "ua/1"),
+        ("OPTIONS", "*", "", "1.1", "-", "-")]
+    requests = [re.search(r'\] "([^"]*)" 400 12 ', record.to_text(entry, "app").decode())
+                for entry in got[:3]]
+    assert [match.group(1) for match in requests if match] == [
+        "-", "GET /long?x=1 HTTP/-", "OPTIONS * HTTP/1.1"]
+
+
 def test_long_fields_are_rendered_but_never_kept() -> None:
     """A request whose path, query, referer and agent are long together is logged as any
     other, but not remembered for a template: a scanner's long values would otherwise
