@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import httptools
 
 from forkd.config import Config
+from forkd.http import accesslog
 from forkd.http.balance import Balancer
 from forkd.http.framing import status_line
 from forkd.http.health import DRAINING, READY, HealthFlag
@@ -336,15 +337,18 @@ def error_response(status: int, message: str, date_header: bytes, extra: bytes =
 
 class FixedCycle:
     """A response forkd gives itself (--health-path, --limit-concurrency's 503): it takes
-    its turn among pipelined requests like any other and never reaches the app."""
+    its turn among pipelined requests like any other and never reaches the app. With
+    `line` (accesslog.refused's) it is access-logged, with its request id sent back."""
 
     def __init__(self, proto: HttpProtocol, status: int, body: bytes, keep_alive: bool,
-                 extra: bytes = b"") -> None:
+                 extra: bytes = b"", line: accesslog.Refused | None = None) -> None:
         self.proto = proto
         self.status = status
         self.body = body
         self.keep_alive = keep_alive
-        self.extra = extra
+        self.line = line
+        self.extra = extra if line is None else extra + accesslog.id_field(line[0])
+        self.access = None if line is None else line[0]  # (HttpProtocol.refused_line)
 
     def start(self) -> None:
         proto = self.proto
@@ -356,6 +360,8 @@ class FixedCycle:
             b"\r\n" if keep_alive else b"connection: close\r\n\r\n",
             self.body,
         )))
+        if self.line is not None:
+            accesslog.ended(self.line[0], self.status, len(self.body), *self.line[1:])
         proto.response_done(self, keep_alive and proto.parsing is not self)
 
     def feed_body(self, body: bytes) -> None:
@@ -443,7 +449,8 @@ class HttpProtocol(asyncio.Protocol):
         self.request_started: float | None = None
         self.idle_since: float | None = None
         self.linger_until: float | None = None
-        self.pending_error: tuple[int, str] | None = None
+        # a refusal owed after the answers before it: (status, message, its access line)
+        self.pending_error: tuple[int, str, accesslog.Refused | None] | None = None
         self.body_received = 0  # body bytes of the request being parsed, for --max-body-size
         self.body_length = 0  # its Content-Length
         self.response_begun = False  # bytes of the current cycle's final response are out
@@ -971,7 +978,10 @@ class HttpProtocol(asyncio.Protocol):
             # shed at once rather than queue without bound: a client (or its balancer)
             # retries elsewhere, and the worker stays responsive to what it has taken
             cycle = FixedCycle(self, 503, b"Service Unavailable: too many requests\n",
-                               keep_alive, b"retry-after: 1\r\n")
+                               keep_alive, b"retry-after: 1\r\n",
+                               accesslog.refused(self.req_client, method, target, version,
+                                                 None, accesslog.begin(headers), None)
+                               if state.access_log else None)
         elif upgrade is not None:  # it takes the connection over when the parser stops
             self.upgrade = upgrade
             self.request_started = None
@@ -1243,16 +1253,21 @@ class HttpProtocol(asyncio.Protocol):
             cycle.start()
             return
         if self.pending_error is not None:
-            status, message = self.pending_error
+            status, message, line = self.pending_error
             self.pending_error = None
-            self.reject(status, message)
+            self.reject(status, message, line=line)
             return
         self.idle_since = self.state.now
         self.resume_reading()
 
-    def reject(self, status: int, message: str) -> None:
-        """Refuse a request before it reaches the app; the connection then closes."""
+    def reject(self, status: int, message: str, started: float | None = None,
+               line: accesslog.Refused | None = None) -> None:
+        """Refuse a request before it reaches the app; the connection then closes.
+        (`started`: when its head began, if request_started no longer says; `line`: its
+        access line's fields, taken when it was first refused, see pending_error.)"""
         broken = self.parsing  # a request whose body can now never arrive whole
+        if line is None and self.state.access_log:
+            line = self.refused_line(broken, started)
         self.parsing = None
         if broken is not None and broken is not self.cycle:
             if broken in self.pipeline:  # queued, never started: the error answers it
@@ -1271,7 +1286,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.cycle is not None or self.pipeline:
             # requests before it are still owed answers (one may be queued while none is
             # being answered: the client is not reading, awaiting_drain): refuse after them
-            self.pending_error = (status, message)
+            self.pending_error = (status, message, line)
             self.pause_reading()
             return
         if status == 408:
@@ -1279,8 +1294,27 @@ class HttpProtocol(asyncio.Protocol):
         else:
             log.info("refused a request from %s: %d %s", self.client, status, message)
         self._count_refusal(status)
-        self.write(error_response(status, message, self.state.date_header))
+        data, size = error_answer(status, message, self.state.date_header,
+                                  b"" if line is None else accesslog.id_field(line[0]))
+        self.write(data)
+        if line is not None:  # (as nginx: a refused request is logged with its status)
+            accesslog.ended(line[0], status, size, *line[1:])
         self.close_gracefully()
+
+    def refused_line(self, cycle: Cycle | None, started: float | None) -> accesslog.Refused:
+        """The access line's fields of a request refused now: the request line as far as
+        it was parsed, and the request id begin made for its cycle if it got one (the
+        request whose body is being read), else the one among its fields parsed so
+        far. Bytes before any request line are a request of which nothing is known."""
+        if cycle is None and self.at_boundary:
+            return accesslog.refused(self.client, None, b"", "", None, None, None)
+        parser = self.parser
+        started = self.request_started if started is None else started
+        return accesslog.refused(
+            self.client if cycle is None else self.req_client,
+            parser.get_method() if self.url else None, self.url, parser.get_http_version(),
+            self.headers, getattr(cycle, "access", None),
+            None if started is None else self.loop.time() - started)
 
     def _count_refusal(self, status: int) -> None:
         """A refusal answers the newest request (if it got that far); it is also the
@@ -1362,11 +1396,11 @@ class HttpProtocol(asyncio.Protocol):
             # a head arriving, whatever the connection does meanwhile (an endless head
             # behind a long response is cut too)
             if now - self.request_started >= config.header_timeout:
-                self.request_started = None
+                started, self.request_started = self.request_started, None
                 if self.cycle is None and not self.pipeline and not (self.url or self.headers):
                     self.close_gracefully()  # (nothing owed, nothing to answer: just close)
                 else:
-                    self.reject(408, "Request Timeout")
+                    self.reject(408, "Request Timeout", started)
             return
         if self.parsing is not None and self.pending_error is None and not self.read_paused:
             self.check_body_rate(now, config.header_timeout)

@@ -487,3 +487,132 @@ def test_a_forwarded_address_cannot_forge_or_cut_an_access_line(run_forkd, tmp_p
                 rf"\S+Z forkd\.worker\.0\[{pid}\] 127\.0\.0\.1 - - \[[^]]+\] "
                 rf'"GET /\?n={number} HTTP/1\.1" 200 13 "-" "[^"]*" \S+ms request_id={rid}',
                 line), line
+
+
+def _header(answer: bytes, name: bytes) -> bytes | None:
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key == name:
+            return value.strip()
+    return None
+
+
+def _body_size(answer: bytes) -> int:
+    return len(answer.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_requests_forkd_refuses_or_sheds_have_their_access_lines(run_forkd, tmp_path,
+                                                                 fmt) -> None:
+    """As nginx logs its 400s: every request forkd answers itself (a refusal, the 503 of
+    --limit-concurrency) has its line, with its status, the body bytes sent, its request
+    line as far as it was parsed (`-` for what was not) and its request id (the one it
+    sent, or for a request taken whole one forkd made, sent back either way). A client
+    that sends nothing on an idle connection is no request: no line."""
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(
+        run_forkd, log_file, "logapp:app", "--log-format", fmt, "--access-log",
+        "--header-timeout", "1", "--keepalive-timeout", "1", "--max-body-size", "1K",
+        "--limit-concurrency", "1", "--name", f"refusals-{fmt}", workers=1)
+    sent: dict[str, bytes] = {
+        "400": b"GET /two-hosts?a=1 HTTP/1.1\r\nHost: x\r\nX-Request-ID: r-400\r\n"
+               b"Host: y\r\n\r\n",
+        "garbage": b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+        "414": b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        "431": b"GET /big-field HTTP/1.1\r\nHost: x\r\nX-Request-ID: r-431\r\nX-Big: "
+               + b"b" * 9000 + b"\r\n\r\n",
+        "505": b"GET /v2 HTTP/2.0\r\nHost: x\r\nX-Request-ID: r-505\r\n\r\n",
+        "413": b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"800\r\n" + b"c" * 2048 + b"\r\n",
+    }
+    answers = {name: raw_exchange(port, data) for name, data in sent.items()}
+    for name, status in (("400", 400), ("garbage", 400), ("414", 414), ("431", 431),
+                         ("505", 505), ("413", 413)):
+        assert answers[name].startswith(b"HTTP/1.1 %d " % status), (name, answers[name][:200])
+    made_413 = (_header(answers["413"], b"x-request-id") or b"").decode()
+    assert re.fullmatch(r"[0-9a-f]{32}", made_413), answers["413"][:300]
+    assert _header(answers["400"], b"x-request-id") == b"r-400"
+    assert _header(answers["garbage"], b"x-request-id") is None
+
+    # a half-sent head: 408 after --header-timeout, logged; an idle connection that sent
+    # nothing (after a request, or never) is closed with no answer and no line
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as half, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as idle, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+        half.sendall(b"GET /half?h=1 HTTP/1.1\r\nHost: x\r\nX-Request-ID: r-408\r\n"
+                     b"User-Agent: half/1\r\nX-Pen")  # (the fields before the last one count)
+        idle.sendall(b"GET /?idle=1 HTTP/1.1\r\nHost: x\r\nX-Request-ID: r-idle\r\n\r\n")
+        got = {"half": b"", "idle": b"", "silent": b""}
+        for name, sock in (("half", half), ("idle", idle), ("silent", silent)):
+            while chunk := sock.recv(65536):  # (until the server closes it)
+                got[name] += chunk
+    assert got["half"].startswith(b"HTTP/1.1 408 "), got["half"]
+    assert got["idle"].count(b"HTTP/1.1 ") == 1 and got["silent"] == b"", got
+
+    # the 503 of --limit-concurrency: one request in progress (a stream), one more shed
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as stream:
+        stream.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\nX-Request-ID: r-stream\r\n\r\n")
+        assert stream.recv(65536).startswith(b"HTTP/1.1 200 ")
+        shed = raw_exchange(port, b"GET /shed?s=1 HTTP/1.1\r\nHost: x\r\n"
+                                  b"Connection: close\r\n\r\n")
+    assert shed.startswith(b"HTTP/1.1 503 ") and b"\r\nretry-after: 1\r\n" in shed, shed
+    made_503 = (_header(shed, b"x-request-id") or b"").decode()
+    assert re.fullmatch(r"[0-9a-f]{32}", made_503), shed
+    wait_until(lambda: "r-stream" in text_of(log_file), 10, message=describe)  # (it left)
+
+    if fmt == "json":
+        lines = once_each(log_file, port, {"r-400", "r-431", "r-505", made_413, "r-408",
+                                           "r-idle", made_503, "r-stream"}, describe)
+        unknown = [obj for obj in access_lines(log_file) if obj["request_id"] == "-"]
+
+        def fields(obj: dict) -> tuple:
+            return (obj["remote"], obj["method"], obj["path"][:12], obj["query"],
+                    obj["http_version"], obj["status"], obj["bytes"])
+
+        assert [fields(obj) for obj in unknown] == [
+            ("127.0.0.1", "-", "-", "", "-", 400, _body_size(answers["garbage"])),
+            ("127.0.0.1", "GET", "/uuuuuuuuuuu", "", "-", 414, _body_size(answers["414"]))]
+        assert fields(lines["r-400"]) == ("127.0.0.1", "GET", "/two-hosts", "a=1", "1.1", 400,
+                                          _body_size(answers["400"]))
+        assert fields(lines["r-431"]) == ("127.0.0.1", "GET", "/big-field", "", "1.1", 431,
+                                          _body_size(answers["431"]))
+        assert fields(lines["r-505"]) == ("127.0.0.1", "GET", "/v2", "", "2.0", 505,
+                                          _body_size(answers["505"]))
+        assert fields(lines[made_413]) == ("127.0.0.1", "POST", "/upload", "", "1.1", 413,
+                                           _body_size(answers["413"]))
+        assert fields(lines["r-408"]) == ("127.0.0.1", "GET", "/half", "h=1", "1.1", 408,
+                                          _body_size(got["half"]))
+        assert lines["r-408"]["duration_ms"] >= 900 and lines["r-408"]["user_agent"] == (
+            "half/1"), lines["r-408"]
+        assert fields(lines[made_503]) == ("127.0.0.1", "GET", "/shed", "s=1", "1.1", 503,
+                                           _body_size(shed))
+        assert len(access_lines(log_file)) == 11  # (and the barrier's: no line for the idle)
+    else:
+        wait_until(lambda: made_503 in text_of(log_file), 10, message=describe)
+        access = [line.split("] ", 1)[1] for line in text_of(log_file).splitlines()
+                  if "request_id=" in line]
+        size = {name: _body_size(answer) for name, answer in answers.items()}
+        expected = [
+            rf'127\.0\.0\.1 - - \[[^]]+\] "GET /two-hosts\?a=1 HTTP/1\.1" 400 {size["400"]} '
+            r'"-" "-" \d+\.\d+ms request_id=r-400',
+            rf'127\.0\.0\.1 - - \[[^]]+\] "-" 400 {size["garbage"]} "-" "-" \d+\.\d+ms '
+            r"request_id=-",
+            rf'127\.0\.0\.1 - - \[[^]]+\] "GET /u+ HTTP/-" 414 {size["414"]} "-" "-" '
+            r"\d+\.\d+ms request_id=-",
+            rf'127\.0\.0\.1 - - \[[^]]+\] "GET /big-field HTTP/1\.1" 431 {size["431"]} "-" '
+            r'"-" \d+\.\d+ms request_id=r-431',
+            rf'127\.0\.0\.1 - - \[[^]]+\] "GET /v2 HTTP/2\.0" 505 {size["505"]} "-" "-" '
+            r"\d+\.\d+ms request_id=r-505",
+            rf'127\.0\.0\.1 - - \[[^]]+\] "POST /upload HTTP/1\.1" 413 {size["413"]} "-" "-" '
+            rf"\d+\.\d+ms request_id={made_413}",
+        ]
+        assert len(access) >= len(expected), access
+        for pattern, line in zip(expected, access, strict=False):
+            assert re.fullmatch(pattern, line), (pattern, line)
+        assert [re.search(r'" (\d+) ', line).group(1)  # type: ignore[union-attr]
+                for line in access] == ["400", "400", "414", "431", "505", "413", "200",
+                                        "408", "503", "200"], access
+        assert re.search(r'"GET /half\?h=1 HTTP/1\.1" 408 \d+ "-" "half/1" '
+                         r"\d{4,}\.\d+ms request_id=r-408", access[7]), access[7]
