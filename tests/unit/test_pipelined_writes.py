@@ -345,6 +345,37 @@ def test_a_request_waiting_for_its_pass_at_the_drain_deadline_is_answered_and_ne
     assert transport.eof and proto.state.in_progress() == 0
 
 
+def test_the_drain_s_503_for_a_request_that_never_ran_has_its_access_line(
+        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --access-log, that 503 is an answer as any other: its line (status, body
+    bytes, the request as it came) and its request id, sent back with it."""
+    from forkd import log
+    from forkd.http import protocol
+
+    monkeypatch.setattr(protocol, "CHAIN_BUDGET", 0)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/first":
+            loop.call_soon(lambda: [task.cancel() for task in proto.state.tasks])
+        await asgi_sized(scope, receive, send)
+
+    items: list[tuple[Any, ...]] = []
+    proto, transport = connect(loop, "asgi", app, access_log=True)
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(get("/first?n=1") + get("/second?q=2", b"X-Request-ID: again-2\r\n"))
+        run_until(loop, lambda: proto.state.in_progress() == 0 and len(items) == 2)
+    finally:
+        log.setup()
+    answer = transport.received.split(b"\r\n\r\nx", 1)[1]
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"\r\nx-request-id: again-2\r\n" in answer
+    # (end, duration, begin's, status, size, client, method, raw path, query, version)
+    assert [(item[2][0], item[3], item[4], *item[5:]) for item in items][1:] == [
+        (b"again-2", 503, len(answer.split(b"\r\n\r\n", 1)[1]), ("127.0.0.1", 40000),
+         "GET", b"/second", b"q=2", "1.1")]
+    assert items[0][3:5] == (200, 1)
+
+
 @pytest.mark.parametrize("interface", sorted(APPS))
 def test_a_large_answer_goes_out_before_the_batch_ends_and_back_pressure_holds(
         loop: asyncio.AbstractEventLoop, interface: str) -> None:
