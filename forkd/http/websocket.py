@@ -34,7 +34,7 @@ from websockets.server import ServerProtocol
 
 from forkd.http import accesslog
 from forkd.http.asgi import ASGI_VERSION, decode_path, split_target
-from forkd.http.protocol import HttpProtocol, error_response, status_line
+from forkd.http.protocol import HttpProtocol, error_answer, status_line
 
 log = logging.getLogger("forkd.http")
 # The library logs every opening and closing at INFO: noise at one line per connection
@@ -78,14 +78,6 @@ def _request_head(method: str, target: bytes, headers: list[tuple[bytes, bytes]]
         lines += (name, b": ", value, b"\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
-
-
-def _unavailable(date_header: bytes) -> bytes:
-    body = b"Service Unavailable: this worker is restarting; retry\n"
-    return b"".join((status_line(503), date_header, b"retry-after: 0\r\n",
-                     b"content-type: text/plain; charset=utf-8\r\n",
-                     b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n",
-                     body))
 
 
 class WebSocketConnection(asyncio.Protocol):
@@ -177,15 +169,18 @@ class WebSocketConnection(asyncio.Protocol):
         if state.draining:
             # a worker on its way out takes no new WebSocket: the client retries at once
             # and lands on a worker that stays
-            self._write(_unavailable(state.date_header))
-            self._answered(503, 0)
+            data, size = error_answer(503, "Service Unavailable: this worker is restarting; "
+                                      "retry", state.date_header, b"retry-after: 0\r\n")
+            self._write(data)
+            self._answered(503, size)
             self._finish_app_side()
             self._half_close()
             return
         if request is None:
-            self._write(error_response(400, "Bad Request: invalid WebSocket handshake",
-                                       state.date_header))
-            self._answered(400, 0)
+            data, size = error_answer(400, "Bad Request: invalid WebSocket handshake",
+                                      state.date_header)
+            self._write(data)
+            self._answered(400, size)
             self._finish_app_side()
             self._half_close()
             return
@@ -480,8 +475,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _deny_plain(self, status: int) -> None:
         text = "Forbidden" if status == 403 else "Internal Server Error"
-        self._write(error_response(status, text, self.state.date_header))
-        self._answered(status, len(text) + 1)
+        data, size = error_answer(status, text, self.state.date_header)
+        self._write(data)
+        self._answered(status, size)
         self._half_close()
 
     def _finish_app_side(self) -> None:

@@ -343,6 +343,24 @@ def test_a_websocket_access_line_holds_what_its_handshake_came_with(run_forkd,
 
 
 @pytest.mark.timeout(60)
+def test_a_refused_websocket_handshake_logs_the_bytes_it_was_sent(run_forkd,
+                                                                   tmp_path) -> None:
+    """A handshake the WebSocket library cannot take (a body: chunked) is refused 400;
+    its line counts the refusal's body, as any answer's."""
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, "logapp:app", "--log-format",
+                                        "json", "--access-log", workers=1)
+    answer = raw_exchange(port, b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          b"X-Request-ID: ws-400\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    line = once_each(log_file, port, {"ws-400"}, describe)["ws-400"]
+    assert (line["path"], line["status"], line["bytes"]) == (
+        "/ws", 400, len(answer.split(b"\r\n\r\n", 1)[1]))
+
+
+@pytest.mark.timeout(60)
 def test_app_reconfiguring_logging_leaves_forkd_lines_alone(run_forkd, tmp_path) -> None:
     log_file = tmp_path / "forkd.log"
     proc, port, describe = start_logged(run_forkd, log_file, "logapp:app",
