@@ -1,8 +1,10 @@
 """The access log (with --access-log): one `event=access` line per request, written when
 its response has ended, through forkd's own log lines, and the request id that ties the
-line to the app's own logs. As text it is the combined log format (what log analysers
-read) followed by the duration (`12.5ms`) and request_id=; as JSON, one object with
-every field (duration_ms, request_id among them).
+line to the app's own logs. A request forkd answers itself (a refusal of a malformed or
+oversized request, a shed 503) has its line too, with what was parsed of it (refused).
+As text it is the combined log format (what log analysers read) followed by the
+duration (`12.5ms`) and request_id=; as JSON, one object with every field (duration_ms,
+request_id among them).
 
 The request id is the request's `X-Request-ID` when it has a sane one (what a load
 balancer or the client set), else one made here; a made one is added to the request's
