@@ -331,10 +331,6 @@ def error_answer(status: int, message: str, date_header: bytes, extra: bytes = b
     ), len(body)
 
 
-def error_response(status: int, message: str, date_header: bytes, extra: bytes = b"") -> bytes:
-    return error_answer(status, message, date_header, extra)[0]
-
-
 class FixedCycle:
     """A response forkd gives itself (--health-path, --limit-concurrency's 503): it takes
     its turn among pipelined requests like any other and never reaches the app. With
