@@ -1262,13 +1262,24 @@ class HttpProtocol(asyncio.Protocol):
         (`started`: when its head began, if request_started no longer says; `line`: its
         access line's fields, taken when it was first refused, see pending_error.)"""
         broken = self.parsing  # a request whose body can now never arrive whole
+        if broken is not None and broken is not self.cycle and broken not in self.pipeline:
+            # Its response is done already (its app answered before reading its body,
+            # and the connection was kept alive to read the rest): the request was
+            # answered, only its unread body broke. No answer (a client would read it
+            # as the next request's) and no second access line: the connection closes.
+            self.parsing = None
+            if status == 408:
+                self.state.timeouts.count += 1  # counted; tick logs a summary
+            else:
+                log.info("closed a connection from %s: the unread body of an answered "
+                         "request broke a limit (%d %s)", self.client, status, message)
+            self.close_gracefully()
+            return
         if line is None and self.state.access_log:
             line = self.refused_line(broken, started)
         self.parsing = None
         if broken is not None and broken is not self.cycle:
-            if broken in self.pipeline:  # queued, never started: the error answers it
-                self.pipeline.remove(broken)
-            # (else its response is done already: only its unread body was broken)
+            self.pipeline.remove(broken)  # queued, never started: the error answers it
         elif broken is not None:
             # The request being answered lost its body: its app is told the client went,
             # and the error replaces its response, unless that response is already going

@@ -1507,3 +1507,41 @@ def test_a_client_reading_while_more_is_written_is_not_cut_as_taking_nothing(
     transport.client_reads_everything()
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
+@pytest.mark.parametrize("broken_by", ["413", "408"])
+def test_an_answered_request_whose_unread_body_breaks_a_limit_gets_no_second_answer(
+        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch,
+        broken_by: str) -> None:
+    """The app answers 401 to a chunked POST before reading its body, and the connection
+    is kept alive; the rest of that body then overflows --max-body-size, or stalls. The
+    request was answered: the client reads that 401 alone, then the close (a 413 or
+    408 after it would read as the answer to its next request), and the access log has
+    the 401's line alone."""
+    from forkd import log
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"nope"})
+
+    items: list[tuple[Any, ...]] = []
+    proto, transport = connect(loop, "asgi", app, access_log=True, max_body_size=1000)
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(b"POST /login HTTP/1.1\r\nHost: test\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        run_until(loop, lambda: proto.state.in_progress() == 0 and len(items) == 1)
+        assert not transport.eof  # (kept alive: the body's rest is read and dropped)
+        if broken_by == "413":
+            proto.data_received(b"800\r\n" + b"a" * 0x800 + b"\r\n")
+        else:
+            proto.check_timeouts(proto.body_activity + 2 * proto.state.config.header_timeout)
+        run_until(loop, lambda: transport.eof)
+    finally:
+        log.setup()
+    answers = transport.received.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 1 and answers[0].startswith(b"401 ")
+    assert bodies(transport.received) == [b"nope"]
+    assert not transport.aborted  # (closed gracefully: the 401 is not reset away)
+    assert [item[3] for item in items] == [401]
