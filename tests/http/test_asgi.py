@@ -261,14 +261,15 @@ def test_lifespan_startup_before_ready_and_shutdown_on_stop(run_forkd, tmp_path:
 
 
 @pytest.mark.timeout(30)
-def test_a_broken_body_after_an_early_answer_gets_a_400_not_a_hang(server: Served) -> None:
-    """The app answered without reading the body; the rest of that body is malformed."""
+def test_a_broken_body_after_an_early_answer_closes_the_connection_not_a_hang(
+        server: Served) -> None:
+    """The app answered without reading the body; the rest of that body is malformed.
+    The request was answered: the connection closes with no second answer (a 400
+    there would be read as the answer to the client's next request)."""
     with Conn.open(server.port) as conn:
         conn.send(b"POST /pid HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                   b"5\r\nhello\r\n")  # /pid answers without reading the body
         first = conn.read_response()
         conn.send(b"zz\r\nnot a chunk\r\n")
-        second = conn.read_response()
         assert first.status == 200
-        assert second.status == 400
-        assert conn.server_closed()
+        assert conn.server_closed()  # (with nothing more to read: no 400)
