@@ -220,7 +220,8 @@ class ASGICycle:
     def body_buffered(self) -> int:
         return self.body_size
 
-    def disconnect(self) -> None:
+    def disconnect(self, replaced: bool = False) -> None:
+        # (a replaced answer is never logged: send() raises from now on)
         self.disconnected = True
         self._wake()
 

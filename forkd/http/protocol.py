@@ -164,7 +164,9 @@ class Cycle(Protocol):
     def start(self) -> None: ...
     def feed_body(self, body: bytes) -> None: ...
     def body_complete(self) -> None: ...
-    def disconnect(self) -> None: ...
+    def disconnect(self, replaced: bool = False) -> None:
+        """The client went, or (`replaced`) a refusal of forkd's answers in the app's
+        place, with its own access line (reject): the app's answer is never sent."""
     def body_buffered(self) -> int: ...
 
 
@@ -366,7 +368,7 @@ class FixedCycle:
     def body_complete(self) -> None:
         pass
 
-    def disconnect(self) -> None:
+    def disconnect(self, replaced: bool = False) -> None:
         pass
 
     def body_buffered(self) -> int:
@@ -1285,7 +1287,7 @@ class HttpProtocol(asyncio.Protocol):
             # and the error replaces its response, unless that response is already going
             # out (then only a cut connection can tell the client).
             self.cycle = None
-            broken.disconnect()
+            broken.disconnect(replaced=not self.response_begun)
             if self.response_begun:
                 log.info("cut a response to %s: %d %s", self.client, status, message)
                 self.abort()

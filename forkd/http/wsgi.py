@@ -279,7 +279,7 @@ class WSGICycle:
     __slots__ = (
         "proto", "app", "pool", "inline", "root_path", "method", "target", "route",
         "headers", "http_version", "keep_alive", "body", "body_size", "more_body",
-        "stream", "wait_for_body", "submitted", "disconnected", "flow", "in_flight",
+        "stream", "wait_for_body", "submitted", "disconnected", "replaced", "flow", "in_flight",
         "blocked", "expect_continue", "overrun_logged", "client", "scheme",
         "access", "length", "query", "ending", "environ", "status", "reason",
         "response_headers", "writer", "pending",
@@ -327,6 +327,7 @@ class WSGICycle:
         self.wait_for_body = False
         self.submitted = False
         self.disconnected = False
+        self.replaced = False  # a refusal answered in the app's place (disconnect)
         # write flow control between the app's thread and the loop, made by the app's
         # thread at its first block of a streamed response (a response written in one
         # block, and an inline call, need none). disconnect() sets `disconnected` before
@@ -450,7 +451,8 @@ class WSGICycle:
         # while waiting for the body, the buffer's own limit bounds it
         return 0 if self.wait_for_body else self.body_size
 
-    def disconnect(self) -> None:
+    def disconnect(self, replaced: bool = False) -> None:
+        self.replaced = replaced  # (before `disconnected`: the thread reads it after)
         self.disconnected = True
         if self.stream is not None:
             self.stream.finish(aborted=True)
@@ -579,7 +581,7 @@ class WSGICycle:
             # an ordinary disconnect: the app stopped on being told, not an error
             log.info("%s %s ended by %s: the client disconnected", self.method, path,
                      type(exc).__name__)
-            if self.writer is not None and self.proto.state.access_log:
+            if self.writer is not None and self.proto.state.access_log and not self.replaced:
                 self._log_access()  # (as nginx does: the status it started, bytes sent)
             return
         log.error("exception in WSGI app for %s %s", self.method, path, exc_info=exc)
@@ -619,6 +621,8 @@ class WSGICycle:
                 self.proto.write(data)
             return
         if final:
+            if self.disconnected:  # (before `ending` moves: _close then ends the call)
+                raise ClientDisconnected("the client went away")
             self.pending = _ENDED  # (a write() after this is refused)
             if self.ending == 1:
                 self.ending = 2
@@ -716,7 +720,10 @@ class WSGICycle:
         # an answer as any other for the access log: its line, its request id
         data, size = error_answer(500, "Internal Server Error", self.proto.state.date_header,
                                   b"x-request-id: %s\r\n" % self.access[0] if logged else b"")
-        self.hand_off(data, final=True, keep_alive=False)
+        try:
+            self.hand_off(data, final=True, keep_alive=False)
+        except ClientDisconnected:  # (the client went, or a refusal answered instead)
+            return
         if logged and not self.disconnected:  # (a client gone was sent nothing: no line)
             accesslog.ended(self.access, 500, size, self.client, self.method, self.route,
                             self.query, self.http_version)

@@ -518,3 +518,75 @@ def test_a_system_exit_from_close_is_the_apps_error(
             r.getMessage() for r in caplog.records if r.exc_info]
     finally:
         pool.shutdown()
+
+
+class Closing:
+    """A result with a close(), as a framework's response is."""
+
+    def __init__(self, closed: list[bool]) -> None:
+        self.closed = closed
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"forbidden"
+
+    def close(self) -> None:
+        self.closed.append(True)
+
+
+@pytest.mark.parametrize("ends", ["list", "closing", "raise"])
+def test_an_answer_after_a_refused_body_is_neither_sent_nor_logged(
+        loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture, ends: str
+        ) -> None:
+    """The body outgrows --max-body-size while a thread reads it: forkd answers 413 in
+    the app's place. The app catches the read's OSError and answers anyway (Django's
+    CsrfViewMiddleware answers 403 so), or raises: the client gets the 413 alone, the
+    access log has its line alone, the result is closed and the call ends once."""
+    from forkd import log
+
+    closed: list[bool] = []
+    read_failed = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        try:
+            environ["wsgi.input"].read()
+        except OSError:
+            read_failed.set()
+            if ends == "raise":
+                raise ValueError("no body, no answer") from None
+            start_response("403 Forbidden", [("Content-Length", "9")])
+            return [b"forbidden"] if ends == "list" else Closing(closed)
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    state = ServerState(Config(app="test", interface="wsgi", threads=2, access_log=True,
+                               wsgi_body_buffer=1024, max_body_size=4096), loop)
+    pool = WSGIPool(loop, 2, "never")
+    state.cycle_factory = WSGICycle.bind(app, pool, "")
+    proto = HttpProtocol(state)
+    transport = Transport()
+    transport.protocol = proto
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    items: list[tuple[Any, ...]] = []
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(b"POST /form HTTP/1.1\r\nHost: test\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n"
+                            b"800\r\n" + b"a" * 0x800 + b"\r\n")
+        run_until(loop, lambda: bool(pool.busy_since))  # a thread reads the body
+        # (forkd's logger, set up as a worker's, does not pass its records on: watched
+        # where it writes them)
+        logging.getLogger("forkd").addHandler(caplog.handler)
+        proto.data_received(b"1000\r\n" + b"a" * 0x1000 + b"\r\n")  # past the limit
+        run_until(loop, lambda: read_failed.is_set() and settled(pool) and state.calls == 0)
+    finally:
+        logging.getLogger("forkd").removeHandler(caplog.handler)
+        log.setup()
+        pool.shutdown()
+    answers = transport.received.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 1 and answers[0].startswith(b"413 ")
+    assert [item[3] for item in items] == [413]
+    assert state.calls == 0
+    assert closed == ([True] if ends == "closing" else [])
+    # (the app's own error is logged as such; nothing of ours fails after it)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == (
+        ["exception in WSGI app for POST /form"] if ends == "raise" else [])
