@@ -107,11 +107,14 @@ def refused(client: tuple[str, int | None] | None, method: bytes | None, target:
     """The access line's fields of a request forkd answers itself (a refusal, a shed
     503): `ended`'s arguments after the status and size, as far as they are known. Its
     request line as far as it was parsed (`method` None: not even its target, then the
-    method and path are `-`; a version not parsed yet, "0.0" as llhttp says it, is `-`);
+    method and path are `-`; a version not parsed yet, "0.0" as llhttp says it, is `-`;
+    the target of a head taken is split into path and query as a request's line splits
+    it, one of a head refused is kept whole past its path when not in origin-form);
     begin's `access` for a request whose head was parsed and taken (it made an id,
     which the answer carries back), else the id (none is made), referer and user agent
     among the fields parsed so far; the duration from `elapsed` seconds ago (unknown:
     0)."""
+    taken = access is not None
     if access is None:
         rid, referer, agent = request_fields(headers) if headers else (b"-", b"-", b"-")
         now = perf_counter()
@@ -120,6 +123,10 @@ def refused(client: tuple[str, int | None] | None, method: bytes | None, target:
         return access, client, "-", b"-", b"", "-"
     if target[:1] == b"/":
         raw_path, _, query = target.partition(b"?")
+    elif taken:  # (its target was checked: split as the request's own line splits it)
+        from forkd.http.asgi import split_target  # (asgi imports this module)
+
+        raw_path, query = split_target(target)
     else:  # (absolute-form, authority-form, `*`, or bytes that are none of them: whole)
         raw_path, query = target, b""
     return (access, client, method.decode("latin-1"), raw_path, query,

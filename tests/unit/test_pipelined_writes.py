@@ -1545,3 +1545,30 @@ def test_an_answered_request_whose_unread_body_breaks_a_limit_gets_no_second_ans
     assert bodies(transport.received) == [b"nope"]
     assert not transport.aborted  # (closed gracefully: the 401 is not reset away)
     assert [item[3] for item in items] == [401]
+
+
+def test_a_shed_request_in_absolute_form_is_logged_with_its_path_and_query(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The 503 of --limit-concurrency answers a head taken whole: its access line splits
+    an absolute-form target into path and query as any request's line does."""
+    from forkd import log
+
+    release = asyncio.Event()
+    items: list[tuple[Any, ...]] = []
+    proto, transport = connect(loop, "asgi", held_at_slow(release), access_log=True,
+                               limit_concurrency=1)
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(get("/slow"))
+        run_until(loop, lambda: proto.state.in_progress() == 1)
+        shed = HttpProtocol(proto.state)  # another client's connection
+        shed.connection_made(Transport())  # type: ignore[arg-type]
+        shed.data_received(get("http://test/p?q=1"))
+        run_until(loop, lambda: len(items) == 1)  # the 503, while /slow is held
+        release.set()
+        run_until(loop, lambda: len(items) == 2)
+    finally:
+        log.setup()
+    # (end, duration, begin's, status, size, client, method, raw path, query, version)
+    assert [(item[3], *item[6:]) for item in items] == [
+        (503, "GET", b"/p", b"q=1", "1.1"), (200, "GET", b"/slow", b"", "1.1")]
