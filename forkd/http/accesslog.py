@@ -111,12 +111,15 @@ def refused(client: tuple[str, int | None] | None, method: bytes | None, target:
     the target of a head taken is split into path and query as a request's line splits
     it, one of a head refused is kept whole past its path when not in origin-form);
     begin's `access` for a request whose head was parsed and taken (it made an id,
-    which the answer carries back), else the id (none is made), referer and user agent
-    among the fields parsed so far; the duration from `elapsed` seconds ago (unknown:
+    which the answer carries back), else the id, referer and user agent among the
+    fields parsed so far (without a usable id one is made here, as begin does, and
+    sent back: every line has one); the duration from `elapsed` seconds ago (unknown:
     0)."""
     taken = access is not None
     if access is None:
         rid, referer, agent = request_fields(headers) if headers else (b"-", b"-", b"-")
+        if rid == b"-":  # (as begin: every line has an id, the answer carries it back)
+            rid = next(_ids.stream)
         now = perf_counter()
         access = (rid, referer, agent, now - (elapsed or 0.0))
     if method is None or not target:

@@ -527,7 +527,7 @@ def test_requests_forkd_refuses_or_sheds_have_their_access_lines(run_forkd, tmp_
     """As nginx logs its 400s: every request forkd answers itself (a refusal, the 503 of
     --limit-concurrency) has its line, with its status, the body bytes sent, its request
     line as far as it was parsed (`-` for what was not) and its request id (the one it
-    sent, or for a request taken whole one forkd made, sent back either way). A client
+    sent, else one forkd made, sent back either way: every line has one). A client
     that sends nothing on an idle connection is no request: no line."""
     log_file = tmp_path / "forkd.log"
     proc, port, describe = start_logged(
@@ -549,10 +549,12 @@ def test_requests_forkd_refuses_or_sheds_have_their_access_lines(run_forkd, tmp_
     for name, status in (("400", 400), ("garbage", 400), ("414", 414), ("431", 431),
                          ("505", 505), ("413", 413)):
         assert answers[name].startswith(b"HTTP/1.1 %d " % status), (name, answers[name][:200])
-    made_413 = (_header(answers["413"], b"x-request-id") or b"").decode()
-    assert re.fullmatch(r"[0-9a-f]{32}", made_413), answers["413"][:300]
+    made = {name: (_header(answers[name], b"x-request-id") or b"").decode()
+            for name in ("413", "garbage", "414")}
+    for name, rid in made.items():
+        assert re.fullmatch(r"[0-9a-f]{32}", rid), answers[name][:300]
+    made_413 = made["413"]
     assert _header(answers["400"], b"x-request-id") == b"r-400"
-    assert _header(answers["garbage"], b"x-request-id") is None
 
     # a half-sent head: 408 after --header-timeout, logged; an idle connection that sent
     # nothing (after a request, or never) is closed with no answer and no line
@@ -582,16 +584,18 @@ def test_requests_forkd_refuses_or_sheds_have_their_access_lines(run_forkd, tmp_
 
     if fmt == "json":
         lines = once_each(log_file, port, {"r-400", "r-431", "r-505", made_413, "r-408",
-                                           "r-idle", made_503, "r-stream"}, describe)
-        unknown = [obj for obj in access_lines(log_file) if obj["request_id"] == "-"]
+                                           "r-idle", made_503, "r-stream", made["garbage"],
+                                           made["414"]}, describe)
+        assert [obj for obj in access_lines(log_file) if obj["request_id"] == "-"] == []
 
         def fields(obj: dict) -> tuple:
             return (obj["remote"], obj["method"], obj["path"][:12], obj["query"],
                     obj["http_version"], obj["status"], obj["bytes"])
 
-        assert [fields(obj) for obj in unknown] == [
-            ("127.0.0.1", "-", "-", "", "-", 400, _body_size(answers["garbage"])),
-            ("127.0.0.1", "GET", "/uuuuuuuuuuu", "", "-", 414, _body_size(answers["414"]))]
+        assert fields(lines[made["garbage"]]) == ("127.0.0.1", "-", "-", "", "-", 400,
+                                                  _body_size(answers["garbage"]))
+        assert fields(lines[made["414"]]) == ("127.0.0.1", "GET", "/uuuuuuuuuuu", "", "-", 414,
+                                              _body_size(answers["414"]))
         assert fields(lines["r-400"]) == ("127.0.0.1", "GET", "/two-hosts", "a=1", "1.1", 400,
                                           _body_size(answers["400"]))
         assert fields(lines["r-431"]) == ("127.0.0.1", "GET", "/big-field", "", "1.1", 431,
@@ -616,9 +620,9 @@ def test_requests_forkd_refuses_or_sheds_have_their_access_lines(run_forkd, tmp_
             rf'127\.0\.0\.1 - - \[[^]]+\] "GET /two-hosts\?a=1 HTTP/1\.1" 400 {size["400"]} '
             r'"-" "-" \d+\.\d+ms request_id=r-400',
             rf'127\.0\.0\.1 - - \[[^]]+\] "-" 400 {size["garbage"]} "-" "-" \d+\.\d+ms '
-            r"request_id=-",
+            rf"request_id={made['garbage']}",
             rf'127\.0\.0\.1 - - \[[^]]+\] "GET /u+ HTTP/-" 414 {size["414"]} "-" "-" '
-            r"\d+\.\d+ms request_id=-",
+            rf"\d+\.\d+ms request_id={made['414']}",
             rf'127\.0\.0\.1 - - \[[^]]+\] "GET /big-field HTTP/1\.1" 431 {size["431"]} "-" '
             r'"-" \d+\.\d+ms request_id=r-431',
             rf'127\.0\.0\.1 - - \[[^]]+\] "GET /v2 HTTP/2\.0" 505 {size["505"]} "-" "-" '

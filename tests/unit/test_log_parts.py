@@ -492,7 +492,8 @@ def test_a_refused_request_s_line_holds_what_was_parsed_and_dashes_for_the_rest(
         text: bool) -> None:
     """A request forkd refused before its head was whole: the worker's line (first
     sight, then from its template) is the generic line, and its combined format's
-    request is `-` when not even the target came (as nginx writes it)."""
+    request is `-` when not even the target came (as nginx writes it); its id is the
+    one it sent, else one made."""
     from forkd.http import accesslog
 
     client = ("10.0.0.9", 5555)
@@ -523,10 +524,15 @@ def test_a_refused_request_s_line_holds_what_was_parsed_and_dashes_for_the_rest(
             generic.ts = entry.ts
             assert entry.text == record.to_text(generic, "app")
     assert [(fields["method"], fields["path"], fields["query"], fields["http_version"],
-             fields["request_id"], fields["user_agent"])
+             fields["user_agent"])
             for fields in (entry.fields or {} for entry in entries[:3])] == [
-        ("-", "-", "", "-", "-", "-"), ("GET", "/long", "x=1", "-", "r1", "ua/1"),
-        ("OPTIONS", "*", "", "1.1", "-", "-")]
+        ("-", "-", "", "-", "-"), ("GET", "/long", "x=1", "-", "ua/1"),
+        ("OPTIONS", "*", "", "1.1", "-")]
+    # the request's own id, else one made (as for any request): every line has one
+    made = [line[0][0].decode() for line in lines]
+    assert made[1] == "r1" and made[0] != made[2]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in (made[0], made[2])), made
+    assert [(entry.fields or {})["request_id"] for entry in entries[:3]] == made
     requests = [re.search(r'\] "([^"]*)" 400 12 ', record.to_text(entry, "app").decode())
                 for entry in got[:3]]
     assert [match.group(1) for match in requests if match] == [

@@ -1572,3 +1572,29 @@ def test_a_shed_request_in_absolute_form_is_logged_with_its_path_and_query(
     # (end, duration, begin's, status, size, client, method, raw path, query, version)
     assert [(item[3], *item[6:]) for item in items] == [
         (503, "GET", b"/p", b"q=1", "1.1"), (200, "GET", b"/slow", b"", "1.1")]
+
+
+@pytest.mark.parametrize("sent", [b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+                                  b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"])
+def test_a_refused_head_without_an_id_gets_one_made_and_sent_back(
+        loop: asyncio.AbstractEventLoop, sent: bytes) -> None:
+    """A head refused before it was taken (bytes that are no request, a target too
+    long) and that named no X-Request-ID: its line's request id is one forkd made,
+    and the refusal carries it back, as for any request."""
+    from forkd import log
+
+    items: list[tuple[Any, ...]] = []
+    proto, transport = connect(loop, "asgi", asgi_sized, access_log=True)
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(sent)
+        run_until(loop, lambda: transport.eof and len(items) == 1)
+    finally:
+        log.setup()
+    answer = transport.received
+    assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 414 ")), answer[:100]
+    head = answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    sent_back = [line[len(b"x-request-id: "):] for line in head
+                 if line.startswith(b"x-request-id: ")]
+    assert len(sent_back) == 1 and len(sent_back[0]) == 32 and sent_back[0].isalnum()
+    assert items[0][2][0] == sent_back[0]
