@@ -314,19 +314,27 @@ class ASGICycle:
             log.error("ASGI app returned without starting a response")
         self._fail()
 
+    def _path(self) -> str:
+        """The request's path in forkd's own lines about it: the raw path it came with
+        (with --access-log, its line's), never a lookup that raises: the app may have
+        changed or removed its scope's, and its 500 must not be lost over that."""
+        if self.proto.state.access_log:
+            return self.line[1].decode("latin-1")
+        return str(self.scope.get("path", "-"))  # (kept only with --access-log)
+
     def _raised(self, exc: BaseException) -> bool:
         """The app raised `exc`: answer for it; True if it must go on up."""
         if self.disconnected and isinstance(exc, Exception):
             # the client went away and the app stopped on being told (send raised;
             # Starlette turns that into its own ClientDisconnect): not an error
             log.info("%s %s ended by %s: the client disconnected", self.method,
-                     self.scope["path"], type(exc).__name__)
+                     self._path(), type(exc).__name__)
             self._left()
             return False
         if isinstance(exc, asyncio.CancelledError):  # the drain's deadline passed
             self._fail()
             return True
-        log.error("exception in ASGI app for %s %s", self.method, self.scope["path"],
+        log.error("exception in ASGI app for %s %s", self.method, self._path(),
                   exc_info=exc)
         self._fail()
         return isinstance(exc, KeyboardInterrupt | SystemExit)
@@ -438,7 +446,7 @@ class ASGICycle:
             if writer.overrun and not self.overrun_logged:
                 self.overrun_logged = True
                 log.warning("ASGI app sent more than its content-length for %s %s: cut, "
-                            "the connection closes", self.method, self.scope["path"])
+                            "the connection closes", self.method, self._path())
             if data:
                 proto.write(data)
             if not more:

@@ -1598,3 +1598,39 @@ def test_a_refused_head_without_an_id_gets_one_made_and_sent_back(
                  if line.startswith(b"x-request-id: ")]
     assert len(sent_back) == 1 and len(sent_back[0]) == 32 and sent_back[0].isalnum()
     assert items[0][2][0] == sent_back[0]
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+def test_an_asgi_app_that_deletes_its_path_then_raises_gets_its_500(
+        loop: asyncio.AbstractEventLoop, access_log: bool) -> None:
+    """forkd's own lines about a request name the path it came with: an app that took
+    the scope's path away (a router that pops what it consumed) and then failed, or
+    sent past its content-length, still gets its 500 (and, with --access-log, its
+    line); nothing of forkd's fails over the missing key."""
+    from forkd import log
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        del scope["path"]
+        if query(scope).get("over"):
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"1")]})
+            await send({"type": "http.response.body", "body": b"too long"})
+            return
+        raise ValueError("no route")
+
+    items: list[tuple[Any, ...]] = []
+    proto, transport = connect(loop, "asgi", app, access_log=access_log)
+    over, over_transport = connect(loop, "asgi", app, access_log=access_log)
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(get("/gone?a=1"))
+        over.data_received(get("/gone?over=1"))
+        run_until(loop, lambda: transport.eof and over_transport.eof
+                  and proto.state.in_progress() == 0 and over.state.in_progress() == 0)
+    finally:
+        log.setup()
+    assert transport.received.startswith(b"HTTP/1.1 500 ")
+    assert over_transport.received.startswith(b"HTTP/1.1 200 ")
+    assert bodies(over_transport.received) == [b"t"]  # (cut at its content-length)
+    assert sorted((item[3], item[7], item[8]) for item in items) == (
+        [(200, b"/gone", b"over=1"), (500, b"/gone", b"a=1")] if access_log else [])
