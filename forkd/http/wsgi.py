@@ -327,7 +327,8 @@ class WSGICycle:
         self.wait_for_body = False
         self.submitted = False
         self.disconnected = False
-        self.replaced = False  # a refusal answered in the app's place (disconnect)
+        # (`replaced`, a refusal answered in the app's place, is set by disconnect alone:
+        # a request pays nothing for it)
         # write flow control between the app's thread and the loop, made by the app's
         # thread at its first block of a streamed response (a response written in one
         # block, and an inline call, need none). disconnect() sets `disconnected` before
@@ -581,7 +582,8 @@ class WSGICycle:
             # an ordinary disconnect: the app stopped on being told, not an error
             log.info("%s %s ended by %s: the client disconnected", self.method, path,
                      type(exc).__name__)
-            if self.writer is not None and self.proto.state.access_log and not self.replaced:
+            if (self.writer is not None and self.proto.state.access_log
+                    and not getattr(self, "replaced", False)):
                 self._log_access()  # (as nginx does: the status it started, bytes sent)
             return
         log.error("exception in WSGI app for %s %s", self.method, path, exc_info=exc)
