@@ -143,7 +143,9 @@ def id_field(access: tuple[bytes, bytes, bytes, float]) -> bytes:
 
 def _printable(value: bytes) -> bool:
     # visible ASCII only: the id goes back into a response header and into log lines
-    return 0 < len(value) <= MAX_ID and all(0x21 <= byte <= 0x7E for byte in value)
+    # ("-" is the log's "none": a client's "-" is no id, one is made as for none)
+    return (0 < len(value) <= MAX_ID and value != b"-"
+            and all(0x21 <= byte <= 0x7E for byte in value))
 
 
 def ended(access: tuple[bytes, bytes, bytes, float], status: int, size: int,

@@ -715,9 +715,11 @@ class WSGICycle:
     def fail(self) -> None:
         logged = self.proto.state.access_log
         if self.writer is not None:
-            if logged:  # (as nginx does: the status it started, the body bytes sent)
-                self._log_access()
-            self.abort()
+            replaced = self.disconnected and getattr(self, "replaced", False)
+            if logged and not replaced:  # (as nginx does: the status it started, the
+                self._log_access()  # body bytes sent; a refusal's answer went instead)
+            if not self.disconnected:  # (a refusal closing, or a client gone: nothing to
+                self.abort()  # cut, and a reset would lose the refusal's answer)
             return
         # an answer as any other for the access log: its line, its request id
         data, size = error_answer(500, "Internal Server Error", self.proto.state.date_header,

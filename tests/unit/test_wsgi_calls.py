@@ -590,3 +590,50 @@ def test_an_answer_after_a_refused_body_is_neither_sent_nor_logged(
     # (the app's own error is logged as such; nothing of ours fails after it)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == (
         ["exception in WSGI app for POST /form"] if ends == "raise" else [])
+
+
+def test_an_answer_begun_then_refused_is_not_logged_nor_cut(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The app starts its answer (a block handed to the loop, not written yet), then its
+    body read fails because the body outgrew --max-body-size, and it raises: forkd's 413
+    went out in its place. The app's failure neither logs its started answer nor resets
+    the connection (which would cut the 413 the client is reading)."""
+    from forkd import log
+
+    wrote = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        write = start_response("200 OK", [])
+        write(b"partial")
+        wrote.set()
+        try:
+            environ["wsgi.input"].read()
+        except OSError:
+            raise ValueError("no body, no answer") from None
+        return [b"x"]
+
+    state = ServerState(Config(app="test", interface="wsgi", threads=2, access_log=True,
+                               wsgi_body_buffer=1024, max_body_size=4096), loop)
+    pool = WSGIPool(loop, 2, "never")
+    state.cycle_factory = WSGICycle.bind(app, pool, "")
+    proto = HttpProtocol(state)
+    transport = Transport()
+    transport.protocol = proto
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    items: list[tuple[Any, ...]] = []
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(b"POST /form HTTP/1.1\r\nHost: test\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n"
+                            b"800\r\n" + b"a" * 0x800 + b"\r\n")
+        # (the loop does not run meanwhile: the app's block waits for it, unwritten)
+        assert wrote.wait(5)
+        proto.data_received(b"1000\r\n" + b"a" * 0x1000 + b"\r\n")  # past the limit
+        run_until(loop, lambda: settled(pool) and state.calls == 0)
+    finally:
+        log.setup()
+        pool.shutdown()
+    answers = transport.received.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 1 and answers[0].startswith(b"413 ")
+    assert [item[3] for item in items] == [413]
+    assert not transport.aborted
