@@ -1225,9 +1225,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.write_paused:
             # the client is not reading what we wrote: the next request waits until it
             # does, so a client that pipelines and never reads cannot make us buffer
-            self.awaiting_drain = True
-            self.send_since = self.state.now  # (its send rate is judged from now)
-            self.send_taken = 0
+            self.awaiting_drain = True  # (its clocks run on from the pause: send_paused)
             if self.pipeline:  # and reads nothing more while answers are owed (as when
                 self.pause_reading()  # a request is being answered with more queued)
             return
@@ -1365,9 +1363,12 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.flush()  # (before the FIN, and before write() refuses more)
         self.linger_until = self.state.now + LINGER_SECONDS
-        self.write_paused_at = self.send_since = self.state.now  # (check_timeouts: the
-        self.send_taken = 0  # answer going out: nothing taken yet is seen)
-        self.write_seen = UNSEEN
+        if not self.write_paused:  # (check_timeouts: the answer going out, nothing
+            # taken yet seen. While writing waits on the client its clocks run on from
+            # when it last took bytes: the close is no fresh start for one taking none.)
+            self.write_paused_at = self.send_since = self.state.now
+            self.send_taken = 0
+            self.write_seen = UNSEEN
         self.unparsed = None
         self.body_parts.clear()
         self.idle_since = None
@@ -1410,18 +1411,28 @@ class HttpProtocol(asyncio.Protocol):
                     self.close_gracefully()  # (nothing owed, nothing to answer: just close)
                 else:
                     self.reject(408, "Request Timeout", started)
-            return
-        if self.parsing is not None and self.pending_error is None and not self.read_paused:
+                return
+            if not self.write_paused:
+                return
+            # (a client that takes none of the answers owed meanwhile is cut below: a
+            # head it sends is no progress in taking them)
+        elif self.parsing is not None and self.pending_error is None and not self.read_paused:
             self.check_body_rate(now, config.header_timeout)
-            if self.write_paused:
-                # An answer waits on a client still sending its body (most send it
-                # whole before they read; a duplex ASGI app's send() waits meanwhile):
-                # its taking is judged from the body's end, not from the pause, long
-                # past by then (the body's own clocks bound the wait, as any upload's).
+            if self.parsing is None or not self.write_paused or self.linger_until is not None:
+                return
+            if self.cycle is None:
+                # Answers done wait on a client still sending its body (most send it
+                # whole before they read), and nothing of the app waits on it: their
+                # taking is judged from the body's end, not from the pause, long past by
+                # then (the body's own clocks bound the wait, as any upload's).
                 self.write_paused_at = self.send_since = now
                 self.send_taken = 0
                 self.write_seen = self.sent - self.unsent()  # (taken before: not this window's)
-            return
+                return
+            # An app waits on its client to take its answer (a WSGI thread in write(),
+            # an ASGI task in send()) while the body still arrives: the body's own rules
+            # judge the upload, the answer's judge the taking, from the pause (else a
+            # client trickling its body and reading nothing held the thread as long).
         if self.write_paused:
             # Our writing waits on the client: answers done (awaiting_drain), or one
             # being streamed, whose app waits in send() (ASGI) or write() (a WSGI

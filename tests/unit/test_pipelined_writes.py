@@ -804,6 +804,55 @@ def test_a_head_that_stalls_behind_one_queued_while_the_client_does_not_read_is_
     assert not transport.aborted and proto.metrics.in_flight == 0
 
 
+def tick_until_cut(proto: HttpProtocol, transport: Transport, clock: FakeClock,
+                   until: float, step: float = 0.5) -> float:
+    """The worker's ticks (every `step` s of the protocol's clock) until the connection
+    is cut or `until`: when it was cut (or `until`)."""
+    while not transport.aborted and clock.now < until:
+        clock.now += step
+        proto.state.now = clock.now  # (tick's coarse clock)
+        proto.check_timeouts(clock.now)
+    return clock.now
+
+
+@pytest.mark.parametrize("rest", [b"GET /?n=1 HTTP/1.1\r\nHo", b"BAD\x01 / HTTP/1.1\r\n\r\n",
+                                  get("/?n=1", b"Connection: close\r\n")],
+                         ids=["stalled head", "refused", "closing"])
+def test_a_client_taking_none_of_its_answers_is_cut_a_timeout_after_it_last_took_any(
+        loop: asyncio.AbstractEventLoop, rest: bytes) -> None:
+    """/big waits on a client that takes none of it; just before --header-timeout has
+    passed, it pipelines a head that stalls, a request refused at once (400 and the
+    close) or one asking for the close: it is still cut --header-timeout after the
+    pause (at the first tick past it), not the head's 408 or the close later (they gave
+    it up to two or three times as long)."""
+    proto, transport = behind_an_unread_answer(loop)
+    clock = FakeClock(proto)
+    paused = proto.write_paused_at
+    timeout = proto.state.config.header_timeout
+    clock.now = proto.state.now = paused + timeout - 0.5
+    proto.data_received(rest)
+    cut = tick_until_cut(proto, transport, clock, paused + 4 * timeout)
+    assert transport.aborted and paused + timeout <= cut < paused + timeout + 0.5
+    assert proto.state.slow_cuts.count == 1
+
+
+def test_a_new_pause_after_the_client_took_everything_starts_afresh(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The client reads /big's answer whole, late but within --header-timeout; then asks
+    for it again and reads nothing: it is cut --header-timeout after the new pause."""
+    proto, transport = behind_an_unread_answer(loop)
+    clock = FakeClock(proto)
+    timeout = proto.state.config.header_timeout
+    clock.now = proto.state.now = proto.write_paused_at + timeout - 0.5
+    transport.client_reads_everything()
+    proto.data_received(get("/big"))
+    run_until(loop, lambda: proto.awaiting_drain)
+    assert proto.write_paused_at == clock.now
+    again = clock.now
+    cut = tick_until_cut(proto, transport, clock, again + 3 * timeout)
+    assert transport.aborted and again + timeout <= cut < again + timeout + 0.5
+
+
 def test_reading_pauses_while_the_client_does_not_read_and_answers_are_owed(
         loop: asyncio.AbstractEventLoop) -> None:
     """/big's answer is not read and a request is queued behind it: nothing more is read
@@ -1331,13 +1380,12 @@ def test_a_streamed_answer_taken_slowly_but_above_the_floor_is_not_cut(
     run_until(loop, lambda: proto.state.in_progress() == 0)
 
 
-def test_a_duplex_answer_is_judged_from_the_end_of_the_upload(
+def test_a_duplex_answer_is_judged_from_the_pause_while_the_upload_arrives(
         loop: asyncio.AbstractEventLoop) -> None:
     """A duplex app (one task reads the request body while another streams the
-    answer), a client that sends its body whole before it reads (as most do): while the
-    body keeps coming (well above --min-body-rate) it is not cut for taking nothing,
-    however long; once the body is in, it has --header-timeout from then (not from the
-    pause, long past) to take some; taking none, it is cut."""
+    answer) waits in send() on a client that uploads (well above --min-body-rate) and
+    takes nothing: the app waits on that client, so it is cut --header-timeout after the
+    pause (the first tick past it), the upload's own clocks notwithstanding."""
     told: list[Any] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -1350,21 +1398,18 @@ def test_a_duplex_answer_is_judged_from_the_end_of_the_upload(
         await reading
 
     proto, transport = connect(loop, "asgi", app, header_timeout=1.0)
+    clock = FakeClock(proto)
     proto.data_received(b"POST /up HTTP/1.1\r\nHost: t\r\n"
                         b"Transfer-Encoding: chunked\r\n\r\n")
     run_until(loop, lambda: proto.write_paused)
-    paused = loop.time()
-    while loop.time() - paused < 2.0:  # 3 KB/s of upload, in real time (the body's clocks)
+    paused = proto.write_paused_at
+    while not transport.aborted and clock.now < paused + 3.0:  # 3 KB/s of upload
+        clock.now += 0.1
         proto.data_received(b"12c\r\n" + b"u" * 300 + b"\r\n")
-        loop.run_until_complete(asyncio.sleep(0.1))
-        proto.check_timeouts(loop.time())
-        assert not transport.aborted
-    proto.data_received(b"0\r\n\r\n")
-    ended = loop.time()
-    proto.check_timeouts(ended + 0.5)
-    assert not transport.aborted  # (its time to start reading)
-    proto.check_timeouts(ended + 1.0)
-    assert transport.aborted and proto.state.slow_cuts.count == 1
+        loop.run_until_complete(asyncio.sleep(0))
+        proto.check_timeouts(clock.now)
+    assert transport.aborted and paused + 1.0 <= clock.now < paused + 1.1
+    assert proto.state.slow_cuts.count == 1
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
     assert type(told[0]).__name__ == "ClientDisconnected"
