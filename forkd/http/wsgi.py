@@ -615,7 +615,8 @@ class WSGICycle:
         while the client is not reading (or several blocks are queued). A client that
         takes nothing for --header-timeout, or less than --min-body-rate, is cut by the
         protocol (check_timeouts), as every answer's is: the wait then ends with
-        ClientDisconnected, and the app's result is closed."""
+        ClientDisconnected, and the app's result is closed. (Should the protocol fail
+        to cut it, _wait_for_client's backstop ends the wait all the same.)"""
         if self.inline:  # on the loop's thread: write now (the app made it already)
             if final:
                 self._write_final(data, keep_alive)
@@ -638,10 +639,32 @@ class WSGICycle:
         with flow:
             self.in_flight += 1
             self.pool.to_loop(self._write_more, data)
-            while (self.blocked or self.in_flight > MAX_IN_FLIGHT) and not self.disconnected:
-                flow.wait()  # (_write_more, _wait_writable or disconnect notify)
+            if (self.blocked or self.in_flight > MAX_IN_FLIGHT) and not self.disconnected:
+                self._wait_for_client(flow)
         if self.disconnected:
             raise ClientDisconnected("the client went away")
+
+    def _wait_for_client(self, flow: threading.Condition) -> None:
+        """(hand_off, `flow` held) Wait until the loop takes more blocks. A backstop
+        against a bug of ours: the protocol cuts a client that takes nothing for
+        send_stall (--header-timeout); if the client has taken nothing (the protocol's
+        last look at it, write_seen, unchanged) for twice that, the thread stops waiting
+        and the connection is cut, rather than the thread being held for ever."""
+        proto = self.proto
+        limit = 2 * proto.send_stall()
+        seen = proto.write_seen
+        since = time.monotonic()
+        while (self.blocked or self.in_flight > MAX_IN_FLIGHT) and not self.disconnected:
+            flow.wait(limit / 4)  # (_write_more, _wait_writable or disconnect notify)
+            now = time.monotonic()
+            if proto.write_seen != seen:  # (it took bytes: or writing paused anew)
+                seen = proto.write_seen
+                since = now
+            elif now - since >= limit and not self.disconnected:
+                log.warning("a WSGI thread waited %.0fs on a client that took nothing, "
+                            "and the connection was not cut: it is cut now", now - since)
+                self.disconnected = True  # (the loop's disconnect() says it too, later)
+                self.pool.to_loop(proto.cut_reader)
 
     def _write_more(self, data: bytes) -> None:
         proto = self.proto

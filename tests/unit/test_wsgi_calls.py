@@ -637,3 +637,87 @@ def test_an_answer_begun_then_refused_is_not_logged_nor_cut(
     assert len(answers) == 1 and answers[0].startswith(b"413 ")
     assert [item[3] for item in items] == [413]
     assert not transport.aborted
+
+
+def streaming_before_the_body(told: list[Any]) -> Any:
+    """A WSGI app that streams 64 KiB blocks before it reads its request body, until
+    write() raises; it records the error in `told`."""
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [])
+        try:
+            while True:
+                write(b"s" * 65536)
+        except OSError as exc:
+            told.append(exc)
+            raise
+    return app
+
+
+def upload_to(loop: asyncio.AbstractEventLoop, app: Any, **options: Any
+              ) -> tuple[ServerState, WSGIPool, HttpProtocol, Transport]:
+    """A POST of 1 MiB whose first 4 KiB come at once (past --wsgi-body-buffer, here
+    1 KiB: the call starts on a thread), to `app`; until the transport pauses writing."""
+    state = ServerState(Config(app="test", interface="wsgi", wsgi_body_buffer=1024,
+                               **options), loop)
+    pool = WSGIPool(loop, 2, "never")
+    state.cycle_factory = WSGICycle.bind(app, pool, "")
+    proto = HttpProtocol(state)
+    transport = Transport()
+    transport.protocol = proto
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    return state, pool, proto, transport
+
+
+def test_a_thread_answering_before_the_body_is_freed_from_a_client_trickling_its_upload(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The app streams its answer before it reads the body; the client trickles the
+    body (600 B/s, above --min-body-rate) and reads nothing: it is cut --header-timeout
+    after writing paused (the first tick past it), and the app's thread is freed (its
+    write() raises ClientDisconnected; the call ends)."""
+    from test_pipelined_writes import FakeClock, tick_until_cut
+
+    told: list[Any] = []
+    state, pool, proto, transport = upload_to(loop, streaming_before_the_body(told))
+    clock = FakeClock(proto)
+    try:
+        proto.data_received(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                            % (1 << 20) + b"u" * 4096)
+        run_until(loop, lambda: proto.write_paused)
+        paused = proto.write_paused_at
+        timeout = state.config.header_timeout
+        while not transport.aborted and clock.now < paused + 3 * timeout:
+            proto.data_received(b"u" * 300)  # (each tick: 600 B/s)
+            tick_until_cut(proto, transport, clock, clock.now + 0.5)
+        assert transport.aborted and paused + timeout <= clock.now < paused + timeout + 0.5
+        proto.connection_lost(None)  # (what the real transport's abort leads to)
+        run_until(loop, lambda: bool(told) and state.calls == 0, timeout=5)
+        assert type(told[0]).__name__ == "ClientDisconnected"
+    finally:
+        pool.shutdown()
+
+
+def test_a_thread_waiting_on_a_client_is_freed_if_the_connection_is_never_cut(
+        loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture) -> None:
+    """A backstop for a bug of ours: should the protocol never cut a client that takes
+    nothing (here its checks never run), the app's thread waits for it no longer than
+    twice --header-timeout after it last took bytes (here 2 x 0.25 s, and a quarter of
+    that between looks): its write() raises ClientDisconnected, the connection is cut,
+    and the call ends."""
+    told: list[Any] = []
+    state, pool, proto, transport = upload_to(loop, streaming_before_the_body(told),
+                                              header_timeout=0.25)
+    try:
+        proto.data_received(get("/"))
+        run_until(loop, lambda: proto.write_paused)
+        paused = time.monotonic()
+        with caplog.at_level("WARNING", logger="forkd.http"):
+            run_until(loop, lambda: bool(told), timeout=5)
+        waited = time.monotonic() - paused
+        assert type(told[0]).__name__ == "ClientDisconnected"
+        assert 0.5 <= waited < 1.5, waited
+        run_until(loop, lambda: transport.aborted, timeout=2)
+        assert "waited" in caplog.text and state.slow_cuts.count == 1
+        proto.connection_lost(None)
+        run_until(loop, lambda: state.calls == 0, timeout=5)
+    finally:
+        pool.shutdown()
