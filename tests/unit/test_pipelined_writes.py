@@ -853,6 +853,35 @@ def test_a_new_pause_after_the_client_took_everything_starts_afresh(
     assert transport.aborted and again + timeout <= cut < again + timeout + 0.5
 
 
+def test_a_client_trickling_below_the_floor_across_pipelined_answers_is_cut(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """An answer just past what the transport buffers, then the client pipelines one
+    small request after another without reading their answers, and takes 200 B/s
+    (under --min-body-rate's 240): enough for writing to resume every second or two and
+    the next answer to go out (and end) before it pauses again. The send-rate window
+    runs on across those answers: the client is cut once one window (--header-timeout)
+    has passed since the pause, not held while answers keep ending."""
+    proto, transport = connect(loop, "asgi", asgi_sized)
+    clock = FakeClock(proto)
+    proto.data_received(get(f"/?n={HIGH_WATER + 100}"))
+    run_until(loop, lambda: proto.awaiting_drain)
+    paused = proto.write_paused_at
+    timeout = proto.state.config.header_timeout
+    answered = 1
+    while not transport.aborted and clock.now < paused + 6 * timeout:
+        if proto.awaiting_drain and not proto.pipeline:
+            proto.data_received(get("/?n=500"))  # (its next request, pipelined)
+        transport.client_reads(100)
+        if transport.unread < HIGH_WATER - 100:  # (the transport's low-water mark)
+            transport.paused = False
+            proto.resume_writing()
+            run_until(loop, lambda: proto.awaiting_drain)
+            answered += 1
+        tick_until_cut(proto, transport, clock, clock.now + 0.5)
+    assert answered >= 4  # (answers ended within the window)
+    assert transport.aborted and paused + timeout <= clock.now < paused + timeout + 0.5
+
+
 def test_reading_pauses_while_the_client_does_not_read_and_answers_are_owed(
         loop: asyncio.AbstractEventLoop) -> None:
     """/big's answer is not read and a request is queued behind it: nothing more is read
