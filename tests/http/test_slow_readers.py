@@ -247,3 +247,43 @@ def test_a_client_that_never_reads_on_a_unix_socket_is_cut(asgi_unix: Served,
         took = time.monotonic() - sent
         assert told["oserror"] and told["receive"] == "http.disconnect"
         assert 65536 / UNIX_RATE <= took < 65536 / UNIX_RATE + 3, took
+
+
+@pytest.fixture(scope="module")
+def wsgi_upload(serve) -> Served:
+    # (a small --wsgi-body-buffer: the call starts on a thread after 1 KiB of body, and
+    # what the app leaves unread stays under the 64 KiB at which reading pauses for
+    # the whole test; a floor of 512 B/s for the body and the answer)
+    return serve("wsgi_flow:app", "--header-timeout", str(HEADER_TIMEOUT),
+                 "--min-body-rate", "512", "--threads", "2", "--wsgi-inline", "never",
+                 "--wsgi-body-buffer", "1024")
+
+
+def test_a_wsgi_thread_answering_before_the_body_is_freed_from_a_client_trickling_it(
+        wsgi_upload: Served) -> None:
+    """The app streams its answer before it reads the body; the client sends its body
+    at 2 KB/s (above the floor: the body alone is never cut) and reads nothing. The
+    thread waits on that client: within about --header-timeout of the socket filling
+    the connection is cut and the generator is closed (the thread is free), while the
+    upload would have gone on for minutes."""
+    with connect(wsgi_upload.port) as sock:
+        sent = time.monotonic()
+        sock.sendall(b"POST /blocks?id=upload HTTP/1.1\r\nHost: t\r\n"
+                     b"Content-Length: 1048576\r\n\r\n" + b"u" * 2048)
+        sock.setblocking(False)
+        closed = wsgi_upload.markers / "closed-upload"
+        reset = False
+        while not closed.exists() and time.monotonic() - sent < 10:
+            try:
+                sock.send(b"u" * 200)  # (each 0.1 s)
+            except BlockingIOError:
+                pass
+            except (ConnectionResetError, BrokenPipeError):
+                reset = True
+                break
+            time.sleep(0.1)
+        yielded = int(wsgi_upload.marker("closed-upload", timeout=5))
+        took = time.monotonic() - sent
+        assert HEADER_TIMEOUT <= took < HEADER_TIMEOUT + 3, took
+        assert yielded > 0
+        assert reset or ends_in_reset(sock)
