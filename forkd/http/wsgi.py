@@ -20,7 +20,7 @@ from forkd.http import accesslog
 from forkd.http.asgi import _REQUESTS, split_target
 from forkd.http.framing import BodyWriter, frame_head, status_line
 from forkd.http.protocol import HIGH_WATER, ClientDisconnected, HttpProtocol, error_answer
-from forkd.http.wsgipool import _INLINE, INLINE_LIMIT, WSGIPool, clocks
+from forkd.http.wsgipool import _INLINE, INLINE_LIMIT, WSGIPool
 
 log = logging.getLogger("forkd.http")
 
@@ -414,7 +414,7 @@ class WSGICycle:
             else:
                 pool.run_inline(self.run, body)  # in a later pass of the loop
         else:
-            pool.submit(self.run, body)
+            pool.submit(self.run, body, route)  # (timed for the route: WSGIPool._work)
 
     def _call_ended(self) -> None:
         self.proto.state.calls -= 1
@@ -462,7 +462,9 @@ class WSGICycle:
                 self.flow.notify_all()
 
     # -- the app's side (pool thread) ---------------------------------------------------
-    def run(self, body: Any) -> None:
+    def run(self, body: Any) -> bool:
+        """The call, inline or on a thread (WSGIPool._work times a threaded one: True if
+        its times say something of its route)."""
         proto = self.proto
         base = proto.wsgi_base  # (client, scheme, connection_environ of them)
         if base is None or base[0] is not self.client or base[1] is not self.scheme:
@@ -476,8 +478,6 @@ class WSGICycle:
             started = time.perf_counter()
             if started > self.pool.look_due:  # (the waits for a CPU: wsgipool)
                 self.pool.look(started)
-        else:
-            wall, cpu = clocks()
         # An inline call is judged as soon as it returns: its answer may run the next
         # pipelined request inline, nested (response_done), whose time, and waits for a
         # CPU, are not this one's. Until then no other call ran, so the pool's last look
@@ -515,7 +515,7 @@ class WSGICycle:
                 self.inline = False
                 ended = False  # _stream closes the result and ends the call
                 self.pool.submit(self._stream, result)
-                return
+                return False
             else:  # (--threads 0: the blocks come on the loop's thread, as the app ran)
                 _off_loop(self._iterate, result)
             if inline:
@@ -536,15 +536,14 @@ class WSGICycle:
             if ended:
                 if inline and type(result) is list:  # (the usual end: nothing to close)
                     self.proto.state.calls -= 1
-                else:
+                elif self.ending != 2:
                     # (a failed app may have returned nothing to close: it ends anyway)
                     self._close(result)
-            if not inline:
-                end_wall, end_cpu = clocks()
-                # (a call that read a streamed body, or waited for its client to read,
-                # timed the client as much as the app: it teaches the route nothing)
-                self.pool.threaded_took(self.route, end_wall - wall, end_cpu - cpu,
-                                        self.stream is None and self.flow is None)
+                # (else threaded, nothing to close, and the final block's hand-off ended
+                # the call, refusing a write() from then on: _close's work is done)
+        # (a call that read a streamed body, or waited for its client to read, timed the
+        # client as much as the app: it teaches the route nothing)
+        return self.stream is None and self.flow is None
 
     def _judge(self, took: float) -> None:
         """(run's less usual ends) An inline call's time, for its route's place."""
@@ -693,8 +692,10 @@ class WSGICycle:
         self.proto.response_done(self, keep_alive)
 
     def _write_final_ended(self, data: bytes, keep_alive: bool) -> None:
-        try:
-            self._write_final(data, keep_alive)
+        try:  # (_write_final, inline: once per threaded request)
+            if data:
+                self.proto.write(data)
+            self.proto.response_done(self, keep_alive)
         finally:  # (a write that raised still ends the call: a drain waits for it)
             self.proto.state.calls -= 1
 

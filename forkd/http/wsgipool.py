@@ -62,7 +62,8 @@ So the pool runs up to FLOOR threads as before, and more, up to `--threads`, onl
 calls wait for a thread and either
 - every thread has been in its call for BLOCKED_AFTER or longer (they wait on something,
   not on the GIL: a quick call would have ended), or
-- the threaded calls of late spent most of their time waiting: over each WINDOW calls,
+- the threaded calls of late spent most of their time waiting: over each WINDOW calls
+  timed (every call of a route still learnt, one in SAMPLE_EVERY of the others: _work),
   their wall time over twice their CPU time (the loop's part of a request is about as
   much as the thread's) estimates how many calls can be in flight before the GIL is the
   limit. Wall and CPU are read with the GIL held, at the call's start and end, so time
@@ -102,6 +103,7 @@ LOOK_EVERY = 0.002  # an inline call looks at the waits for a CPU first, if none
 RETRY_AFTER = 10.0  # seconds a route sent back to the threads waits to learn afresh
 RETRY_MAX = 640.0  # the longest wait (doubled per return to the threads)
 LOG_EVERY = 10.0  # seconds between two lines about routes sent back to the threads
+SAMPLE_EVERY = 8  # a thread's calls per CPU reading, on routes no longer learnt (_work)
 
 _INLINE = -1
 _THREADS = -2  # until its probation (retry)
@@ -115,9 +117,8 @@ class WSGIPool:
         self.size = size
         self.mode = "always" if size == 0 else inline
         self.always = self.mode == "always"  # (every call inline: no route is looked up)
-        self.calls: queue.SimpleQueue[tuple[Callable[..., None], Any] | None] = (
-            queue.SimpleQueue()
-        )
+        self.calls: queue.SimpleQueue[
+            tuple[Callable[..., Any], Any, bytes | None] | None] = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
         self.started = 0  # threads started so far (for their names)
         self.idle = 0  # idle threads, less the calls queued for one
@@ -175,7 +176,9 @@ class WSGIPool:
             self.pass_due = True
             self.loop.call_soon(self._next_pass)
 
-    def submit(self, fn: Callable[..., None], arg: Any) -> None:
+    def submit(self, fn: Callable[..., Any], arg: Any, route: bytes | None = None) -> None:
+        """fn(arg) on a thread. With a `route`, the call is timed for it (_work): fn
+        returns True if its times say something of the route (threaded_took's `judged`)."""
         thread = None
         with self.lock:
             count = len(self.threads)
@@ -191,7 +194,7 @@ class WSGIPool:
             # the calls waiting now may wait on threads that wait on I/O: look again soon
             self.check_due = True
             self.loop.call_later(BLOCKED_AFTER, self._check_blocked)
-        self.calls.put((fn, arg))
+        self.calls.put((fn, arg, route))
 
     def _check_blocked(self) -> None:
         """Calls wait for a thread: if every thread is stuck in a call, one more thread
@@ -334,52 +337,93 @@ class WSGIPool:
                       judged: bool = True) -> None:
         """A threaded call ended: `wall` and `cpu` seconds. `judged` False: it waited on
         its client (a streamed body, a slow reader), so it says nothing of the route."""
-        window = self.window
         with self.lock:
-            window[0] += 1
-            window[1] += wall
-            window[2] += cpu
-            if window[0] >= WINDOW:
-                helps = window[1] / max(window[2] * LOOP_SHARE, 1e-6)
-                self.limit = max(min(FLOOR, self.size), min(self.size, math.ceil(helps)))
-                window[:] = [0, 0.0, 0.0]
-            if self.mode != "auto" or not judged:
+            self._took(route, wall, cpu, judged)
+
+    def _took(self, route: bytes, wall: float, cpu: float, judged: bool) -> None:
+        """(lock held) threaded_took."""
+        window = self.window
+        window[0] += 1
+        window[1] += wall
+        window[2] += cpu
+        if window[0] >= WINDOW:
+            helps = window[1] / max(window[2] * LOOP_SHARE, 1e-6)
+            self.limit = max(min(FLOOR, self.size), min(self.size, math.ceil(helps)))
+            window[:] = [0, 0.0, 0.0]
+        if self.mode != "auto" or not judged:
+            return
+        # (under the lock: one call's bookkeeping at a time, so no flag is lost)
+        routes = self.routes
+        score = routes.get(route, 0)
+        if score < 0:
+            if score != _THREADS:
+                return  # (an inline route's streamed upload says nothing of the app)
+            if wall <= NEVER_INLINE and _clock() < self.retry[route][0]:
                 return
-            # (under the lock: one call's bookkeeping at a time, so no flag is lost)
-            routes = self.routes
-            score = routes.get(route, 0)
-            if score < 0:
-                if score != _THREADS:
-                    return  # (an inline route's streamed upload says nothing of the app)
-                if wall <= NEVER_INLINE and _clock() < self.retry[route][0]:
-                    return
-                score = routes[route] = 0  # probation: this call is judged as the others
-            if wall > NEVER_INLINE:
-                self._never(route)
-            elif cpu > QUICK_CPU:
-                if score:  # (an unknown route is not added: routes stay bounded)
-                    routes[route] = 0
-            elif score + 1 >= PROMOTE_AFTER:
-                routes[route] = _INLINE
-            elif score or route in routes or len(routes) < MAX_ROUTES:
-                routes[route] = score + 1
+            score = routes[route] = 0  # probation: this call is judged as the others
+        if wall > NEVER_INLINE:
+            self._never(route)
+        elif cpu > QUICK_CPU:
+            if score:  # (an unknown route is not added: routes stay bounded)
+                routes[route] = 0
+        elif score + 1 >= PROMOTE_AFTER:
+            routes[route] = _INLINE
+        elif score or route in routes or len(routes) < MAX_ROUTES:
+            routes[route] = score + 1
 
     def _work(self) -> None:
+        """Run calls. A call submitted with its route is timed here: its wall time
+        always (a call over NEVER_INLINE keeps its route on the threads for good), its
+        thread's CPU time (a system call: 0.4 us, with the GIL held) only while the route
+        is learnt (`auto`, a score of 0 or more: every call counts towards its place)
+        and on every SAMPLE_EVERY-th call of the thread otherwise, for the window's
+        estimate of the threads that help, and a probation that is due (the module's
+        docstring). The sampled calls are a share of all calls taken whatever their
+        route, so their wall over CPU is the whole's, only measured less often. The
+        end of a call (its judgement, the thread's count) takes the lock once."""
         calls = self.calls
         busy_since = self.busy_since
+        routes = self.routes
+        learns = self.mode == "auto"
+        lock = self.lock
         me = threading.get_ident()
+        clock = time.perf_counter
+        skip = 0  # calls to leave untimed before the next sample
         while True:
             item = calls.get()
             if item is None:
                 return
-            fn, arg = item
-            self.last_start = busy_since[me] = time.perf_counter()
+            fn, arg, route = item
+            start = self.last_start = busy_since[me] = clock()
+            if route is None:
+                timed = False
+            elif learns and routes.get(route, 0) >= 0:
+                timed = True
+            elif skip:
+                skip -= 1
+                timed = False
+            else:
+                skip = SAMPLE_EVERY - 1
+                timed = True
+            if timed:
+                cpu = time.thread_time()
+            judged = False
             try:
-                fn(arg)
+                judged = fn(arg)
             except BaseException as exc:  # (a bug of ours: the thread and its count live)
                 _log.error("exception in a WSGI pool thread's call", exc_info=exc)
-            with self.lock:
+            if route is not None:
+                wall = clock() - start
+                if timed:
+                    cpu = time.thread_time() - cpu
+            with lock:
                 del busy_since[me]
+                if route is not None:
+                    if timed:
+                        self._took(route, wall, cpu, judged)
+                    elif (wall > NEVER_INLINE and judged
+                          and routes.get(route) == _THREADS):  # (as _took judges it)
+                        self._never(route)
                 if self.idle >= 0 and len(self.threads) > self.limit:
                     # more threads than help, and no call waits: this one retires
                     self.threads.remove(threading.current_thread())
@@ -410,6 +454,3 @@ def _run_delay(stats: int | None) -> float:
     except (OSError, ValueError, IndexError):
         return 0.0
 
-
-def clocks() -> tuple[float, float]:
-    return time.perf_counter(), time.thread_time()
