@@ -138,7 +138,7 @@ class WSGIPool:
         self.unlogged = 0  # routes sent back since then, not logged
         self.pass_left = INLINE_PER_PASS  # inline calls that may run before a new pass
         self.pass_due = False  # _next_pass is scheduled
-        self.waiting: deque[tuple[Callable[..., None], Any]] = deque()  # inline, for a pass
+        self.waiting: deque[tuple[Callable[..., Any], Any]] = deque()  # inline, for a pass
         # the loop thread's waits for a CPU (its schedstat, open: made on the loop's thread;
         # only `auto` learns routes from their calls' times), at the last look, and when
         # the next call inline is to look first
@@ -151,7 +151,7 @@ class WSGIPool:
         """(WSGICycle._submit asks the same, inline; in `never` mode no route is learnt)"""
         return self.always or self.routes.get(route) == _INLINE
 
-    def run_inline(self, fn: Callable[..., None], arg: Any) -> None:
+    def run_inline(self, fn: Callable[..., Any], arg: Any) -> None:
         """fn(arg) on the loop's thread, once the share runs afresh: the caller found it
         spent, or calls waiting (WSGICycle runs the call itself when neither is so)."""
         self.waiting.append((fn, arg))
