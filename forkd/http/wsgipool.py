@@ -38,7 +38,8 @@ cores) in ways its clocks cannot tell from a call that waits on I/O (where the k
 does not count the waits, or a stall of the whole process), and a quick route would
 then stay on the threads for the rest of the worker's life. So after RETRY_AFTER
 it is on probation: it learns afresh (PROMOTE_AFTER quick threaded calls, then inline;
-the first call after the wait is judged as the others), and each time it is sent back
+the first call timed after the wait is judged as the others: while it waits, one in
+SAMPLE_EVERY of a thread's calls is timed, _work), and each time it is sent back
 again the wait doubles, up to RETRY_MAX, and never shrinks again. A call over
 NEVER_INLINE, on probation or on the threads while it waits, ends that for good. So a
 route that waits on something (a database) costs at most STRIKES calls on the loop per

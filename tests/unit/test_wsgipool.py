@@ -678,3 +678,98 @@ def test_the_kernel_counts_a_threads_waits_for_a_cpu() -> None:
     assert seen["cpu"] < wsgipool.SLOW_INLINE, seen  # (else the call was slow on its own)
     assert seen["inline"], f"a call of {seen['cpu'] * 1000:.1f} ms of CPU held for " \
         f"{seen['took'] * 1000:.1f} ms by the scheduler went back to the threads"
+
+
+class ThreadClocks:
+    """wsgipool's `time` for calls on its real threads: a wall and a CPU clock that move
+    only inside the test's calls (each call says how long it waited and computed), and a
+    count of the CPU readings (a system call each, which the pool takes sparingly)."""
+
+    def __init__(self) -> None:
+        self.wall = 1000.0
+        self.cpu = 1.0
+        self.cpu_readings = 0
+
+    def perf_counter(self) -> float:
+        return self.wall
+
+    def thread_time(self) -> float:
+        self.cpu_readings += 1
+        return self.cpu
+
+    def call(self, waits: float, computes: float) -> Callable[[Any], bool]:
+        def call(_: Any) -> bool:
+            self.wall += waits + computes
+            self.cpu += computes
+            return True  # (its times are the route's: no client was waited for)
+        return call
+
+
+@pytest.fixture
+def thread_clocks(monkeypatch: pytest.MonkeyPatch) -> ThreadClocks:
+    clocks = ThreadClocks()
+    monkeypatch.setattr(wsgipool, "time", clocks)
+    return clocks
+
+
+def served(pool: WSGIPool, calls: list[tuple[Callable[[Any], bool], bytes]]) -> None:
+    """Submit the calls as the loop does (with their routes) and wait until the pool's
+    threads have run and counted them all."""
+    done = threading.Event()
+    for fn, route in calls:
+        pool.submit(fn, None, route)
+    pool.submit(lambda _: done.set(), None)  # (after the others: a one-thread pool)
+    assert done.wait(10), "the pool's thread never ran the calls"
+    deadline = time.monotonic() + 10
+    while pool.busy_since or pool.idle != len(pool.threads):
+        assert time.monotonic() < deadline, (pool.busy_since, pool.idle)
+        time.sleep(0.001)
+
+
+@pytest.mark.timeout(30)
+def test_calls_on_the_threads_teach_their_route_each_one_timed(
+        new_pool: Callable[[int, str], WSGIPool], thread_clocks: ThreadClocks) -> None:
+    """While a route is learnt every threaded call of it counts: PROMOTE_AFTER quick ones
+    (their CPU read at each) and it runs inline; one heavy call among them starts the
+    count again."""
+    pool = new_pool(1, "auto")
+    quick = thread_clocks.call(0.001, 0.00002)
+    heavy = thread_clocks.call(0.0, wsgipool.QUICK_CPU * 2)
+    served(pool, [(quick, b"/a")] * (wsgipool.PROMOTE_AFTER - 1) + [(heavy, b"/a")]
+           + [(quick, b"/a")] * (wsgipool.PROMOTE_AFTER - 1))
+    assert thread_clocks.cpu_readings == 2 * 2 * wsgipool.PROMOTE_AFTER - 2
+    assert not pool.runs_inline(b"/a")
+    served(pool, [(quick, b"/a")])
+    assert pool.runs_inline(b"/a")
+
+
+@pytest.mark.timeout(30)
+def test_a_route_no_longer_learnt_reads_the_cpu_on_a_share_of_its_calls(
+        new_pool: Callable[[int, str], WSGIPool], thread_clocks: ThreadClocks) -> None:
+    """Calls of a route that is not learnt (`never`) read their thread's CPU once in
+    SAMPLE_EVERY calls; those calls still tell how many threads help: calls that wait
+    1 ms for 25 us of CPU let the pool run 20."""
+    pool = new_pool(32, "never")
+    calls = wsgipool.WINDOW * wsgipool.SAMPLE_EVERY
+    served(pool, [(thread_clocks.call(0.001 - 0.000025, 0.000025), b"/io")] * calls)
+    # (each thread reads at its first call, then at one in SAMPLE_EVERY: not at each)
+    assert thread_clocks.cpu_readings <= 2 * (wsgipool.WINDOW + len(pool.threads))
+    assert pool.limit == 20
+
+
+@pytest.mark.timeout(30)
+def test_an_untimed_call_that_blocks_long_keeps_its_route_on_the_threads(
+        pool: WSGIPool, clock: Reading, thread_clocks: ThreadClocks) -> None:
+    """A route sent back to the threads, waiting for its probation, whose call blocks for
+    NEVER_INLINE, stays on the threads for good, whether its CPU was read or not: the
+    wall clock is read on every call."""
+    pool.routes[b"/db"] = wsgipool._THREADS
+    pool.retry[b"/db"] = (clock.value + wsgipool.RETRY_AFTER, wsgipool.RETRY_AFTER)
+    quick = thread_clocks.call(0.001, 0.00002)
+    served(pool, [(quick, b"/db")])  # (a thread's first call is timed: the next is not)
+    readings = thread_clocks.cpu_readings
+    served(pool, [(thread_clocks.call(wsgipool.NEVER_INLINE * 2, 0.0), b"/db")])
+    assert thread_clocks.cpu_readings == readings  # (not a timed one)
+    clock.value += wsgipool.RETRY_MAX * 2
+    learn(pool, b"/db")
+    assert not pool.runs_inline(b"/db")
