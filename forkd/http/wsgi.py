@@ -464,7 +464,7 @@ class WSGICycle:
     # -- the app's side (pool thread) ---------------------------------------------------
     def run(self, body: Any) -> bool:
         """The call, inline or on a thread (WSGIPool._work times a threaded one: True if
-        its times say something of its route)."""
+        its times say something of its route; an inline call's return means nothing)."""
         proto = self.proto
         base = proto.wsgi_base  # (client, scheme, connection_environ of them)
         if base is None or base[0] is not self.client or base[1] is not self.scheme:
@@ -541,9 +541,10 @@ class WSGICycle:
                     self._close(result)
                 # (else threaded, nothing to close, and the final block's hand-off ended
                 # the call, refusing a write() from then on: _close's work is done)
-        # (a call that read a streamed body, or waited for its client to read, timed the
-        # client as much as the app: it teaches the route nothing)
-        return self.stream is None and self.flow is None
+        # (threaded: a call that read a streamed body, or waited for its client to read,
+        # timed the client as much as the app: it teaches the route nothing. Inline, no
+        # one reads it: the test of `inline` first costs an inline call the least)
+        return inline or (self.stream is None and self.flow is None)
 
     def _judge(self, took: float) -> None:
         """(run's less usual ends) An inline call's time, for its route's place."""
