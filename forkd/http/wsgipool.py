@@ -341,16 +341,19 @@ class WSGIPool:
         with self.lock:
             self._took(route, wall, cpu, judged)
 
-    def _took(self, route: bytes, wall: float, cpu: float, judged: bool) -> None:
-        """(lock held) threaded_took."""
-        window = self.window
-        window[0] += 1
-        window[1] += wall
-        window[2] += cpu
-        if window[0] >= WINDOW:
-            helps = window[1] / max(window[2] * LOOP_SHARE, 1e-6)
-            self.limit = max(min(FLOOR, self.size), min(self.size, math.ceil(helps)))
-            window[:] = [0, 0.0, 0.0]
+    def _took(self, route: bytes, wall: float, cpu: float, judged: bool,
+              sampled: bool = True) -> None:
+        """(lock held) threaded_took. `sampled`: the call is one of the window's sample
+        (a call timed only because its route is learnt is not: see _work)."""
+        if sampled:
+            window = self.window
+            window[0] += 1
+            window[1] += wall
+            window[2] += cpu
+            if window[0] >= WINDOW:
+                helps = window[1] / max(window[2] * LOOP_SHARE, 1e-6)
+                self.limit = max(min(FLOOR, self.size), min(self.size, math.ceil(helps)))
+                window[:] = [0, 0.0, 0.0]
         if self.mode != "auto" or not judged:
             return
         # (under the lock: one call's bookkeeping at a time, so no flag is lost)
@@ -359,7 +362,7 @@ class WSGIPool:
         if score < 0:
             if score != _THREADS:
                 return  # (an inline route's streamed upload says nothing of the app)
-            if wall <= NEVER_INLINE and _clock() < self.retry[route][0]:
+            if wall <= NEVER_INLINE and _clock() < self.retry.get(route, _DUE)[0]:
                 return
             score = routes[route] = 0  # probation: this call is judged as the others
         if wall > NEVER_INLINE:
@@ -377,11 +380,13 @@ class WSGIPool:
         always (a call over NEVER_INLINE keeps its route on the threads for good), its
         thread's CPU time (a system call: 0.4 us, with the GIL held) only while the route
         is learnt (`auto`, a score of 0 or more: every call counts towards its place)
-        and on every SAMPLE_EVERY-th call of the thread otherwise, for the window's
-        estimate of the threads that help, and a probation that is due (the module's
-        docstring). The sampled calls are a share of all calls taken whatever their
-        route, so their wall over CPU is the whole's, only measured less often. The
-        end of a call (its judgement, the thread's count) takes the lock once."""
+        or due for its probation (the module's docstring), and on every
+        SAMPLE_EVERY-th call of the thread. Only those sampled calls feed the window's
+        estimate of the threads that help: a share of all calls taken whatever their
+        route, so their wall over CPU is the whole's, only measured less often (the
+        calls timed for learning would weigh the routes still learnt, or never learnt,
+        several times over). The end of a call (its judgement, the thread's count)
+        takes the lock once."""
         calls = self.calls
         busy_since = self.busy_since
         routes = self.routes
@@ -397,15 +402,21 @@ class WSGIPool:
             fn, arg, route = item
             start = self.last_start = busy_since[me] = clock()
             if route is None:
-                timed = False
-            elif learns and routes.get(route, 0) >= 0:
-                timed = True
-            elif skip:
-                skip -= 1
-                timed = False
+                timed = sampled = False
             else:
-                skip = SAMPLE_EVERY - 1
-                timed = True
+                if skip:
+                    skip -= 1
+                    sampled = False
+                else:
+                    skip = SAMPLE_EVERY - 1
+                    sampled = True
+                timed = sampled
+                if learns and not timed:
+                    score = routes.get(route, 0)
+                    # (a probation that is due starts at its route's next call, whatever
+                    # the thread's count: calls in lock-step with it could skip it forever)
+                    timed = score >= 0 or (score == _THREADS and _clock()
+                                           >= self.retry.get(route, _DUE)[0])
             if timed:
                 cpu = time.thread_time()
             judged = False
@@ -420,11 +431,15 @@ class WSGIPool:
             with lock:
                 del busy_since[me]
                 if route is not None:
-                    if timed:
-                        self._took(route, wall, cpu, judged)
-                    elif (wall > NEVER_INLINE and judged
-                          and routes.get(route) == _THREADS):  # (as _took judges it)
-                        self._never(route)
+                    try:
+                        if timed:
+                            self._took(route, wall, cpu, judged, sampled)
+                        elif (wall > NEVER_INLINE and judged
+                              and routes.get(route) == _THREADS):  # (as _took judges it)
+                            self._never(route)
+                    except Exception as exc:  # (a bug of ours: the thread and its count
+                        _log.error("exception in a WSGI pool's bookkeeping",  # live)
+                                   exc_info=exc)
                 if self.idle >= 0 and len(self.threads) > self.limit:
                     # more threads than help, and no call waits: this one retires
                     self.threads.remove(threading.current_thread())
@@ -433,6 +448,7 @@ class WSGIPool:
 
 
 _log = logging.getLogger("forkd.http")
+_DUE = (0.0, 0.0)  # (the retry entry of a route sent back with none: its probation is due)
 _clock = time.monotonic  # (the probation's clock; tests move it)
 
 

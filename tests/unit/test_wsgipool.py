@@ -773,3 +773,57 @@ def test_an_untimed_call_that_blocks_long_keeps_its_route_on_the_threads(
     clock.value += wsgipool.RETRY_MAX * 2
     learn(pool, b"/db")
     assert not pool.runs_inline(b"/db")
+
+
+@pytest.mark.timeout(30)
+def test_the_window_samples_every_route_alike(
+        new_pool: Callable[[int, str], WSGIPool], clock: Reading,
+        thread_clocks: ThreadClocks) -> None:
+    """The estimate of the threads that help takes one call in SAMPLE_EVERY, whatever
+    its route: a CPU-heavy route, timed at each call because it is still learnt, weighs
+    in it as much as its share of the calls, not SAMPLE_EVERY times more."""
+    pool = new_pool(1, "auto")
+    pool.routes[b"/io"] = wsgipool._THREADS  # (sent back; its probation far off)
+    pool.retry[b"/io"] = (clock.value + wsgipool.RETRY_MAX, wsgipool.RETRY_MAX)
+    io = thread_clocks.call(0.004, 0.000025)
+    heavy = thread_clocks.call(0.0, wsgipool.QUICK_CPU * 2)
+    # (5 calls a round, 8 rounds: the samples fall once on each place of the round)
+    served(pool, ([(io, b"/io")] * 4 + [(heavy, b"/cpu")]) * wsgipool.SAMPLE_EVERY)
+    count, wall, cpu = pool.window
+    assert count == 5
+    assert wall == pytest.approx(4 * 0.004025 + wsgipool.QUICK_CPU * 2)
+    assert cpu == pytest.approx(4 * 0.000025 + wsgipool.QUICK_CPU * 2)
+
+
+@pytest.mark.timeout(30)
+def test_a_due_probation_starts_whatever_the_threads_count(
+        new_pool: Callable[[int, str], WSGIPool], clock: Reading,
+        thread_clocks: ThreadClocks) -> None:
+    """A route back on the threads, its probation due, is timed at its next call even
+    when its calls never fall on the thread's sampled ones (here every other call, in
+    lock-step with SAMPLE_EVERY): it is learnt afresh and, quick, runs inline."""
+    pool = new_pool(1, "auto")
+    pool.routes[b"/never"] = wsgipool._NEVER
+    pool.routes[b"/db"] = wsgipool._THREADS
+    pool.retry[b"/db"] = (clock.value - 1, wsgipool.RETRY_AFTER)  # (due)
+    quick = thread_clocks.call(0.001, 0.00002)
+    served(pool, [(quick, b"/never"), (quick, b"/db")] * (wsgipool.PROMOTE_AFTER + 1))
+    assert pool.runs_inline(b"/db")
+
+
+@pytest.mark.timeout(30)
+def test_a_failure_in_the_bookkeeping_leaves_the_thread_serving(
+        new_pool: Callable[[int, str], WSGIPool], thread_clocks: ThreadClocks,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug of ours in a call's bookkeeping is logged; the pool's one thread lives on,
+    counted idle, and serves the next call."""
+    pool = new_pool(1, "auto")
+
+    def broken(*args: Any) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(pool, "_took", broken)
+    quick = thread_clocks.call(0.001, 0.00002)
+    served(pool, [(quick, b"/a")])
+    served(pool, [(quick, b"/a")])  # (served() waits for the thread counted idle)
+    assert len(pool.threads) == 1
