@@ -152,7 +152,9 @@ def _alternate(case: str, names: list[str], argv_for: Any, path: str, seconds: i
     }
     command = " ".join(argv_for(f"http://127.0.0.1:PORT/{path}", seconds))
     for rnd in range(n_rounds):
-        for name in names:
+        # (every other round in the reverse order: a server's place in the round, say
+        # first after another's teardown, must not weigh on one side of a ratio)
+        for name in names if rnd % 2 == 0 else names[::-1]:
             entry = per[name]
             if entry["failed"]:
                 continue
