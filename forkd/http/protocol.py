@@ -1460,7 +1460,10 @@ class HttpProtocol(asyncio.Protocol):
         logged by tick as a summary, and reset, so the kernel also drops what it still
         holds for it (up to megabytes of send buffer per connection, which a plain
         close would go on trying to deliver for minutes). The app of an answer being
-        written is told the client went (connection_lost)."""
+        written is told the client went (connection_lost). A connection closed already
+        is not cut, nor counted."""
+        if self.closed:
+            return
         self.state.slow_cuts.count += 1
         transport = self.transport
         if transport is not None:

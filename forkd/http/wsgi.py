@@ -29,6 +29,7 @@ _NO_HEADERS: list[tuple[str, str]] = []  # (never changed: until start_response)
 # the request's fields that say how its body comes (bytes compares are slow in 3.11)
 _BODY_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"expect"))
 MAX_IN_FLIGHT = 4  # response blocks handed to the loop and not yet written, at most
+BACKSTOP_TICK = 0.5  # the protocol's judging period (forkd.worker.TICK), allowed for twice
 _ENDED: list[bytes] = []  # a cycle's `pending` once its response ended (never changed)
 _SEQUENCES = (list, tuple)  # a result that is all there: one write, with a content-length
 
@@ -647,24 +648,32 @@ class WSGICycle:
     def _wait_for_client(self, flow: threading.Condition) -> None:
         """(hand_off, `flow` held) Wait until the loop takes more blocks. A backstop
         against a bug of ours: the protocol cuts a client that takes nothing for
-        send_stall (--header-timeout); if the client has taken nothing (the protocol's
-        last look at it, write_seen, unchanged) for twice that, the thread stops waiting
-        and the connection is cut, rather than the thread being held for ever."""
+        send_stall (--header-timeout), judged at its ticks; should a client whose
+        writing is paused have taken nothing for twice that and two ticks, by the
+        protocol's own clock and its last look at the client (write_paused_at), the
+        thread stops waiting and the connection is cut, rather than the thread being
+        held for ever. The loop's clock stops when the loop does: a loop behind on its
+        work never makes a client that reads look like one that does not."""
         proto = self.proto
-        limit = 2 * proto.send_stall()
-        seen = proto.write_seen
-        since = time.monotonic()
+        state = proto.state
+        limit = 2 * proto.send_stall() + 2 * BACKSTOP_TICK
         while (self.blocked or self.in_flight > MAX_IN_FLIGHT) and not self.disconnected:
             flow.wait(limit / 4)  # (_write_more, _wait_writable or disconnect notify)
-            now = time.monotonic()
-            if proto.write_seen != seen:  # (it took bytes: or writing paused anew)
-                seen = proto.write_seen
-                since = now
-            elif now - since >= limit and not self.disconnected:
+            if (self.blocked and proto.write_paused and not self.disconnected
+                    and state.now - proto.write_paused_at >= limit):
                 log.warning("a WSGI thread waited %.0fs on a client that took nothing, "
-                            "and the connection was not cut: it is cut now", now - since)
+                            "and the connection was not cut: it is cut now",
+                            state.now - proto.write_paused_at)
                 self.disconnected = True  # (the loop's disconnect() says it too, later)
-                self.pool.to_loop(proto.cut_reader)
+                self.pool.to_loop(self._cut_stuck)
+
+    def _cut_stuck(self) -> None:
+        """(loop) The backstop's cut: unless the connection is closed or being cut
+        already (the protocol's own cut may have come meanwhile: counted once)."""
+        proto = self.proto
+        transport = proto.transport
+        if not proto.closed and transport is not None and not transport.is_closing():
+            proto.cut_reader()
 
     def _write_more(self, data: bytes) -> None:
         proto = self.proto

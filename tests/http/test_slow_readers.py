@@ -217,6 +217,7 @@ def test_a_streamed_wsgi_result_to_a_client_that_never_reads_is_cut(wsgi: Served
     output = wait_until(lambda: (lambda out: "/blocks ended by" in out and out)(
         wsgi.proc.output()), 5, message=wsgi.proc.describe)
     assert "exception in WSGI app" not in output
+    assert "was not cut" not in output  # (the protocol's cut, not the thread's backstop)
 
 
 def test_a_steady_reader_on_a_unix_socket_is_not_cut(asgi_unix: Served, unix_path: Path
@@ -287,3 +288,6 @@ def test_a_wsgi_thread_answering_before_the_body_is_freed_from_a_client_tricklin
         assert HEADER_TIMEOUT <= took < HEADER_TIMEOUT + 3, took
         assert yielded > 0
         assert reset or ends_in_reset(sock)
+    output = wait_until(lambda: (lambda out: "/blocks ended by" in out and out)(
+        wsgi_upload.proc.output()), 5, message=wsgi_upload.proc.describe)
+    assert "was not cut" not in output  # (the protocol's cut, not the thread's backstop)
