@@ -129,7 +129,8 @@ def throughput(quick: bool, only: list[str] | None, rounds: int) -> dict[str, An
     servers: dict[str, Any] = {n: {"rounds": [], "failed": None,
                                    "command": server_command(SPECS[n])} for n in names}
     for rnd in range(rounds):
-        for name in names:
+        # (every other round in the reverse order, as bench/speed.py's rounds)
+        for name in names if rnd % 2 == 0 else names[::-1]:
             entry = servers[name]
             if entry["failed"]:
                 continue
