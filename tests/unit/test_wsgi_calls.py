@@ -558,14 +558,8 @@ def test_an_answer_after_a_refused_body_is_neither_sent_nor_logged(
         start_response("200 OK", [("Content-Length", "2")])
         return [b"ok"]
 
-    state = ServerState(Config(app="test", interface="wsgi", threads=2, access_log=True,
-                               wsgi_body_buffer=1024, max_body_size=4096), loop)
-    pool = WSGIPool(loop, 2, "never")
-    state.cycle_factory = WSGICycle.bind(app, pool, "")
-    proto = HttpProtocol(state)
-    transport = Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)  # type: ignore[arg-type]
+    state, pool, proto, transport = upload_to(loop, app, threads=2, access_log=True,
+                                              max_body_size=4096)
     items: list[tuple[Any, ...]] = []
     try:
         log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
@@ -612,14 +606,8 @@ def test_an_answer_begun_then_refused_is_not_logged_nor_cut(
             raise ValueError("no body, no answer") from None
         return [b"x"]
 
-    state = ServerState(Config(app="test", interface="wsgi", threads=2, access_log=True,
-                               wsgi_body_buffer=1024, max_body_size=4096), loop)
-    pool = WSGIPool(loop, 2, "never")
-    state.cycle_factory = WSGICycle.bind(app, pool, "")
-    proto = HttpProtocol(state)
-    transport = Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)  # type: ignore[arg-type]
+    state, pool, proto, transport = upload_to(loop, app, threads=2, access_log=True,
+                                              max_body_size=4096)
     items: list[tuple[Any, ...]] = []
     try:
         log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
@@ -655,8 +643,9 @@ def streaming_before_the_body(told: list[Any]) -> Any:
 
 def upload_to(loop: asyncio.AbstractEventLoop, app: Any, **options: Any
               ) -> tuple[ServerState, WSGIPool, HttpProtocol, Transport]:
-    """A POST of 1 MiB whose first 4 KiB come at once (past --wsgi-body-buffer, here
-    1 KiB: the call starts on a thread), to `app`; until the transport pauses writing."""
+    """A connection to `app` on a pool of 2 threads, never inline, whose calls start
+    once 1 KiB of their body is in (--wsgi-body-buffer): a body larger than that is
+    read on the app's thread as it arrives."""
     state = ServerState(Config(app="test", interface="wsgi", wsgi_body_buffer=1024,
                                **options), loop)
     pool = WSGIPool(loop, 2, "never")
