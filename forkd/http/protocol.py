@@ -1317,9 +1317,12 @@ class HttpProtocol(asyncio.Protocol):
             return accesslog.refused(self.client, None, b"", "", None, None, None)
         parser = self.parser
         started = self.request_started if started is None else started
+        # (llhttp keeps the last request's version until a new one is parsed: a head
+        # refused before any of its fields is told as one whose version is unknown)
+        version = parser.get_http_version() if cycle is not None or self.headers else "0.0"
         return accesslog.refused(
             self.client if cycle is None else self.req_client,
-            parser.get_method() if self.url else None, self.url, parser.get_http_version(),
+            parser.get_method() if self.url else None, self.url, version,
             self.headers, getattr(cycle, "access", None),
             None if started is None else self.loop.time() - started)
 
@@ -1420,11 +1423,13 @@ class HttpProtocol(asyncio.Protocol):
             self.check_body_rate(now, config.header_timeout)
             if self.parsing is None or not self.write_paused or self.linger_until is not None:
                 return
-            if self.cycle is None:
-                # Answers done wait on a client still sending its body (most send it
-                # whole before they read), and nothing of the app waits on it: their
-                # taking is judged from the body's end, not from the pause, long past by
-                # then (the body's own clocks bound the wait, as any upload's).
+            waiter = self.drain_waiter
+            if waiter is None or waiter.done():
+                # Answers wait on a client still sending its body (most send it whole
+                # before they read), and nothing of the app waits on it (an app reading
+                # the body, answers done): their taking is judged from the body's end,
+                # not from the pause, long past by then (the body's own clocks bound
+                # the wait, as any upload's).
                 self.write_paused_at = self.send_since = now
                 self.send_taken = 0
                 self.write_seen = self.sent - self.unsent()  # (taken before: not this window's)

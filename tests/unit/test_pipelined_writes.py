@@ -1444,6 +1444,35 @@ def test_a_duplex_answer_is_judged_from_the_pause_while_the_upload_arrives(
     assert type(told[0]).__name__ == "ClientDisconnected"
 
 
+def test_an_app_reading_its_upload_while_its_answer_waits_is_not_cut_for_it(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The app wrote part of its answer (the client's buffers are full) and now reads the
+    request body, waiting on nothing of the answer: a client uploading well above the
+    floor, that will read once it has sent its body (as most do), is not cut while the
+    upload goes on; the body's own clocks judge it."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * (4 << 20),
+                    "more_body": True})
+        while (await receive())["type"] == "http.request":
+            pass
+
+    proto, transport = connect(loop, "asgi", app, header_timeout=1.0)
+    clock = FakeClock(proto)
+    proto.data_received(b"POST /up HTTP/1.1\r\nHost: t\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n")
+    run_until(loop, lambda: proto.write_paused)
+    paused = proto.write_paused_at
+    while clock.now < paused + 3.0:  # 3 KB/s of upload, three --header-timeouts
+        clock.now += 0.1
+        proto.data_received(b"12c\r\n" + b"u" * 300 + b"\r\n")
+        loop.run_until_complete(asyncio.sleep(0))
+        proto.check_timeouts(clock.now)
+        assert not transport.aborted, clock.now - paused
+    proto.connection_lost(None)
+    run_until(loop, lambda: proto.state.in_progress() == 0)
+
+
 @pytest.mark.parametrize("floor, cut", [(4_000_000, True), (800_000, False)])
 def test_the_send_rate_is_judged_across_short_pauses(
         loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch, floor: int,
@@ -1708,3 +1737,26 @@ def test_an_asgi_app_that_deletes_its_path_then_raises_gets_its_500(
     assert bodies(over_transport.received) == [b"t"]  # (cut at its content-length)
     assert sorted((item[3], item[7], item[8]) for item in items) == (
         [(200, b"/gone", b"over=1"), (500, b"/gone", b"a=1")] if access_log else [])
+
+
+def test_a_second_request_refused_before_its_version_is_logged_without_one(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A keep-alive connection's second request, refused 414 before its request line
+    ends: its line names no HTTP version (the parser still holds the first request's,
+    which this one never said)."""
+    from forkd import log
+
+    items: list[tuple[Any, ...]] = []
+    proto, transport = connect(loop, "asgi", asgi_sized, access_log=True,
+                               limit_request_line=64)
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+        run_until(loop, lambda: len(items) == 1)
+        proto.data_received(b"GET /" + b"b" * 100)
+        run_until(loop, lambda: transport.eof and len(items) == 2)
+    finally:
+        log.setup()
+    assert b"HTTP/1.1 414 " in transport.received
+    assert items[0][-1] == "1.1"
+    assert items[1][-1] == "-", items[1]
