@@ -137,8 +137,9 @@ def refused(client: tuple[str, int | None] | None, method: bytes | None, target:
 
 
 def id_field(access: tuple[bytes, bytes, bytes, float]) -> bytes:
-    """The x-request-id field an answer forkd gives itself carries (none without an id)."""
-    return b"" if access[0] == b"-" else b"x-request-id: %s\r\n" % access[0]
+    """The x-request-id field an answer forkd gives itself carries (begin and refused
+    always give an id)."""
+    return b"x-request-id: %s\r\n" % access[0]
 
 
 def _printable(value: bytes) -> bool:

@@ -299,7 +299,7 @@ class ASGICycle:
         logged = proto.state.access_log
         data, size = error_answer(
             503, "Service Unavailable: this worker is stopping; retry", proto.state.date_header,
-            b"retry-after: 0\r\nx-request-id: %s\r\n" % self.access[0] if logged
+            b"retry-after: 0\r\n" + accesslog.id_field(self.access) if logged
             else b"retry-after: 0\r\n")
         proto.write(data)
         if logged and not self.disconnected:  # (an answer as any other, as _fail's 500)
@@ -362,8 +362,7 @@ class ASGICycle:
         else:
             # an answer as any other for the access log: its line, its request id
             data, size = error_answer(500, "Internal Server Error", proto.state.date_header,
-                                      b"x-request-id: %s\r\n" % self.access[0] if logged
-                                      else b"")
+                                      accesslog.id_field(self.access) if logged else b"")
             proto.write(data)
             if logged and not self.disconnected:  # (a client gone was sent nothing: no line)
                 self.status = 500

@@ -757,7 +757,7 @@ class WSGICycle:
             return
         # an answer as any other for the access log: its line, its request id
         data, size = error_answer(500, "Internal Server Error", self.proto.state.date_header,
-                                  b"x-request-id: %s\r\n" % self.access[0] if logged else b"")
+                                  accesslog.id_field(self.access) if logged else b"")
         try:
             self.hand_off(data, final=True, keep_alive=False)
         except ClientDisconnected:  # (the client went, or a refusal answered instead)
