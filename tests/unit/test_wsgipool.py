@@ -759,10 +759,12 @@ def test_a_route_no_longer_learnt_reads_the_cpu_on_a_share_of_its_calls(
 
 @pytest.mark.timeout(30)
 def test_an_untimed_call_that_blocks_long_keeps_its_route_on_the_threads(
-        pool: WSGIPool, clock: Reading, thread_clocks: ThreadClocks) -> None:
+        new_pool: Callable[[int, str], WSGIPool], clock: Reading,
+        thread_clocks: ThreadClocks) -> None:
     """A route sent back to the threads, waiting for its probation, whose call blocks for
     NEVER_INLINE, stays on the threads for good, whether its CPU was read or not: the
     wall clock is read on every call."""
+    pool = new_pool(1, "auto")  # (one thread: which of its calls is sampled is known)
     pool.routes[b"/db"] = wsgipool._THREADS
     pool.retry[b"/db"] = (clock.value + wsgipool.RETRY_AFTER, wsgipool.RETRY_AFTER)
     quick = thread_clocks.call(0.001, 0.00002)
