@@ -525,9 +525,7 @@ class WSGICycle:
                     self.pool.inline_took(self.route, took)
             if self.status is None:  # (_finish, inline: once per request)
                 raise RuntimeError("the WSGI app returned without calling start_response")
-            self._flush(True)
-            if self.proto.state.access_log:
-                self._log_access()
+            self._flush(True)  # (and logged where its last block is written)
         except BaseException as exc:  # the app's code: anything can come out
             if inline and not took:
                 took = time.perf_counter() - started
@@ -571,9 +569,7 @@ class WSGICycle:
     def _finish(self) -> None:
         if self.status is None:
             raise RuntimeError("the WSGI app returned without calling start_response")
-        self._flush(final=True)
-        if self.proto.state.access_log:
-            self._log_access()
+        self._flush(final=True)  # (logged where it is written: _write_final)
 
     def _failed(self, exc: BaseException) -> None:
         # (the raw path, not the environ's PATH_INFO: the app may have changed or
@@ -697,20 +693,28 @@ class WSGICycle:
             flow.notify_all()
 
     def _write_final(self, data: bytes, keep_alive: bool) -> None:
+        """(loop) A threaded answer's last block: written, and its access line logged,
+        here, where it goes out, not in the thread that handed it over: until now a
+        refusal of forkd's may have answered the request in its place (the rest of its
+        body broke a limit: reject), the client then gets that refusal alone, and its
+        line is the refusal's (the protocol's cycle is then no longer this one)."""
+        proto = self.proto
         if data:
-            self.proto.write(data)
-        self.proto.response_done(self, keep_alive)
+            proto.write(data)
+        if proto.state.access_log and proto.cycle is self:
+            self._log_access()
+        proto.response_done(self, keep_alive)
 
     def _write_final_ended(self, data: bytes, keep_alive: bool) -> None:
+        proto = self.proto
         try:  # (_write_final, inline: once per threaded request)
             if data:
-                self.proto.write(data)
-            self.proto.response_done(self, keep_alive)
+                proto.write(data)
+            if proto.state.access_log and proto.cycle is self:
+                self._log_access()
+            proto.response_done(self, keep_alive)
         finally:  # (a write that raised still ends the call: a drain waits for it)
-            self.proto.state.calls -= 1
-
-    def abort(self) -> None:
-        self._to_loop(self.proto.abort)
+            proto.state.calls -= 1
 
     # -- the response: start_response, write() and the framing (app thread) ------------
     def start_response(
@@ -747,24 +751,48 @@ class WSGICycle:
         self._flush(final=False)
 
     def fail(self) -> None:
-        logged = self.proto.state.access_log
-        if self.writer is not None:
-            replaced = self.disconnected and getattr(self, "replaced", False)
-            if logged and not replaced:  # (as nginx does: the status it started, the
-                self._log_access()  # body bytes sent; a refusal's answer went instead)
-            if not self.disconnected:  # (a refusal closing, or a client gone: nothing to
-                self.abort()  # cut, and a reset would lose the refusal's answer)
+        """The app failed (it raised, or its answer could not be framed): its answer is
+        ended on the loop, where what the client gets is known (a refusal of forkd's may
+        have answered in its place meanwhile: reject)."""
+        if self.writer is not None:  # part of it may be out: cut
+            self._to_loop(self._cut_failed)
             return
+        if self.disconnected:  # (the client went, or a refusal answered instead; before
+            return  # `ending` moves: _close then ends the call)
+        logged = self.proto.state.access_log
         # an answer as any other for the access log: its line, its request id
         data, size = error_answer(500, "Internal Server Error", self.proto.state.date_header,
                                   accesslog.id_field(self.access) if logged else b"")
+        self.pending = _ENDED  # (a write() after this is refused)
+        ended = self.ending == 1  # (as hand_off: the hand-off ends the call too)
+        if ended:
+            self.ending = 2
+        self._to_loop(self._write_error, data, size, ended)
+
+    def _write_error(self, data: bytes, size: int, ended: bool) -> None:
+        """(loop) fail()'s 500: written, and logged as any answer unless the client got
+        none (it went, or a refusal answered in its place: disconnect)."""
+        proto = self.proto
         try:
-            self.hand_off(data, final=True, keep_alive=False)
-        except ClientDisconnected:  # (the client went, or a refusal answered instead)
-            return
-        if logged and not self.disconnected:  # (a client gone was sent nothing: no line)
-            accesslog.ended(self.access, 500, size, self.client, self.method, self.route,
-                            self.query, self.http_version)
+            proto.write(data)
+            if proto.state.access_log and not self.disconnected:
+                accesslog.ended(self.access, 500, size, self.client, self.method,
+                                self.route, self.query, self.http_version)
+            proto.response_done(self, False)
+        finally:
+            if ended:
+                proto.state.calls -= 1
+
+    def _cut_failed(self) -> None:
+        """(loop) An app that failed once its answer began: logged as nginx does (the
+        status it started, the body bytes sent) unless a refusal's answer went in its
+        place, and cut, unless a refusal is closing the connection or the client is gone
+        (nothing to cut, and a reset would lose the refusal's answer)."""
+        if self.proto.state.access_log and not (self.disconnected
+                                                and getattr(self, "replaced", False)):
+            self._log_access()
+        if not self.disconnected:
+            self.proto.abort()
 
     def _byte_headers(self) -> list[tuple[bytes, bytes]]:
         """The app's header pairs as bytes. A name or value may be a subclass of str
@@ -828,6 +856,8 @@ class WSGICycle:
             self.pending = _ENDED  # (a write() kept by the app is refused from now on)
             if data:
                 proto.write(data)
+            if proto.state.access_log:  # (before the next pipelined request may start)
+                self._log_access()
             proto.response_done(self, writer.keep_alive and not unread)
         else:
             self.hand_off(data, final, writer.keep_alive and not unread)

@@ -100,7 +100,8 @@ def test_flask_app_and_wsgi_access_log(flask: Served) -> None:
     assert int(line.group(1)) == len(body)
     wait_until(lambda: re.search(r'"POST /form HTTP/1.1" 200 \d+ ', flask.proc.output()), 5,
                message=flask.proc.describe)
-    # (written by the app's thread once the response is handed over: may trail the client)
+    # (logged as the answer goes out, written with the worker's next batch: may trail
+    # the client)
     wait_until(lambda: re.search(r'"GET /nowhere HTTP/1.1" 404 \d+ ', flask.proc.output()), 5,
                message=flask.proc.describe)
 

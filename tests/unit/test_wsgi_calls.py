@@ -627,6 +627,52 @@ def test_an_answer_begun_then_refused_is_not_logged_nor_cut(
     assert not transport.aborted
 
 
+@pytest.mark.parametrize("broken_by", ["413", "408"])
+@pytest.mark.parametrize("ends", ["list", "closing", "raise"])
+def test_an_answer_handed_over_then_replaced_by_a_refusal_has_the_refusal_s_line_alone(
+        loop: asyncio.AbstractEventLoop, ends: str, broken_by: str) -> None:
+    """The app answers a chunked POST on its thread before reading the body (a 401 as a
+    list, or with a close(); or it raises: a 500), and that answer's last block waits
+    for the loop. Before the loop writes it, the rest of the body overflows
+    --max-body-size, or stalls: forkd's refusal answers in its place. The client gets
+    the refusal alone, and the access log has one line, the refusal's."""
+    from forkd import log
+
+    closed: list[bool] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if ends == "raise":
+            raise ValueError("no answer on purpose")
+        start_response("401 Unauthorized", [("Content-Length", "9")])
+        return [b"forbidden"] if ends == "list" else Closing(closed)
+
+    state, pool, proto, transport = upload_to(loop, app, threads=2, access_log=True,
+                                              max_body_size=4096)
+    items: list[tuple[Any, ...]] = []
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(b"POST /form HTTP/1.1\r\nHost: test\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n"
+                            b"800\r\n" + b"a" * 0x800 + b"\r\n")  # (past the buffer: a
+        # thread starts the call; the loop does not run meanwhile: the answer waits for it)
+        deadline = time.monotonic() + 10
+        while not (pool.answers and pool.idle == len(pool.threads)):
+            assert time.monotonic() < deadline, "the thread did not answer"
+            time.sleep(0.001)
+        if broken_by == "413":
+            proto.data_received(b"1000\r\n" + b"a" * 0x1000 + b"\r\n")  # past the limit
+        else:
+            proto.check_timeouts(proto.body_activity + 2 * state.config.header_timeout)
+        run_until(loop, lambda: settled(pool) and state.calls == 0)
+    finally:
+        log.setup()
+        pool.shutdown()
+    answers = transport.received.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 1 and answers[0].startswith(broken_by.encode() + b" ")
+    assert [item[3] for item in items] == [int(broken_by)]
+    assert closed == ([True] if ends == "closing" else [])
+
+
 def streaming_before_the_body(told: list[Any]) -> Any:
     """A WSGI app that streams 64 KiB blocks before it reads its request body, until
     write() raises; it records the error in `told`."""
