@@ -81,9 +81,9 @@ def begin(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, bytes, floa
 
 
 def request_fields(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, bytes]:
-    """(request id, referer, user agent) of a request whose line is logged without
-    `begin` (a WebSocket handshake), in one pass over its headers; the id is `-` when it
-    has no usable one (none is made: `begin` makes one for a request it answers)."""
+    """(request id, referer, user agent) among the fields of a request refused before
+    it was taken (`refused`), in one pass over them; the id is `-` when it has no
+    usable one (`refused` then makes one)."""
     rid: bytes | None = None
     referer = agent = b"-"
     for name, value in headers:

@@ -121,9 +121,11 @@ class WebSocketConnection(asyncio.Protocol):
             "state": dict(lifespan_state),
             "extensions": {"websocket.http.response": {}},
         }
-        # the access line's fields as the handshake came (the app may change its scope)
-        self.access: tuple[Any, bytes, bytes, tuple[bytes, bytes, bytes]] | None = (
-            (http.req_client, raw_path, query, accesslog.request_fields(headers))
+        # the access line's fields as the handshake came (the app may change its scope),
+        # its request id one forkd made if it sent none (the app sees it among the
+        # headers, and the answer carries it back, as for any request)
+        self.access: tuple[Any, bytes, bytes, tuple[bytes, bytes, bytes, float]] | None = (
+            (http.req_client, raw_path, query, accesslog.begin(headers))
             if state.access_log else None)
         self.head = _request_head(method, target, headers)
         self.received_at = time.perf_counter()
@@ -170,7 +172,8 @@ class WebSocketConnection(asyncio.Protocol):
             # a worker on its way out takes no new WebSocket: the client retries at once
             # and lands on a worker that stays
             data, size = error_answer(503, "Service Unavailable: this worker is restarting; "
-                                      "retry", state.date_header, b"retry-after: 0\r\n")
+                                      "retry", state.date_header,
+                                      b"retry-after: 0\r\n" + self._id_field())
             self._write(data)
             self._answered(503, size)
             self._finish_app_side()
@@ -178,7 +181,7 @@ class WebSocketConnection(asyncio.Protocol):
             return
         if request is None:
             data, size = error_answer(400, "Bad Request: invalid WebSocket handshake",
-                                      state.date_header)
+                                      state.date_header, self._id_field())
             self._write(data)
             self._answered(400, size)
             self._finish_app_side()
@@ -194,6 +197,7 @@ class WebSocketConnection(asyncio.Protocol):
             # a malformed handshake: the library's 4xx names what is wrong
             log.info("refused a WebSocket handshake from %s: %d %s", self.http.client,
                      response.status_code, ws.handshake_exc)
+            self._add_id(response)
             ws.send_response(response)
             self._answered(response.status_code, len(response.body or b""))
             self._finish_app_side()
@@ -439,6 +443,7 @@ class WebSocketConnection(asyncio.Protocol):
             if "\r" in key or "\n" in key or "\r" in text or "\n" in text:
                 raise RuntimeError(f"invalid character in response header {key!r}")
             response.headers[key] = text
+        self._add_id(response)
         self.ws.send_response(response)
         self.phase = Phase.OPEN
         self.counted = True
@@ -456,18 +461,22 @@ class WebSocketConnection(asyncio.Protocol):
         self.denial_body = []
         self.phase = Phase.DONE
         parts = [status_line(status)]
-        has_length = False
+        has_length = has_id = False
         for name, value in headers:
             lname = name.lower()
             if lname in (b"connection", b"transfer-encoding"):
                 continue
             if lname == b"content-length":
                 has_length = True
+            elif lname == b"x-request-id":  # (the app's own: kept, as framing does)
+                has_id = True
             if b"\r" in name or b"\n" in name or b"\r" in value or b"\n" in value:
                 raise RuntimeError(f"invalid character in response header {name!r}")
             parts += (name, b": ", value, b"\r\n")
         if not has_length:
             parts.append(b"content-length: %d\r\n" % len(body))
+        if not has_id:
+            parts.append(self._id_field())
         parts += (self.state.date_header, b"connection: close\r\n\r\n", body)
         self._write(b"".join(parts))
         self._answered(status, len(body))
@@ -475,7 +484,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _deny_plain(self, status: int) -> None:
         text = "Forbidden" if status == 403 else "Internal Server Error"
-        data, size = error_answer(status, text, self.state.date_header)
+        data, size = error_answer(status, text, self.state.date_header, self._id_field())
         self._write(data)
         self._answered(status, size)
         self._half_close()
@@ -514,6 +523,16 @@ class WebSocketConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.abort()
+
+    def _id_field(self) -> bytes:
+        """The x-request-id field of an answer forkd frames itself (with --access-log)."""
+        return b"" if self.access is None else accesslog.id_field(self.access[3])
+
+    def _add_id(self, response: Response) -> None:
+        """The request id on an answer the library frames (the 101, its refusals),
+        unless the app gave one of its own (with --access-log)."""
+        if self.access is not None and "X-Request-ID" not in response.headers:
+            response.headers["X-Request-ID"] = self.access[3][0].decode("latin-1")
 
     def _answered(self, status: int, size: int) -> None:
         """The handshake's answer (101, a denial, a refusal): counted in

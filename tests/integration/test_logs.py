@@ -336,10 +336,37 @@ def test_a_websocket_access_line_holds_what_its_handshake_came_with(run_forkd,
                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                           b"X-Request-ID: ws-1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 101 "), answer
+    assert b"\r\nx-request-id: ws-1\r\n" in answer.lower(), answer  # (sent back)
 
     wait_until(lambda: access_lines(log_file), 10, message=describe)
     assert [(obj["request_id"], obj["path"], obj["query"], obj["status"])
             for obj in access_lines(log_file)] == [("ws-1", "/ws", "q=1", 101)]
+
+
+@pytest.mark.timeout(60)
+def test_a_websocket_handshake_without_an_id_gets_one_made_and_sent_back(run_forkd,
+                                                                         tmp_path) -> None:
+    """A handshake that names no X-Request-ID (a browser's never does): forkd makes one,
+    as for any request; the 101 carries it back and the access line has the same. So
+    does a handshake the library refuses (a version it does not speak: 426)."""
+    from websockets.sync.client import connect
+
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, "logapp:app", "--log-format",
+                                        "json", "--access-log", workers=1)
+    with connect(f"ws://127.0.0.1:{port}/ws?q=2", open_timeout=10) as ws:
+        made = ws.response.headers.get("X-Request-ID", "")
+    assert re.fullmatch(r"[0-9a-f]{32}", made), ws.response.headers
+    answer = raw_exchange(port, b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Version: 8\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 426 "), answer
+    refused = re.search(rb"\r\nx-request-id: ([0-9a-f]{32})\r\n", answer, re.IGNORECASE)
+    assert refused, answer
+    lines = once_each(log_file, port, {made, refused.group(1).decode()}, describe)
+    assert (lines[made]["path"], lines[made]["query"], lines[made]["status"]) == (
+        "/ws", "q=2", 101)
+    assert lines[refused.group(1).decode()]["status"] == 426
 
 
 @pytest.mark.timeout(60)
@@ -354,7 +381,8 @@ def test_a_refused_websocket_handshake_logs_the_bytes_it_was_sent(run_forkd,
                           b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                           b"X-Request-ID: ws-400\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"\r\nx-request-id: ws-400\r\n" in answer, (
+        answer)
     line = once_each(log_file, port, {"ws-400"}, describe)["ws-400"]
     assert (line["path"], line["status"], line["bytes"]) == (
         "/ws", 400, len(answer.split(b"\r\n\r\n", 1)[1]))
