@@ -326,9 +326,10 @@ class ASGICycle:
         """The app raised `exc`: answer for it; True if it must go on up."""
         if self.disconnected and isinstance(exc, Exception):
             # the client went away and the app stopped on being told (send raised;
-            # Starlette turns that into its own ClientDisconnect): not an error
-            log.info("%s %s ended by %s: the client disconnected", self.method,
-                     self._path(), type(exc).__name__)
+            # Starlette turns that into its own ClientDisconnect): not an error, and
+            # routine (its access line tells it, if the answer had started)
+            log.debug("%s %s ended by %s: the client disconnected", self.method,
+                      self._path(), type(exc).__name__)
             self._left()
             return False
         if isinstance(exc, asyncio.CancelledError):  # the drain's deadline passed

@@ -576,9 +576,10 @@ class WSGICycle:
         # removed that, and a lookup raising here would lose the answer)
         path = self.route.decode("latin-1")
         if isinstance(exc, OSError) and self.disconnected:
-            # an ordinary disconnect: the app stopped on being told, not an error
-            log.info("%s %s ended by %s: the client disconnected", self.method, path,
-                     type(exc).__name__)
+            # an ordinary disconnect: the app stopped on being told, not an error, and
+            # routine (its access line tells it: the status it started, the bytes sent)
+            log.debug("%s %s ended by %s: the client disconnected", self.method, path,
+                      type(exc).__name__)
             if (self.writer is not None and self.proto.state.access_log
                     and not getattr(self, "replaced", False)):
                 self._log_access()  # (as nginx does: the status it started, bytes sent)

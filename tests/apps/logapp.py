@@ -3,7 +3,8 @@
 /print?text=X  prints X on stdout
 /boom        raises (forkd logs the traceback)
 /cut         starts a 200, sends `partial`, then raises (the answer is cut)
-/late-boom?ms=N  waits N ms, then raises (after a client that left: nothing was sent)
+/late-boom?ms=N  waits N ms, prints `late boom raising`, then raises (after a client
+             that left: nothing was sent)
 WebSocket /ws: changes its scope's headers and raw_path, then accepts and closes
 /stream      a 200 of 1000-byte blocks, one each 10 ms, until the client leaves (or 30 s)
 /rewrite     (ASGI) rewrites its scope's path, raw_path (to a str), query, client and
@@ -83,6 +84,7 @@ async def app(scope, receive, send):
         raise RuntimeError("cut on purpose")
     if scope["path"] == "/late-boom":
         await asyncio.sleep(int(parse_qs(scope["query_string"].decode())["ms"][0]) / 1000)
+        print("late boom raising")  # (and raises in the same step of its task)
         raise RuntimeError("late boom on purpose")
     if scope["path"] == "/rewrite":
         scope.update(path="/elsewhere", raw_path="x", query_string=b"changed=1",
@@ -123,6 +125,7 @@ def wsgi_app(environ, start_response):
         return _stream_body()
     if environ["PATH_INFO"] == "/late-boom":
         time.sleep(int(parse_qs(environ["QUERY_STRING"])["ms"][0]) / 1000)
+        print("late boom raising")
         raise RuntimeError("late boom on purpose")
     status, body = _answer(environ["PATH_INFO"], environ["QUERY_STRING"])
     start_response(f"{status} X", [("Content-Type", "text/plain")])
