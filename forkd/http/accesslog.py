@@ -30,6 +30,7 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from forkd import log
+from forkd.http.framing import split_target
 from forkd.logs import record
 from forkd.logs.record import Entry, clf_time, rfc3339
 
@@ -127,8 +128,6 @@ def refused(client: tuple[str, int | None] | None, method: bytes | None, target:
     if target[:1] == b"/":
         raw_path, _, query = target.partition(b"?")
     elif taken:  # (its target was checked: split as the request's own line splits it)
-        from forkd.http.asgi import split_target  # (asgi imports this module)
-
         raw_path, query = split_target(target)
     else:  # (absolute-form, authority-form, `*`, or bytes that are none of them: whole)
         raw_path, query = target, b""

@@ -11,10 +11,8 @@ from contextvars import copy_context
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-import httptools
-
 from forkd.http import accesslog
-from forkd.http.framing import BodyWriter, Request, frame_head
+from forkd.http.framing import BodyWriter, Request, frame_head, split_target
 from forkd.http.protocol import ClientDisconnected, HttpProtocol, error_answer
 
 log = logging.getLogger("forkd.http")
@@ -26,19 +24,6 @@ MAX_KEPT_PATH = 256
 _REQUESTS = {(head_only, http11, keep_alive): Request(head_only, http11, keep_alive)
              for head_only in (False, True) for http11 in (False, True)
              for keep_alive in (False, True)}
-
-
-def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """Request target -> (raw path, query string); absolute-form and `*` included."""
-    if target[:1] == b"/":
-        path, _, query = target.partition(b"?")
-        return path, query
-    if target == b"*":
-        return b"*", b""
-    if b"/" not in target:  # CONNECT's authority-form (checked by the protocol)
-        return target, b""
-    url = httptools.parse_url(target)
-    return url.path or b"/", url.query or b""
 
 
 def decode_path(raw_path: bytes) -> str:

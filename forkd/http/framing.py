@@ -6,7 +6,8 @@ bytes to send and says at the end whether the connection can carry another reque
 One writer per framing, as h11 has: `LengthWriter` (a Content-Length, cut at it),
 `ChunkedWriter`, `CloseWriter` (HTTP/1.0 without a length: the close ends the body)
 and `NoBodyWriter` (HEAD, 1xx, 204, 304). asgi.py and wsgi.py only translate their
-interface's events into these calls."""
+interface's events into these calls. (`split_target`, what both interfaces, WebSockets
+and the access log read of a request's target, lives here too.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import httptools
 
 NO_BODY_STATUSES = frozenset((204, 304))
 # RFC 9110 5.6.2: a field name is a token
@@ -357,3 +360,16 @@ def _frame_fields(status: int, headers: Iterable[tuple[bytes, bytes]], reason: b
             _sections[section_key] = (section, length, length is not None and status >= 200
                                       and status not in NO_BODY_STATUSES)
     return parts, length, keep_alive, has_date, has_id
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """Request target -> (raw path, query string); absolute-form and `*` included."""
+    if target[:1] == b"/":
+        path, _, query = target.partition(b"?")
+        return path, query
+    if target == b"*":
+        return b"*", b""
+    if b"/" not in target:  # CONNECT's authority-form (checked by the protocol)
+        return target, b""
+    url = httptools.parse_url(target)
+    return url.path or b"/", url.query or b""

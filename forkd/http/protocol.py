@@ -346,7 +346,11 @@ class FixedCycle:
         self.keep_alive = keep_alive
         self.line = line
         self.extra = extra if line is None else extra + accesslog.id_field(line[0])
-        self.access = None if line is None else line[0]  # (HttpProtocol.refused_line)
+
+    @property
+    def access(self) -> tuple[bytes, bytes, bytes, float] | None:
+        """begin's fields of its request, as any cycle's (HttpProtocol.refused_line)."""
+        return None if self.line is None else self.line[0]
 
     def start(self) -> None:
         proto = self.proto

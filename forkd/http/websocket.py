@@ -33,7 +33,8 @@ from websockets.protocol import OPEN, State
 from websockets.server import ServerProtocol
 
 from forkd.http import accesslog
-from forkd.http.asgi import ASGI_VERSION, decode_path, split_target
+from forkd.http.asgi import ASGI_VERSION, decode_path
+from forkd.http.framing import split_target
 from forkd.http.protocol import HttpProtocol, error_answer, status_line
 
 log = logging.getLogger("forkd.http")

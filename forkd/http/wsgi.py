@@ -17,8 +17,8 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from forkd.http import accesslog
-from forkd.http.asgi import _REQUESTS, split_target
-from forkd.http.framing import BodyWriter, frame_head, status_line
+from forkd.http.asgi import _REQUESTS
+from forkd.http.framing import BodyWriter, frame_head, split_target, status_line
 from forkd.http.protocol import HIGH_WATER, ClientDisconnected, HttpProtocol, error_answer
 from forkd.http.wsgipool import _INLINE, INLINE_LIMIT, WSGIPool
 

@@ -11,7 +11,8 @@ from wsgiref.validate import WSGIWarning, check_environ
 
 import pytest
 
-from forkd.http.asgi import decode_path, split_target
+from forkd.http.asgi import decode_path
+from forkd.http.framing import split_target
 from forkd.http.wsgi import build_environ
 
 
