@@ -1409,6 +1409,27 @@ def test_a_streamed_answer_taken_slowly_but_above_the_floor_is_not_cut(
     run_until(loop, lambda: proto.state.in_progress() == 0)
 
 
+def upload_while_writing_waits(loop: asyncio.AbstractEventLoop, app: Any
+                               ) -> tuple[HttpProtocol, Transport, FakeClock, float]:
+    """A chunked POST to the ASGI `app` (--header-timeout 1 s) from a client that reads
+    nothing: once writing has paused, it uploads 300 B every 0.1 s of the protocol's
+    clock (3 KB/s, well above --min-body-rate), the timeouts checked at each step, for
+    three --header-timeouts or until the connection is cut. Gives the clock (where it
+    stopped) and when writing paused."""
+    proto, transport = connect(loop, "asgi", app, header_timeout=1.0)
+    clock = FakeClock(proto)
+    proto.data_received(b"POST /up HTTP/1.1\r\nHost: t\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n")
+    run_until(loop, lambda: proto.write_paused)
+    paused = proto.write_paused_at
+    while not transport.aborted and clock.now < paused + 3.0:
+        clock.now += 0.1
+        proto.data_received(b"12c\r\n" + b"u" * 300 + b"\r\n")
+        loop.run_until_complete(asyncio.sleep(0))
+        proto.check_timeouts(clock.now)
+    return proto, transport, clock, paused
+
+
 def test_a_duplex_answer_is_judged_from_the_pause_while_the_upload_arrives(
         loop: asyncio.AbstractEventLoop) -> None:
     """A duplex app (one task reads the request body while another streams the
@@ -1426,17 +1447,7 @@ def test_a_duplex_answer_is_judged_from_the_pause_while_the_upload_arrives(
         await stream_until_cut(send, told)
         await reading
 
-    proto, transport = connect(loop, "asgi", app, header_timeout=1.0)
-    clock = FakeClock(proto)
-    proto.data_received(b"POST /up HTTP/1.1\r\nHost: t\r\n"
-                        b"Transfer-Encoding: chunked\r\n\r\n")
-    run_until(loop, lambda: proto.write_paused)
-    paused = proto.write_paused_at
-    while not transport.aborted and clock.now < paused + 3.0:  # 3 KB/s of upload
-        clock.now += 0.1
-        proto.data_received(b"12c\r\n" + b"u" * 300 + b"\r\n")
-        loop.run_until_complete(asyncio.sleep(0))
-        proto.check_timeouts(clock.now)
+    proto, transport, clock, paused = upload_while_writing_waits(loop, app)
     assert transport.aborted and paused + 1.0 <= clock.now < paused + 1.1
     assert proto.state.slow_cuts.count == 1
     proto.connection_lost(None)
@@ -1457,18 +1468,8 @@ def test_an_app_reading_its_upload_while_its_answer_waits_is_not_cut_for_it(
         while (await receive())["type"] == "http.request":
             pass
 
-    proto, transport = connect(loop, "asgi", app, header_timeout=1.0)
-    clock = FakeClock(proto)
-    proto.data_received(b"POST /up HTTP/1.1\r\nHost: t\r\n"
-                        b"Transfer-Encoding: chunked\r\n\r\n")
-    run_until(loop, lambda: proto.write_paused)
-    paused = proto.write_paused_at
-    while clock.now < paused + 3.0:  # 3 KB/s of upload, three --header-timeouts
-        clock.now += 0.1
-        proto.data_received(b"12c\r\n" + b"u" * 300 + b"\r\n")
-        loop.run_until_complete(asyncio.sleep(0))
-        proto.check_timeouts(clock.now)
-        assert not transport.aborted, clock.now - paused
+    proto, transport, clock, paused = upload_while_writing_waits(loop, app)
+    assert not transport.aborted, clock.now - paused
     proto.connection_lost(None)
     run_until(loop, lambda: proto.state.in_progress() == 0)
 
