@@ -5,6 +5,7 @@ only after close() returned when it has."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -533,6 +534,42 @@ class Closing:
         self.closed.append(True)
 
 
+PAST_THE_LIMIT = b"1000\r\n" + b"a" * 0x1000 + b"\r\n"  # (after the first 2 KiB)
+
+
+@contextlib.contextmanager
+def a_form_below_the_limit(loop: asyncio.AbstractEventLoop, app: Any,
+                          watch: logging.Handler | None = None
+                          ) -> Iterator[tuple[ServerState, WSGIPool, HttpProtocol,
+                                              Transport, list[tuple[Any, ...]]]]:
+    """A connection to `app` with the access log on (its lines: the list yielded) and a
+    4 KiB --max-body-size, sent the head and first 2 KiB of a chunked POST /form: past
+    --wsgi-body-buffer, so the call starts on a thread that reads the body as it comes.
+    Sending PAST_THE_LIMIT then outgrows the limit. `watch` is handed forkd's log
+    records until the block ends."""
+    from forkd import log
+
+    state, pool, proto, transport = upload_to(loop, app, threads=2, access_log=True,
+                                              max_body_size=4096)
+    items: list[tuple[Any, ...]] = []
+    forkd_logger = logging.getLogger("forkd")
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        if watch is not None:
+            # (forkd's logger, set up as a worker's, does not pass its records on:
+            # watched where it writes them)
+            forkd_logger.addHandler(watch)
+        proto.data_received(b"POST /form HTTP/1.1\r\nHost: test\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n"
+                            b"800\r\n" + b"a" * 0x800 + b"\r\n")
+        yield state, pool, proto, transport, items
+    finally:
+        if watch is not None:
+            forkd_logger.removeHandler(watch)
+        log.setup()
+        pool.shutdown()
+
+
 @pytest.mark.parametrize("ends", ["list", "closing", "raise"])
 def test_an_answer_after_a_refused_body_is_neither_sent_nor_logged(
         loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture, ends: str
@@ -541,8 +578,6 @@ def test_an_answer_after_a_refused_body_is_neither_sent_nor_logged(
     the app's place. The app catches the read's OSError and answers anyway (Django's
     CsrfViewMiddleware answers 403 so), or raises: the client gets the 413 alone, the
     access log has its line alone, the result is closed and the call ends once."""
-    from forkd import log
-
     closed: list[bool] = []
     read_failed = threading.Event()
 
@@ -558,24 +593,11 @@ def test_an_answer_after_a_refused_body_is_neither_sent_nor_logged(
         start_response("200 OK", [("Content-Length", "2")])
         return [b"ok"]
 
-    state, pool, proto, transport = upload_to(loop, app, threads=2, access_log=True,
-                                              max_body_size=4096)
-    items: list[tuple[Any, ...]] = []
-    try:
-        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
-        proto.data_received(b"POST /form HTTP/1.1\r\nHost: test\r\n"
-                            b"Transfer-Encoding: chunked\r\n\r\n"
-                            b"800\r\n" + b"a" * 0x800 + b"\r\n")
+    with a_form_below_the_limit(loop, app, watch=caplog.handler) as (
+            state, pool, proto, transport, items):
         run_until(loop, lambda: bool(pool.busy_since))  # a thread reads the body
-        # (forkd's logger, set up as a worker's, does not pass its records on: watched
-        # where it writes them)
-        logging.getLogger("forkd").addHandler(caplog.handler)
-        proto.data_received(b"1000\r\n" + b"a" * 0x1000 + b"\r\n")  # past the limit
+        proto.data_received(PAST_THE_LIMIT)
         run_until(loop, lambda: read_failed.is_set() and settled(pool) and state.calls == 0)
-    finally:
-        logging.getLogger("forkd").removeHandler(caplog.handler)
-        log.setup()
-        pool.shutdown()
     answers = transport.received.split(b"HTTP/1.1 ")[1:]
     assert len(answers) == 1 and answers[0].startswith(b"413 ")
     assert [item[3] for item in items] == [413]
@@ -592,8 +614,6 @@ def test_an_answer_begun_then_refused_is_not_logged_nor_cut(
     body read fails because the body outgrew --max-body-size, and it raises: forkd's 413
     went out in its place. The app's failure neither logs its started answer nor resets
     the connection (which would cut the 413 the client is reading)."""
-    from forkd import log
-
     wrote = threading.Event()
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
@@ -606,21 +626,11 @@ def test_an_answer_begun_then_refused_is_not_logged_nor_cut(
             raise ValueError("no body, no answer") from None
         return [b"x"]
 
-    state, pool, proto, transport = upload_to(loop, app, threads=2, access_log=True,
-                                              max_body_size=4096)
-    items: list[tuple[Any, ...]] = []
-    try:
-        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
-        proto.data_received(b"POST /form HTTP/1.1\r\nHost: test\r\n"
-                            b"Transfer-Encoding: chunked\r\n\r\n"
-                            b"800\r\n" + b"a" * 0x800 + b"\r\n")
+    with a_form_below_the_limit(loop, app) as (state, pool, proto, transport, items):
         # (the loop does not run meanwhile: the app's block waits for it, unwritten)
         assert wrote.wait(5)
-        proto.data_received(b"1000\r\n" + b"a" * 0x1000 + b"\r\n")  # past the limit
+        proto.data_received(PAST_THE_LIMIT)
         run_until(loop, lambda: settled(pool) and state.calls == 0)
-    finally:
-        log.setup()
-        pool.shutdown()
     answers = transport.received.split(b"HTTP/1.1 ")[1:]
     assert len(answers) == 1 and answers[0].startswith(b"413 ")
     assert [item[3] for item in items] == [413]
