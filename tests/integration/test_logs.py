@@ -327,6 +327,14 @@ def test_an_asgi_app_rewriting_its_scope_changes_no_access_line_and_loses_no_oth
     assert "log-dropped" not in text_of(log_file)
 
 
+def ws_handshake(target: str, request_id: str, fields: bytes = b"", body: bytes = b"") -> bytes:
+    """A WebSocket handshake for `target` sent with X-Request-ID `request_id`, then
+    `fields` (whole header lines) and `body`."""
+    return (b"GET %b HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"X-Request-ID: %b\r\n%b\r\n%b" % (target.encode(), request_id.encode(), fields, body))
+
+
 @pytest.mark.timeout(60)
 def test_a_websocket_access_line_holds_what_its_handshake_came_with(run_forkd,
                                                                    tmp_path) -> None:
@@ -335,10 +343,7 @@ def test_a_websocket_access_line_holds_what_its_handshake_came_with(run_forkd,
     log_file = tmp_path / "forkd.log"
     proc, port, describe = start_logged(run_forkd, log_file, "logapp:app", "--log-format",
                                         "json", "--access-log", workers=1)
-    answer = raw_exchange(port, b"GET /ws?q=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                          b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                          b"X-Request-ID: ws-1\r\n\r\n")
+    answer = raw_exchange(port, ws_handshake("/ws?q=1", "ws-1"))
     assert answer.startswith(b"HTTP/1.1 101 "), answer
     assert b"\r\nx-request-id: ws-1\r\n" in answer.lower(), answer  # (sent back)
 
@@ -381,10 +386,8 @@ def test_a_refused_websocket_handshake_logs_the_bytes_it_was_sent(run_forkd,
     log_file = tmp_path / "forkd.log"
     proc, port, describe = start_logged(run_forkd, log_file, "logapp:app", "--log-format",
                                         "json", "--access-log", workers=1)
-    answer = raw_exchange(port, b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                          b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                          b"X-Request-ID: ws-400\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    answer = raw_exchange(port, ws_handshake("/ws", "ws-400", b"Transfer-Encoding: chunked\r\n",
+                                             b"0\r\n\r\n"))
     assert answer.startswith(b"HTTP/1.1 400 ") and b"\r\nx-request-id: ws-400\r\n" in answer, (
         answer)
     line = once_each(log_file, port, {"ws-400"}, describe)["ws-400"]
