@@ -24,30 +24,29 @@ from forkd.http.wsgipool import WSGIPool
 pytestmark = pytest.mark.timeout(30)
 
 
-def connect(loop: asyncio.AbstractEventLoop, app: Any
-            ) -> tuple[ServerState, WSGIPool, Transport]:
-    state = ServerState(Config(app="test", interface="wsgi"), loop)
-    pool = WSGIPool(loop, 2, "never")  # every call on a thread
-    state.cycle_factory = WSGICycle.bind(app, pool, "")
-    proto = HttpProtocol(state)
-    transport = Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)  # type: ignore[arg-type]
-    proto.data_received(get("/"))
-    return state, pool, transport
-
-
-def serve_app(loop: asyncio.AbstractEventLoop, app: Any, threads: int, inline: str
+def serve_app(loop: asyncio.AbstractEventLoop, app: Any, threads: int = 2,
+              inline: str = "never", transport: Transport | None = None, **options: Any
               ) -> tuple[ServerState, WSGIPool, HttpProtocol, Transport]:
-    """A connection to `app` on a pool of `threads` (`inline`: the pool's mode)."""
-    state = ServerState(Config(app="test", interface="wsgi", threads=threads), loop)
+    """A connection to `app` on a pool of `threads` (`inline`: the pool's mode; by
+    default two threads, every call on one), made on `transport` if given; `options`:
+    the rest of its Config."""
+    state = ServerState(Config(app="test", interface="wsgi", threads=threads, **options),
+                        loop)
     pool = WSGIPool(loop, threads, inline)
     state.cycle_factory = WSGICycle.bind(app, pool, "")
     proto = HttpProtocol(state)
-    transport = Transport()
+    transport = transport or Transport()
     transport.protocol = proto
     proto.connection_made(transport)  # type: ignore[arg-type]
     return state, pool, proto, transport
+
+
+def connect(loop: asyncio.AbstractEventLoop, app: Any
+            ) -> tuple[ServerState, WSGIPool, Transport]:
+    """A GET / to `app`, every call on a thread."""
+    state, pool, proto, transport = serve_app(loop, app)
+    proto.data_received(get("/"))
+    return state, pool, transport
 
 
 def ask_in_turn(loop: asyncio.AbstractEventLoop, state: ServerState, proto: HttpProtocol,
@@ -130,14 +129,7 @@ def paths_app(environ: dict[str, Any], start_response: Any) -> Any:
 
 def open_conn(loop: asyncio.AbstractEventLoop, transport: Transport | None = None
               ) -> tuple[ServerState, WSGIPool, HttpProtocol, Transport]:
-    state = ServerState(Config(app="test", interface="wsgi"), loop)
-    pool = WSGIPool(loop, 2, "never")
-    state.cycle_factory = WSGICycle.bind(paths_app, pool, "")
-    proto = HttpProtocol(state)
-    transport = transport or Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)  # type: ignore[arg-type]
-    return state, pool, proto, transport
+    return serve_app(loop, paths_app, transport=transport)
 
 
 def settled(pool: WSGIPool) -> bool:
@@ -239,13 +231,7 @@ def test_a_call_that_waited_on_a_slow_upload_teaches_its_route_nothing(
         start_response("200 OK", [("Content-Length", str(len(str(size))))])
         return [str(size).encode()]
 
-    state = ServerState(Config(app="test", interface="wsgi", wsgi_body_buffer=4), loop)
-    pool = WSGIPool(loop, 2, "auto")
-    state.cycle_factory = WSGICycle.bind(app, pool, "")
-    proto = HttpProtocol(state)
-    transport = Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)  # type: ignore[arg-type]
+    state, pool, proto, transport = serve_app(loop, app, 2, "auto", wsgi_body_buffer=4)
     try:
         proto.data_received(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 16\r\n\r\n"
                             b"12345678")  # more than the buffer: the body streams in
@@ -285,13 +271,7 @@ def threadless(loop: asyncio.AbstractEventLoop, result: Streamed
         start_response("200 OK", [("Content-Type", "text/plain")])
         return result
 
-    state = ServerState(Config(app="test", interface="wsgi", threads=0), loop)
-    pool = WSGIPool(loop, 0, "auto")  # what --threads 0 makes
-    state.cycle_factory = WSGICycle.bind(app, pool, "")
-    proto = HttpProtocol(state)
-    transport = Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)  # type: ignore[arg-type]
+    state, pool, proto, transport = serve_app(loop, app, 0, "auto")  # what --threads 0 makes
     return state, proto, transport
 
 
@@ -549,8 +529,7 @@ def a_form_below_the_limit(loop: asyncio.AbstractEventLoop, app: Any,
     records until the block ends."""
     from forkd import log
 
-    state, pool, proto, transport = upload_to(loop, app, threads=2, access_log=True,
-                                              max_body_size=4096)
+    state, pool, proto, transport = upload_to(loop, app, access_log=True, max_body_size=4096)
     items: list[tuple[Any, ...]] = []
     forkd_logger = logging.getLogger("forkd")
     try:
@@ -702,15 +681,7 @@ def upload_to(loop: asyncio.AbstractEventLoop, app: Any, **options: Any
     """A connection to `app` on a pool of 2 threads, never inline, whose calls start
     once 1 KiB of their body is in (--wsgi-body-buffer): a body larger than that is
     read on the app's thread as it arrives."""
-    state = ServerState(Config(app="test", interface="wsgi", wsgi_body_buffer=1024,
-                               **options), loop)
-    pool = WSGIPool(loop, 2, "never")
-    state.cycle_factory = WSGICycle.bind(app, pool, "")
-    proto = HttpProtocol(state)
-    transport = Transport()
-    transport.protocol = proto
-    proto.connection_made(transport)  # type: ignore[arg-type]
-    return state, pool, proto, transport
+    return serve_app(loop, app, wsgi_body_buffer=1024, **options)
 
 
 def test_a_thread_answering_before_the_body_is_freed_from_a_client_trickling_its_upload(
