@@ -172,9 +172,10 @@ def ended(access: tuple[bytes, bytes, bytes, float], status: int, size: int,
 def log_access(client: tuple[str, int | None] | None, method: str, raw_path: bytes,
                query: bytes, version: str, fields: tuple[Any, ...], status: int,
                size: int, duration: float) -> None:
-    """One access line, once the response has ended: `fields` are request_fields' (id,
-    referer, user agent), `size` the body bytes sent, `duration` seconds since the
-    request came in. (A request cycle calls begin and ended instead.)"""
+    """One access line, once the response has ended (a WebSocket's handshake): `fields`
+    begin with the id, referer and user agent (begin's tuple), `size` is the body bytes
+    sent, `duration` seconds since the request came in. (An HTTP request's cycle calls
+    begin and ended instead.)"""
     item = (perf_counter(), duration, (*fields[:3], 0.0), status, size, client, method,
             raw_path, query, version)  # (as `ended` hands it over)
     state = log.state

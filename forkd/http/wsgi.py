@@ -314,7 +314,8 @@ class WSGICycle:
         self.route = b""  # the raw path, once submitted
         self.query = b""  # the raw query string, once submitted
         # a threaded call whose result has nothing to close: 1, its final block's hand-off
-        # to the loop ends the call too (one hand-off, not two); 2 once it did
+        # to the loop (or fail()'s 500's) ends the call too (one hand-off, not two); 2
+        # once it did
         self.ending = 0
         self.headers = headers
         self.http_version = http_version
@@ -538,8 +539,9 @@ class WSGICycle:
                 elif self.ending != 2:
                     # (a failed app may have returned nothing to close: it ends anyway)
                     self._close(result)
-                # (else threaded, nothing to close, and the final block's hand-off ended
-                # the call, refusing a write() from then on: _close's work is done)
+                # (else threaded, nothing to close, and the final block's (or the 500's)
+                # hand-off ended the call, refusing a write() from then on: _close's
+                # work is done)
         # (threaded: a call that read a streamed body, or waited for its client to read,
         # timed the client as much as the app: it teaches the route nothing. Inline, no
         # one reads it: the test of `inline` first costs an inline call the least)
@@ -582,7 +584,10 @@ class WSGICycle:
                       type(exc).__name__)
             if (self.writer is not None and self.proto.state.access_log
                     and not getattr(self, "replaced", False)):
-                self._log_access()  # (as nginx does: the status it started, bytes sent)
+                # (as nginx does: the status it started, the bytes sent. Logged on the
+                # app's thread, the one place a line is: hand_off told the client went,
+                # so no last block reaches the loop's _write_final)
+                self._log_access()
             return
         log.error("exception in WSGI app for %s %s", self.method, path, exc_info=exc)
         self.fail()
@@ -600,7 +605,7 @@ class WSGICycle:
         finally:
             if self.inline:
                 self.proto.state.calls -= 1
-            elif self.ending != 2:  # (else the final block's hand-off ended it)
+            elif self.ending != 2:  # (else the final block's or the 500's hand-off ended it)
                 self.pool.to_loop(self._call_ended)
 
     def _log_access(self) -> None:
@@ -615,11 +620,8 @@ class WSGICycle:
         protocol (check_timeouts), as every answer's is: the wait then ends with
         ClientDisconnected, and the app's result is closed. (Should the protocol fail
         to cut it, _wait_for_client's backstop ends the wait all the same.)"""
-        if self.inline:  # on the loop's thread: write now (the app made it already)
-            if final:
-                self._write_final(data, keep_alive)
-            else:
-                self.proto.write(data)
+        if self.inline:  # on the loop's thread: write now (the app made it already; an
+            self.proto.write(data)  # inline final block is _flush's own end)
             return
         if final:
             if self.disconnected:  # (before `ending` moves: _close then ends the call)
@@ -693,16 +695,25 @@ class WSGICycle:
             self.blocked = False
             flow.notify_all()
 
+    def _reached_client(self) -> bool:
+        """(loop, once the answer's last bytes were handed to the protocol) Whether the
+        client got this answer, whole or in part: then its access line is due (cut
+        mid-way, the status it started with and the bytes sent, as nginx logs it). Not
+        when a refusal of forkd's went in its place (the rest of the body broke a limit:
+        reject; the refusal has the line), nor when the client left before any of it
+        went out (the protocol wrote nothing of it)."""
+        return not self.disconnected or (
+            not getattr(self, "replaced", False) and self.proto.response_begun)
+
     def _write_final(self, data: bytes, keep_alive: bool) -> None:
         """(loop) A threaded answer's last block: written, and its access line logged,
         here, where it goes out, not in the thread that handed it over: until now a
-        refusal of forkd's may have answered the request in its place (the rest of its
-        body broke a limit: reject), the client then gets that refusal alone, and its
-        line is the refusal's (the protocol's cycle is then no longer this one)."""
+        refusal of forkd's may have answered the request in its place, or the client
+        may have left (_reached_client)."""
         proto = self.proto
         if data:
             proto.write(data)
-        if proto.state.access_log and proto.cycle is self:
+        if proto.state.access_log and self._reached_client():
             self._log_access()
         proto.response_done(self, keep_alive)
 
@@ -711,7 +722,7 @@ class WSGICycle:
         try:  # (_write_final, inline: once per threaded request)
             if data:
                 proto.write(data)
-            if proto.state.access_log and proto.cycle is self:
+            if proto.state.access_log and self._reached_client():
                 self._log_access()
             proto.response_done(self, keep_alive)
         finally:  # (a write that raised still ends the call: a drain waits for it)
@@ -786,11 +797,10 @@ class WSGICycle:
 
     def _cut_failed(self) -> None:
         """(loop) An app that failed once its answer began: logged as nginx does (the
-        status it started, the body bytes sent) unless a refusal's answer went in its
-        place, and cut, unless a refusal is closing the connection or the client is gone
-        (nothing to cut, and a reset would lose the refusal's answer)."""
-        if self.proto.state.access_log and not (self.disconnected
-                                                and getattr(self, "replaced", False)):
+        status it started, the body bytes sent) if the client got any of it
+        (_reached_client), and cut, unless a refusal is closing the connection or the
+        client is gone (nothing to cut, and a reset would lose the refusal's answer)."""
+        if self.proto.state.access_log and self._reached_client():
             self._log_access()
         if not self.disconnected:
             self.proto.abort()

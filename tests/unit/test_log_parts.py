@@ -581,8 +581,9 @@ def _same_access_line(fast: bytes, generic: Entry, path: bytes,
 
 @pytest.mark.parametrize("take", ["begin", "request_fields"])
 def test_request_ids_are_honoured_when_sane_else_made_and_shown_to_the_app(take: str) -> None:
-    """begin (HTTP) and request_fields (WebSocket) each read the id, with the same rules;
-    begin makes one when there is none it may honour (request_fields says `-`)."""
+    """begin (a request, a WebSocket handshake) and request_fields (forkd's refusals)
+    each read the id, with the same rules; begin makes one when there is none it may
+    honour (request_fields says `-`)."""
     from forkd.http import accesslog
 
     def fields(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, bytes]:

@@ -662,6 +662,79 @@ def test_an_answer_handed_over_then_replaced_by_a_refusal_has_the_refusal_s_line
     assert closed == ([True] if ends == "closing" else [])
 
 
+@pytest.mark.parametrize("broken_by", ["413", "408"])
+def test_a_streamed_answer_cut_by_a_refusal_keeps_its_line(
+        loop: asyncio.AbstractEventLoop, broken_by: str) -> None:
+    """The app streams a first block of its answer before reading its body (it goes
+    out), then returns its last one; before the loop writes that, the rest of the body
+    overflows --max-body-size, or stalls. No refusal can follow bytes already sent: the
+    connection is cut, and the access line is the answer's, with the status it started
+    with and the bytes the client got, as for any answer cut mid-way."""
+    from forkd import log
+
+    go = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        write = start_response("200 OK", [])
+        write(b"partial")
+        go.wait(10)
+        return [b"end"]
+
+    state, pool, proto, transport = upload_to(loop, app, threads=2, access_log=True,
+                                              max_body_size=4096)
+    items: list[tuple[Any, ...]] = []
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(b"POST /form HTTP/1.1\r\nHost: test\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n"
+                            b"800\r\n" + b"a" * 0x800 + b"\r\n")
+        run_until(loop, lambda: proto.response_begun)  # the first block is out
+        go.set()
+        deadline = time.monotonic() + 10
+        while not (pool.answers and pool.idle == len(pool.threads)):
+            assert time.monotonic() < deadline, "the thread did not answer"
+            time.sleep(0.001)
+        if broken_by == "413":
+            proto.data_received(b"1000\r\n" + b"a" * 0x1000 + b"\r\n")  # past the limit
+        else:
+            proto.check_timeouts(proto.body_activity + 2 * state.config.header_timeout)
+        run_until(loop, lambda: settled(pool) and state.calls == 0)
+    finally:
+        log.setup()
+        pool.shutdown()
+    assert transport.aborted
+    assert transport.received.count(b"HTTP/1.1 ") == 1 and b"partial" in transport.received
+    assert [item[3] for item in items] == [200]
+
+
+def test_a_threaded_answer_whose_client_left_before_it_went_out_has_no_line(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The client leaves while its answer, whole, waits for the loop: nothing of it is
+    sent, and, as for any client gone before an answer started, no line is logged."""
+    from forkd import log
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Length", "5")])
+        return [b"hello"]
+
+    state, pool, proto, transport = serve_app(loop, app, access_log=True)
+    items: list[tuple[Any, ...]] = []
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(get("/"))
+        deadline = time.monotonic() + 10
+        while not (pool.answers and pool.idle == len(pool.threads)):
+            assert time.monotonic() < deadline, "the thread did not answer"
+            time.sleep(0.001)
+        proto.connection_lost(None)
+        run_until(loop, lambda: settled(pool) and state.calls == 0)
+    finally:
+        log.setup()
+        pool.shutdown()
+    assert transport.received == b""
+    assert items == []
+
+
 def streaming_before_the_body(told: list[Any]) -> Any:
     """A WSGI app that streams 64 KiB blocks before it reads its request body, until
     write() raises; it records the error in `told`."""
