@@ -71,9 +71,11 @@ def _answer(path: str, query: str) -> tuple[int, bytes]:
 async def app(scope, receive, send):
     if scope["type"] == "websocket":
         assert (await receive())["type"] == "websocket.connect"
+        own_id = scope["path"] == "/ws-own-id"  # (an app that names its answer's id)
         scope["headers"].clear()  # (an app may: the access line tells what came in)
         scope["raw_path"] = b"/changed"
-        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.accept",
+                    "headers": [(b"X-Request-ID", b"app-given")] if own_id else []})
         await send({"type": "websocket.close", "code": 1000})
         return
     if scope["type"] != "http":

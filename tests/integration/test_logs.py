@@ -379,6 +379,29 @@ def test_a_websocket_handshake_without_an_id_gets_one_made_and_sent_back(run_for
 
 
 @pytest.mark.timeout(60)
+def test_a_websocket_app_s_own_request_id_is_the_only_one_sent_back(run_forkd,
+                                                                   tmp_path) -> None:
+    """An app that accepts with an X-Request-ID of its own: its 101 carries that one
+    alone (forkd adds none beside it). Without --access-log no id is made or sent."""
+    log_file = tmp_path / "forkd.log"
+    proc, port, describe = start_logged(run_forkd, log_file, "logapp:app", "--log-format",
+                                        "json", "--access-log", workers=1)
+    answer = raw_exchange(port, ws_handshake("/ws-own-id", "client-id"))
+    assert answer.startswith(b"HTTP/1.1 101 "), answer
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert re.findall(rb"\r\nx-request-id: ([^\r]*)", head) == [b"app-given"], answer
+    proc.stop()
+
+    quiet = tmp_path / "quiet.log"
+    proc, port, describe = start_logged(run_forkd, quiet, "logapp:app", workers=1)
+    answer = raw_exchange(port, b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 101 "), answer
+    assert b"x-request-id" not in answer.split(b"\r\n\r\n", 1)[0].lower(), answer
+
+
+@pytest.mark.timeout(60)
 def test_a_refused_websocket_handshake_logs_the_bytes_it_was_sent(run_forkd,
                                                                    tmp_path) -> None:
     """A handshake the WebSocket library cannot take (a body: chunked) is refused 400;
