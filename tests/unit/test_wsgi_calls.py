@@ -616,24 +616,15 @@ def test_an_answer_begun_then_refused_is_not_logged_nor_cut(
     assert not transport.aborted
 
 
-@pytest.mark.parametrize("broken_by", ["413", "408"])
-@pytest.mark.parametrize("ends", ["list", "closing", "raise"])
-def test_an_answer_handed_over_then_replaced_by_a_refusal_has_the_refusal_s_line_alone(
-        loop: asyncio.AbstractEventLoop, ends: str, broken_by: str) -> None:
-    """The app answers a chunked POST on its thread before reading the body (a 401 as a
-    list, or with a close(); or it raises: a 500), and that answer's last block waits
-    for the loop. Before the loop writes it, the rest of the body overflows
-    --max-body-size, or stalls: forkd's refusal answers in its place. The client gets
-    the refusal alone, and the access log has one line, the refusal's."""
+def answer_waits_then_body_refused(loop: asyncio.AbstractEventLoop, app: Any,
+                                   broken_by: str, first_out: threading.Event | None = None
+                                   ) -> tuple[Transport, list[int]]:
+    """A chunked POST past the body buffer (a thread takes the call) to an app that
+    answers before it reads its body; once its answer's last block waits for the loop
+    (which does not run meanwhile), the rest of the body overflows --max-body-size
+    (413) or stalls (408). With `first_out`, the app's first block goes out before it
+    is set. Returns what the client got and the statuses of the access lines."""
     from forkd import log
-
-    closed: list[bool] = []
-
-    def app(environ: dict[str, Any], start_response: Any) -> Any:
-        if ends == "raise":
-            raise ValueError("no answer on purpose")
-        start_response("401 Unauthorized", [("Content-Length", "9")])
-        return [b"forbidden"] if ends == "list" else Closing(closed)
 
     state, pool, proto, transport = upload_to(loop, app, threads=2, access_log=True,
                                               max_body_size=4096)
@@ -642,8 +633,10 @@ def test_an_answer_handed_over_then_replaced_by_a_refusal_has_the_refusal_s_line
         log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
         proto.data_received(b"POST /form HTTP/1.1\r\nHost: test\r\n"
                             b"Transfer-Encoding: chunked\r\n\r\n"
-                            b"800\r\n" + b"a" * 0x800 + b"\r\n")  # (past the buffer: a
-        # thread starts the call; the loop does not run meanwhile: the answer waits for it)
+                            b"800\r\n" + b"a" * 0x800 + b"\r\n")
+        if first_out is not None:
+            run_until(loop, lambda: proto.response_begun)
+            first_out.set()
         deadline = time.monotonic() + 10
         while not (pool.answers and pool.idle == len(pool.threads)):
             assert time.monotonic() < deadline, "the thread did not answer"
@@ -656,9 +649,31 @@ def test_an_answer_handed_over_then_replaced_by_a_refusal_has_the_refusal_s_line
     finally:
         log.setup()
         pool.shutdown()
+    return transport, [item[3] for item in items]
+
+
+@pytest.mark.parametrize("broken_by", ["413", "408"])
+@pytest.mark.parametrize("ends", ["list", "closing", "raise"])
+def test_an_answer_handed_over_then_replaced_by_a_refusal_has_the_refusal_s_line_alone(
+        loop: asyncio.AbstractEventLoop, ends: str, broken_by: str) -> None:
+    """The app answers a chunked POST on its thread before reading the body (a 401 as a
+    list, or with a close(); or it raises: a 500), and that answer's last block waits
+    for the loop. Before the loop writes it, the rest of the body overflows
+    --max-body-size, or stalls: forkd's refusal answers in its place. The client gets
+    the refusal alone, and the access log has one line, the refusal's."""
+
+    closed: list[bool] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if ends == "raise":
+            raise ValueError("no answer on purpose")
+        start_response("401 Unauthorized", [("Content-Length", "9")])
+        return [b"forbidden"] if ends == "list" else Closing(closed)
+
+    transport, lines = answer_waits_then_body_refused(loop, app, broken_by)
     answers = transport.received.split(b"HTTP/1.1 ")[1:]
     assert len(answers) == 1 and answers[0].startswith(broken_by.encode() + b" ")
-    assert [item[3] for item in items] == [int(broken_by)]
+    assert lines == [int(broken_by)]
     assert closed == ([True] if ends == "closing" else [])
 
 
@@ -670,7 +685,6 @@ def test_a_streamed_answer_cut_by_a_refusal_keeps_its_line(
     overflows --max-body-size, or stalls. No refusal can follow bytes already sent: the
     connection is cut, and the access line is the answer's, with the status it started
     with and the bytes the client got, as for any answer cut mid-way."""
-    from forkd import log
 
     go = threading.Event()
 
@@ -680,31 +694,10 @@ def test_a_streamed_answer_cut_by_a_refusal_keeps_its_line(
         go.wait(10)
         return [b"end"]
 
-    state, pool, proto, transport = upload_to(loop, app, threads=2, access_log=True,
-                                              max_body_size=4096)
-    items: list[tuple[Any, ...]] = []
-    try:
-        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
-        proto.data_received(b"POST /form HTTP/1.1\r\nHost: test\r\n"
-                            b"Transfer-Encoding: chunked\r\n\r\n"
-                            b"800\r\n" + b"a" * 0x800 + b"\r\n")
-        run_until(loop, lambda: proto.response_begun)  # the first block is out
-        go.set()
-        deadline = time.monotonic() + 10
-        while not (pool.answers and pool.idle == len(pool.threads)):
-            assert time.monotonic() < deadline, "the thread did not answer"
-            time.sleep(0.001)
-        if broken_by == "413":
-            proto.data_received(b"1000\r\n" + b"a" * 0x1000 + b"\r\n")  # past the limit
-        else:
-            proto.check_timeouts(proto.body_activity + 2 * state.config.header_timeout)
-        run_until(loop, lambda: settled(pool) and state.calls == 0)
-    finally:
-        log.setup()
-        pool.shutdown()
+    transport, lines = answer_waits_then_body_refused(loop, app, broken_by, first_out=go)
     assert transport.aborted
     assert transport.received.count(b"HTTP/1.1 ") == 1 and b"partial" in transport.received
-    assert [item[3] for item in items] == [200]
+    assert lines == [200]
 
 
 def test_a_threaded_answer_whose_client_left_before_it_went_out_has_no_line(
