@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -270,29 +268,15 @@ def logs(
     before they could be fetched are reported as missed, never skipped silently."""
     out, err = out or sys.stdout, err or sys.stderr
     base: dict[str, Any] = {"slot": slot, "json": as_json}
-    stop: list[bool] = []  # ^C while following: a stop flag, read between requests
-
-    def interrupted(signum: int, frame: Any) -> None:
-        if stop:  # (a second ^C: at once, whatever it interrupts)
-            raise KeyboardInterrupt
-        stop.append(True)
-
-    # (a KeyboardInterrupt raised inside a request, while its ZeroMQ socket and context
-    # are being closed, could leave the context open and the exit waiting on it: the
-    # first ^C only ends the loop, after the request in flight, a few ms on a live primary)
-    previous = (signal.signal(signal.SIGINT, interrupted)
-                if follow and threading.current_thread() is threading.main_thread() else None)
     try:
         target = endpoint or resolve(home, name)
         curve = curve_from_env(os.environ)
         page = call(target, "logs", {**base, "lines": count}, timeout=timeout, curve=curve)
         _print_page(out, err, page)
         primary = page.get("pid")
-        while follow and not stop:
+        while follow:
             if not page.get("more"):
-                time.sleep(FOLLOW_EVERY)  # (^C: the handler runs, the sleep goes on)
-                if stop:
-                    break
+                time.sleep(FOLLOW_EVERY)
             page = call(target, "logs", {**base, "after": page.get("cursor", 0)},
                         timeout=timeout, curve=curve)
             if page.get("pid") != primary:  # restarted under the same name: from its start
@@ -308,9 +292,6 @@ def logs(
     except ControlError as exc:
         _print(err, _error_text("logs", exc))
         return EXIT_USAGE if exc.code in USAGE_CODES else EXIT_FAILED
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
     return EXIT_OK
 
 
