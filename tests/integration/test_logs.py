@@ -160,8 +160,13 @@ def test_forkd_logs_follow_sees_a_line_printed_after_it_started(run_forkd, tmp_p
     wait_until(lambda: "older-line" in proc.output(), 10, message=proc.describe)
     out_path = tmp_path / "follow.out"
     with open(out_path, "wb") as out:
+        # (forkd's CLI, with faulthandler on SIGUSR1: should ^C not end it, its stacks
+        # say where it waits: one CI run saw it outlive the 10 s, never reproduced)
         follower = subprocess.Popen(
-            [sys.executable, "-m", "forkd", "logs", "followme", "-f", "-n", "5"],
+            [sys.executable, "-c", "import faulthandler, signal, sys; "
+             "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+             "from forkd.cli import main; sys.argv[0] = 'forkd'; main()",
+             "logs", "followme", "-f", "-n", "5"],
             cwd=REPO, env=proc.env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
@@ -174,7 +179,15 @@ def test_forkd_logs_follow_sees_a_line_printed_after_it_started(run_forkd, tmp_p
         assert re.match(r"^\S+Z followme\.[01]\[\d+\] stdout: newer-line$", line), line
         assert follower.poll() is None  # still following
         os.killpg(follower.pid, signal.SIGINT)
-        assert follower.wait(10) == 0
+        try:
+            code = follower.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(follower.pid, signal.SIGUSR1)
+            wait_until(lambda: "most recent call first" in out_path.read_text(), 5,
+                       message=lambda: out_path.read_text())
+            raise AssertionError("forkd logs -f outlived ^C by 10 s; its stacks:\n"
+                                 + out_path.read_text()[-6000:]) from None
+        assert code == 0, out_path.read_text()
     finally:
         if follower.poll() is None:
             os.killpg(follower.pid, signal.SIGKILL)
