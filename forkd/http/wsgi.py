@@ -582,12 +582,11 @@ class WSGICycle:
             # routine (its access line tells it: the status it started, the bytes sent)
             log.debug("%s %s ended by %s: the client disconnected", self.method, path,
                       type(exc).__name__)
-            if (self.writer is not None and self.proto.state.access_log
-                    and not getattr(self, "replaced", False)):
-                # (as nginx does: the status it started, the bytes sent. Logged on the
-                # app's thread, the one place a line is: hand_off told the client went,
-                # so no last block reaches the loop's _write_final)
-                self._log_access()
+            if self.writer is not None and self.proto.state.access_log:
+                # (as nginx does: the status it started, the bytes sent, if the client
+                # got any of it: judged on the loop, as _write_final judges, since
+                # hand_off told the client went and no last block reaches it)
+                self._to_loop(self._log_if_reached)
             return
         log.error("exception in WSGI app for %s %s", self.method, path, exc_info=exc)
         self.fail()
@@ -704,6 +703,11 @@ class WSGICycle:
         went out (the protocol wrote nothing of it)."""
         return not self.disconnected or (
             not getattr(self, "replaced", False) and self.proto.response_begun)
+
+    def _log_if_reached(self) -> None:
+        """(loop) The line of an answer its app stopped, told its client went."""
+        if self._reached_client():
+            self._log_access()
 
     def _write_final(self, data: bytes, keep_alive: bool) -> None:
         """(loop) A threaded answer's last block: written, and its access line logged,
@@ -867,7 +871,9 @@ class WSGICycle:
             self.pending = _ENDED  # (a write() kept by the app is refused from now on)
             if data:
                 proto.write(data)
-            if proto.state.access_log:  # (before the next pipelined request may start)
+            # (logged before the next pipelined request may start; a call that waited
+            # for a pass of the loop may run after its client left: _reached_client)
+            if proto.state.access_log and (not self.disconnected or self._reached_client()):
                 self._log_access()
             proto.response_done(self, writer.keep_alive and not unread)
         else:

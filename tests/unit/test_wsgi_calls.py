@@ -728,6 +728,63 @@ def test_a_threaded_answer_whose_client_left_before_it_went_out_has_no_line(
     assert items == []
 
 
+def test_a_threaded_answer_whose_client_left_while_the_app_ran_has_no_line(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The client leaves while the app still works on its answer: the thread is told
+    as it hands the answer over, nothing of it is sent, and no line is logged (the
+    order opposite to the test above: there the answer was handed over first)."""
+    from forkd import log
+
+    go = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        go.wait(10)
+        start_response("200 OK", [("Content-Length", "5")])
+        return [b"hello"]
+
+    state, pool, proto, transport = serve_app(loop, app, access_log=True)
+    items: list[tuple[Any, ...]] = []
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        proto.data_received(get("/"))
+        run_until(loop, lambda: bool(pool.busy_since))  # the app runs on its thread
+        proto.connection_lost(None)
+        go.set()
+        run_until(loop, lambda: settled(pool) and state.calls == 0)
+    finally:
+        log.setup()
+        pool.shutdown()
+    assert transport.received == b""
+    assert items == []
+
+
+def test_an_inline_call_run_after_its_client_left_has_no_line(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """An inline call waiting for the loop's next pass (its share spent) runs after its
+    client left: nothing is sent, and no line is logged."""
+    from forkd import log
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Length", "5")])
+        return [b"hello"]
+
+    state, pool, proto, transport = serve_app(loop, app, threads=0, inline="always",
+                                              access_log=True)
+    items: list[tuple[Any, ...]] = []
+    try:
+        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
+        pool.pass_left = 0  # (this pass's share of inline calls is spent)
+        proto.data_received(get("/"))
+        assert pool.waiting  # (the call waits for the next pass)
+        proto.connection_lost(None)
+        run_until(loop, lambda: not pool.waiting and state.calls == 0)
+    finally:
+        log.setup()
+        pool.shutdown()
+    assert transport.received == b""
+    assert items == []
+
+
 def streaming_before_the_body(told: list[Any]) -> Any:
     """A WSGI app that streams 64 KiB blocks before it reads its request body, until
     write() raises; it records the error in `told`."""
