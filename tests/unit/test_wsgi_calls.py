@@ -700,42 +700,18 @@ def test_a_streamed_answer_cut_by_a_refusal_keeps_its_line(
     assert lines == [200]
 
 
+@pytest.mark.parametrize("leaves", ["answer_queued", "app_running"])
 def test_a_threaded_answer_whose_client_left_before_it_went_out_has_no_line(
-        loop: asyncio.AbstractEventLoop) -> None:
-    """The client leaves while its answer, whole, waits for the loop: nothing of it is
-    sent, and, as for any client gone before an answer started, no line is logged."""
-    from forkd import log
-
-    def app(environ: dict[str, Any], start_response: Any) -> Any:
-        start_response("200 OK", [("Content-Length", "5")])
-        return [b"hello"]
-
-    state, pool, proto, transport = serve_app(loop, app, access_log=True)
-    items: list[tuple[Any, ...]] = []
-    try:
-        log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
-        proto.data_received(get("/"))
-        deadline = time.monotonic() + 10
-        while not (pool.answers and pool.idle == len(pool.threads)):
-            assert time.monotonic() < deadline, "the thread did not answer"
-            time.sleep(0.001)
-        proto.connection_lost(None)
-        run_until(loop, lambda: settled(pool) and state.calls == 0)
-    finally:
-        log.setup()
-        pool.shutdown()
-    assert transport.received == b""
-    assert items == []
-
-
-def test_a_threaded_answer_whose_client_left_while_the_app_ran_has_no_line(
-        loop: asyncio.AbstractEventLoop) -> None:
-    """The client leaves while the app still works on its answer: the thread is told
-    as it hands the answer over, nothing of it is sent, and no line is logged (the
-    order opposite to the test above: there the answer was handed over first)."""
+        loop: asyncio.AbstractEventLoop, leaves: str) -> None:
+    """The client leaves before any of its answer went out: while the whole answer
+    waits for the loop, or while the app still works on it (its thread is then told as
+    it hands the answer over). Nothing is sent and, as for any client gone before an
+    answer started, no line is logged."""
     from forkd import log
 
     go = threading.Event()
+    if leaves == "answer_queued":
+        go.set()
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         go.wait(10)
@@ -747,7 +723,13 @@ def test_a_threaded_answer_whose_client_left_while_the_app_ran_has_no_line(
     try:
         log.setup(slot=0, json_sink=lambda line: None, access_sink=items.append)
         proto.data_received(get("/"))
-        run_until(loop, lambda: bool(pool.busy_since))  # the app runs on its thread
+        if leaves == "answer_queued":
+            deadline = time.monotonic() + 10
+            while not (pool.answers and pool.idle == len(pool.threads)):
+                assert time.monotonic() < deadline, "the thread did not answer"
+                time.sleep(0.001)
+        else:
+            run_until(loop, lambda: bool(pool.busy_since))  # the app runs on its thread
         proto.connection_lost(None)
         go.set()
         run_until(loop, lambda: settled(pool) and state.calls == 0)
