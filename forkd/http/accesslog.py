@@ -125,10 +125,8 @@ def refused(client: tuple[str, int | None] | None, method: bytes | None, target:
         access = (rid, referer, agent, now - (elapsed or 0.0))
     if method is None or not target:
         return access, client, "-", b"-", b"", "-"
-    if target[:1] == b"/":
-        raw_path, _, query = target.partition(b"?")
-    elif taken:  # (its target was checked: split as the request's own line splits it)
-        raw_path, query = split_target(target)
+    if taken or target[:1] == b"/":  # (a taken target was checked: split as its own
+        raw_path, query = split_target(target)  # line splits it)
     else:  # (absolute-form, authority-form, `*`, or bytes that are none of them: whole)
         raw_path, query = target, b""
     return (access, client, method.decode("latin-1"), raw_path, query,
