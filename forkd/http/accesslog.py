@@ -170,10 +170,9 @@ def ended(access: tuple[bytes, bytes, bytes, float], status: int, size: int,
 def log_access(client: tuple[str, int | None] | None, method: str, raw_path: bytes,
                query: bytes, version: str, fields: tuple[Any, ...], status: int,
                size: int, duration: float) -> None:
-    """One access line, once the response has ended (a WebSocket's handshake): `fields`
-    begin with the id, referer and user agent (begin's tuple), `size` is the body bytes
-    sent, `duration` seconds since the request came in. (An HTTP request's cycle calls
-    begin and ended instead.)"""
+    """One access line, made at once (`ended`, outside a worker): `fields` begin with
+    the id, referer and user agent (begin's tuple), `size` is the body bytes sent,
+    `duration` seconds since the request came in."""
     item = (perf_counter(), duration, (*fields[:3], 0.0), status, size, client, method,
             raw_path, query, version)  # (as `ended` hands it over)
     state = log.state

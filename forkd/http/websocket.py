@@ -540,10 +540,9 @@ class WebSocketConnection(asyncio.Protocol):
         forkd_http_requests_total like any response, and access-logged."""
         duration = time.perf_counter() - self.received_at
         self.state.metrics.record(b"GET", b"%d" % status, duration)
-        if self.access is not None:
+        if self.access is not None:  # (as any request's: begin took its fields)
             client, raw_path, query, fields = self.access
-            accesslog.log_access(client, "GET", raw_path, query, "1.1", fields, status, size,
-                                 duration)
+            accesslog.ended(fields, status, size, client, "GET", raw_path, query, "1.1")
 
     # -- the worker's clock and drain -----------------------------------------------------
     def check_timeouts(self, now: float) -> None:
